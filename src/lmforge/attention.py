@@ -1,0 +1,123 @@
+"""Causal self-attention, from first principles and through PyTorch's fused kernel.
+
+``attention_reference`` is the formula written out:
+
+    softmax(Q Kᵀ / √d + causal mask) · V      (with dropout on the weights)
+
+``attention`` computes the same thing with ``torch.nn.functional.scaled_dot_product_attention``
+(flash / memory-efficient kernels, no T×T matrix kept for backward). Tests prove the two
+equal in outputs and gradients; ``MultiHeadAttention`` picks one by its ``fast`` flag.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean (t_q, t_k) mask, True where attention is allowed.
+
+    Queries are the last ``t_q`` positions of the ``t_k`` keys (the rest came from a KV
+    cache), so query i sees keys 0 .. (t_k - t_q + i).
+    """
+    offset = t_k - t_q
+    q = torch.arange(t_q, device=device)[:, None]
+    k = torch.arange(t_k, device=device)[None, :]
+    return k <= q + offset
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv, T, hs) -> (B, n_kv * n_rep, T, hs): each KV head serves n_rep query heads."""
+    if n_rep == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                        training: bool = False) -> torch.Tensor:
+    """Causal attention spelled out. q: (B, nh, Tq, hs); k, v: (B, nkv, Tk, hs) -> (B, nh, Tq, hs)."""
+    n_rep = q.size(1) // k.size(1)
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))            # (B, nh, Tq, Tk)
+    mask = causal_mask(q.size(-2), k.size(-2), q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))                    # no peeking at the future
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    weights = F.dropout(weights, p=dropout_p, training=training)
+    return weights @ v                                                   # (B, nh, Tq, hs)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+              training: bool = False) -> torch.Tensor:
+    """The same as ``attention_reference``, through the fused kernel."""
+    n_rep = q.size(1) // k.size(1)
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    t_q, t_k = q.size(-2), k.size(-2)
+    p = dropout_p if training else 0.0
+    if t_q == t_k:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+    if t_q == 1:  # one new token sees every cached key
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t_q, t_k, q.device), dropout_p=p)
+
+
+class KVCache:
+    """Keys and values of past positions, per layer, so generation feeds one token at a time.
+
+    The model is stateless: the cache is created by the caller and passed into ``forward``.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.max_len = max_len or config.context_length
+        shape = (batch_size, config.kv_heads, self.max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos = 0  # number of positions already stored
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's k, v for ``layer``; return all keys and values so far."""
+        t = k.size(2)
+        end = self.pos + t
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full ({self.max_len} positions); start a new cache or crop the context")
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, t: int) -> None:
+        self.pos += t
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head (or grouped-query) causal self-attention with one fused QKV projection."""
+
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv, self.hs = config.n_head, config.kv_heads, config.head_dim
+        self.c_attn = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv) * self.hs, bias=config.qkv_bias)
+        self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_drop = nn.Dropout(config.dropout)
+        self.fast = True  # False runs attention_reference: same numbers, slower
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv * self.hs, self.n_kv * self.hs], dim=-1)
+        q = q.view(b, t, self.n_head, self.hs).transpose(1, 2)                # (B, nh, T, hs)
+        k = k.view(b, t, self.n_kv, self.hs).transpose(1, 2)                  # (B, nkv, T, hs)
+        v = v.view(b, t, self.n_kv, self.hs).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k.to(kv_cache.k[0].dtype), v.to(kv_cache.v[0].dtype))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        attend = attention if self.fast else attention_reference
+        y = attend(q, k, v, dropout_p=self.dropout, training=self.training)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(b, t, self.n_head * self.hs)
+        return self.resid_drop(self.c_proj(y))

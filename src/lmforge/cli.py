@@ -1,0 +1,210 @@
+"""`lmforge <command>`: the command line. Flags and --help come from the config dataclasses
+(through jsonargparse), and every command accepts a YAML config file with --config.
+
+This is the only module that exits: a user-fixable error (``LmforgeError``) becomes one
+line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import DataConfig, LmforgeError, ModelConfig, PRESETS, SampleConfig, TokenizerConfig, TrainConfig
+
+COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "generate", "eval")
+
+
+def _parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    def sub_parser(description: str) -> ArgumentParser:
+        p = ArgumentParser(description=description, exit_on_error=False)
+        p.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options")
+        return p
+
+    root = ArgumentParser(prog="lmforge", exit_on_error=False,
+                          description="Build a large language model from scratch. Without a command, runs `run`.")
+    cmds = root.add_subcommands(dest="command", required=True)
+
+    p = sub_parser("The built-in default: train a tokenizer, prepare shards, pretrain a small GPT for a few "
+                   "minutes, evaluate it and sample from it. Runs offline on a laptop CPU.")
+    p.add_argument("--data", type=list[str] | None, default=None,
+                   help="text files, directories or JSONL files (default: English text that ships with Python)")
+    p.add_argument("--out", type=str, default="runs/default", help="output directory")
+    p.add_argument("--minutes", type=float, default=4.0, help="time budget of the pretraining stage")
+    p.add_argument("--vocab_size", type=int, default=4096, help="BPE vocabulary size")
+    p.add_argument("--preset", type=str, default="gpt-micro", help=f"model preset: {', '.join(PRESETS)}")
+    cmds.add_subcommand("run", p, help="the built-in end-to-end default run")
+
+    tok = ArgumentParser(description="Train, or use, a byte-level BPE tokenizer.", exit_on_error=False)
+    cmds.add_subcommand("tokenizer", tok, help="train / encode / decode with a BPE tokenizer")
+    tok_cmds = tok.add_subcommands(dest="action", required=True)
+    p = sub_parser("Train a byte-level BPE tokenizer on text files.")
+    p.add_argument("--data", type=list[str], required=True, help="text files, directories or JSONL files")
+    p.add_argument("--out", type=str, required=True, help="where to write tokenizer.json")
+    p.add_class_arguments(TokenizerConfig, "tokenizer")
+    p.add_class_arguments(DataConfig, "text")
+    tok_cmds.add_subcommand("train", p, help="train a tokenizer")
+    p = sub_parser("Encode text to token ids (reads stdin when --text is absent).")
+    p.add_argument("--tokenizer", type=str, required=True, help="tokenizer.json or a run directory")
+    p.add_argument("--text", type=str | None, default=None)
+    p.add_argument("--allow_special", type=bool, default=False, help="encode special-token strings as their ids")
+    tok_cmds.add_subcommand("encode", p, help="text -> ids")
+    p = sub_parser("Decode token ids to text (reads stdin when --ids is absent).")
+    p.add_argument("--tokenizer", type=str, required=True, help="tokenizer.json or a run directory")
+    p.add_argument("--ids", type=str | None, default=None, help="space- or comma-separated ids")
+    tok_cmds.add_subcommand("decode", p, help="ids -> text")
+
+    p = sub_parser("Tokenize text files into train/validation token shards.")
+    p.add_argument("--data", type=list[str], required=True, help="text files, directories or JSONL files")
+    p.add_argument("--tokenizer", type=str, required=True, help="tokenizer.json (from `lmforge tokenizer train`)")
+    p.add_argument("--out", type=str, required=True, help="directory for train.bin, val.bin, index.json")
+    p.add_argument("--force", type=bool, default=False, help="rebuild even if the inputs are unchanged")
+    p.add_class_arguments(DataConfig, "text")
+    cmds.add_subcommand("prepare", p, help="text -> token shards")
+
+    p = sub_parser("Pretrain a GPT on prepared token shards. --model.* flags override the preset.")
+    p.add_argument("--data", type=str, required=True, help="directory written by `lmforge prepare`")
+    p.add_argument("--out", type=str, required=True, help="run directory (weights, config, metrics, plots)")
+    p.add_argument("--preset", type=str, default="gpt-micro", help=f"model preset: {', '.join(PRESETS)}")
+    p.add_argument("--resume", type=bool, default=False, help="continue the run in --out from its last checkpoint")
+    p.add_argument("--prompts", type=list[str], default=["The"], help="prompts sampled at the start and the end")
+    p.add_class_arguments(ModelConfig, "model")
+    p.add_class_arguments(TrainConfig, "train")
+    cmds.add_subcommand("pretrain", p, help="pretrain a GPT")
+
+    p = sub_parser("Generate text from a trained run.")
+    p.add_argument("run", type=str, help="run directory")
+    p.add_argument("--prompt", type=str, default="", help="text to continue")
+    p.add_class_arguments(SampleConfig, "sample")
+    cmds.add_subcommand("generate", p, help="sample text from a model")
+
+    p = sub_parser("Loss and perplexity of a run on a prepared shard set.")
+    p.add_argument("run", type=str, help="run directory")
+    p.add_argument("--data", type=str, required=True, help="directory written by `lmforge prepare`")
+    p.add_argument("--split", type=str, default="val", help="'val' or 'train'")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_batches", type=int, default=50)
+    p.add_argument("--context", type=int | None, default=None, help="window length (default: the model's)")
+    p.add_argument("--dtype", type=str, default="float32", help="float32, bfloat16 or auto")
+    cmds.add_subcommand("eval", p, help="evaluate loss and perplexity")
+    return root
+
+
+def _config(cls, ns):
+    return cls(**{k: v for k, v in vars(ns).items() if not k.startswith("__")})
+
+
+def _run(argv: list[str]) -> int:
+    from . import pipeline
+
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+        argv = ["run", *argv]
+    root = _parser()
+    cfg = root.parse_args(argv)
+    cmd = cfg.command
+    a = cfg[cmd]
+    if cmd == "run":
+        pipeline.main_job(a.data, a.out, a.minutes, a.vocab_size, a.preset)
+    elif cmd == "tokenizer":
+        _tokenizer(a)
+    elif cmd == "prepare":
+        pipeline.prepare_shards(a.data, a.tokenizer, a.out, _config(DataConfig, a.text), force=a.force)
+    elif cmd == "pretrain":
+        given = root.parse_args(argv, defaults=False)[cmd].get("model") or {}
+        overrides = {k: v for k, v in vars(given).items() if not k.startswith("__")} if given else {}
+        model_config = ModelConfig.from_preset(a.preset, **overrides)
+        summary = pipeline.pretrain(a.data, a.out, model_config, _config(TrainConfig, a.train), resume=a.resume,
+                                    prompts=tuple(a.prompts))
+        _print_summary(summary)
+    elif cmd == "generate":
+        _generate(a)
+    elif cmd == "eval":
+        res = pipeline.evaluate_run(a.run, a.data, a.split, a.batch_size, a.max_batches, a.context, a.dtype)
+        print(f"{res['split']} loss {res['loss']:.4f}  perplexity {res['perplexity']:.2f}  ({res['tokens']:,} tokens)")
+    return 0
+
+
+def _print_summary(s: dict) -> None:
+    line = f"finished {s['steps']} steps ({s['tokens']:,} tokens, {s['seconds'] / 60:.1f} min): train loss {s['train_loss']:.4f}"
+    if "val_loss" in s:
+        line += f", val loss {s['val_loss']:.4f}, perplexity {s['val_perplexity']:.2f}"
+    print(line)
+    print(f"run directory: {s['run']}")
+
+
+def _load_any_tokenizer(path: str):
+    from .tokenizer import Tokenizer
+
+    return Tokenizer.load(path)
+
+
+def _tokenizer(a) -> None:
+    from . import pipeline
+
+    if a.action == "train":
+        pipeline.train_tokenizer(a.train.data, a.train.out, _config(TokenizerConfig, a.train.tokenizer),
+                                 _config(DataConfig, a.train.text))
+    elif a.action == "encode":
+        tok = _load_any_tokenizer(a.encode.tokenizer)
+        text = a.encode.text if a.encode.text is not None else sys.stdin.read()
+        print(" ".join(map(str, tok.encode(text, allowed_special="all" if a.encode.allow_special else ()))))
+    else:
+        tok = _load_any_tokenizer(a.decode.tokenizer)
+        raw = a.decode.ids if a.decode.ids is not None else sys.stdin.read()
+        try:
+            ids = [int(x) for x in raw.replace(",", " ").split()]
+        except ValueError:
+            raise LmforgeError("--ids must be integers separated by spaces or commas") from None
+        sys.stdout.write(tok.decode(ids) + "\n")
+
+
+def _generate(a) -> None:
+    import torch
+
+    from .checkpoint import load_model, load_tokenizer
+    from .generate import stream
+    from .precision import default_device
+
+    model, _ = load_model(a.run, default_device())
+    tok = load_tokenizer(a.run)
+    cfg = _config(SampleConfig, a.sample)
+    ids = tok.encode(a.prompt, allowed_special="all") if a.prompt else [tok.eot_id or 0]
+    sys.stdout.write(a.prompt)
+    out: list[int] = []
+    shown = ""
+    for nxt in stream(model, torch.tensor([ids]), cfg, tok.eot_id):
+        t = int(nxt[0])
+        if t == tok.eot_id:
+            break
+        out.append(t)
+        text = tok.decode(out)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write(tok.decode(out)[len(shown):] + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(list(argv))
+    except LmforgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
+    except argparse.ArgumentError as e:
+        print(f"lmforge: error: {e}. See `lmforge --help`.", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"lmforge: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Configuration: frozen dataclasses, validated at construction, and the model presets.
+
+Every default in lmforge lives here. The command line derives its flags and help text
+from these classes, so a default is never typed twice. This module imports nothing of
+lmforge, so anything may import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+CONFIG_FORMAT_VERSION = 1
+
+
+class LmforgeError(Exception):
+    """An error a user can fix: the message says what was wrong and how to fix it.
+
+    The command line prints it as one line and exits with code 2.
+    """
+
+
+class ConfigError(LmforgeError, ValueError):
+    """A configuration value is invalid."""
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def _raise_all(name: str, problems: list[str]) -> None:
+    # Collect every problem and report them at once: fixing one at a time is tedious.
+    if problems:
+        raise ConfigError(f"invalid {name}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a GPT-2-style decoder-only transformer."""
+
+    vocab_size: int = 50257
+    """Number of token ids the embedding and output layer cover."""
+    context_length: int = 1024
+    """Longest sequence the model accepts (size of the learned position table)."""
+    d_model: int = 768
+    """Width of the residual stream."""
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Number of query heads."""
+    n_kv_head: int | None = None
+    """Number of key/value heads (grouped-query attention); None means n_head."""
+    d_ff: int | None = None
+    """Hidden width of the MLP; None means 4 * d_model."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches."""
+    bias: bool = True
+    """Biases in linear layers and LayerNorm."""
+    qkv_bias: bool = True
+    """Bias on the query/key/value projection (GPT-2: yes; the book's chapter 5: no)."""
+    tie_embeddings: bool = True
+    """Share the token-embedding matrix with the output layer (GPT-2 does)."""
+    norm_eps: float = 1e-5
+    """Epsilon of the normalisation layers."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.vocab_size >= 1, f"vocab_size must be >= 1, got {self.vocab_size}")
+        _check(p, self.context_length >= 1, f"context_length must be >= 1, got {self.context_length}")
+        _check(p, self.n_layer >= 1, f"n_layer must be >= 1, got {self.n_layer}")
+        _check(p, self.n_head >= 1, f"n_head must be >= 1, got {self.n_head}")
+        _check(p, self.d_model >= 1, f"d_model must be >= 1, got {self.d_model}")
+        if self.n_head >= 1 and self.d_model % self.n_head:
+            p.append(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}); "
+                     f"try d_model={self.n_head * max(1, round(self.d_model / self.n_head))}")
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            p.append(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        _check(p, self.d_ff is None or self.d_ff >= 1, f"d_ff must be >= 1, got {self.d_ff}")
+        _check(p, 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(p, self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        _raise_all("model config", p)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# Presets are plain data. The GPT-2 shapes are OpenAI's (qkv bias, tied head, vocab 50,257);
+# the small ones are for CPU work, their vocabulary set by the tokenizer at training time.
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-124m": dict(d_model=768, n_layer=12, n_head=12),
+    "gpt2-355m": dict(d_model=1024, n_layer=24, n_head=16),
+    "gpt2-774m": dict(d_model=1280, n_layer=36, n_head=20),
+    "gpt2-1558m": dict(d_model=1600, n_layer=48, n_head=25),
+    "gpt-nano": dict(vocab_size=512, context_length=64, d_model=64, n_layer=2, n_head=4),
+    "gpt-micro": dict(vocab_size=4096, context_length=128, d_model=192, n_layer=4, n_head=6),
+    "gpt-small": dict(vocab_size=8192, context_length=256, d_model=384, n_layer=6, n_head=6),
+}
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """How to train a byte-level BPE tokenizer."""
+
+    vocab_size: int = 4096
+    """Size of the vocabulary, special tokens included (at least 256 + number of specials)."""
+    special_tokens: tuple[str, ...] = ("<|endoftext|>",)
+    """Special tokens, given ids after the learned merges; the first separates documents."""
+    pattern: str = "gpt2"
+    """Pre-tokenization regex: 'gpt2', 'gpt4' or a regular expression."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        specials = tuple(self.special_tokens)
+        _check(p, len(set(specials)) == len(specials), "special_tokens contains duplicates")
+        _check(p, all(specials), "special tokens must be non-empty strings")
+        need = 256 + len(specials)
+        _check(p, self.vocab_size >= need,
+               f"vocab_size must be at least 256 byte tokens + {len(specials)} special token(s) = {need}, "
+               f"got {self.vocab_size}")
+        _raise_all("tokenizer config", p)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How text files become token shards."""
+
+    val_fraction: float = 0.1
+    """Fraction of documents held out for validation (at least one document when there are two)."""
+    seed: int = 1337
+    """Seed of the train/validation split."""
+    text_field: str = "text"
+    """Field holding the text in JSONL files."""
+    errors: Literal["strict", "replace"] = "strict"
+    """How to treat bytes that are not UTF-8: 'strict' stops with an error, 'replace' substitutes U+FFFD."""
+    workers: int = 0
+    """Processes for encoding; 0 picks one per CPU for large corpora."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, 0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        _check(p, self.errors in ("strict", "replace"), f"errors must be 'strict' or 'replace', got {self.errors!r}")
+        _check(p, self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        _raise_all("data config", p)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: batches, optimiser, schedule, precision, logging and checkpoints."""
+
+    batch_size: int = 8
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimiser step."""
+    max_steps: int = 1000
+    """Optimiser steps to run (the schedule's length)."""
+    max_minutes: float | None = None
+    """Stop early, with a checkpoint, after this many minutes of training."""
+    stride: int | None = None
+    """Sliding-window stride; None samples random windows (large corpora), an int walks the corpus in epochs."""
+    lr: float = 6e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine decay, as a fraction of lr."""
+    warmup_steps: int = 50
+    """Linear warm-up steps."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not biases, norms)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this value; None disables clipping."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute precision: 'auto' uses bf16 autocast where the hardware runs it fast."""
+    compile: bool = False
+    """Compile the model with torch.compile (slow to start, faster per step)."""
+    eval_interval: int = 100
+    """Steps between validation runs (and at the end)."""
+    eval_batches: int = 20
+    """Batches per validation run."""
+    sample_interval: int = 0
+    """Steps between text samples; 0 samples only at the start and the end."""
+    save_interval: int = 200
+    """Steps between checkpoints (and at the end)."""
+    log_interval: int = 10
+    """Steps between metrics.jsonl records."""
+    seed: int = 1337
+    """Seed of model initialisation, batch order and dropout."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
+                     "save_interval", "log_interval"):
+            v = getattr(self, name)
+            _check(p, isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
+        _check(p, self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0")
+        _check(p, self.stride is None or self.stride >= 1, f"stride must be >= 1, got {self.stride}")
+        _check(p, self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(p, 0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(p, self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(p, self.schedule in ("cosine", "constant"), f"schedule must be 'cosine' or 'constant'")
+        _check(p, self.weight_decay >= 0, f"weight_decay must be >= 0")
+        _check(p, 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        _check(p, self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 or None")
+        _check(p, self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16")
+        _check(p, self.sample_interval >= 0, "sample_interval must be >= 0")
+        _raise_all("train config", p)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How to generate text."""
+
+    max_new_tokens: int = 100
+    """Tokens to generate after the prompt."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 means greedy decoding."""
+    top_k: int | None = 50
+    """Keep only the k most likely tokens; None keeps all."""
+    top_p: float | None = None
+    """Keep the smallest set of tokens whose probability reaches p; None keeps all."""
+    seed: int | None = 1337
+    """Seed of the sampler; None draws a fresh one."""
+    stop_at_eos: bool = True
+    """Stop a sequence when it produces the end-of-text token."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        _check(p, self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(p, self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or None, got {self.top_k}")
+        _check(p, self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1] or None, got {self.top_p}")
+        _raise_all("sample config", p)
+
+
+def config_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass config as JSON-ready data (tuples become lists)."""
+    return json_ready(dataclasses.asdict(obj))
+
+
+def json_ready(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
+    return x
+
+
+__all__ = [
+    "CONFIG_FORMAT_VERSION", "ConfigError", "DataConfig", "LmforgeError", "ModelConfig", "PRESETS",
+    "SampleConfig", "TokenizerConfig", "TrainConfig", "config_dict", "field",
+]

@@ -1,0 +1,121 @@
+"""The GPT model: token + position embeddings, a stack of transformer blocks, a final norm
+and an output layer. Parameter names follow OpenAI's GPT-2 (``wte``, ``h.0.attn.c_attn``,
+...), so loading GPT-2 weights is a key-for-key copy.
+
+    x = wte[idx] + wpe[pos]
+    for each block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
+    logits = ln_f(x) · Wᵀ            (W = wte when embeddings are tied)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import KVCache, MultiHeadAttention
+from .config import ModelConfig
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: expand, GELU (tanh approximation, as GPT-2), project back."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: two residual branches."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        self.attn = MultiHeadAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    """A GPT-2-style decoder-only transformer. ``forward(idx) -> logits``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.context_length, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.init_weights()
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """GPT-2's initialisation: N(0, 0.02) everywhere, residual projections scaled by 1/√(2·n_layer)
+        so the residual stream's variance does not grow with depth; zero biases, unit norms."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = 0.02
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            with torch.no_grad():
+                if name.endswith("c_proj.weight"):
+                    p.normal_(0.0, std / math.sqrt(2 * self.config.n_layer), generator=gen)
+                elif p.dim() >= 2:
+                    p.normal_(0.0, std, generator=gen)
+                elif ".ln_" in name or name.startswith("ln_f"):
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+                else:
+                    p.zero_()
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d_model): everything but the output layer."""
+        b, t = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + t > self.config.context_length:
+            raise ValueError(f"sequence of {start + t} tokens is longer than the model's context length "
+                             f"({self.config.context_length}); crop the input")
+        pos = torch.arange(start, start + t, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))                      # (B, T, d)
+        for block in self.h:
+            x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(t)
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size)."""
+        return self.lm_head(self.hidden_states(idx, kv_cache))
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.lm_head.weight
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, tied weights counted once (as ``transformers`` counts)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
+        if non_embedding:
+            n -= self.wpe.weight.numel() + self.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward = 3 × forward): 6 per matmul weight,
+        output layer included, plus attention's QKᵀ and AV (PaLM appendix B)."""
+        c = self.config
+        t = seq_len or c.context_length
+        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul_weights + 12 * c.n_layer * c.d_model * t

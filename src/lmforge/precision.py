@@ -1,0 +1,63 @@
+"""Choosing and applying compute precision.
+
+Training keeps fp32 master weights and runs matmuls in bf16 under autocast where the
+hardware has fast bf16: CUDA GPUs that support it, and CPUs with AVX-512 BF16 or AMX.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def cpu_has_fast_bf16() -> bool:
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((probe and probe()) or (amx and amx()))
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """'auto' -> bf16 where it is fast on ``device``, else fp32; 'float32' / 'bfloat16' as named."""
+    device = torch.device(device)
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype):
+    """Autocast to ``dtype`` (a no-op context for fp32)."""
+    device = torch.device(device)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def tune_cpu_allocator() -> None:
+    """Keep freed activation blocks in the process instead of returning them to the OS.
+
+    glibc hands blocks above a moving threshold straight back with munmap, so every
+    training step faults the same memory in again (hundreds of thousands of page faults
+    per step). Pinning the mmap threshold at its maximum and never trimming the heap
+    keeps those blocks for reuse. Linux/glibc only; a no-op elsewhere.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)  # glibc's maximum on 64-bit
+        libc.mallopt(M_TRIM_THRESHOLD, 2**30)
+    except (OSError, AttributeError):
+        pass

@@ -39,58 +39,72 @@ def cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    """Loss and both gradients in one chunked pass. With P = softmax(h Wᵀ), s = 1/n_valid
+    on valid rows (0 on ignored ones) and Y the one-hot targets:
+
+        d loss / d h = s ⊙ (P W − W[y])        d loss / d W = Pᵀ (s ⊙ h) − Yᵀ (s ⊙ h)
+
+    The one-hot terms are gathers and scatters of small (N, d) tensors, so the only passes
+    over a (rows, V) chunk are: matmul, log-softmax, exp, and the two gradient matmuls.
+    """
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, compute_dtype):
         n, d = hidden.shape
         v = weight.size(0)
         valid = targets != ignore_index
         n_valid = valid.sum().clamp(min=1)
-        scale = valid.to(torch.float32) / n_valid                      # d loss / d row-loss
-        w = weight.detach().to(compute_dtype)
+        scale = (valid.to(torch.float32) / n_valid)[:, None]            # (N, 1): d loss / d row loss
+        safe_t = torch.where(valid, targets, 0)
+        low_precision = compute_dtype != torch.float32
+        # Low-precision copies live in kept buffers: no fresh 40-150 MB allocation per step.
+        w = (_buffer("w_low", tuple(weight.shape), compute_dtype, weight.device).copy_(weight.detach())
+             if weight.dtype != compute_dtype else weight.detach())
         h = hidden.detach().to(compute_dtype)
-        need_grad_h, need_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty((n, d), dtype=compute_dtype, device=hidden.device) if need_grad_h else None
-        # grad W accumulates over chunks in the compute dtype, as autocast's own bf16 matmuls do.
-        grad_w = torch.zeros((v, d), dtype=compute_dtype, device=weight.device) if need_grad_w else None
+        scaled_h = hidden.detach().float() * scale                     # s ⊙ h, (N, d) fp32
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty((n, d), dtype=torch.float32, device=hidden.device) if need_h else None
+        # Pᵀ(s ⊙ h) accumulates over chunks in the compute dtype, as autocast's bf16 matmuls would.
+        grad_w = _buffer("grad_w", (v, d), compute_dtype, weight.device) if need_w else None
+        sh_low = scaled_h.to(compute_dtype) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, n, chunk_rows):
             e = min(n, s + chunk_rows)
-            hc, tc = h[s:e], targets[s:e]
-            logits = _buffer("logits", (e - s, v), torch.float32, hidden.device)
-            if compute_dtype == torch.float32:
-                torch.mm(hc, w.T, out=logits)
-            else:
-                low = _buffer("logits_low", (e - s, v), compute_dtype, hidden.device)
-                torch.mm(hc, w.T, out=low)
-                logits.copy_(low)
-            lse = torch.logsumexp(logits, dim=-1)                       # (c,)
-            safe_t = tc.clamp(min=0)
-            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
-            total += ((lse - target_logit) * valid[s:e]).sum()
-            if grad_h is None and grad_w is None:
+            logits = _buffer("logits", (e - s, v), compute_dtype, hidden.device)
+            torch.mm(h[s:e], w.T, out=logits)
+            # Log-softmax math runs in fp32 inside the kernel either way; under bf16 its output is
+            # stored in bf16, which rounds each row's loss by ~0.2 % (autocast rounds the logits alike).
+            logp = _buffer("logp", (e - s, v), compute_dtype, hidden.device)
+            torch.log_softmax(logits, dim=-1, out=logp)
+            total -= (logp.gather(1, safe_t[s:e, None]).float() * valid[s:e, None]).sum()
+            if not (need_h or need_w):
                 continue
-            # d loss / d logits = (softmax - onehot) * scale, computed in place in the buffer
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
-            probs.mul_(scale[s:e, None])
-            if compute_dtype == torch.float32:
-                g = probs
-            else:
-                g = low.copy_(probs)
-            if grad_h is not None:
-                torch.mm(g, w, out=grad_h[s:e])
-            if grad_w is not None:
-                grad_w.addmm_(g.T, hc)
-        ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
-        ctx.has = (grad_h is not None, grad_w is not None)
+            probs = logp.exp_()
+            if need_h:
+                torch.mm(probs, w, out=grad_h[s:e]) if not low_precision else grad_h[s:e].copy_(probs @ w)
+            if need_w:
+                if s == 0:
+                    torch.mm(probs.T, sh_low[s:e], out=grad_w)  # the first chunk initialises the kept buffer
+                else:
+                    grad_w.addmm_(probs.T, sh_low[s:e])
+        if need_h:
+            grad_h.sub_(weight.detach().float()[safe_t]).mul_(scale)
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w, scaled_h, safe_t) if x is not None))
+        ctx.has = (need_h, need_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total / n_valid
 
     @staticmethod
     def backward(ctx, grad_out):
         saved = list(ctx.saved_tensors)
-        gh = saved.pop(0).to(ctx.dtypes[0]) * grad_out if ctx.has[0] else None
-        gw = saved.pop(0).to(ctx.dtypes[1]) * grad_out if ctx.has[1] else None
+        gh = saved.pop(0).to(ctx.dtypes[0]).mul_(grad_out) if ctx.has[0] else None
+        gw = None
+        if ctx.has[1]:
+            grad_w, scaled_h, safe_t = saved
+            # A fresh fp32 tensor (never the kept buffer: autograd may adopt it as the .grad),
+            # with the one-hot term subtracted exactly in fp32.
+            gw = grad_w.to(torch.float32, copy=True).index_add_(0, safe_t, scaled_h, alpha=-1.0)
+            gw = gw.to(ctx.dtypes[1]).mul_(grad_out)
         return gh, gw, None, None, None, None
 
 
@@ -107,8 +121,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             hidden.device.type) else hidden.dtype
     h2 = hidden.reshape(-1, hidden.size(-1))
     t2 = targets.reshape(-1)
-    # ~16M logits per chunk (64 MB in fp32): big enough for fast matmuls, small enough for cache and RAM.
-    rows = chunk_rows or max(64, min(h2.size(0), (1 << 24) // weight.size(0)))
+    # 128 MB of logits per chunk: few enough chunks for efficient matmuls, yet bounded memory.
+    itemsize = torch.empty((), dtype=compute_dtype).element_size()
+    rows = chunk_rows or max(64, min(h2.size(0), (1 << 27) // (weight.size(0) * itemsize)))
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(h2, weight, t2, ignore_index, rows, compute_dtype)
 

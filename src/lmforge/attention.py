@@ -67,6 +67,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t_q, t_k, q.device), dropout_p=p)
 
 
+class RotaryEmbedding(nn.Module):
+    """Rotary position embeddings (RoPE): rotate each (x_i, x_{i+d/2}) pair of a query or key
+    by an angle proportional to its position, so q·k depends on the distance between them.
+    This is the "rotate half" layout of HF Llama checkpoints."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        self.head_dim, self.max_len, self.theta = head_dim, max_len, theta
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+
+    def _build(self, device: torch.device) -> None:
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
+        angles = torch.outer(torch.arange(self.max_len, device=device).float(), inv_freq)  # (T, hs/2)
+        angles = torch.cat([angles, angles], dim=-1)                                       # (T, hs)
+        self.cos, self.sin = angles.cos(), angles.sin()
+
+    def forward(self, start: int, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos.numel() == 0 or self.cos.device != device:
+            self._build(device)  # built lazily: also right after a meta-device model is materialised
+        return self.cos[start:start + t], self.sin[start:start + t]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, nh, T, hs); cos, sin: (T, hs)."""
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
 class KVCache:
     """Keys and values of past positions, per layer, so generation feeds one token at a time.
 
@@ -96,7 +126,8 @@ class KVCache:
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head (or grouped-query) causal self-attention with one fused QKV projection."""
+    """Multi-head (or grouped-query) causal self-attention with one fused QKV projection
+    (rows: n_head query heads, then n_kv_head key heads, then n_kv_head value heads)."""
 
     def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
@@ -108,12 +139,15 @@ class MultiHeadAttention(nn.Module):
         self.resid_drop = nn.Dropout(config.dropout)
         self.fast = True  # False runs attention_reference: same numbers, slower
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv * self.hs, self.n_kv * self.hs], dim=-1)
         q = q.view(b, t, self.n_head, self.hs).transpose(1, 2)                # (B, nh, T, hs)
         k = k.view(b, t, self.n_kv, self.hs).transpose(1, 2)                  # (B, nkv, T, hs)
         v = v.view(b, t, self.n_kv, self.hs).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k.to(kv_cache.k[0].dtype), v.to(kv_cache.v[0].dtype))
             k, v = k.to(q.dtype), v.to(q.dtype)

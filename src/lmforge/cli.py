@@ -17,7 +17,9 @@ COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "generate", "eval")
 
 
 def _parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # help text = the dataclass field docs
 
     def sub_parser(description: str) -> ArgumentParser:
         p = ArgumentParser(description=description, exit_on_error=False)

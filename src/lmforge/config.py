@@ -8,7 +8,7 @@ lmforge, so anything may import it.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 CONFIG_FORMAT_VERSION = 1
@@ -38,7 +38,8 @@ def _raise_all(name: str, problems: list[str]) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a GPT-2-style decoder-only transformer."""
+    """Shape of a decoder-only transformer: GPT-2 style by default, Llama style with
+    norm='rmsnorm', mlp='swiglu', positions='rope', bias=False and, often, n_kv_head < n_head."""
 
     vocab_size: int = 50257
     """Number of token ids the embedding and output layer cover."""
@@ -64,6 +65,14 @@ class ModelConfig:
     """Share the token-embedding matrix with the output layer (GPT-2 does)."""
     norm_eps: float = 1e-5
     """Epsilon of the normalisation layers."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalisation: LayerNorm (GPT-2) or RMSNorm (Llama)."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """Feed-forward: GELU MLP (GPT-2) or gated SwiGLU (Llama)."""
+    positions: Literal["learned", "rope"] = "learned"
+    """Position information: a learned table (GPT-2) or rotary embeddings (Llama)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary embedding frequencies."""
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -80,6 +89,12 @@ class ModelConfig:
         _check(p, self.d_ff is None or self.d_ff >= 1, f"d_ff must be >= 1, got {self.d_ff}")
         _check(p, 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _check(p, self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        _check(p, self.norm in ("layernorm", "rmsnorm"), f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        _check(p, self.mlp in ("gelu", "swiglu"), f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+        _check(p, self.positions in ("learned", "rope"), f"positions must be 'learned' or 'rope', got {self.positions!r}")
+        _check(p, self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.positions == "rope" and self.n_head >= 1 and self.d_model % self.n_head == 0 and self.head_dim % 2:
+            p.append(f"rotary embeddings need an even head size, got {self.head_dim}")
         _raise_all("model config", p)
 
     @property
@@ -125,6 +140,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt-nano": dict(vocab_size=512, context_length=64, d_model=64, n_layer=2, n_head=4),
     "gpt-micro": dict(vocab_size=4096, context_length=128, d_model=192, n_layer=4, n_head=6),
     "gpt-small": dict(vocab_size=8192, context_length=256, d_model=384, n_layer=6, n_head=6),
+    # SmolLM2-135M's shape, as read from its files: Llama architecture, GQA 9/3, tied embeddings.
+    "smollm2-135m": dict(vocab_size=49152, context_length=8192, d_model=576, n_layer=30, n_head=9, n_kv_head=3,
+                         d_ff=1536, bias=False, qkv_bias=False, norm="rmsnorm", mlp="swiglu", positions="rope",
+                         rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True),
+    "llama-micro": dict(vocab_size=4096, context_length=128, d_model=192, n_layer=4, n_head=6, n_kv_head=2,
+                        d_ff=512, bias=False, qkv_bias=False, norm="rmsnorm", mlp="swiglu", positions="rope"),
 }
 
 
@@ -280,5 +301,5 @@ def json_ready(x: Any) -> Any:
 
 __all__ = [
     "CONFIG_FORMAT_VERSION", "ConfigError", "DataConfig", "LmforgeError", "ModelConfig", "PRESETS",
-    "SampleConfig", "TokenizerConfig", "TrainConfig", "config_dict", "field",
+    "SampleConfig", "TokenizerConfig", "TrainConfig", "config_dict",
 ]

@@ -1,10 +1,14 @@
-"""The GPT model: token + position embeddings, a stack of transformer blocks, a final norm
-and an output layer. Parameter names follow OpenAI's GPT-2 (``wte``, ``h.0.attn.c_attn``,
+"""The GPT model: token (+ position) embeddings, a stack of transformer blocks, a final
+norm and an output layer. Parameter names follow OpenAI's GPT-2 (``wte``, ``h.0.attn.c_attn``,
 ...), so loading GPT-2 weights is a key-for-key copy.
 
-    x = wte[idx] + wpe[pos]
+    x = wte[idx] (+ wpe[pos])
     for each block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
     logits = ln_f(x) · Wᵀ            (W = wte when embeddings are tied)
+
+The same classes build Llama-family models: the config picks the norm (LayerNorm or
+RMSNorm), the MLP (GELU or SwiGLU) and the positions (learned table or rotary), each one
+small component chosen at construction.
 """
 
 from __future__ import annotations
@@ -15,8 +19,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import KVCache, MultiHeadAttention
+from .attention import KVCache, MultiHeadAttention, RotaryEmbedding
 from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · g: LayerNorm without centring or bias (Llama)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype) * self.weight
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward (Llama): down(silu(gate(x)) ⊙ up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_gate = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.c_fc = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x)))
 
 
 class MLP(nn.Module):
@@ -37,13 +73,14 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = MultiHeadAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -55,10 +92,13 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.wpe = nn.Embedding(config.context_length, config.d_model)
+        if config.positions == "learned":
+            self.wpe = nn.Embedding(config.context_length, config.d_model)
+        else:
+            self.rotary = RotaryEmbedding(config.head_dim, config.context_length, config.rope_theta)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
@@ -78,7 +118,7 @@ class GPT(nn.Module):
                 elif p.dim() >= 2:
                     p.normal_(0.0, std, generator=gen)
                 elif ".ln_" in name or name.startswith("ln_f"):
-                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)  # norms start as the identity
                 else:
                     p.zero_()
 
@@ -89,10 +129,15 @@ class GPT(nn.Module):
         if start + t > self.config.context_length:
             raise ValueError(f"sequence of {start + t} tokens is longer than the model's context length "
                              f"({self.config.context_length}); crop the input")
-        pos = torch.arange(start, start + t, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))                      # (B, T, d)
+        x = self.wte(idx)                                                 # (B, T, d)
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.wpe(torch.arange(start, start + t, device=idx.device))
+        else:
+            rope = self.rotary(start, t, idx.device)
+        x = self.drop(x)
         for block in self.h:
-            x = block(x, kv_cache)
+            x = block(x, kv_cache, rope)
         if kv_cache is not None:
             kv_cache.advance(t)
         return self.ln_f(x)
@@ -109,7 +154,7 @@ class GPT(nn.Module):
         """Parameter count, tied weights counted once (as ``transformers`` counts)."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
         if non_embedding:
-            n -= self.wpe.weight.numel() + self.wte.weight.numel()
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if hasattr(self, "wpe") else 0)
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
@@ -118,4 +163,4 @@ class GPT(nn.Module):
         c = self.config
         t = seq_len or c.context_length
         matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6 * matmul_weights + 12 * c.n_layer * c.d_model * t
+        return 6 * matmul_weights + 12 * c.n_layer * c.n_head * c.head_dim * t

@@ -70,8 +70,8 @@ def pretrain(data_dir: str | Path, out: str | Path, model_config: ModelConfig, t
     tokenizer = Tokenizer.load(tok_path)
     if tokenizer.fingerprint != shards.fingerprint:
         raise LmforgeError(f"{data_dir}/{TOKENIZER} is not the tokenizer the shards were made with; run prepare again")
-    if model_config.vocab_size < tokenizer.vocab_size:
-        model_config = model_config.replace(vocab_size=tokenizer.vocab_size)
+    # The tokenizer defines the id space: the embedding and output layer cover exactly its ids.
+    model_config = model_config.replace(vocab_size=tokenizer.vocab_size)
     run = Path(out)
     if resume:
         prior = read_run_config(run)

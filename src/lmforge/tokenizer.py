@@ -189,11 +189,11 @@ class Tokenizer:
             self._cache[word] = ids
         return ids
 
-    def encode_batch(self, texts: Sequence[str], workers: int = 0) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], workers: int = 0, min_chars: int = 4_000_000) -> list[list[int]]:
         """Encode many documents as plain text (specials not recognised), in worker processes when large."""
         total = sum(len(t) for t in texts)
         workers = workers or (os.cpu_count() or 1)
-        if workers <= 1 or total < 4_000_000:
+        if workers <= 1 or total < min_chars:
             return [self.encode_ordinary(t) for t in texts]
         chunks = [list(texts[i::workers]) for i in range(workers)]  # interleave for even load
         with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(self.to_json(),)) as pool:

@@ -41,6 +41,13 @@ class FitResult:
     stopped_early: bool
 
 
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line torn by a kill mid-write
+
+
 class MetricsLog:
     """Append-only JSONL of training events; on resume, events after the checkpoint are dropped."""
 
@@ -49,7 +56,7 @@ class MetricsLog:
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) < resume_step]
+            keep = [ln for ln in path.read_text().splitlines() if _step_of(ln) is not None and _step_of(ln) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, **record) -> None:

@@ -1,0 +1,152 @@
+"""The command line end to end on a tiny model, and its errors: one line, exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+
+TINY = ["--preset", "gpt-nano", "--model.context_length", "32", "--train.batch_size", "4", "--train.max_steps", "12",
+        "--train.warmup_steps", "2", "--train.eval_interval", "6", "--train.eval_batches", "2", "--train.log_interval",
+        "1", "--train.save_interval", "6", "--train.dtype", "float32", "--prompts", "[Document]"]
+
+
+@pytest.fixture
+def prepared(tmp_path, corpus_dir):
+    tok = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--data", f"[{corpus_dir}]", "--out", str(tok), "--tokenizer.vocab_size",
+                 "300"]) == 0
+    data = tmp_path / "data"
+    assert main(["prepare", "--data", f"[{corpus_dir}]", "--tokenizer", str(tok), "--out", str(data)]) == 0
+    return tmp_path, tok, data
+
+
+def test_pipeline_end_to_end(prepared, capsys):
+    tmp, tok, data = prepared
+    run = tmp / "run"
+    assert main(["pretrain", "--data", str(data), "--out", str(run), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "[sample @ step 0]" in out and "[sample @ step 12]" in out and "finished 12 steps" in out
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt", "metrics.jsonl", "loss.png"):
+        assert (run / name).is_file(), name
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    assert sum("val_loss" in r for r in records) == 2
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["context_length"] == 32 and cfg["model"]["vocab_size"] == 300
+
+    assert main(["generate", str(run), "--prompt", "Document", "--sample.max_new_tokens", "10",
+                 "--sample.temperature", "0"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("Document") and len(first) > len("Document\n")
+    assert main(["generate", str(run), "--prompt", "Document", "--sample.max_new_tokens", "10",
+                 "--sample.temperature", "0"]) == 0
+    assert capsys.readouterr().out == first  # greedy is deterministic
+
+    assert main(["eval", str(run), "--data", str(data)]) == 0
+    assert "val loss" in capsys.readouterr().out
+
+    assert main(["tokenizer", "encode", "--tokenizer", str(tok), "--text", "Document 3."]) == 0
+    ids = capsys.readouterr().out.strip()
+    assert main(["tokenizer", "decode", "--tokenizer", str(tok), "--ids", ids]) == 0
+    assert capsys.readouterr().out == "Document 3.\n"
+
+
+def test_yaml_config_file(prepared, capsys):
+    tmp, _, data = prepared
+    cfg = tmp / "pretrain.yaml"
+    cfg.write_text(f"data: {data}\nout: {tmp / 'yrun'}\npreset: gpt-nano\nmodel:\n  context_length: 32\n"
+                   "train:\n  max_steps: 3\n  batch_size: 2\n  dtype: float32\n  eval_interval: 3\nprompts: []\n")
+    assert main(["pretrain", "--config", str(cfg)]) == 0
+    assert json.loads((tmp / "yrun" / "config.json").read_text())["train"]["max_steps"] == 3
+
+
+def test_help_comes_from_the_dataclasses(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--train.lr" in text and "Peak learning rate" in text and "--model.n_head" in text
+
+
+def _error(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("lmforge: error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, prepared, capsys):
+    tmp, tok, data = prepared
+    empty = tmp / "empty.txt"
+    empty.write_text("")
+    assert "empty.txt is empty" in _error(["prepare", "--data", f"[{empty}]", "--tokenizer", str(tok), "--out",
+                                           str(tmp / "d2")], capsys)
+    binary = tmp / "blob.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert "blob.txt looks binary" in _error(["tokenizer", "train", "--data", f"[{binary}]", "--out",
+                                              str(tmp / "t.json")], capsys)
+    latin = tmp / "latin.txt"
+    latin.write_bytes(b"caf\xe9 " * 100)
+    assert "--text.errors replace" in _error(["prepare", "--data", f"[{latin}]", "--tokenizer", str(tok), "--out",
+                                              str(tmp / "d3")], capsys)
+    assert "at least 256" in _error(["tokenizer", "train", "--data", f"[{latin}]", "--out", str(tmp / "t.json"),
+                                     "--tokenizer.vocab_size", "100"], capsys)
+    short = tmp / "short.txt"
+    short.write_text("just a few words")
+    assert main(["prepare", "--data", f"[{short}]", "--tokenizer", str(tok), "--out", str(tmp / "ds")]) == 0
+    capsys.readouterr()
+    assert "shorter than one context window" in _error(["pretrain", "--data", str(tmp / "ds"), "--out",
+                                                        str(tmp / "r"), *TINY], capsys)
+    assert "divisible by n_head" in _error(["pretrain", "--data", str(data), "--out", str(tmp / "r"), *TINY,
+                                            "--model.d_model", "30"], capsys)
+    assert "is not a run directory" in _error(["generate", str(tmp)], capsys)
+    assert "no such file" in _error(["prepare", "--data", "[/nonexistent.txt]", "--tokenizer", str(tok), "--out",
+                                     str(tmp / "d4")], capsys).lower()
+    assert "lmforge --help" in _error(["pretrain", "--bogus-flag"], capsys)
+
+
+def test_checkpoint_problems(prepared, capsys):
+    tmp, _, data = prepared
+    run = tmp / "run"
+    assert main(["pretrain", "--data", str(data), "--out", str(run), *TINY]) == 0
+    capsys.readouterr()
+    assert "longer than the model's context" in _error(["eval", str(run), "--data", str(data), "--context", "64"],
+                                                       capsys)
+    assert "already holds a trained model" in _error(["pretrain", "--data", str(data), "--out", str(run), *TINY],
+                                                     capsys)
+    assert "already finished" in _error(["pretrain", "--data", str(data), "--out", str(run), *TINY, "--resume",
+                                         "true"], capsys)
+    weights = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    assert "truncated or corrupted" in _error(["generate", str(run)], capsys)
+    (run / "model.safetensors").write_bytes(b"\x00" * 64)
+    assert "truncated or corrupted" in _error(["eval", str(run), "--data", str(data)], capsys)
+    (run / "model.safetensors").write_bytes(weights)
+    state = (run / "trainer_state.pt").read_bytes()
+    (run / "trainer_state.pt").write_bytes(state[:100])
+    assert "truncated or corrupted" in _error(["pretrain", "--data", str(data), "--out", str(run), *TINY,
+                                               "--train.max_steps", "20", "--resume", "true"], capsys)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"]["d_model"] = 32
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert "has shape" in _error(["generate", str(run)], capsys)
+
+
+def test_default_run_offline(tmp_path):
+    """The main job on a tiny budget, as a user runs it: a subprocess, no arguments but size."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "--out", str(tmp_path / "r"), "--minutes", "0.1",
+                           "--preset", "gpt-nano", "--vocab_size", "512"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "[sample @ step 0]" in out and "validation loss: untrained" in out
+    assert (tmp_path / "r" / "model" / "loss.png").is_file()
+    assert (tmp_path / "r" / "data" / "index.json").is_file()

@@ -1,0 +1,104 @@
+"""Weights in and out: parity with transformers on tiny random checkpoints it writes itself."""
+
+import json
+
+import pytest
+import torch
+
+from lmforge.config import ModelConfig, SampleConfig
+from lmforge.convert import ConvertError, export_hf, from_hf_config, load_hf
+from lmforge.generate import generate
+from lmforge.model import GPT
+
+transformers = pytest.importorskip("transformers")
+
+
+def _gpt2_dir(tmp_path):
+    cfg = transformers.GPT2Config(vocab_size=120, n_positions=64, n_embd=48, n_layer=2, n_head=4,
+                                  resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(tmp_path / "hf_gpt2")
+    return model, tmp_path / "hf_gpt2"
+
+
+def _llama_dir(tmp_path, tie=True):
+    cfg = transformers.LlamaConfig(vocab_size=130, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=tie, rope_theta=10000.0, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # random norms, so a wrong mapping of them cannot hide
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path / "hf_llama")
+    return model, tmp_path / "hf_llama"
+
+
+def _check_parity(theirs, ours, vocab):
+    idx = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = theirs(idx).logits
+        got = ours(idx)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    g_ref = theirs.generate(idx[:1, :5], max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 5:]
+    g_ours = generate(ours, idx[:1, :5], SampleConfig(max_new_tokens=12, temperature=0, stop_at_eos=False))[0]
+    assert g_ours.tolist() == g_ref.tolist()
+
+
+def test_gpt2_from_hf_safetensors(tmp_path):
+    theirs, folder = _gpt2_dir(tmp_path)
+    ours = load_hf(folder)
+    assert ours.config.vocab_size == 120 and ours.config.tie_embeddings
+    _check_parity(theirs, ours, 120)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_llama_from_hf_safetensors(tmp_path, tie):
+    theirs, folder = _llama_dir(tmp_path, tie)
+    ours = load_hf(folder)
+    assert ours.config.kv_heads == 2 and ours.config.positions == "rope"
+    _check_parity(theirs, ours, 130)
+
+
+@pytest.mark.parametrize("preset", ["gpt-nano", "llama-micro"])
+def test_export_loads_in_transformers(tmp_path, preset):
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(preset, vocab_size=150, context_length=32)
+    ours = GPT(cfg).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    out = export_hf(ours, tmp_path / "export")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    _check_parity(theirs, ours, 150)
+    assert ours.num_params() == theirs.num_parameters()
+    again = load_hf(out)
+    idx = torch.randint(0, 150, (1, 10))
+    torch.testing.assert_close(again(idx), ours(idx))
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    _, folder = _gpt2_dir(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["n_embd"] = 64
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConvertError, match=r"tensor 'wte.weight' has shape \(120, 48\)"):
+        load_hf(folder)
+
+
+def test_unsupported_configs_are_named():
+    with pytest.raises(ConvertError, match="model_type 'bert'"):
+        from_hf_config({"model_type": "bert"})
+    with pytest.raises(ConvertError, match="lacks 'n_embd'"):
+        from_hf_config({"model_type": "gpt2", "vocab_size": 10, "n_positions": 8, "n_layer": 1, "n_head": 1})
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10, "n_positions": 8,
+                                                      "n_embd": 8, "n_layer": 1, "n_head": 1}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not really")
+    with pytest.raises(ConvertError, match="never loads"):
+        load_hf(tmp_path)

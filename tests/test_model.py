@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+
+from lmforge.config import ConfigError, ModelConfig, PRESETS
+from lmforge.losses import next_token_loss
+from lmforge.model import GPT
+
+
+def test_config_validation_reports_every_problem():
+    with pytest.raises(ConfigError, match="divisible by n_head") as e:
+        ModelConfig(d_model=100, n_head=3, dropout=1.5)
+    assert "dropout" in str(e.value)
+    with pytest.raises(ConfigError, match="n_kv_head"):
+        ModelConfig(n_head=12, n_kv_head=5)
+    with pytest.raises(ConfigError, match="unknown model preset 'gpt5'"):
+        ModelConfig.from_preset("gpt5")
+
+
+@pytest.mark.parametrize("name", ["gpt2-124m", "gpt2-355m", "gpt2-774m", "gpt2-1558m"])
+def test_gpt2_parameter_counts_equal_transformers(name):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = ModelConfig.from_preset(name)
+    with torch.device("meta"):
+        ours = GPT(cfg)
+        theirs = GPT2LMHeadModel(GPT2Config(n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head))
+    assert ours.num_params() == theirs.num_parameters()
+    if name == "gpt2-124m":
+        assert ours.num_params() == 124_439_808
+
+
+def test_init_loss_is_about_ln_vocab():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, context_length=64, d_model=64, n_layer=2, n_head=4)
+    model = GPT(cfg)
+    x = torch.randint(0, 512, (8, 64))
+    y = torch.randint(0, 512, (8, 64))
+    loss = next_token_loss(model, x, y).item()
+    assert abs(loss - math.log(512)) < 0.1
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, context_length=16, d_model=64, n_layer=2, n_head=4)
+    model = GPT(cfg)
+    x = torch.randint(0, 64, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = next_token_loss(model, x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_tied_head_and_scaled_residual_init():
+    model = GPT(ModelConfig.from_preset("gpt-nano"))
+    assert model.lm_head.weight is model.wte.weight
+    std = model.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(2 * 2)) < 0.003
+    assert model.h[0].attn.c_attn.bias.abs().sum() == 0
+
+
+def test_flops_per_token():
+    cfg = ModelConfig.from_preset("gpt2-124m")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    n_matmul = 12 * 12 * 768 * 768 + 50257 * 768
+    assert model.flops_per_token(1024) == 6 * n_matmul + 12 * 12 * 768 * 1024
+
+
+def test_presets_build():
+    for name in PRESETS:
+        ModelConfig.from_preset(name)

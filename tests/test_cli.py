@@ -106,7 +106,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, prepared, capsys):
                                                         str(tmp / "r"), *TINY], capsys)
     assert "divisible by n_head" in _error(["pretrain", "--data", str(data), "--out", str(tmp / "r"), *TINY,
                                             "--model.d_model", "30"], capsys)
-    assert "is not a run directory" in _error(["generate", str(tmp)], capsys)
+    assert "is not a model: expected a run directory" in _error(["generate", str(tmp)], capsys)
+    assert "not a known model" in _error(["generate", "no-such-model"], capsys)
     assert "no such file" in _error(["prepare", "--data", "[/nonexistent.txt]", "--tokenizer", str(tok), "--out",
                                      str(tmp / "d4")], capsys).lower()
     assert "lmforge --help" in _error(["pretrain", "--bogus-flag"], capsys)

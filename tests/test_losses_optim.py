@@ -80,3 +80,37 @@ def test_fused_adamw_equals_foreach():
     # compare within 1 % of one step's size (lr), far below what a wrong update would move.
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, atol=1e-4, rtol=0)
+
+
+def test_gradient_straight_into_weight_grad_matches_autograd():
+    for autocast in (False, True):
+        h, w, t = _inputs(2)
+        ref = cross_entropy_reference(h, w, t)
+        (ref * 0.5).backward()
+        gh, gw = h.grad.clone(), w.grad.clone()
+        h.grad = None
+        w.grad = torch.ones_like(w)  # accumulation adds to what is there
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = linear_cross_entropy(h, w, t, chunk_rows=128, grad_into_weight=True)
+        (loss * 0.5).backward()
+        tol = 0.02 * gw.abs().max().item() if autocast else 1e-6
+        assert (w.grad - 1 - gw).abs().max() < tol
+        assert (h.grad - gh).abs().max() < (0.02 * gh.abs().max().item() if autocast else 1e-6)
+
+
+def test_training_speedups_keep_the_gradients():
+    from lmforge.losses import next_token_loss
+    from lmforge.train import prepare_for_training
+
+    for tie in (True, False):
+        torch.manual_seed(0)
+        a = GPT(ModelConfig.from_preset("gpt-nano", tie_embeddings=tie))
+        b = GPT(ModelConfig.from_preset("gpt-nano", tie_embeddings=tie))
+        b.load_state_dict(a.state_dict())
+        prepare_for_training(b)
+        x, y = torch.randint(0, 512, (3, 32)), torch.randint(0, 512, (3, 32))
+        next_token_loss(a, x, y, fused=False).backward()
+        next_token_loss(b, x, y).backward()
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+            assert pb.grad.layout == torch.strided, name
+            torch.testing.assert_close(pb.grad, pa.grad, atol=1e-6, rtol=1e-5, msg=name)

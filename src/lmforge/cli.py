@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .config import DataConfig, LmforgeError, ModelConfig, PRESETS, SampleConfig, TokenizerConfig, TrainConfig
 
-COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "generate", "eval")
+COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "generate", "eval", "export", "download")
+MODEL_HELP = "a run directory, a Hugging Face folder, a .gguf file or a known model name (see `lmforge download`)"
 
 
 def _parser():
@@ -77,21 +78,35 @@ def _parser():
     p.add_class_arguments(TrainConfig, "train")
     cmds.add_subcommand("pretrain", p, help="pretrain a GPT")
 
-    p = sub_parser("Generate text from a trained run.")
-    p.add_argument("run", type=str, help="run directory")
+    p = sub_parser("Generate text from a model.")
+    p.add_argument("run", type=str, help=MODEL_HELP)
     p.add_argument("--prompt", type=str, default="", help="text to continue")
+    p.add_argument("--chat", type=bool, default=False, help="wrap the prompt in the model's chat template")
     p.add_class_arguments(SampleConfig, "sample")
     cmds.add_subcommand("generate", p, help="sample text from a model")
 
-    p = sub_parser("Loss and perplexity of a run on a prepared shard set.")
-    p.add_argument("run", type=str, help="run directory")
-    p.add_argument("--data", type=str, required=True, help="directory written by `lmforge prepare`")
+    p = sub_parser("Loss and perplexity of a model on a prepared shard set, or bits per byte on text files.")
+    p.add_argument("run", type=str, help=MODEL_HELP)
+    p.add_argument("--data", type=str | None, default=None, help="directory written by `lmforge prepare`")
+    p.add_argument("--text", type=list[str] | None, default=None,
+                   help="text files to score in bits per byte (works for any tokenizer)")
     p.add_argument("--split", type=str, default="val", help="'val' or 'train'")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_batches", type=int, default=50)
     p.add_argument("--context", type=int | None, default=None, help="window length (default: the model's)")
     p.add_argument("--dtype", type=str, default="float32", help="float32, bfloat16 or auto")
     cmds.add_subcommand("eval", p, help="evaluate loss and perplexity")
+
+    p = sub_parser("Write a model for the rest of the ecosystem: Hugging Face folder or GGUF file.")
+    p.add_argument("run", type=str, help=MODEL_HELP)
+    p.add_argument("--to", type=str, default="hf", help="'hf' (config.json + model.safetensors + tokenizer) or 'gguf'")
+    p.add_argument("--out", type=str, required=True, help="output folder (hf) or .gguf file")
+    p.add_argument("--dtype", type=str, default="f16", help="GGUF tensor type: f16 or f32")
+    cmds.add_subcommand("export", p, help="export to Hugging Face or GGUF")
+
+    p = sub_parser("Fetch a known model or data set into the cache (sources tried in order, checksums verified).")
+    p.add_argument("name", type=str | None, nargs="?", default=None, help="a known name; without one, list them")
+    cmds.add_subcommand("download", p, help="fetch known models and data sets")
     return root
 
 
@@ -124,9 +139,31 @@ def _run(argv: list[str]) -> int:
     elif cmd == "generate":
         _generate(a)
     elif cmd == "eval":
-        res = pipeline.evaluate_run(a.run, a.data, a.split, a.batch_size, a.max_batches, a.context, a.dtype)
-        print(f"{res['split']} loss {res['loss']:.4f}  perplexity {res['perplexity']:.2f}  ({res['tokens']:,} tokens)")
+        if a.text:
+            res = pipeline.evaluate_text(a.run, a.text, a.dtype)
+            print(f"bits per byte {res['bits_per_byte']:.4f}  ({res['tokens']:,} tokens, {res['bytes']:,} bytes)")
+        elif a.data:
+            res = pipeline.evaluate_run(a.run, a.data, a.split, a.batch_size, a.max_batches, a.context, a.dtype)
+            print(f"{res['split']} loss {res['loss']:.4f}  perplexity {res['perplexity']:.2f}  "
+                  f"({res['tokens']:,} tokens)")
+        else:
+            raise LmforgeError("give --data (a prepared shard set) or --text (text files)")
+    elif cmd == "export":
+        print(f"wrote {pipeline.export(a.run, a.to, a.out, a.dtype)}")
+    elif cmd == "download":
+        _download(a.name)
     return 0
+
+
+def _download(name: str | None) -> None:
+    from . import hub
+
+    if name is None:
+        for entry in hub.REGISTRY.values():
+            print(f"{entry.name:<34} {entry.kind:<8} {entry.description}")
+        return
+    path = hub.fetch(name)
+    print(path)
 
 
 def _print_summary(s: dict) -> None:
@@ -166,20 +203,20 @@ def _tokenizer(a) -> None:
 def _generate(a) -> None:
     import torch
 
-    from .checkpoint import load_model, load_tokenizer
     from .generate import stream
+    from .models import load_any
     from .precision import default_device
 
-    model, _ = load_model(a.run, default_device())
-    tok = load_tokenizer(a.run)
+    model, tok = load_any(a.run, default_device())
     cfg = _config(SampleConfig, a.sample)
-    ids = tok.encode(a.prompt, allowed_special="all") if a.prompt else [tok.eot_id or 0]
-    sys.stdout.write(a.prompt)
+    prompt = tok.apply_chat_template([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
+    ids = tok.encode(prompt, allowed_special="all") if prompt else [tok.eot_id or 0]
+    sys.stdout.write(a.prompt if not a.chat else "")
     out: list[int] = []
     shown = ""
-    for nxt in stream(model, torch.tensor([ids]), cfg, tok.eot_id):
+    for nxt in stream(model, torch.tensor([ids]), cfg, tok.eos_id):
         t = int(nxt[0])
-        if t == tok.eot_id:
+        if t == tok.eos_id:
             break
         out.append(t)
         text = tok.decode(out)

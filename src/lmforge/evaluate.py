@@ -39,3 +39,32 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, batch_size: int 
     """Loss and perplexity on the first ``max_batches`` non-overlapping windows of a token array."""
     context = context or model.config.context_length
     return evaluate_loss(model, eval_batches(tokens, context, batch_size, max_batches), dtype)
+
+
+@torch.no_grad()
+def bits_per_byte(model: torch.nn.Module, tokenizer, text: str, window: int = 512,
+                  dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Bits per UTF-8 byte of ``text``: a loss that compares models with different tokenizers.
+
+    The text is encoded once and scored in non-overlapping windows; every token after the
+    first is predicted, and the total negative log-likelihood (nats) is divided by
+    ln 2 × the bytes those tokens spell.
+    """
+    ids = tokenizer.encode(text, disallowed_special=())
+    if len(ids) < 2:
+        raise ValueError("text too short to score: it encodes to fewer than two tokens")
+    window = min(window, model.config.context_length)
+    device = next(model.parameters()).device
+    model.eval()
+    total_nats, scored = 0.0, []
+    t = torch.tensor(ids, device=device)
+    for s in range(0, len(ids) - 1, window):
+        x = t[s:s + window][None]
+        y = t[s + 1:s + 1 + window][None]
+        x = x[:, :y.size(1)]
+        with autocast(device, dtype):
+            loss = linear_cross_entropy(model.hidden_states(x), model.output_weight, y)
+        total_nats += loss.item() * y.numel()
+        scored.extend(y[0].tolist())
+    n_bytes = len(tokenizer.decode_bytes(scored))
+    return {"bits_per_byte": total_nats / math.log(2) / n_bytes, "tokens": len(scored), "bytes": n_bytes}

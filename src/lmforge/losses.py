@@ -49,7 +49,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, compute_dtype):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, compute_dtype, into_grad):
         n, d = hidden.shape
         v = weight.size(0)
         valid = targets != ignore_index
@@ -90,6 +90,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if need_h:
             grad_h.sub_(weight.detach().float()[safe_t]).mul_(scale)
         ctx.save_for_backward(*(x for x in (grad_h, grad_w, scaled_h, safe_t) if x is not None))
+        ctx.weight = weight if into_grad else None
         ctx.has = (need_h, need_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total / n_valid
@@ -101,20 +102,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gw = None
         if ctx.has[1]:
             grad_w, scaled_h, safe_t = saved
-            # A fresh fp32 tensor (never the kept buffer: autograd may adopt it as the .grad),
-            # with the one-hot term subtracted exactly in fp32.
-            gw = grad_w.to(torch.float32, copy=True).index_add_(0, safe_t, scaled_h, alpha=-1.0)
-            gw = gw.to(ctx.dtypes[1]).mul_(grad_out)
-        return gh, gw, None, None, None, None
+            weight = ctx.weight
+            if weight is not None:
+                # Add straight into the leaf's .grad, as autograd's accumulation would, but
+                # without a fresh (V, d) fp32 tensor per step (and its page faults).
+                if weight.grad is None:
+                    weight.grad = torch.zeros_like(weight)
+                if grad_w.dtype != weight.grad.dtype:  # convert in a kept buffer, not a fresh tensor
+                    grad_w = _buffer("grad_w_full", tuple(grad_w.shape), weight.grad.dtype, grad_w.device).copy_(grad_w)
+                weight.grad.add_(grad_w, alpha=float(grad_out))
+                weight.grad.index_add_(0, safe_t, scaled_h.to(weight.grad.dtype), alpha=-float(grad_out))
+            else:
+                # The one-hot term is subtracted exactly, in fp32.
+                gw = grad_w.to(torch.float32, copy=True).index_add_(0, safe_t, scaled_h, alpha=-1.0)
+                gw = gw.to(ctx.dtypes[1]).mul_(grad_out)
+        return gh, gw, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = IGNORE_INDEX, compute_dtype: torch.dtype | None = None,
-                         chunk_rows: int | None = None) -> torch.Tensor:
+                         chunk_rows: int | None = None, grad_into_weight: bool = False) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, without the full logits.
 
     hidden: (..., d); weight: (V, d); targets: (...) with ``ignore_index`` for masked positions.
-    ``compute_dtype`` is the matmul precision (bf16 under autocast); softmax is always fp32.
+    ``compute_dtype`` is the matmul precision (bf16 under autocast); log-softmax math is fp32.
+    ``grad_into_weight`` (for a leaf weight, in training) adds the weight's gradient straight
+    into ``weight.grad`` during backward instead of handing autograd a new tensor.
     """
     if compute_dtype is None:
         compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(
@@ -125,12 +138,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     itemsize = torch.empty((), dtype=compute_dtype).element_size()
     rows = chunk_rows or max(64, min(h2.size(0), (1 << 27) // (weight.size(0) * itemsize)))
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(h2, weight, t2, ignore_index, rows, compute_dtype)
+        into = grad_into_weight and weight.is_leaf and weight.requires_grad
+        return _LinearCrossEntropy.apply(h2, weight, t2, ignore_index, rows, compute_dtype, into)
 
 
 def next_token_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """The pretraining loss: predict y[t] (= x[t+1]) from x[:t+1]."""
     hidden = model.hidden_states(x)
     if fused:
-        return linear_cross_entropy(hidden, model.output_weight, y)
+        return linear_cross_entropy(hidden, model.output_weight, y, grad_into_weight=True)
     return cross_entropy_reference(hidden, model.output_weight, y)

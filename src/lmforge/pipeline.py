@@ -16,7 +16,8 @@ import torch
 from .checkpoint import CheckpointError, TOKENIZER, load_model, load_tokenizer, read_run_config
 from .config import DataConfig, LmforgeError, ModelConfig, SampleConfig, TokenizerConfig, TrainConfig
 from .data import RandomWindows, ShardSet, SlidingWindows, prepare, read_documents, split_documents
-from .evaluate import evaluate_tokens
+from .evaluate import bits_per_byte, evaluate_tokens
+from .models import load_any
 from .generate import generate_text
 from .losses import next_token_loss
 from .model import GPT
@@ -115,8 +116,7 @@ def pretrain(data_dir: str | Path, out: str | Path, model_config: ModelConfig, t
 
 def evaluate_run(run_dir: str | Path, data_dir: str | Path, split: str = "val", batch_size: int = 8,
                  max_batches: int = 50, context: int | None = None, dtype: str = "float32") -> dict:
-    model, _ = load_model(run_dir, default_device())
-    tokenizer = load_tokenizer(run_dir)
+    model, tokenizer = load_any(str(run_dir), default_device())
     shards = ShardSet.open(data_dir)
     if shards.fingerprint != tokenizer.fingerprint:
         raise LmforgeError(f"{data_dir} was tokenized with a different tokenizer than {run_dir}; "
@@ -133,6 +133,56 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, split: str = "val", 
     return {"split": split, **res}
 
 
+def _compare_with_pretrained(run: Path, paths: list[str], name: str = "smollm2-135m-instruct",
+                             chars: int = 20_000) -> dict:
+    """Stage 5 of the default run: our small model next to a real pretrained one, on the same
+    held-out text, in bits per byte (their tokenizers differ, so per-token losses do not compare)."""
+    from .hub import HubError
+
+    print(f"== 5/5 what pretraining at scale buys: {name} next to the model trained here")
+    _, val_docs = split_documents(read_documents(paths), DataConfig())
+    text = "\n\n".join(val_docs)[:chars]
+    try:
+        theirs, their_tok = load_any(name)
+    except (HubError, LmforgeError) as e:
+        print(f"skipped: {e}")
+        return {}
+    ours, our_tok = load_any(str(run))
+    rows, out = [], {}
+    prompt = "The"
+    for label, model, tok in (("trained here", ours, our_tok), (name, theirs, their_tok)):
+        res = bits_per_byte(model, tok, text)
+        out[f"bpb_{'ours' if model is ours else 'pretrained'}"] = res["bits_per_byte"]
+        sample = generate_text(model, tok, prompt, SampleConfig(max_new_tokens=30, temperature=0.7, top_k=40))
+        n = model.num_params()
+        rows.append(f"  {label:<24} {n / 1e6:>7.1f} M params   {res['bits_per_byte']:.3f} bits/byte   "
+                    f"sample: {(prompt + sample)[:90]!r}")
+    print(f"held-out text: {len(text.encode()):,} bytes of the validation documents")
+    print("\n".join(rows))
+    return out
+
+
+def evaluate_text(model_spec: str, paths: list[str], dtype: str = "float32") -> dict:
+    """Bits per byte of any model on text files (comparable across tokenizers)."""
+    model, tokenizer = load_any(model_spec, default_device())
+    text = "\n\n".join(read_documents(paths))
+    return bits_per_byte(model, tokenizer, text, dtype=resolve_dtype(dtype, default_device()))
+
+
+def export(model_spec: str, to: str, out: str | Path, dtype: str = "f16") -> Path:
+    """Write a model as a Hugging Face folder or a GGUF file."""
+    model, tokenizer = load_any(model_spec)
+    if to == "hf":
+        from .convert import export_hf
+
+        return export_hf(model, out, tokenizer)
+    if to == "gguf":
+        from .gguf_io import export_gguf
+
+        return export_gguf(model, tokenizer, out, dtype)
+    raise LmforgeError(f"--to must be 'hf' or 'gguf', got {to!r}")
+
+
 def main_job(data: list[str] | None = None, out: str | Path = "runs/default", minutes: float = 4.0,
              vocab_size: int = 4096, preset: str = "gpt-micro", train: TrainConfig | None = None,
              progress: bool = True) -> dict:
@@ -145,19 +195,20 @@ def main_job(data: list[str] | None = None, out: str | Path = "runs/default", mi
     print(f"== 1/4 tokenizer: byte-level BPE, vocabulary {vocab_size}, corpus: "
           f"{'text shipped with Python (pydoc topics + stdlib docstrings)' if paths == ['builtin'] else ', '.join(paths)}")
     train_tokenizer(paths, out / "tokenizer.json", TokenizerConfig(vocab_size=vocab_size))
-    print("== 2/4 token shards")
+    print("== 2/5 token shards")
     prepare_shards(paths, out / "tokenizer.json", out / "data")
     model_config = ModelConfig.from_preset(preset, vocab_size=vocab_size)
     train = train or TrainConfig(batch_size=16, max_steps=1500, warmup_steps=50, lr=2e-3, eval_interval=250,
                                  eval_batches=10, save_interval=250, max_minutes=minutes, weight_decay=0.1)
-    print(f"== 3/4 pretraining a {preset} GPT (stops after {train.max_steps} steps or {minutes} minutes)")
+    print(f"== 3/5 pretraining a {preset} GPT (stops after {train.max_steps} steps or {minutes} minutes)")
     summary = pretrain(out / "data", out / "model", model_config, train, progress=progress)
-    print("== 4/4 evaluation")
+    print("== 4/5 evaluation")
     shards = ShardSet.open(out / "data")
     fresh = GPT(model_config)
     before = evaluate_tokens(fresh, shards.tokens("val"), 8, train.eval_batches)
     print(f"validation loss: untrained {before['loss']:.3f} (ln vocab = {math.log(vocab_size):.3f}, perplexity "
           f"{before['perplexity']:.0f}) -> trained {summary['val_loss']:.3f} (perplexity {summary['val_perplexity']:.1f})")
+    summary.update(_compare_with_pretrained(out / "model", paths))
     print(f"run directory: {out / 'model'} (weights, config, tokenizer, metrics.jsonl, loss curve {summary['plot']})")
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} minutes. Next: lmforge generate {out / 'model'} "
           "--prompt 'The'")

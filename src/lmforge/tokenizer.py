@@ -43,6 +43,7 @@ class TokenizerError(LmforgeError, ValueError):
 
 
 SpecialSet = Collection[str] | Literal["all"]
+_ABSENT = 1 << 30
 
 
 class Tokenizer:
@@ -53,25 +54,27 @@ class Tokenizer:
     """
 
     def __init__(self, ranks: dict[bytes, int], special_tokens: dict[str, int] | None = None,
-                 pattern: str = GPT2_PATTERN, name: str = "lmforge") -> None:
+                 pattern: str = GPT2_PATTERN, name: str = "lmforge", chat_template: str | None = None,
+                 eos_id: int | None = None) -> None:
+        self.chat_template = chat_template
+        self._eos_id = eos_id
         self.ranks = dict(ranks)
         self.special_tokens = dict(special_tokens or {})
         self.pattern = PATTERNS.get(pattern, pattern)
         self.name = name
-        n = len(self.ranks)
-        if sorted(self.ranks.values()) != list(range(n)):
-            raise TokenizerError("token ranks must be the ids 0..n-1 with no gaps or repeats")
-        missing = [b for b in range(256) if bytes([b]) not in self.ranks]
-        if missing:
-            raise TokenizerError(f"vocabulary lacks {len(missing)} single-byte tokens (e.g. byte {missing[0]}); "
-                                 "a byte-level BPE vocabulary must contain all 256 bytes")
-        clash = [s for s, i in self.special_tokens.items() if i < n]
+        if len(set(self.ranks.values())) != len(self.ranks):
+            raise TokenizerError("two tokens share one id in the vocabulary")
+        # Imported vocabularies may lack bytes that never occur in UTF-8 text (SmolLM2 lacks 21).
+        # Such bytes get placeholder ids above every real id and are dropped from the output,
+        # which is what Hugging Face's BPE does with characters outside its vocabulary.
+        self._absent = {bytes([b]): _ABSENT + b for b in range(256) if bytes([b]) not in self.ranks}
+        # Ids are usually 0..n-1 with specials after them, but imported vocabularies may put
+        # specials first (SmolLM2: ids 0-16); any layout works as long as no id is used twice.
+        self._decoder: dict[int, bytes] = {i: tok for tok, i in self.ranks.items()}
+        clash = [s for s, i in self.special_tokens.items() if i in self._decoder]
         if clash:
             raise TokenizerError(f"special token {clash[0]!r} has id {self.special_tokens[clash[0]]}, which a "
-                                 f"regular token already uses (regular ids are 0..{n - 1})")
-        self._decoder: list[bytes] = [b""] * n
-        for tok, i in self.ranks.items():
-            self._decoder[i] = tok
+                                 "regular token already uses")
         self._special_decoder = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
         self._split = regex.compile(self.pattern)
         self._cache: dict[bytes, list[int]] = {}
@@ -81,12 +84,33 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         """Number of ids: regular tokens plus special tokens (the embedding size a model needs)."""
-        return max([len(self.ranks) - 1, *self.special_tokens.values()]) + 1
+        return max([*self._decoder, *self.special_tokens.values()]) + 1
 
     @property
     def eot_id(self) -> int | None:
         """Id of ``<|endoftext|>``, the document separator, if the tokenizer has it."""
         return self.special_tokens.get(EOT)
+
+    @property
+    def eos_id(self) -> int | None:
+        """Id that ends a generation: the model's own end token (e.g. <|im_end|> for chat models), else eot."""
+        return self._eos_id if self._eos_id is not None else self.eot_id
+
+    @eos_id.setter
+    def eos_id(self, value: int | None) -> None:
+        self._eos_id = value
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render chat messages with the model's Jinja chat template (as ``transformers`` does)."""
+        if not self.chat_template:
+            raise TokenizerError("this tokenizer has no chat template; it is not a chat model")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        inverse = {i: s for s, i in self.special_tokens.items()}
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            eos_token=inverse.get(self.eos_id, ""), bos_token="")
 
     @property
     def fingerprint(self) -> str:
@@ -145,11 +169,14 @@ class Tokenizer:
         special id; with ``disallowed_special=()`` it is encoded as plain text.
         """
         allowed = self._check_specials(text, allowed_special, disallowed_special)
-        return self.tiktoken_encoding.encode(text, allowed_special=allowed, disallowed_special=())
+        return self._present(self.tiktoken_encoding.encode(text, allowed_special=allowed, disallowed_special=()))
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Text to ids with special-token strings treated as plain text."""
-        return self.tiktoken_encoding.encode_ordinary(text)
+        return self._present(self.tiktoken_encoding.encode_ordinary(text))
+
+    def _present(self, ids: list[int]) -> list[int]:
+        return [i for i in ids if i < _ABSENT] if self._absent else ids
 
     def encode_reference(self, text: str, allowed_special: SpecialSet = (),
                          disallowed_special: SpecialSet = "all") -> list[int]:
@@ -184,7 +211,7 @@ class Tokenizer:
             if best_rank is None:
                 break
             parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
-        ids = [self.ranks[p] for p in parts]
+        ids = [i for i in (self.ranks.get(p, _ABSENT) for p in parts) if i < _ABSENT]
         if len(self._cache) < 100_000:
             self._cache[word] = ids
         return ids
@@ -210,7 +237,8 @@ class Tokenizer:
             import tiktoken
 
             self._tiktoken = tiktoken.Encoding(name=f"{self.name}-{self.fingerprint}", pat_str=self.pattern,
-                                               mergeable_ranks=self.ranks, special_tokens=self.special_tokens)
+                                               mergeable_ranks={**self.ranks, **self._absent},
+                                               special_tokens=self.special_tokens)
         return self._tiktoken
 
     # ----------------------------------------------------------------- decoding
@@ -218,8 +246,9 @@ class Tokenizer:
         out = []
         for i in ids:
             i = int(i)
-            if 0 <= i < len(self._decoder):
-                out.append(self._decoder[i])
+            tok = self._decoder.get(i)
+            if tok is not None:
+                out.append(tok)
             elif i in self._special_decoder:
                 out.append(self._special_decoder[i])
             else:
@@ -236,8 +265,9 @@ class Tokenizer:
     # ----------------------------------------------------------------- save / load
     def _state(self) -> dict:
         return {"format": FORMAT, "version": FORMAT_VERSION, "name": self.name, "pattern": self.pattern,
-                "tokens": [base64.b64encode(t).decode("ascii") for t in self._decoder],
-                "special_tokens": self.special_tokens}
+                "tokens": [None if (t := self._decoder.get(i)) is None else base64.b64encode(t).decode("ascii")
+                           for i in range(max(self._decoder) + 1)],
+                "special_tokens": self.special_tokens, "chat_template": self.chat_template, "eos_id": self._eos_id}
 
     def to_json(self) -> str:
         return json.dumps(self._state())
@@ -262,8 +292,9 @@ class Tokenizer:
             if state.get("version", 0) > FORMAT_VERSION:
                 raise TokenizerError(f"{source} was written by a newer lmforge (format version {state['version']}); "
                                      "upgrade lmforge to read it")
-            ranks = {base64.b64decode(t): i for i, t in enumerate(state["tokens"])}
-            return cls(ranks, state["special_tokens"], state["pattern"], state.get("name", "lmforge"))
+            ranks = {base64.b64decode(t): i for i, t in enumerate(state["tokens"]) if t is not None}
+            return cls(ranks, state["special_tokens"], state["pattern"], state.get("name", "lmforge"),
+                       state.get("chat_template"), state.get("eos_id"))
         except TokenizerError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as e:

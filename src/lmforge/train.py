@@ -64,6 +64,19 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def prepare_for_training(model: GPT) -> None:
+    """Training-only speed-ups applied from outside the model.
+
+    The token embedding's gradient becomes sparse (only the rows of tokens in the batch),
+    added into dense gradient buffers that exist from the start and are zeroed in place
+    each step: no (vocab × d) tensor is allocated, filled and freed per step.
+    """
+    model.wte.sparse = True
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_dir: str | Path,
         evaluate: Callable[[GPT, torch.dtype], dict[str, float]] | None = None,
         sample: Callable[[GPT, int], None] | None = None, resume: bool = False,
@@ -90,6 +103,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             raise LmforgeError(f"{run} already finished {start} of {config.max_steps} steps; raise --train.max_steps "
                                "to train further")
     log = MetricsLog(run / METRICS, start if resume else None)
+    prepare_for_training(model)
     step_fn = torch.compile(model) if config.compile else model
 
     def checkpoint(step: int) -> None:

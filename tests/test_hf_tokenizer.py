@@ -1,0 +1,51 @@
+"""Tokenizers from HF tokenizer.json and back: ids identical to the `tokenizers` library."""
+
+import pytest
+
+from lmforge.config import TokenizerConfig
+from lmforge.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
+from lmforge.tokenizer import EOT, Tokenizer
+
+from conftest import TEXT, shared_file
+
+tokenizers = pytest.importorskip("tokenizers")
+
+
+def _corpora_samples():
+    return [shared_file("corpora", n).read_text(encoding="utf-8")[:200_000] for n in ("austen.txt", "kjv.txt",
+                                                                                      "sotu.txt")]
+
+
+def test_gpt2_tokenizer_json_matches_tokenizers(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE
+    from tokenizers import decoders, pre_tokenizers
+
+    import json
+    enc = json.loads(shared_file("gpt2", "encoder.json").read_text())
+    merges_txt = shared_file("gpt2", "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
+    merges = [tuple(m.split(" ")) for m in merges_txt if m]
+    hf = HFTokenizer(BPE(vocab=enc, merges=merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([EOT])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = load_hf_tokenizer(tmp_path)
+    assert ours.vocab_size == 50257 and ours.eot_id == 50256
+    for text in _corpora_samples() + ["Hello, world<|endoftext|> 2024 numbers  123\n\n x"]:
+        assert ours.encode(text, allowed_special="all") == hf.encode(text).ids
+
+
+def test_export_loads_in_autotokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = Tokenizer.train([TEXT * 30, "digits 0123456789 and ünïcödé ☃"], TokenizerConfig(vocab_size=400))
+    save_hf_tokenizer(tok, tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    again = load_hf_tokenizer(tmp_path)
+    for text in [TEXT, "Some  spaced\ttext,\n\nnew lines 42 and ☃!", *(_corpora_samples())]:
+        ids = tok.encode(text, disallowed_special=())
+        assert hf(text, add_special_tokens=False)["input_ids"] == ids
+        assert again.encode(text, disallowed_special=()) == ids
+        assert hf.decode(ids) == text
+    assert hf.eos_token == EOT and hf.convert_tokens_to_ids(EOT) == tok.eot_id

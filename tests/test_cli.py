@@ -151,3 +151,40 @@ def test_default_run_offline(tmp_path):
     assert "[sample @ step 0]" in out and "validation loss: untrained" in out
     assert (tmp_path / "r" / "model" / "loss.png").is_file()
     assert (tmp_path / "r" / "data" / "index.json").is_file()
+
+
+LLAMA = [a if a != "gpt-nano" else "llama-micro" for a in TINY]
+
+
+def test_export_and_use_elsewhere(prepared, capsys):
+    tmp, _, data = prepared
+    corpus = next((tmp / "corpus").glob("*.txt"))
+    for preset_args, name in ((TINY, "gpt"), (LLAMA, "llama")):
+        run = tmp / f"run-{name}"
+        assert main(["pretrain", "--data", str(data), "--out", str(run), *preset_args]) == 0
+        assert main(["export", str(run), "--to", "hf", "--out", str(tmp / f"hf-{name}")]) == 0
+        capsys.readouterr()
+        outs = []
+        for spec in (str(run), str(tmp / f"hf-{name}")):
+            assert main(["generate", spec, "--prompt", "Document", "--sample.max_new_tokens", "8",
+                         "--sample.temperature", "0"]) == 0
+            outs.append(capsys.readouterr().out)
+            assert main(["eval", spec, "--text", f"[{corpus}]"]) == 0
+            outs.append(capsys.readouterr().out)
+        assert outs[0] == outs[2] and outs[1] == outs[3]  # same model, same tokenizer, same numbers
+        assert "bits per byte" in outs[1]
+    assert "Llama-family" in _error(["export", str(tmp / "run-gpt"), "--to", "gguf", "--out", str(tmp / "x.gguf")],
+                                    capsys)
+    assert main(["export", str(tmp / "run-llama"), "--to", "gguf", "--out", str(tmp / "m.gguf"), "--dtype",
+                 "f32"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp / "m.gguf"), "--prompt", "Document", "--sample.max_new_tokens", "8",
+                 "--sample.temperature", "0"]) == 0
+    assert capsys.readouterr().out == outs[0]
+
+
+def test_download_lists_and_refuses_unknown(capsys):
+    assert main(["download"]) == 0
+    listing = capsys.readouterr().out
+    assert "smollm2-135m-instruct" in listing and "instruction-data-with-preference" in listing
+    assert "unknown name 'nope'" in _error(["download", "nope"], capsys)

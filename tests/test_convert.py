@@ -102,3 +102,17 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not really")
     with pytest.raises(ConvertError, match="never loads"):
         load_hf(tmp_path)
+
+
+def test_openai_community_layout(tmp_path):
+    """The hub's GPT-2 files: no 'transformer.' prefix, old causal-mask buffers beside the weights."""
+    from safetensors.torch import load_file, save_file
+
+    theirs, folder = _gpt2_dir(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    renamed = {k.removeprefix("transformer."): v for k, v in tensors.items() if k != "lm_head.weight"}
+    for i in range(2):
+        renamed[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+        renamed[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(renamed, folder / "model.safetensors")
+    _check_parity(theirs, load_hf(folder), 120)

@@ -90,3 +90,23 @@ def test_real_smollm2_matches_transformers_and_answers(smollm2_gguf):
         text = shared_file("corpora", name).read_text(encoding="utf-8")[:100_000]
         assert tok.encode(text) == hf_tok(text, add_special_tokens=False)["input_ids"], name
     assert tok.encode(prompt, allowed_special="all") == hf_tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_unreadable_quantization_type_is_named(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "q81.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("block_count", 1), ("context_length", 32), ("embedding_length", 32),
+                       ("feed_forward_length", 64), ("vocab_size", 2)):
+        w.add_uint32(f"llama.{key}", value)
+    w.add_uint32("llama.attention.head_count", 4)
+    w.add_tensor("token_embd.weight", np.zeros((2, 40), dtype=np.uint8),  # 2 rows of one 32-value Q8_1 block
+                 raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ConvertError, match="quantization type Q8_1"):
+        load_gguf(path)

@@ -111,22 +111,43 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, meta
 
 
-def load_state_into(model: GPT, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load: every key accounted for, every shape equal, the first mismatch named."""
+def check_state(model: GPT, tensors: dict[str, torch.Tensor], source: str,
+                error: type[CheckpointError] = CheckpointError) -> None:
+    """Strict: every key accounted for, every shape equal, the first mismatch named."""
     expected = model_state(model)
     for k, v in expected.items():
         if k not in tensors:
-            raise CheckpointError(f"{source} lacks tensor {k!r}; it does not match this model config")
+            raise error(f"{source} lacks tensor {k!r}; it does not match this model config")
         if tuple(tensors[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(tensors[k].shape)}, "
-                                  f"the model config needs {tuple(v.shape)}")
+            raise error(f"{source}: tensor {k!r} has shape {tuple(tensors[k].shape)}, "
+                        f"the model config needs {tuple(v.shape)}")
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise CheckpointError(f"{source} has tensors this model lacks, e.g. {extra[0]!r}")
+        raise error(f"{source} has tensors this model lacks, e.g. {extra[0]!r}")
+
+
+def load_state_into(model: GPT, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy checked tensors into an existing model (resuming a run)."""
+    check_state(model, tensors, source)
     with torch.no_grad():
-        for name, p in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items():
-            if name in tensors:
-                p.copy_(tensors[name])
+        for name, p in model.named_parameters():
+            p.copy_(tensors[name])
+
+
+def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str,
+                device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                error: type[CheckpointError] = CheckpointError) -> GPT:
+    """A model built on the meta device and filled by assigning the checked tensors: loading
+    takes one model's worth of memory, not two (build, then copy in)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    check_state(model, tensors, source, error)
+    target = dtype or torch.float32
+    model.load_state_dict({k: v.to(device=device, dtype=target) for k, v in tensors.items()}, strict=False,
+                          assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    return model.eval()
 
 
 def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
@@ -138,13 +159,7 @@ def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{run / CONFIG}: {e}") from None
     tensors, meta = load_weights(run / WEIGHTS)
-    with torch.device("meta"):
-        model = GPT(mcfg)
-    model = model.to_empty(device=device)
-    load_state_into(model, tensors, str(run / WEIGHTS))
-    if mcfg.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    model.eval()
+    model = build_model(mcfg, tensors, str(run / WEIGHTS), device)
     cfg["step"] = int(meta.get("step", 0))
     return model, cfg
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import checkpoint
 from .checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_weights, model_state
 from .config import ConfigError, ModelConfig
 from .model import GPT
@@ -168,24 +169,7 @@ def to_hf_state(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str
 
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor], source: str,
                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
-    """A model on the meta device, filled by assignment from ``state`` (strict, shapes checked)."""
-    with torch.device("meta"):
-        model = GPT(config)
-    expected = model_state(model)
-    for k, v in expected.items():
-        if k not in state:
-            raise ConvertError(f"{source} lacks tensor {k!r} (needed by this model config)")
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ConvertError(f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, the config needs "
-                               f"{tuple(v.shape)}")
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise ConvertError(f"{source} has tensors the model does not use, e.g. {extra[0]!r}")
-    target = dtype or torch.float32
-    model.load_state_dict({k: v.to(device=device, dtype=target) for k, v in state.items()}, strict=False, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    return model.eval()
+    return checkpoint.build_model(config, state, source, device, dtype, error=ConvertError)
 
 
 # --------------------------------------------------------------------------- files

@@ -198,8 +198,9 @@ def main_job(data: list[str] | None = None, out: str | Path = "runs/default", mi
     print("== 2/5 token shards")
     prepare_shards(paths, out / "tokenizer.json", out / "data")
     model_config = ModelConfig.from_preset(preset, vocab_size=vocab_size)
-    train = train or TrainConfig(batch_size=16, max_steps=1500, warmup_steps=50, lr=2e-3, eval_interval=250,
-                                 eval_batches=10, save_interval=250, max_minutes=minutes, weight_decay=0.1)
+    # Sized for about 4 minutes on 2 CPU cores; max_minutes stops it (with a checkpoint) on slower machines.
+    train = train or TrainConfig(batch_size=16, max_steps=1000, warmup_steps=50, lr=2e-3, eval_interval=200,
+                                 eval_batches=10, save_interval=200, max_minutes=minutes, weight_decay=0.1)
     print(f"== 3/5 pretraining a {preset} GPT (stops after {train.max_steps} steps or {minutes} minutes)")
     summary = pretrain(out / "data", out / "model", model_config, train, progress=progress)
     print("== 4/5 evaluation")

@@ -49,27 +49,36 @@ def worker(kind: str, folder: str) -> dict:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    # Touch every weight, so lazily mapped file pages count as they will once the model runs.
+    total = sum(float(p.detach().sum()) for p in model.parameters())
     size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    return {"added_mb": peak_mb() - base, "model_mb": size}
+    return {"added_mb": peak_mb() - base, "model_mb": size, "checksum": total}
+
+
+def make(preset: str, folder: str) -> None:
+    from lmforge.config import ModelConfig
+    from lmforge.convert import export_hf
+    from lmforge.model import GPT
+
+    export_hf(GPT(ModelConfig.from_preset(preset)), folder)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="gpt2-124m")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker)))
         return
-    import torch
-
-    from lmforge.config import ModelConfig
-    from lmforge.convert import export_hf
-    from lmforge.model import GPT
-
+    if args.make:
+        make(*args.make)
+        return
+    # Every step runs in its own process: Linux carries a parent's peak RSS into its children,
+    # so the parent must stay small for the children's peaks to mean anything.
     with tempfile.TemporaryDirectory() as tmp:
-        export_hf(GPT(ModelConfig.from_preset(args.preset)), tmp)
-        del torch
+        subprocess.run([sys.executable, __file__, "--make", args.preset, tmp], check=True)
         print(f"checkpoint: {args.preset} as an HF folder (fp32 safetensors)")
         print(f"{'loader':<14}{'model MB':>10}{'peak added MB':>15}{'ratio':>8}")
         for kind in ("lmforge", "naive", "transformers"):

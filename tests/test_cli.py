@@ -18,10 +18,10 @@ TINY = ["--preset", "gpt-nano", "--model.context_length", "32", "--train.batch_s
 @pytest.fixture
 def prepared(tmp_path, corpus_dir):
     tok = tmp_path / "tok.json"
-    assert main(["tokenizer", "train", "--data", f"[{corpus_dir}]", "--out", str(tok), "--tokenizer.vocab_size",
+    assert main(["tokenizer", "train", "--data", str(corpus_dir), "--out", str(tok), "--tokenizer.vocab_size",
                  "300"]) == 0
     data = tmp_path / "data"
-    assert main(["prepare", "--data", f"[{corpus_dir}]", "--tokenizer", str(tok), "--out", str(data)]) == 0
+    assert main(["prepare", "--data", str(corpus_dir), "--tokenizer", str(tok), "--out", str(data)]) == 0
     return tmp_path, tok, data
 
 
@@ -86,21 +86,21 @@ def test_bad_inputs_give_one_line_errors(tmp_path, prepared, capsys):
     tmp, tok, data = prepared
     empty = tmp / "empty.txt"
     empty.write_text("")
-    assert "empty.txt is empty" in _error(["prepare", "--data", f"[{empty}]", "--tokenizer", str(tok), "--out",
+    assert "empty.txt is empty" in _error(["prepare", "--data", str(empty), "--tokenizer", str(tok), "--out",
                                            str(tmp / "d2")], capsys)
     binary = tmp / "blob.txt"
     binary.write_bytes(bytes(range(256)) * 4)
-    assert "blob.txt looks binary" in _error(["tokenizer", "train", "--data", f"[{binary}]", "--out",
+    assert "blob.txt looks binary" in _error(["tokenizer", "train", "--data", str(binary), "--out",
                                               str(tmp / "t.json")], capsys)
     latin = tmp / "latin.txt"
     latin.write_bytes(b"caf\xe9 " * 100)
-    assert "--text.errors replace" in _error(["prepare", "--data", f"[{latin}]", "--tokenizer", str(tok), "--out",
+    assert "--text.errors replace" in _error(["prepare", "--data", str(latin), "--tokenizer", str(tok), "--out",
                                               str(tmp / "d3")], capsys)
-    assert "at least 256" in _error(["tokenizer", "train", "--data", f"[{latin}]", "--out", str(tmp / "t.json"),
+    assert "at least 256" in _error(["tokenizer", "train", "--data", str(latin), "--out", str(tmp / "t.json"),
                                      "--tokenizer.vocab_size", "100"], capsys)
     short = tmp / "short.txt"
     short.write_text("just a few words")
-    assert main(["prepare", "--data", f"[{short}]", "--tokenizer", str(tok), "--out", str(tmp / "ds")]) == 0
+    assert main(["prepare", "--data", str(short), "--tokenizer", str(tok), "--out", str(tmp / "ds")]) == 0
     capsys.readouterr()
     assert "shorter than one context window" in _error(["pretrain", "--data", str(tmp / "ds"), "--out",
                                                         str(tmp / "r"), *TINY], capsys)
@@ -108,7 +108,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, prepared, capsys):
                                             "--model.d_model", "30"], capsys)
     assert "is not a model: expected a run directory" in _error(["generate", str(tmp)], capsys)
     assert "not a known model" in _error(["generate", "no-such-model"], capsys)
-    assert "no such file" in _error(["prepare", "--data", "[/nonexistent.txt]", "--tokenizer", str(tok), "--out",
+    assert "no such file" in _error(["prepare", "--data", "/nonexistent.txt", "--tokenizer", str(tok), "--out",
                                      str(tmp / "d4")], capsys).lower()
     assert "lmforge --help" in _error(["pretrain", "--bogus-flag"], capsys)
 
@@ -169,7 +169,7 @@ def test_export_and_use_elsewhere(prepared, capsys):
             assert main(["generate", spec, "--prompt", "Document", "--sample.max_new_tokens", "8",
                          "--sample.temperature", "0"]) == 0
             outs.append(capsys.readouterr().out)
-            assert main(["eval", spec, "--text", f"[{corpus}]"]) == 0
+            assert main(["eval", spec, "--text", str(corpus)]) == 0
             outs.append(capsys.readouterr().out)
         assert outs[0] == outs[2] and outs[1] == outs[3]  # same model, same tokenizer, same numbers
         assert "bits per byte" in outs[1]

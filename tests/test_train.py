@@ -25,9 +25,9 @@ def _losses(run):
 @pytest.mark.slow
 def test_resume_after_sigkill_reproduces_losses(tmp_path, corpus_dir):
     tok, data = tmp_path / "tok.json", tmp_path / "data"
-    assert main(["tokenizer", "train", "--data", f"[{corpus_dir}]", "--out", str(tok), "--tokenizer.vocab_size",
+    assert main(["tokenizer", "train", "--data", str(corpus_dir), "--out", str(tok), "--tokenizer.vocab_size",
                  "300"]) == 0
-    assert main(["prepare", "--data", f"[{corpus_dir}]", "--tokenizer", str(tok), "--out", str(data)]) == 0
+    assert main(["prepare", "--data", str(corpus_dir), "--tokenizer", str(tok), "--out", str(data)]) == 0
     full = tmp_path / "full"
     assert main(["pretrain", "--data", str(data), "--out", str(full), *ARGS]) == 0
     reference = _losses(full)

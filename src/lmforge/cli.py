@@ -33,7 +33,7 @@ def _parser():
 
     p = sub_parser("The built-in default: train a tokenizer, prepare shards, pretrain a small GPT for a few "
                    "minutes, evaluate it and sample from it. Runs offline on a laptop CPU.")
-    p.add_argument("--data", type=list[str] | None, default=None,
+    p.add_argument("--data", type=str, nargs="+", default=None,
                    help="text files, directories or JSONL files (default: English text that ships with Python)")
     p.add_argument("--out", type=str, default="runs/default", help="output directory")
     p.add_argument("--minutes", type=float, default=4.0, help="time budget of the pretraining stage")
@@ -45,7 +45,7 @@ def _parser():
     cmds.add_subcommand("tokenizer", tok, help="train / encode / decode with a BPE tokenizer")
     tok_cmds = tok.add_subcommands(dest="action", required=True)
     p = sub_parser("Train a byte-level BPE tokenizer on text files.")
-    p.add_argument("--data", type=list[str], required=True, help="text files, directories or JSONL files")
+    p.add_argument("--data", type=str, nargs="+", required=True, help="text files, directories or JSONL files")
     p.add_argument("--out", type=str, required=True, help="where to write tokenizer.json")
     p.add_class_arguments(TokenizerConfig, "tokenizer")
     p.add_class_arguments(DataConfig, "text")
@@ -61,7 +61,7 @@ def _parser():
     tok_cmds.add_subcommand("decode", p, help="ids -> text")
 
     p = sub_parser("Tokenize text files into train/validation token shards.")
-    p.add_argument("--data", type=list[str], required=True, help="text files, directories or JSONL files")
+    p.add_argument("--data", type=str, nargs="+", required=True, help="text files, directories or JSONL files")
     p.add_argument("--tokenizer", type=str, required=True, help="tokenizer.json (from `lmforge tokenizer train`)")
     p.add_argument("--out", type=str, required=True, help="directory for train.bin, val.bin, index.json")
     p.add_argument("--force", type=bool, default=False, help="rebuild even if the inputs are unchanged")
@@ -88,7 +88,7 @@ def _parser():
     p = sub_parser("Loss and perplexity of a model on a prepared shard set, or bits per byte on text files.")
     p.add_argument("run", type=str, help=MODEL_HELP)
     p.add_argument("--data", type=str | None, default=None, help="directory written by `lmforge prepare`")
-    p.add_argument("--text", type=list[str] | None, default=None,
+    p.add_argument("--text", type=str, nargs="+", default=None,
                    help="text files to score in bits per byte (works for any tokenizer)")
     p.add_argument("--split", type=str, default="val", help="'val' or 'train'")
     p.add_argument("--batch_size", type=int, default=8)

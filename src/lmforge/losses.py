@@ -70,11 +70,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, n, chunk_rows):
             e = min(n, s + chunk_rows)
-            logits = _buffer("logits", (e - s, v), compute_dtype, hidden.device)
+            # Buffers sized for a full chunk and sliced, so a shorter last chunk reuses them too.
+            rows = min(chunk_rows, n)
+            logits = _buffer("logits", (rows, v), compute_dtype, hidden.device)[: e - s]
             torch.mm(h[s:e], w.T, out=logits)
             # Log-softmax math runs in fp32 inside the kernel either way; under bf16 its output is
             # stored in bf16, which rounds each row's loss by ~0.2 % (autocast rounds the logits alike).
-            logp = _buffer("logp", (e - s, v), compute_dtype, hidden.device)
+            logp = _buffer("logp", (rows, v), compute_dtype, hidden.device)[: e - s]
             torch.log_softmax(logits, dim=-1, out=logp)
             total -= (logp.gather(1, safe_t[s:e, None]).float() * valid[s:e, None]).sum()
             if not (need_h or need_w):

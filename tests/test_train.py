@@ -53,3 +53,20 @@ def test_resume_after_sigkill_reproduces_losses(tmp_path, corpus_dir):
     assert sorted(resumed) == list(range(1, 41))
     for step in reference:
         assert abs(resumed[step] - reference[step]) <= 1e-6, (step, resumed[step], reference[step])
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, corpus_dir):
+    tok, data = tmp_path / "tok.json", tmp_path / "data"
+    assert main(["tokenizer", "train", "--data", str(corpus_dir), "--out", str(tok), "--tokenizer.vocab_size",
+                 "300"]) == 0
+    assert main(["prepare", "--data", str(corpus_dir), "--tokenizer", str(tok), "--out", str(data)]) == 0
+    args = ["--preset", "gpt-nano", "--model.context_length", "32", "--train.batch_size", "4", "--train.max_steps",
+            "4", "--train.log_interval", "1", "--train.dtype", "float32", "--prompts", "[]"]
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "eager"), *args]) == 0
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "compiled"), *args,
+                 "--train.compile", "true"]) == 0
+    eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    assert sorted(compiled) == [1, 2, 3, 4]
+    for step in eager:
+        assert abs(eager[step] - compiled[step]) < 1e-4

@@ -104,7 +104,11 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
                                "to train further")
     log = MetricsLog(run / METRICS, start if resume else None)
     prepare_for_training(model)
-    step_fn = torch.compile(model) if config.compile else model
+    if config.compile:
+        # Compile each block in place (regional compilation): the loss calls hidden_states, not
+        # forward, and parameter names stay unprefixed for checkpoints.
+        for block in model.h:
+            block.compile()
 
     def checkpoint(step: int) -> None:
         save_checkpoint(run, model, optimizer, step, {"tokens": tokens, "elapsed": elapsed}, extra_config)
@@ -135,7 +139,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 torch.manual_seed(config.seed * 1_000_003 + k)  # dropout depends on k alone: resume is exact
                 with autocast(device, dtype):
-                    loss = loss_fn(step_fn, x, y)
+                    loss = loss_fn(model, x, y)
                 (loss / config.grad_accum).backward()
                 loss_sum += loss.item()
                 tokens += x.numel()

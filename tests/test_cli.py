@@ -88,6 +88,13 @@ def test_bad_inputs_give_one_line_errors(tmp_path, prepared, capsys):
     empty.write_text("")
     assert "empty.txt is empty" in _error(["prepare", "--data", str(empty), "--tokenizer", str(tok), "--out",
                                            str(tmp / "d2")], capsys)
+    good = {p.name: p.read_bytes() for p in data.iterdir()}
+    assert "empty.txt is empty" in _error(["prepare", "--data", str(empty), "--tokenizer", str(tok), "--out",
+                                           str(data), "--force", "true"], capsys)
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == good  # the good shards are untouched
+    tok_bytes = tok.read_bytes()
+    assert "is empty" in _error(["tokenizer", "train", "--data", str(empty), "--out", str(tok)], capsys)
+    assert tok.read_bytes() == tok_bytes
     binary = tmp / "blob.txt"
     binary.write_bytes(bytes(range(256)) * 4)
     assert "blob.txt looks binary" in _error(["tokenizer", "train", "--data", str(binary), "--out",

@@ -35,8 +35,11 @@ def _random_llama(vocab):
     return model
 
 
-@pytest.mark.parametrize("dtype,tol", [("f32", 1e-5), ("f16", 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [("f32", 1e-5), ("f16", 2e-2), ("bf16", 0.1), ("q8_0", 0.1), ("q4_0", 1.0),
+                                       ("q4_1", 1.0)])
 def test_export_and_reload_gguf(tmp_path, dtype, tol):
+    """Each type read back by lmforge equals transformers' reading of the same file (the same
+    dequantized numbers); against the original weights the error is the quantization's."""
     tok = Tokenizer.train([TEXT * 30], TokenizerConfig(vocab_size=320))
     model = _random_llama(tok.vocab_size)
     path = export_gguf(model, tok, tmp_path / f"m-{dtype}.gguf", dtype)

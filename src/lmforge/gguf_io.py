@@ -158,8 +158,12 @@ def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
     return model, gguf_tokenizer(reader, str(path))
 
 
+EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+
+
 def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, dtype: str = "f16") -> Path:
-    """Write a Llama-family model (and its tokenizer) as an F32 or F16 GGUF file."""
+    """Write a Llama-family model (and its tokenizer) as a GGUF file: matrices in ``dtype``
+    (f32, f16, bf16 or one of llama.cpp's block quantizations), norms in f32."""
     import gguf
 
     from .convert import family
@@ -171,8 +175,14 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, dtype:
                            "runs with --to hf")
     if config.bias or config.qkv_bias:
         raise ConvertError("GGUF export supports Llama models without biases")
-    if dtype not in ("f32", "f16"):
-        raise ConvertError(f"GGUF export dtype must be f32 or f16, got {dtype!r}")
+    if dtype not in EXPORT_TYPES:
+        raise ConvertError(f"GGUF export dtype must be one of {', '.join(EXPORT_TYPES)}, got {dtype!r}")
+    qtype = getattr(gguf.GGMLQuantizationType, dtype.upper())
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    for width in {config.d_model, config.ff_dim}:
+        if width % block:
+            raise ConvertError(f"{dtype} stores rows in blocks of {block} values, but this model has rows of {width}; "
+                               "use f16 or f32")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -188,7 +198,8 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, dtype:
     w.add_layer_norm_rms_eps(config.norm_eps)
     w.add_rope_dimension_count(config.head_dim)
     w.add_vocab_size(config.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else getattr(gguf.LlamaFileType,
+                                                                               f"MOSTLY_{dtype.upper()}"))
     from .hf_tokenizer import GPT2_DIGITS_PATTERN, _recover_merges
 
     u = bytes_to_unicode()
@@ -218,7 +229,7 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, dtype:
     if getattr(tokenizer, "chat_template", None):
         w.add_chat_template(tokenizer.chat_template)
     inverse = {v: k for k, v in NAMES.items()}
-    np_dtype = np.float16 if dtype == "f16" else np.float32
+    from gguf.quants import quantize
     for name, t in to_hf_state({k: v.detach().float() for k, v in model.state_dict().items()
                                 if not (k == "lm_head.weight" and config.tie_embeddings)}, config).items():
         layer = None
@@ -231,8 +242,13 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, dtype:
             t = _permute(t, config.n_head)
         elif key.endswith("k_proj.weight"):
             t = _permute(t, config.kv_heads)
-        arr = t.numpy().astype(np.float32 if t.dim() == 1 else np_dtype)  # norms stay f32, as llama.cpp keeps them
-        w.add_tensor(gname, arr)
+        arr = t.numpy().astype(np.float32)
+        if t.dim() == 1 or dtype == "f32":  # norms stay f32, as llama.cpp keeps them
+            w.add_tensor(gname, arr)
+        elif dtype == "f16":
+            w.add_tensor(gname, arr.astype(np.float16))
+        else:
+            w.add_tensor(gname, quantize(arr, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

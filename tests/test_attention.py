@@ -1,6 +1,11 @@
 import torch
 
-from lmforge.attention import KVCache, MultiHeadAttention, attention, attention_reference
+from lmforge.attention import (
+    KVCache,
+    MultiHeadAttention,
+    attention,
+    attention_reference,
+)
 from lmforge.config import ModelConfig
 from lmforge.model import GPT
 

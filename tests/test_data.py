@@ -3,13 +3,21 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TEXT
 
 from lmforge.config import DataConfig, TokenizerConfig
-from lmforge.data import (DataError, RandomWindows, ShardSet, SlidingWindows, builtin_corpus, eval_batches, prepare,
-                          read_documents, split_documents)
+from lmforge.data import (
+    DataError,
+    RandomWindows,
+    ShardSet,
+    SlidingWindows,
+    builtin_corpus,
+    eval_batches,
+    prepare,
+    read_documents,
+    split_documents,
+)
 from lmforge.tokenizer import Tokenizer
-
-from conftest import TEXT
 
 
 @pytest.fixture(scope="module")

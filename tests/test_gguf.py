@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import TEXT
 
 from lmforge.config import ModelConfig, SampleConfig, TokenizerConfig
 from lmforge.convert import ConvertError
@@ -9,8 +10,6 @@ from lmforge.generate import generate
 from lmforge.gguf_io import export_gguf, load_gguf
 from lmforge.model import GPT
 from lmforge.tokenizer import Tokenizer
-
-from conftest import TEXT
 
 pytest.importorskip("gguf")
 
@@ -84,8 +83,9 @@ def test_real_smollm2_matches_transformers_and_answers(smollm2_gguf):
     with torch.no_grad():
         ref = theirs(torch.tensor([ids])).logits
         got = model(torch.tensor([ids]))
-    # Both dequantize the same Q4_1 blocks to fp32; what is left is fp32 summation order.
-    assert (got - ref).abs().max().item() < 1e-3
+    # Both dequantize the same Q4_1 blocks to fp32 and run the same math: measured 0.0 here;
+    # 1e-4 (logits reach ~38) leaves room only for summation order on other CPUs.
+    assert (got - ref).abs().max().item() < 1e-4
     hf_tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     from conftest import shared_file
 

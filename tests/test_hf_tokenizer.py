@@ -1,12 +1,11 @@
 """Tokenizers from HF tokenizer.json and back: ids identical to the `tokenizers` library."""
 
 import pytest
+from conftest import TEXT, shared_file
 
 from lmforge.config import TokenizerConfig
 from lmforge.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
 from lmforge.tokenizer import EOT, Tokenizer
-
-from conftest import TEXT, shared_file
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -17,11 +16,11 @@ def _corpora_samples():
 
 
 def test_gpt2_tokenizer_json_matches_tokenizers(tmp_path):
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers.models import BPE
-    from tokenizers import decoders, pre_tokenizers
-
     import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, pre_tokenizers
+    from tokenizers.models import BPE
     enc = json.loads(shared_file("gpt2", "encoder.json").read_text())
     merges_txt = shared_file("gpt2", "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
     merges = [tuple(m.split(" ")) for m in merges_txt if m]

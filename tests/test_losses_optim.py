@@ -2,10 +2,9 @@ import math
 
 import torch
 
-from lmforge.config import TrainConfig
+from lmforge.config import ModelConfig, TrainConfig
 from lmforge.losses import cross_entropy_reference, linear_cross_entropy
 from lmforge.model import GPT
-from lmforge.config import ModelConfig
 from lmforge.optim import lr_at, make_optimizer, param_groups
 
 

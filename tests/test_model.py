@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lmforge.config import ConfigError, ModelConfig, PRESETS
+from lmforge.config import PRESETS, ConfigError, ModelConfig
 from lmforge.losses import next_token_loss
 from lmforge.model import GPT
 

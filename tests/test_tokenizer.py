@@ -1,13 +1,12 @@
 import json
 
 import pytest
+from conftest import TEXT, shared_file
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmforge.config import ConfigError, TokenizerConfig
 from lmforge.tokenizer import EOT, SimpleTokenizer, Tokenizer, TokenizerError
-
-from conftest import TEXT, shared_file
 
 
 def test_known_answer_minbpe():

@@ -4,7 +4,14 @@ Stages: tokenizer -> data -> attention -> model -> losses / optim / train -> che
 -> evaluate -> generate. See README.md for a tour.
 """
 
-from .config import DataConfig, LmforgeError, ModelConfig, SampleConfig, TokenizerConfig, TrainConfig
+from .config import (
+           DataConfig,
+           LmforgeError,
+           ModelConfig,
+           SampleConfig,
+           TokenizerConfig,
+           TrainConfig,
+)
 from .tokenizer import SimpleTokenizer, Tokenizer
 
 __version__ = "0.1.0"

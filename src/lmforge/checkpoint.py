@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from . import atomic
 from .config import CONFIG_FORMAT_VERSION, ConfigError, LmforgeError, ModelConfig
 from .model import GPT
 from .tokenizer import Tokenizer
@@ -32,19 +32,6 @@ CONFIG, WEIGHTS, TOKENIZER, STATE, METRICS = "config.json", "model.safetensors",
 
 class CheckpointError(LmforgeError, ValueError):
     """A run directory or weights file that cannot be used."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -63,8 +50,8 @@ def save_model(run_dir: str | os.PathLike, model: GPT, step: int = 0, extra_conf
     run.mkdir(parents=True, exist_ok=True)
     config = {"format": "lmforge-run", "version": CONFIG_FORMAT_VERSION, "model": model.config.to_dict(),
               **(extra_config or {})}
-    atomic_write_bytes(run / WEIGHTS, save(model_state(model), metadata={"format": "pt", "step": str(step)}))
-    atomic_write_json(run / CONFIG, config)
+    atomic.write_bytes(run / WEIGHTS, save(model_state(model), metadata={"format": "pt", "step": str(step)}))
+    atomic.write_json(run / CONFIG, config)
 
 
 def save_checkpoint(run_dir: str | os.PathLike, model: GPT, optimizer: torch.optim.Optimizer, step: int,
@@ -75,7 +62,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model: GPT, optimizer: torch.opt
     save_model(run_dir, model, step, extra_config)
     buf = io.BytesIO()
     torch.save({"step": step, "optimizer": optimizer.state_dict(), **state}, buf)
-    atomic_write_bytes(Path(run_dir) / STATE, buf.getvalue())
+    atomic.write_bytes(Path(run_dir) / STATE, buf.getvalue())
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict:

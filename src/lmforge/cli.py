@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from .config import DataConfig, LmforgeError, ModelConfig, PRESETS, SampleConfig, TokenizerConfig, TrainConfig
+from .config import (
+    PRESETS,
+    DataConfig,
+    LmforgeError,
+    ModelConfig,
+    SampleConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
 
 COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "generate", "eval", "export", "download")
 MODEL_HELP = "a run directory, a Hugging Face folder, a .gguf file or a known model name (see `lmforge download`)"

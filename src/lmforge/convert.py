@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from . import checkpoint
-from .checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_weights, model_state
+from . import atomic, checkpoint
+from .checkpoint import CheckpointError, load_weights, model_state
 from .config import ConfigError, ModelConfig
 from .model import GPT
 
@@ -203,9 +203,9 @@ def export_hf(model: GPT, out: str | os.PathLike, tokenizer=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
     state = to_hf_state(model_state(model), config)
-    atomic_write_bytes(folder / "model.safetensors", save({k: v.contiguous() for k, v in state.items()},
+    atomic.write_bytes(folder / "model.safetensors", save({k: v.contiguous() for k, v in state.items()},
                                                           metadata={"format": "pt"}))
-    atomic_write_json(folder / "config.json", to_hf_config(config))
+    atomic.write_json(folder / "config.json", to_hf_config(config))
     if tokenizer is not None:
         from .hf_tokenizer import save_hf_tokenizer
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import atomic
 from .config import DataConfig, LmforgeError, config_dict
 from .tokenizer import Tokenizer
 
@@ -264,9 +265,7 @@ def prepare(paths: list[str], out_dir: str | os.PathLike, tokenizer: Tokenizer,
         "documents": {s: counts[s][1] for s in counts}, "sources": paths, "input_signature": signature,
         "data_config": config_dict(config),
     }
-    tmp = out / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, out / "index.json")
+    atomic.write_json(out / "index.json", index)
     if not quiet:
         print(f"wrote {counts['train'][0]:,} train and {counts['val'][0]:,} val tokens "
               f"({counts['train'][1]} + {counts['val'][1]} documents, {dtype.name}) to {out}")

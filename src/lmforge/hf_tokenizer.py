@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from . import atomic
 from .tokenizer import GPT2_PATTERN, Tokenizer, TokenizerError, bytes_to_unicode
 
 # GPT-2's regex after HF's Digits(individual_digits=True) pre-split: a digit is always a piece
@@ -107,8 +108,6 @@ def _recover_merges(tok: Tokenizer) -> list[tuple[str, str]]:
 
 def save_hf_tokenizer(tok: Tokenizer, folder: str | os.PathLike) -> Path:
     """Write ``tokenizer.json`` + ``tokenizer_config.json`` that ``AutoTokenizer`` loads."""
-    from .checkpoint import atomic_write_json
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     u = bytes_to_unicode()
@@ -128,9 +127,9 @@ def save_hf_tokenizer(tok: Tokenizer, folder: str | os.PathLike) -> Path:
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                   "vocab": vocab, "merges": [list(m) for m in _recover_merges(tok)]},
     }
-    atomic_write_json(folder / "tokenizer.json", data)
+    atomic.write_json(folder / "tokenizer.json", data)
     eot = "<|endoftext|>" if tok.eot_id is not None else None
-    atomic_write_json(folder / "tokenizer_config.json", {
+    atomic.write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30,
         "bos_token": eot, "eos_token": eot, "unk_token": None, "clean_up_tokenization_spaces": False})
     return folder / "tokenizer.json"

@@ -13,14 +13,28 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, TOKENIZER, load_model, load_tokenizer, read_run_config
-from .config import DataConfig, LmforgeError, ModelConfig, SampleConfig, TokenizerConfig, TrainConfig
-from .data import RandomWindows, ShardSet, SlidingWindows, prepare, read_documents, split_documents
+from .checkpoint import TOKENIZER, CheckpointError, read_run_config
+from .config import (
+    DataConfig,
+    LmforgeError,
+    ModelConfig,
+    SampleConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
+from .data import (
+    RandomWindows,
+    ShardSet,
+    SlidingWindows,
+    prepare,
+    read_documents,
+    split_documents,
+)
 from .evaluate import bits_per_byte, evaluate_tokens
-from .models import load_any
 from .generate import generate_text
 from .losses import next_token_loss
 from .model import GPT
+from .models import load_any
 from .precision import default_device, resolve_dtype
 from .report import plot_losses
 from .tokenizer import Tokenizer

@@ -27,6 +27,7 @@ from typing import Literal
 
 import regex
 
+from . import atomic
 from .config import LmforgeError, TokenizerConfig
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -278,10 +279,7 @@ class Tokenizer:
         if path.is_dir() or not path.suffix:
             path = path / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return atomic.write_text(path, self.to_json())
 
     @classmethod
     def from_json(cls, text: str, source: str = "<string>") -> "Tokenizer":

@@ -22,7 +22,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import METRICS, load_model, load_state_into, load_trainer_state, save_checkpoint, load_weights, WEIGHTS
+from .checkpoint import (
+    METRICS,
+    WEIGHTS,
+    load_model,
+    load_state_into,
+    load_trainer_state,
+    load_weights,
+    save_checkpoint,
+)
 from .config import LmforgeError, TrainConfig, config_dict
 from .model import GPT
 from .optim import lr_at, make_optimizer

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import TOKENIZER, CheckpointError, read_run_config
+from .checkpoint import TOKENIZER, read_run_config
 from .config import (
     DataConfig,
     LmforgeError,
@@ -231,4 +231,4 @@ def main_job(data: list[str] | None = None, out: str | Path = "runs/default", mi
     return summary
 
 
-__all__ = ["CheckpointError", "evaluate_run", "main_job", "prepare_shards", "pretrain", "train_tokenizer"]
+__all__ = ["evaluate_run", "evaluate_text", "export", "main_job", "prepare_shards", "pretrain", "train_tokenizer"]

@@ -25,7 +25,6 @@ import torch
 from .checkpoint import (
     METRICS,
     WEIGHTS,
-    load_model,
     load_state_into,
     load_trainer_state,
     load_weights,
@@ -196,4 +195,4 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     return FitResult(step=step, last_loss=loss_value, tokens=tokens, seconds=elapsed, stopped_early=stopped_early)
 
 
-__all__ = ["FitResult", "fit", "load_model"]
+__all__ = ["FitResult", "fit", "prepare_for_training"]

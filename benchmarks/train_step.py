@@ -6,6 +6,7 @@ subprocess (so one's allocator settings or warm caches cannot help another), on 
 thread count, with the same shapes and random token batches. The script also measures
 this CPU's matmul peak (fp32 and bf16) and prints MFU against it.
 
+    pip install -e ".[bench]" && pip install --no-deps llms-from-scratch   # its own deps pull TensorFlow
     python benchmarks/train_step.py                 # both shapes, fp32 and bf16
     python benchmarks/train_step.py --shapes small --steps 6
 """

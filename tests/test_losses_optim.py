@@ -113,3 +113,18 @@ def test_training_speedups_keep_the_gradients():
         for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
             assert pb.grad.layout == torch.strided, name
             torch.testing.assert_close(pb.grad, pa.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_two_losses_before_one_backward():
+    """Kept buffers must not be shared by two graphs waiting for backward (DPO-style losses)."""
+    h, w, t = _inputs(3)
+    ref = cross_entropy_reference(h[:150], w, t[:150]) + 2 * cross_entropy_reference(h[150:], w, t[150:])
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    for _ in range(2):  # also after a first round has released the buffer
+        loss = linear_cross_entropy(h[:150], w, t[:150]) + 2 * linear_cross_entropy(h[150:], w, t[150:])
+        loss.backward()
+        torch.testing.assert_close(h.grad, gh, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(w.grad, gw, atol=1e-6, rtol=1e-5)
+        h.grad = w.grad = None

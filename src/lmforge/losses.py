@@ -19,11 +19,27 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 _workspace: dict[tuple, torch.Tensor] = {}
+_leased: set[tuple] = set()
+
+
+class _Lease:
+    """Holds a kept buffer for a graph that still needs it (saved for backward). Released
+    when the graph lets go of it, after backward or when the graph is freed without one; a
+    second forward before that (two losses summed, say) gets a fresh tensor instead."""
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+        _leased.add(key)
+
+    def __del__(self) -> None:
+        _leased.discard(self.key)
 
 
 def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A scratch tensor kept alive between calls (one per name, resized when the shape changes)."""
     key = (name, dtype, device)
+    if key in _leased:
+        return torch.empty(shape, dtype=dtype, device=device)
     buf = _workspace.get(key)
     if buf is None or buf.shape != shape:
         buf = torch.empty(shape, dtype=dtype, device=device)
@@ -93,6 +109,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h.sub_(weight.detach().float()[safe_t]).mul_(scale)
         ctx.save_for_backward(*(x for x in (grad_h, grad_w, scaled_h, safe_t) if x is not None))
         ctx.weight = weight if into_grad else None
+        if need_w:
+            ctx.lease = _Lease(("grad_w", compute_dtype, weight.device))
         ctx.has = (need_h, need_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total / n_valid

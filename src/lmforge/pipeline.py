@@ -206,7 +206,7 @@ def main_job(data: list[str] | None = None, out: str | Path = "runs/default", mi
     paths = data or ["builtin"]
     if (out / "model" / "model.safetensors").exists():
         raise LmforgeError(f"{out} already holds a finished run; choose another --out or delete it")
-    print(f"== 1/4 tokenizer: byte-level BPE, vocabulary {vocab_size}, corpus: "
+    print(f"== 1/5 tokenizer: byte-level BPE, vocabulary {vocab_size}, corpus: "
           f"{'text shipped with Python (pydoc topics + stdlib docstrings)' if paths == ['builtin'] else ', '.join(paths)}")
     train_tokenizer(paths, out / "tokenizer.json", TokenizerConfig(vocab_size=vocab_size))
     print("== 2/5 token shards")

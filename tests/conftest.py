@@ -33,3 +33,16 @@ def corpus_dir(tmp_path: Path) -> Path:
     for i in range(30):
         (d / f"doc{i:02d}.txt").write_text(f"Document {i}. " + TEXT * (3 + i % 4), encoding="utf-8")
     return d
+
+
+@pytest.fixture
+def prepared(tmp_path, corpus_dir):
+    """A trained 300-token tokenizer and prepared shards of corpus_dir: (tmp_path, tokenizer path, data dir)."""
+    from lmforge.cli import main
+
+    tok = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--data", str(corpus_dir), "--out", str(tok), "--tokenizer.vocab_size",
+                 "300"]) == 0
+    data = tmp_path / "data"
+    assert main(["prepare", "--data", str(corpus_dir), "--tokenizer", str(tok), "--out", str(data)]) == 0
+    return tmp_path, tok, data

@@ -14,16 +14,6 @@ TINY = ["--preset", "gpt-nano", "--model.context_length", "32", "--train.batch_s
         "1", "--train.save_interval", "6", "--train.dtype", "float32", "--prompts", "[Document]"]
 
 
-@pytest.fixture
-def prepared(tmp_path, corpus_dir):
-    tok = tmp_path / "tok.json"
-    assert main(["tokenizer", "train", "--data", str(corpus_dir), "--out", str(tok), "--tokenizer.vocab_size",
-                 "300"]) == 0
-    data = tmp_path / "data"
-    assert main(["prepare", "--data", str(corpus_dir), "--tokenizer", str(tok), "--out", str(data)]) == 0
-    return tmp_path, tok, data
-
-
 def test_pipeline_end_to_end(prepared, capsys):
     tmp, tok, data = prepared
     run = tmp / "run"

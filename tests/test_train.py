@@ -23,11 +23,8 @@ def _losses(run):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_reproduces_losses(tmp_path, corpus_dir):
-    tok, data = tmp_path / "tok.json", tmp_path / "data"
-    assert main(["tokenizer", "train", "--data", str(corpus_dir), "--out", str(tok), "--tokenizer.vocab_size",
-                 "300"]) == 0
-    assert main(["prepare", "--data", str(corpus_dir), "--tokenizer", str(tok), "--out", str(data)]) == 0
+def test_resume_after_sigkill_reproduces_losses(prepared):
+    tmp_path, _, data = prepared
     full = tmp_path / "full"
     assert main(["pretrain", "--data", str(data), "--out", str(full), *ARGS]) == 0
     reference = _losses(full)
@@ -56,11 +53,8 @@ def test_resume_after_sigkill_reproduces_losses(tmp_path, corpus_dir):
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager(tmp_path, corpus_dir):
-    tok, data = tmp_path / "tok.json", tmp_path / "data"
-    assert main(["tokenizer", "train", "--data", str(corpus_dir), "--out", str(tok), "--tokenizer.vocab_size",
-                 "300"]) == 0
-    assert main(["prepare", "--data", str(corpus_dir), "--tokenizer", str(tok), "--out", str(data)]) == 0
+def test_compiled_training_matches_eager(prepared):
+    tmp_path, _, data = prepared
     args = ["--preset", "gpt-nano", "--model.context_length", "32", "--train.batch_size", "4", "--train.max_steps",
             "4", "--train.log_interval", "1", "--train.dtype", "float32", "--prompts", "[]"]
     assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "eager"), *args]) == 0

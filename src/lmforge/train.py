@@ -118,7 +118,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             block.compile()
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(run, model, optimizer, step, {"tokens": tokens, "elapsed": elapsed}, extra_config)
+        save_checkpoint(run, model, optimizer, step, {"tokens": tokens_done, "elapsed": elapsed}, extra_config)
 
     def run_eval(step: int) -> None:
         if evaluate is not None:
@@ -132,7 +132,8 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     bar = tqdm(total=config.max_steps, initial=start, desc="pretrain", unit="step", disable=not progress,
                dynamic_ncols=True)
     t_start = time.perf_counter() - elapsed
-    step, loss_value, stopped_early = start, float("nan"), False
+    done, loss_value, stopped_early = start, float("nan"), False  # done: optimiser steps completed
+    tokens_done = tokens
     window_t, window_tokens = time.perf_counter(), 0
     try:
         for step in range(start, config.max_steps):
@@ -157,10 +158,10 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             if config.grad_clip is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
             optimizer.step()
+            done, tokens_done = step + 1, tokens
             optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: no re-allocation per step
             loss_value = loss_sum / config.grad_accum
             elapsed = time.perf_counter() - t_start
-            done = step + 1
             if done % config.log_interval == 0 or done == config.max_steps:
                 now = time.perf_counter()
                 tps = window_tokens / max(now - window_t, 1e-9)
@@ -180,19 +181,17 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             if out_of_time and not last:
                 bar.write(f"stopping after {config.max_minutes} minutes at step {done} (checkpoint saved)")
                 stopped_early = True
-                step = done
                 break
-            step = done
     except KeyboardInterrupt:
-        bar.write(f"interrupted: saving a checkpoint at step {step}")
-        checkpoint(step)
+        bar.write(f"interrupted: saving a checkpoint at step {done}")
+        checkpoint(done)  # weights after `done` steps; a half-accumulated step is simply redone on resume
         raise
     finally:
         bar.close()
     model.eval()
     if sample is not None:
-        sample(model, step)
-    return FitResult(step=step, last_loss=loss_value, tokens=tokens, seconds=elapsed, stopped_early=stopped_early)
+        sample(model, done)
+    return FitResult(step=done, last_loss=loss_value, tokens=tokens_done, seconds=elapsed, stopped_early=stopped_early)
 
 
 __all__ = ["FitResult", "fit", "prepare_for_training"]

@@ -1,6 +1,7 @@
 """The command line end to end on a tiny model, and its errors: one line, exit code 2."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,7 +26,9 @@ def test_pipeline_end_to_end(prepared, capsys):
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 12 and losses[-1] < losses[0]
-    assert sum("val_loss" in r for r in records) == 2
+    vals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in vals] == [0, 6, 12]  # the untrained model first
+    assert abs(vals[0]["val_loss"] - math.log(300)) < 0.3 and vals[-1]["val_loss"] < vals[0]["val_loss"]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["context_length"] == 32 and cfg["model"]["vocab_size"] == 300
 

@@ -23,7 +23,10 @@ def _losses(run):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_reproduces_losses(prepared):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_resume_after_a_kill_reproduces_losses(prepared, sig):
+    """SIGKILL: resume from the last periodic checkpoint. Ctrl-C: a checkpoint is written at
+    the last completed step, the process exits with 130, and resume continues from there."""
     tmp_path, _, data = prepared
     full = tmp_path / "full"
     assert main(["pretrain", "--data", str(data), "--out", str(full), *ARGS]) == 0
@@ -32,7 +35,7 @@ def test_resume_after_sigkill_reproduces_losses(prepared):
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "lmforge", "pretrain", "--data", str(data), "--out", str(killed), *ARGS]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
         metrics = killed / "metrics.jsonl"
@@ -42,9 +45,15 @@ def test_resume_after_sigkill_reproduces_losses(prepared):
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
     assert max(_losses(killed)) < 40
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "lmforge: interrupted" in err and "Traceback" not in err
+        from lmforge.checkpoint import load_weights
+
+        saved_step = int(load_weights(killed / "model.safetensors")[1]["step"])
+        assert saved_step == max(_losses(killed))  # the last completed step, not the last periodic checkpoint
     assert main(["pretrain", "--data", str(data), "--out", str(killed), *ARGS, "--resume", "true"]) == 0
     resumed = _losses(killed)
     assert sorted(resumed) == list(range(1, 41))
@@ -64,3 +73,15 @@ def test_compiled_training_matches_eager(prepared):
     assert sorted(compiled) == [1, 2, 3, 4]
     for step in eager:
         assert abs(eager[step] - compiled[step]) < 1e-4
+
+
+def test_samples_during_training_leave_training_untouched(prepared):
+    """Sampling switches the model to eval mode and draws random numbers; neither may leak into
+    training: with dropout on, a run that samples every 2 steps logs the same losses as one that doesn't."""
+    tmp_path, _, data = prepared
+    args = ["--preset", "gpt-nano", "--model.context_length", "32", "--model.dropout", "0.2", "--train.batch_size",
+            "4", "--train.max_steps", "6", "--train.log_interval", "1", "--train.dtype", "float32"]
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "quiet"), *args, "--prompts", "[]"]) == 0
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "chatty"), *args, "--prompts", "[Doc]",
+                 "--train.sample_interval", "2"]) == 0
+    assert _losses(tmp_path / "quiet") == _losses(tmp_path / "chatty")

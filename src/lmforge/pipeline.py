@@ -36,7 +36,7 @@ from .losses import next_token_loss
 from .model import GPT
 from .models import load_any
 from .precision import default_device, resolve_dtype
-from .report import plot_losses
+from .report import plot_losses, read_metrics
 from .tokenizer import Tokenizer
 from .train import fit
 
@@ -218,16 +218,15 @@ def main_job(data: list[str] | None = None, out: str | Path = "runs/default", mi
     print(f"== 3/5 pretraining a {preset} GPT (stops after {train.max_steps} steps or {minutes} minutes)")
     summary = pretrain(out / "data", out / "model", model_config, train, progress=progress)
     print("== 4/5 evaluation")
-    shards = ShardSet.open(out / "data")
-    fresh = GPT(model_config)
-    before = evaluate_tokens(fresh, shards.tokens("val"), 8, train.eval_batches)
-    print(f"validation loss: untrained {before['loss']:.3f} (ln vocab = {math.log(vocab_size):.3f}, perplexity "
-          f"{before['perplexity']:.0f}) -> trained {summary['val_loss']:.3f} (perplexity {summary['val_perplexity']:.1f})")
+    before = next(r for r in read_metrics(out / "model" / "metrics.jsonl") if r["step"] == 0)
+    print(f"validation loss: untrained {before['val_loss']:.3f} (ln vocab = {math.log(vocab_size):.3f}, perplexity "
+          f"{before['val_perplexity']:.0f}) -> trained {summary['val_loss']:.3f} (perplexity "
+          f"{summary['val_perplexity']:.1f})")
     summary.update(_compare_with_pretrained(out / "model", paths))
     print(f"run directory: {out / 'model'} (weights, config, tokenizer, metrics.jsonl, loss curve {summary['plot']})")
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} minutes. Next: lmforge generate {out / 'model'} "
           "--prompt 'The'")
-    summary["untrained_val_loss"] = before["loss"]
+    summary["untrained_val_loss"] = before["val_loss"]
     return summary
 
 

@@ -127,10 +127,16 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             bar.write(f"step {step}: val loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}")
 
     model.train()
-    if sample is not None and start == 0:
-        sample(model, 0)
     bar = tqdm(total=config.max_steps, initial=start, desc="pretrain", unit="step", disable=not progress,
                dynamic_ncols=True)
+    def run_sample(step: int) -> None:
+        if sample is not None:
+            sample(model, step)  # generation switches to eval mode
+            model.train()
+
+    if start == 0:  # the untrained model: the curves start where learning starts
+        run_eval(0)
+        run_sample(0)
     t_start = time.perf_counter() - elapsed
     done, loss_value, stopped_early = start, float("nan"), False  # done: optimiser steps completed
     tokens_done = tokens
@@ -174,8 +180,8 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             out_of_time = config.max_minutes is not None and elapsed >= config.max_minutes * 60
             if done % config.eval_interval == 0 or last or out_of_time:
                 run_eval(done)
-            if sample is not None and config.sample_interval and done % config.sample_interval == 0 and not last:
-                sample(model, done)
+            if config.sample_interval and done % config.sample_interval == 0 and not last:
+                run_sample(done)
             if done % config.save_interval == 0 or last or out_of_time:
                 checkpoint(done)
             if out_of_time and not last:

@@ -128,3 +128,23 @@ def test_two_losses_before_one_backward():
         torch.testing.assert_close(h.grad, gh, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(w.grad, gw, atol=1e-6, rtol=1e-5)
         h.grad = w.grad = None
+
+
+def test_bits_per_byte_known_answer():
+    """A model that predicts uniformly scores log2(V) bits per token, spread over the bytes."""
+    from lmforge.config import TokenizerConfig
+    from lmforge.evaluate import bits_per_byte
+    from lmforge.tokenizer import Tokenizer
+
+    from conftest import TEXT
+
+    tok = Tokenizer.train([TEXT * 10], TokenizerConfig(vocab_size=300))
+    model = GPT(ModelConfig.from_preset("gpt-nano", vocab_size=300, context_length=16, tie_embeddings=False))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    text = TEXT * 3
+    res = bits_per_byte(model, tok, text, window=16)
+    ids = tok.encode(text)
+    assert res["tokens"] == len(ids) - 1
+    expected = math.log2(300) * (len(ids) - 1) / len(tok.decode_bytes(ids[1:]))
+    assert abs(res["bits_per_byte"] - expected) < 1e-5

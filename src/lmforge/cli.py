@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from .config import (
+    GGUF_EXPORT_TYPES,
     PRESETS,
     DataConfig,
     LmforgeError,
@@ -108,7 +109,8 @@ def _parser():
     p.add_argument("run", type=str, help=MODEL_HELP)
     p.add_argument("--to", type=str, default="hf", help="'hf' (config.json + model.safetensors + tokenizer) or 'gguf'")
     p.add_argument("--out", type=str, required=True, help="output folder (hf) or .gguf file")
-    p.add_argument("--dtype", type=str, default="f16", help="GGUF tensor type: f16 or f32")
+    p.add_argument("--dtype", type=str, default="f16",
+                   help=f"GGUF matrix type: {', '.join(GGUF_EXPORT_TYPES)} (norms stay f32)")
     cmds.add_subcommand("export", p, help="export to Hugging Face or GGUF")
 
     p = sub_parser("Fetch a known model or data set into the cache (sources tried in order, checksums verified).")
@@ -181,24 +183,19 @@ def _print_summary(s: dict) -> None:
     print(f"run directory: {s['run']}")
 
 
-def _load_any_tokenizer(path: str):
-    from .tokenizer import Tokenizer
-
-    return Tokenizer.load(path)
-
-
 def _tokenizer(a) -> None:
     from . import pipeline
+    from .tokenizer import Tokenizer
 
     if a.action == "train":
         pipeline.train_tokenizer(a.train.data, a.train.out, _config(TokenizerConfig, a.train.tokenizer),
                                  _config(DataConfig, a.train.text))
     elif a.action == "encode":
-        tok = _load_any_tokenizer(a.encode.tokenizer)
+        tok = Tokenizer.load(a.encode.tokenizer)
         text = a.encode.text if a.encode.text is not None else sys.stdin.read()
         print(" ".join(map(str, tok.encode(text, allowed_special="all" if a.encode.allow_special else ()))))
     else:
-        tok = _load_any_tokenizer(a.decode.tokenizer)
+        tok = Tokenizer.load(a.decode.tokenizer)
         raw = a.decode.ids if a.decode.ids is not None else sys.stdin.read()
         try:
             ids = [int(x) for x in raw.replace(",", " ").split()]

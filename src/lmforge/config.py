@@ -149,6 +149,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Matrix types `lmforge export --to gguf` writes (norms are always f32).
+GGUF_EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+
+
 @dataclass(frozen=True)
 class TokenizerConfig:
     """How to train a byte-level BPE tokenizer."""
@@ -300,6 +304,6 @@ def json_ready(x: Any) -> Any:
 
 
 __all__ = [
-    "CONFIG_FORMAT_VERSION", "ConfigError", "DataConfig", "LmforgeError", "ModelConfig", "PRESETS",
+    "CONFIG_FORMAT_VERSION", "ConfigError", "GGUF_EXPORT_TYPES", "DataConfig", "LmforgeError", "ModelConfig", "PRESETS",
     "SampleConfig", "TokenizerConfig", "TrainConfig", "config_dict",
 ]

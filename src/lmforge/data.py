@@ -14,6 +14,7 @@ uninterrupted run would. Shards are read with ``np.memmap``, so they may exceed 
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import os
@@ -106,6 +107,12 @@ def builtin_corpus() -> list[str]:
     """About 1.5 MB of English that every Python installation carries, so the default run needs no download:
     the language reference topics of ``pydoc_data`` and the docstrings of the standard library (one
     document per topic and per module)."""
+    return list(_builtin_corpus())
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_corpus() -> tuple[str, ...]:
+    # Parsing the standard library takes seconds; the default run reads the corpus three times.
     from pydoc_data.topics import topics
 
     docs = [topics[k].strip() for k in sorted(topics)]
@@ -129,7 +136,7 @@ def builtin_corpus() -> list[str]:
                         parts.append(d.strip())
             if parts:
                 docs.append("\n\n".join(parts))
-    return docs
+    return tuple(docs)
 
 
 # --------------------------------------------------------------------------- shards

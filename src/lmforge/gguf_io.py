@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig
+from .config import GGUF_EXPORT_TYPES, ModelConfig
 from .convert import ConvertError, build_model, from_hf_state, to_hf_state
 from .model import GPT
 from .tokenizer import GPT2_PATTERN, Tokenizer, TokenizerError
@@ -158,9 +158,6 @@ def load_gguf(path: str | os.PathLike, device: str | torch.device = "cpu",
     return model, gguf_tokenizer(reader, str(path))
 
 
-EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
-
-
 def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, dtype: str = "f16") -> Path:
     """Write a Llama-family model (and its tokenizer) as a GGUF file: matrices in ``dtype``
     (f32, f16, bf16 or one of llama.cpp's block quantizations), norms in f32."""
@@ -175,8 +172,8 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, dtype:
                            "runs with --to hf")
     if config.bias or config.qkv_bias:
         raise ConvertError("GGUF export supports Llama models without biases")
-    if dtype not in EXPORT_TYPES:
-        raise ConvertError(f"GGUF export dtype must be one of {', '.join(EXPORT_TYPES)}, got {dtype!r}")
+    if dtype not in GGUF_EXPORT_TYPES:
+        raise ConvertError(f"GGUF export dtype must be one of {', '.join(GGUF_EXPORT_TYPES)}, got {dtype!r}")
     qtype = getattr(gguf.GGMLQuantizationType, dtype.upper())
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     for width in {config.d_model, config.ff_dim}:

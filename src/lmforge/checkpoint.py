@@ -1,22 +1,33 @@
 """Run directories: what training writes and every other command reads.
 
     run/
-      config.json         model config (+ format version, train config, metadata)
-      model.safetensors   weights (tied tensors stored once)
-      tokenizer.json      the tokenizer
-      trainer_state.pt    optimizer state, step, counters; read with weights_only=True
-      metrics.jsonl       one JSON record per log / eval event
-      loss.png            the loss curve
+      config.json          -> checkpoints/latest/config.json        model config, train config, metadata
+      model.safetensors    -> checkpoints/latest/model.safetensors  weights (tied tensors stored once)
+      trainer_state.pt     -> checkpoints/latest/trainer_state.pt   optimizer, step, counters (weights_only)
+      tokenizer.json       the tokenizer
+      metrics.jsonl        one JSON record per log / eval event
+      loss.png             the loss curve
+      checkpoints/
+        latest -> step-00000400
+        step-00000400/     config.json, model.safetensors, trainer_state.pt, manifest.json (sha256 of each)
+        step-00000200/     the one before (the newest ``keep`` are kept)
 
-Each file is written to a temporary name and renamed, so a crash never leaves a
-half-written file where a good one was. The weights and the trainer state carry the
-same step number, and loading checks that they match.
+A checkpoint is one unit, complete or absent: its files are written into a temporary
+folder, fsynced, listed with their checksums in ``manifest.json``, and the folder is renamed
+into place in one step; only then does the ``latest`` link move. A kill or a full disk at
+any instant leaves the previous checkpoints as they were. Readers take the newest
+checkpoint whose checksums hold, and say so when they have to skip a damaged one. The
+top-level names are links through ``latest``, so the run still reads as three files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import re
+import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +39,8 @@ from .model import GPT
 from .tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER, STATE, METRICS = "config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt", "metrics.jsonl"
+CHECKPOINTS, LATEST, MANIFEST = "checkpoints", "latest", "manifest.json"
+_STEP_DIR = re.compile(r"step-(\d{8,})")
 
 
 class CheckpointError(LmforgeError, ValueError):
@@ -43,31 +56,180 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
-def save_model(run_dir: str | os.PathLike, model: GPT, step: int = 0, extra_config: dict | None = None) -> None:
+def _checkpoint_error(step: int, folder: Path, e: OSError) -> CheckpointError:
+    where = e.filename or folder
+    return CheckpointError(f"could not write the checkpoint of step {step} to {where}: {e.strerror or e} "
+                           "(the previous checkpoints are untouched; free space or fix permissions, then resume "
+                           "with --resume true)")
+
+
+def write_checkpoint(run_dir: str | os.PathLike, step: int, files: dict[str, bytes], keep: int = 2) -> Path:
+    """Write ``files`` as the checkpoint of ``step``, as one unit; returns its folder.
+
+    Temporary folder -> files, each fsynced -> manifest with their sha256 -> rename into
+    place -> fsync -> move ``latest`` -> drop all but the newest ``keep``. A failure removes
+    the temporary folder and raises CheckpointError; the earlier checkpoints stay as they were.
+    """
+    run = Path(run_dir)
+    root = run / CHECKPOINTS
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic.remove_tree(tmp)
+        tmp.mkdir()
+        manifest = {"format": "lmforge-checkpoint", "step": step, "files": {}}
+        for name, data in files.items():
+            atomic.write_file(tmp / name, data)
+            manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        atomic.write_file(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        atomic.fsync_dir(tmp)
+        if final.exists():
+            # The same step saved again (Ctrl-C right after a periodic save, or a resume that
+            # ends where it began): move the old one aside first so a name is never half-replaced.
+            old = root / f".step-{step:08d}.old{os.getpid()}"
+            atomic.replace(final, old)
+            atomic.replace(tmp, final)
+            atomic.remove_tree(old)
+        else:
+            atomic.replace(tmp, final)
+    except OSError as e:
+        atomic.remove_tree(tmp)
+        raise _checkpoint_error(step, tmp, e) from None
+    except BaseException:
+        atomic.remove_tree(tmp)
+        raise
+    # The rename above is the commit point: from here on the checkpoint is complete, and what
+    # fails (durability of the rename, the `latest` link, pruning) cannot undo it.
+    try:
+        atomic.fsync_dir(root)
+        atomic.symlink(final.name, root / LATEST)
+        for name in files:  # the top-level view, made once: links that always go through `latest`
+            link = run / name
+            if not link.is_symlink() and not link.exists():
+                os.symlink(Path(CHECKPOINTS) / LATEST / name, link)
+    except OSError:
+        pass  # no symlinks here (some Windows set-ups): readers go through checkpoints/ anyway
+    try:
+        _prune(root, keep)
+    except OSError:
+        pass  # an old checkpoint left over costs disk, not correctness; the next save prunes again
+    return final
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoint folders (renamed into place), newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def _prune(root: Path, keep: int) -> None:
+    for _, path in _step_dirs(root)[max(1, keep):]:
+        atomic.remove_tree(path)
+    for path in root.iterdir():  # leftovers of writes that were killed: .step-N.tmpPID, .latest.tmpPID
+        if path.name.startswith("."):
+            atomic.remove_tree(path)
+
+
+def save_model(run_dir: str | os.PathLike, model: GPT, step: int = 0, extra_config: dict | None = None,
+               extra_files: dict[str, bytes] | None = None, keep: int = 2) -> Path:
+    """Weights and config (and any ``extra_files``) as the checkpoint of ``step``."""
     from safetensors.torch import save
 
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    config = {"format": "lmforge-run", "version": CONFIG_FORMAT_VERSION, "model": model.config.to_dict(),
-              **(extra_config or {})}
-    atomic.write_bytes(run / WEIGHTS, save(model_state(model), metadata={"format": "pt", "step": str(step)}))
-    atomic.write_json(run / CONFIG, config)
+    config = {"format": "lmforge-run", "version": CONFIG_FORMAT_VERSION, "step": step,
+              "model": model.config.to_dict(), **(extra_config or {})}
+    files = {WEIGHTS: save(model_state(model), metadata={"format": "pt", "step": str(step)}),
+             CONFIG: (json.dumps(config, indent=2) + "\n").encode(), **(extra_files or {})}
+    return write_checkpoint(run_dir, step, files, keep)
 
 
 def save_checkpoint(run_dir: str | os.PathLike, model: GPT, optimizer: torch.optim.Optimizer, step: int,
-                    state: dict, extra_config: dict | None = None) -> None:
-    """Weights, config and trainer state for resuming at ``step`` (the next step to run)."""
-    import io
-
-    save_model(run_dir, model, step, extra_config)
+                    state: dict, extra_config: dict | None = None, keep: int = 2) -> Path:
+    """Weights, config and trainer state for resuming at ``step`` (the next step to run), as one unit."""
     buf = io.BytesIO()
     torch.save({"step": step, "optimizer": optimizer.state_dict(), **state}, buf)
-    atomic.write_bytes(Path(run_dir) / STATE, buf.getvalue())
+    return save_model(run_dir, model, step, extra_config, {STATE: buf.getvalue()}, keep)
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None when every file of the checkpoint matches its manifest, else what is wrong."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+        assert isinstance(files, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return f"its {MANIFEST} is missing or damaged"
+    for name, want in files.items():
+        path = folder / name
+        try:
+            if path.stat().st_size != want["bytes"]:
+                return f"{name} has {path.stat().st_size:,} bytes, the manifest says {want['bytes']:,}"
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+        except OSError as e:
+            return f"{name} cannot be read ({e.strerror or e})"
+        if h.hexdigest() != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+RUN_FILES = frozenset({CONFIG, WEIGHTS, STATE, TOKENIZER, METRICS, CHECKPOINTS, "loss.png"})
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` looks like an lmforge run directory (with or without a checkpoint yet)."""
+    p = Path(path)
+    if (p / CHECKPOINTS).is_dir():
+        return True
+    if p.is_dir() and (p / TOKENIZER).is_file() and {c.name for c in p.iterdir()} <= RUN_FILES:
+        return True  # a run stopped before its first checkpoint: lmforge's own files only
+    try:
+        return json.loads((p / CONFIG).read_text()).get("format") == "lmforge-run"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    run = Path(run_dir)
+    return bool(_step_dirs(run / CHECKPOINTS)) or (run / WEIGHTS).is_file()
+
+
+def find_checkpoint(run_dir: str | os.PathLike, warn: bool = True) -> Path:
+    """The folder of the newest complete, undamaged checkpoint of a run.
+
+    A damaged newest checkpoint is reported on stderr and the one before it used. Runs
+    written before checkpoints were folders keep their files at the top level; that folder
+    is returned for them.
+    """
+    run = Path(run_dir)
+    problems = []
+    for step, folder in _step_dirs(run / CHECKPOINTS):
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            if problems and warn:
+                print(f"lmforge: warning: skipped damaged checkpoint(s) of {run}: {'; '.join(problems)}; "
+                      f"using step {step}", file=sys.stderr)
+            return folder
+        problems.append(f"step {step}: {problem}")
+    if problems:
+        raise CheckpointError(f"every checkpoint of {run} is damaged ({'; '.join(problems)}); train again")
+    if (run / CONFIG).is_file() and not (run / CONFIG).is_symlink():
+        return run  # the layout of lmforge 0.1: three files at the top level
+    if run.is_dir() and not (run / CONFIG).exists() and (run / TOKENIZER).is_file():
+        raise CheckpointError(f"{run} has no checkpoint yet (training stopped before its first save); "
+                              "start it again")
+    raise CheckpointError(f"{run} is not a run directory (no {CONFIG}); give the --out folder of `lmforge pretrain`")
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict:
+    """The config of a run's newest checkpoint (or of a checkpoint folder itself)."""
     run = Path(run_dir)
-    path = run / CONFIG
+    folder = run if (run / MANIFEST).is_file() else find_checkpoint(run)
+    path = folder / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{run} is not a run directory (no {CONFIG}); give the --out folder of `lmforge pretrain`")
     try:
@@ -78,6 +240,7 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not an lmforge run config")
     if cfg.get("version", 0) > CONFIG_FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer lmforge (format {cfg['version']}); upgrade lmforge")
+    cfg["checkpoint"] = str(folder)
     return cfg
 
 
@@ -138,15 +301,15 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], source: s
 
 
 def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """The model of a run directory (and its config dict), weights loaded strictly."""
-    run = Path(run_dir)
-    cfg = read_run_config(run)
+    """The model of a run's newest complete checkpoint (and its config dict), weights loaded strictly."""
+    cfg = read_run_config(run_dir)
+    folder = Path(cfg["checkpoint"])
     try:
         mcfg = ModelConfig.from_dict(cfg["model"])
     except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{run / CONFIG}: {e}") from None
-    tensors, meta = load_weights(run / WEIGHTS)
-    model = build_model(mcfg, tensors, str(run / WEIGHTS), device)
+        raise CheckpointError(f"{folder / CONFIG}: {e}") from None
+    tensors, meta = load_weights(folder / WEIGHTS)
+    model = build_model(mcfg, tensors, str(folder / WEIGHTS), device)
     cfg["step"] = int(meta.get("step", 0))
     return model, cfg
 
@@ -159,16 +322,18 @@ def load_tokenizer(run_dir: str | os.PathLike) -> Tokenizer:
     return Tokenizer.load(run / TOKENIZER)
 
 
-def load_trainer_state(run_dir: str | os.PathLike, weights_step: int) -> dict:
-    path = Path(run_dir) / STATE
+def load_trainer_state(folder: str | os.PathLike, weights_step: int) -> dict:
+    """The trainer state of a checkpoint folder, read with ``weights_only=True`` (no code runs)."""
+    path = Path(folder) / STATE
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: nothing to resume from; start without --resume")
+        raise CheckpointError(f"{path} is missing: this checkpoint holds weights only and cannot be resumed; "
+                              "start without --resume")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged zip / pickle
         raise CheckpointError(f"{path} is truncated or corrupted ({type(e).__name__}); "
                               "start the run again without --resume") from None
-    if state.get("step") != weights_step:
-        raise CheckpointError(f"{path} is for step {state.get('step')} but the weights are for step {weights_step} "
-                              "(the checkpoint was interrupted mid-write); start again without --resume")
+    if not isinstance(state, dict) or state.get("step") != weights_step:
+        raise CheckpointError(f"{path} is for step {state.get('step') if isinstance(state, dict) else '?'} but the "
+                              f"weights are for step {weights_step}; start again without --resume")
     return state

@@ -22,14 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
-    METRICS,
-    WEIGHTS,
-    load_state_into,
-    load_trainer_state,
-    load_weights,
-    save_checkpoint,
-)
+from . import atomic
+from .checkpoint import METRICS, STATE, WEIGHTS, find_checkpoint, load_state_into, load_trainer_state, load_weights, \
+    read_run_config, save_checkpoint
 from .config import LmforgeError, TrainConfig, config_dict
 from .model import GPT
 from .optim import lr_at, make_optimizer
@@ -37,6 +32,13 @@ from .precision import autocast, resolve_dtype, tune_cpu_allocator
 
 Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Settings that only extend or observe a run. Changing them on resume is announced and allowed;
+# changing anything else (learning rate, batch, model, data...) would make the result differ from
+# an uninterrupted run, so it is refused unless asked for with allow_changes.
+RESUMABLE = frozenset({"train.max_steps", "train.max_minutes", "train.eval_interval", "train.eval_batches",
+                       "train.sample_interval", "train.save_interval", "train.log_interval",
+                       "train.keep_checkpoints", "train.compile", "data_path"})
 
 
 @dataclass
@@ -56,19 +58,57 @@ def _step_of(line: str) -> int | None:
 
 
 class MetricsLog:
-    """Append-only JSONL of training events; on resume, events after the checkpoint are dropped."""
+    """Append-only JSONL of training events. On resume, the events after the checkpoint are
+    dropped (those steps run again) and every event up to it is kept; the file is rewritten
+    atomically, so a kill during the rewrite loses nothing."""
 
     def __init__(self, path: Path, resume_step: int | None) -> None:
         self.path = path
-        if resume_step is None:
-            path.write_text("")
-        elif path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if _step_of(ln) is not None and _step_of(ln) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+        keep: list[str] = []
+        if resume_step is not None and path.exists():
+            keep = [ln for ln in path.read_text().splitlines()
+                    if (s := _step_of(ln)) is not None and s <= resume_step]
+        atomic.write_text(path, "".join(ln + "\n" for ln in keep))
 
     def write(self, **record) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def settings_diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, old, new) for every setting in ``new`` whose value differs from ``old``."""
+    a, b = _flatten(old), _flatten(new)
+    return [(k, a.get(k), v) for k, v in b.items() if a.get(k) != v]
+
+
+def _check_resume(run: Path, stored: dict, current: dict, config: TrainConfig, start: int,
+                  allow_changes: bool, say: Callable[[str], None]) -> None:
+    diff = settings_diff(stored, current)
+    refused = [d for d in diff if d[0] not in RESUMABLE]
+    shown = lambda ds: ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in ds)  # noqa: E731
+    if refused and not allow_changes:
+        raise LmforgeError(f"{run} was trained with other settings ({shown(refused)}); resuming with them would not "
+                           "give the run you started. Leave them out (a resumed run keeps its own settings) or pass "
+                           "--allow_changes true to continue with them anyway")
+    if diff:
+        say(f"changed on resume: {shown(diff)}")
+    try:
+        old_train = TrainConfig(**stored["train"])
+    except (TypeError, KeyError, LmforgeError):
+        old_train = None  # a config from another version: nothing to compare the schedule with
+    if old_train is not None and start < config.max_steps and lr_at(start, old_train) != lr_at(start, config):
+        say(f"the learning-rate schedule now spans {config.max_steps} steps: at step {start} it is "
+            f"{lr_at(start, config):.3g} (was {lr_at(start, old_train):.3g})")
 
 
 def prepare_for_training(model: GPT) -> None:
@@ -87,8 +127,13 @@ def prepare_for_training(model: GPT) -> None:
 def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_dir: str | Path,
         evaluate: Callable[[GPT, torch.dtype], dict[str, float]] | None = None,
         sample: Callable[[GPT, int], None] | None = None, resume: bool = False,
-        extra_config: dict | None = None, progress: bool = True) -> FitResult:
-    """Train ``model`` in place for ``config.max_steps`` optimiser steps, writing to ``run_dir``."""
+        extra_config: dict | None = None, progress: bool = True, allow_changes: bool = False) -> FitResult:
+    """Train ``model`` in place for ``config.max_steps`` optimiser steps, writing to ``run_dir``.
+
+    With ``resume``, the newest complete checkpoint of ``run_dir`` is loaded and training goes on
+    from its step; settings that differ from the stored ones are announced, and those that would
+    change the result (anything but RESUMABLE) are refused unless ``allow_changes``.
+    """
     from tqdm import tqdm
 
     run = Path(run_dir)
@@ -101,14 +146,25 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     optimizer = make_optimizer(model, config)
     start, tokens, elapsed = 0, 0, 0.0
     if resume:
-        tensors, meta = load_weights(run / WEIGHTS)
-        load_state_into(model, tensors, str(run / WEIGHTS))
-        state = load_trainer_state(run, int(meta.get("step", -1)))
-        optimizer.load_state_dict(state["optimizer"])
+        folder = find_checkpoint(run)
+        stored = read_run_config(folder)
+        if not (folder / STATE).is_file():
+            raise LmforgeError(f"{folder} holds weights but no trainer state, so it cannot be resumed; "
+                               "start without --resume")
+        tensors, meta = load_weights(folder / WEIGHTS)
+        load_state_into(model, tensors, str(folder / WEIGHTS))
+        state = load_trainer_state(folder, int(meta.get("step", -1)))
         start, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         if start >= config.max_steps:
             raise LmforgeError(f"{run} already finished {start} of {config.max_steps} steps; raise --train.max_steps "
                                "to train further")
+        print(f"resuming {run} from step {start} of {config.max_steps} ({folder.name})")
+        _check_resume(run, stored, {"model": model.config.to_dict(), **extra_config}, config, start, allow_changes,
+                      print)
+        optimizer.load_state_dict(state["optimizer"])
+    for stale in run.glob("*.tmp[0-9]*"):  # temp files of atomic writes that a kill interrupted
+        if stale.is_file() and stale.name.split(".tmp")[0] in (METRICS, "tokenizer.json", "loss.png"):
+            stale.unlink()
     log = MetricsLog(run / METRICS, start if resume else None)
     prepare_for_training(model)
     if config.compile:
@@ -116,9 +172,14 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
         # forward, and parameter names stay unprefixed for checkpoints.
         for block in model.h:
             block.compile()
+    saved = start if resume else -1
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(run, model, optimizer, step, {"tokens": tokens_done, "elapsed": elapsed}, extra_config)
+        nonlocal saved
+        if step != saved:
+            save_checkpoint(run, model, optimizer, step, {"tokens": tokens_done, "elapsed": elapsed}, extra_config,
+                            keep=config.keep_checkpoints)
+            saved = step
 
     def run_eval(step: int) -> None:
         if evaluate is not None:
@@ -129,6 +190,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     model.train()
     bar = tqdm(total=config.max_steps, initial=start, desc="pretrain", unit="step", disable=not progress,
                dynamic_ncols=True)
+
     def run_sample(step: int) -> None:
         if sample is not None:
             sample(model, step)  # generation switches to eval mode
@@ -137,7 +199,8 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     if start == 0:  # the untrained model: the curves start where learning starts
         run_eval(0)
         run_sample(0)
-    t_start = time.perf_counter() - elapsed
+    t_start = time.perf_counter() - elapsed  # elapsed counts every invocation of this run
+    t_invocation = time.perf_counter()  # the time cap counts only this one
     done, loss_value, stopped_early = start, float("nan"), False  # done: optimiser steps completed
     tokens_done = tokens
     window_t, window_tokens = time.perf_counter(), 0
@@ -167,9 +230,9 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             done, tokens_done = step + 1, tokens
             optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: no re-allocation per step
             loss_value = loss_sum / config.grad_accum
-            elapsed = time.perf_counter() - t_start
+            now = time.perf_counter()
+            elapsed = now - t_start
             if done % config.log_interval == 0 or done == config.max_steps:
-                now = time.perf_counter()
                 tps = window_tokens / max(now - window_t, 1e-9)
                 window_t, window_tokens = now, 0
                 log.write(step=done, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens=tokens, tokens_per_s=tps,
@@ -177,7 +240,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
             bar.update(1)
             last = done == config.max_steps
-            out_of_time = config.max_minutes is not None and elapsed >= config.max_minutes * 60
+            out_of_time = config.max_minutes is not None and now - t_invocation >= config.max_minutes * 60
             if done % config.eval_interval == 0 or last or out_of_time:
                 run_eval(done)
             if config.sample_interval and done % config.sample_interval == 0 and not last:
@@ -185,7 +248,8 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             if done % config.save_interval == 0 or last or out_of_time:
                 checkpoint(done)
             if out_of_time and not last:
-                bar.write(f"stopping after {config.max_minutes} minutes at step {done} (checkpoint saved)")
+                bar.write(f"stopped by the time cap ({config.max_minutes:g} min) at step {done} of "
+                          f"{config.max_steps}; checkpoint saved")
                 stopped_early = True
                 break
     except KeyboardInterrupt:
@@ -200,4 +264,4 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     return FitResult(step=done, last_loss=loss_value, tokens=tokens_done, seconds=elapsed, stopped_early=stopped_early)
 
 
-__all__ = ["FitResult", "fit", "prepare_for_training"]
+__all__ = ["FitResult", "RESUMABLE", "fit", "prepare_for_training", "settings_diff"]

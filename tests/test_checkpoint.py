@@ -1,0 +1,391 @@
+"""A checkpoint is one unit, complete or absent; resume says what it does and refuses what would
+change the run; a fault at any write boundary, or a kill at any instant, loses nothing."""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from lmforge import atomic
+from lmforge.cli import main
+
+# 8 steps, a checkpoint every 4 (at 4 and 8), one metrics record per step, dropout on so that
+# the random-number state matters for exactness.
+ARGS = ["--preset", "gpt-nano", "--model.context_length", "32", "--model.dropout", "0.1", "--train.batch_size", "4",
+        "--train.max_steps", "8", "--train.warmup_steps", "2", "--train.eval_interval", "4", "--train.eval_batches",
+        "1", "--train.log_interval", "1", "--train.save_interval", "4", "--train.dtype", "float32", "--prompts", "[]"]
+OPS = ("write_file", "replace", "fsync_dir", "symlink", "remove_tree")
+
+
+def _records(run: Path) -> list[dict]:
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:  # wall-clock fields differ between any two runs
+        r.pop("tokens_per_s", None), r.pop("elapsed_s", None)
+    return recs
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _records(run) if "loss" in r}
+
+
+def _leftovers(run: Path) -> list[str]:
+    """Temporary files and folders anywhere in the run (there must be none after any failure)."""
+    return [str(p) for p in run.rglob("*") if ".tmp" in p.name or p.name.startswith(".step-")]
+
+
+def _error(args, capsys) -> str:
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("lmforge: error:") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of ARGS: the losses every interrupted run must end with."""
+    from conftest import TEXT
+
+    tmp = tmp_path_factory.mktemp("ref")
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"doc{i:02d}.txt").write_text(f"Document {i}. " + TEXT * (3 + i % 4), encoding="utf-8")
+    assert main(["tokenizer", "train", "--data", str(corpus), "--out", str(tmp / "tok.json"),
+                 "--tokenizer.vocab_size", "300"]) == 0
+    data = tmp / "data"
+    assert main(["prepare", "--data", str(corpus), "--tokenizer", str(tmp / "tok.json"), "--out", str(data)]) == 0
+    run = tmp / "full"
+    assert main(["pretrain", "--data", str(data), "--out", str(run), *ARGS]) == 0
+    return data, run, _records(run)
+
+
+def test_layout_and_checksums(reference):
+    from lmforge.checkpoint import find_checkpoint, load_model, verify_checkpoint
+
+    _, run, records = reference
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step-00000004", "step-00000008"]  # the newest two are kept
+    assert os.readlink(run / "checkpoints" / "latest") == "step-00000008"
+    for name in ("config.json", "model.safetensors", "trainer_state.pt"):  # the run still reads as three files
+        assert (run / name).resolve() == (run / "checkpoints" / "step-00000008" / name).resolve()
+    manifest = json.loads((run / "checkpoints" / "step-00000008" / "manifest.json").read_text())
+    assert manifest["step"] == 8 and set(manifest["files"]) == {"config.json", "model.safetensors", "trainer_state.pt"}
+    assert verify_checkpoint(run / "checkpoints" / "step-00000004") is None
+    assert find_checkpoint(run).name == "step-00000008"
+    model, cfg = load_model(run)
+    assert cfg["step"] == 8 and cfg["train"]["max_steps"] == 8 and cfg["train"]["lr"] == 6e-4
+    assert cfg["data"]["train_tokens"] > 0 and Path(cfg["data_path"]) == reference[0].resolve()
+    assert sorted(r["step"] for r in records if "loss" in r) == list(range(1, 9))
+    assert not _leftovers(run)
+
+
+def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(reference, tmp_path, capsys):
+    import shutil
+
+    data, full, records = reference
+    run = tmp_path / "run"
+    shutil.copytree(full, run, symlinks=True)
+    weights = run / "checkpoints" / "step-00000008" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert main(["generate", str(run), "--sample.max_new_tokens", "3", "--sample.seed", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped damaged checkpoint" in err and "step 8: model.safetensors has" in err and "using step 4" in err
+    # Resume goes on from step 4 and ends with the uninterrupted run's losses.
+    assert main(["pretrain", "--out", str(run), "--resume", "true"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert _records(run) == records
+    # A flipped byte (same size) is caught by the checksum; with every checkpoint damaged, one line.
+    for step in (4, 8):
+        cfg = run / "checkpoints" / f"step-{step:08d}" / "trainer_state.pt"
+        raw = bytearray(cfg.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        cfg.write_bytes(bytes(raw))
+    assert "every checkpoint" in _error(["eval", str(run), "--data", str(data)], capsys)
+
+
+def test_resume_keeps_the_runs_settings_and_refuses_changes(reference, tmp_path, capsys):
+    import shutil
+
+    data, full, _ = reference
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--out", str(run), *ARGS, "--train.lr", "1e-3"]) == 0
+    capsys.readouterr()
+    before = _tree(run)
+    # Refused with the difference named, and nothing touched.
+    err = _error(["pretrain", "--out", str(run), "--resume", "true", "--train.max_steps", "10", "--train.lr", "6e-4"],
+                 capsys)
+    assert "train.lr 0.001 -> 0.0006" in err and "--allow_changes" in err
+    err = _error(["pretrain", "--out", str(run), "--resume", "true", "--train.max_steps", "10",
+                  "--train.batch_size", "8"], capsys)
+    assert "train.batch_size 4 -> 8" in err
+    err = _error(["pretrain", "--out", str(run), "--resume", "true", "--train.max_steps", "10", "--model.dropout",
+                  "0.0"], capsys)
+    assert "model.dropout 0.1 -> 0.0" in err
+    assert _tree(run) == before
+    assert "already finished 8 of 8" in _error(["pretrain", "--out", str(run), "--resume", "true"], capsys)
+    # Left out, the run's own learning rate is used; a longer run is announced with its schedule.
+    assert main(["pretrain", "--out", str(run), "--resume", "true", "--train.max_steps", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "from step 8 of 12" in out and "train.max_steps 8 -> 12" in out
+    assert "schedule now spans 12 steps" in out
+    lrs = {r["step"]: r["lr"] for r in _records(run) if "lr" in r}
+    from lmforge.config import TrainConfig
+    from lmforge.optim import lr_at
+
+    longer = TrainConfig(lr=1e-3, max_steps=12, warmup_steps=2)
+    assert all(abs(lrs[s] - lr_at(s - 1, longer)) < 1e-12 for s in range(9, 13))
+    # Other data is a different run, even under the same path.
+    other = tmp_path / "other"
+    shutil.copytree(run, other, symlinks=True)
+    assert main(["pretrain", "--out", str(other), "--resume", "true", "--train.max_steps", "14", "--train.lr",
+                 "5e-4", "--allow_changes", "true"]) == 0
+    assert "train.lr 0.001 -> 0.0005" in capsys.readouterr().out
+    assert json.loads((other / "config.json").read_text())["train"]["lr"] == 5e-4
+
+
+def test_outputs_that_would_destroy_work_are_refused(reference, tmp_path, capsys):
+    import shutil
+
+    data, full, records = reference
+    run = tmp_path / "run"
+    shutil.copytree(full, run, symlinks=True)
+    data_before, run_before = _tree(data), _tree(run)
+    assert "already holds a trained model" in _error(["pretrain", "--data", str(data), "--out", str(run), *ARGS],
+                                                     capsys)
+    assert "overlap" in _error(["pretrain", "--data", str(data), "--out", str(data), *ARGS], capsys)
+    assert "overlap" in _error(["pretrain", "--data", str(data), "--out", str(data / "run"), *ARGS], capsys)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert "not an lmforge run" in _error(["pretrain", "--data", str(data), "--out", str(tmp_path / "notes"), *ARGS],
+                                          capsys)
+    (tmp_path / "afile").write_text("mine")
+    assert "existing file" in _error(["pretrain", "--data", str(data), "--out", str(tmp_path / "afile"), *ARGS],
+                                     capsys)
+    assert _tree(data) == data_before and _tree(run) == run_before
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine" and (tmp_path / "afile").read_text() == "mine"
+    # --overwrite starts the run over: no stale checkpoint or record is left.
+    assert main(["pretrain", "--data", str(data), "--out", str(run), *ARGS, "--train.max_steps", "4",
+                 "--overwrite", "true"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000004"]
+    assert sorted(_losses(run)) == [1, 2, 3, 4] and max(r["step"] for r in _records(run)) == 4
+
+
+def test_time_cap_counts_only_this_invocation(reference, tmp_path, monkeypatch, capsys):
+    """A run whose earlier invocations took longer than the cap still trains on resume."""
+    import lmforge.train
+
+    data, _, records = reference
+    run = tmp_path / "run"
+    clock = {"t": 0.0}
+
+    def slow_clock() -> float:  # every reading is 100 s later: the first invocation "takes" hours
+        clock["t"] += 100.0
+        return clock["t"]
+
+    monkeypatch.setattr(lmforge.train, "time", types.SimpleNamespace(perf_counter=slow_clock))
+    assert main(["pretrain", "--data", str(data), "--out", str(run), *ARGS, "--train.max_steps", "4"]) == 0
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(run), "--resume", "true", "--train.max_steps", "8",
+                 "--train.max_minutes", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "finished 8 steps" in out and "time cap" not in out
+    # The clock firing is said plainly, with the way to go on.
+    run2 = tmp_path / "run2"
+    assert main(["pretrain", "--data", str(data), "--out", str(run2), *ARGS, "--train.max_minutes", "1e-6"]) == 0
+    captured = capsys.readouterr()
+    assert "stopped by the time cap" in captured.err + captured.out and "at step 1 of 8" in captured.err + captured.out
+    assert f"resume with: lmforge pretrain --out {run2} --resume true" in captured.out
+    assert main(["pretrain", "--out", str(run2), "--resume", "true", "--train.max_minutes", "5"]) == 0
+    assert _losses(run2) == _losses(reference[1])
+
+
+class Fault(Exception):
+    pass
+
+
+def _inject(monkeypatch, at: int | None, during_step: int, exc: BaseException | None = None) -> list[str]:
+    """Count the atomic-write operations of the checkpoint of ``during_step`` (and of the
+    metrics rewrite on resume when ``during_step`` is -1); raise ``exc`` at call number ``at``."""
+    import lmforge.train
+
+    calls: list[str] = []
+    active = {"on": False}
+    real_save, real_log = lmforge.train.save_checkpoint, lmforge.train.MetricsLog.__init__
+
+    def save(run, model, optimizer, step, *a, **kw):
+        active["on"] = step == during_step
+        try:
+            return real_save(run, model, optimizer, step, *a, **kw)
+        finally:
+            active["on"] = False
+
+    def log_init(self, path, resume_step):
+        active["on"] = during_step == -1 and resume_step is not None
+        try:
+            return real_log(self, path, resume_step)
+        finally:
+            active["on"] = False
+
+    for name in OPS:
+        real = getattr(atomic, name)
+
+        def op(*a, _real=real, _name=name, **kw):
+            if active["on"]:
+                calls.append(_name)
+                if at is not None and len(calls) == at:
+                    raise exc or OSError(errno.ENOSPC, "No space left on device", str(a[0]))
+            return _real(*a, **kw)
+        monkeypatch.setattr(atomic, name, op)
+    monkeypatch.setattr(lmforge.train, "save_checkpoint", save)
+    monkeypatch.setattr(lmforge.train.MetricsLog, "__init__", log_init)
+    return calls
+
+
+@pytest.mark.slow
+def test_a_fault_at_every_write_boundary_of_a_checkpoint_loses_nothing(reference, tmp_path, monkeypatch, capsys):
+    """A full disk at the k-th write of the step-8 checkpoint, for every k: one line, no temp
+    files, the step-4 checkpoint intact; resume ends with the uninterrupted run's losses."""
+    data, _, records = reference
+    calls = _inject(monkeypatch, None, 8)
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "count"), *ARGS]) == 0
+    monkeypatch.undo()
+    n = len(calls)
+    assert n >= 8, calls  # four files, the manifest, two fsyncs, the rename, the link...
+    capsys.readouterr()
+    for k in range(1, n + 1):
+        run = tmp_path / f"k{k}"
+        _inject(monkeypatch, k, 8)
+        code = main(["pretrain", "--data", str(data), "--out", str(run), *ARGS])
+        monkeypatch.undo()
+        err = capsys.readouterr().err
+        assert not _leftovers(run), (k, calls[k - 1], _leftovers(run))
+        if code == 2:  # the unit was not complete: the error says so in one line
+            assert "No space left on device" in err and "Traceback" not in err, (k, err)
+            assert main(["pretrain", "--out", str(run), "--resume", "true"]) == 0, (k, capsys.readouterr().err)
+        else:  # the fault hit after the unit was in place (the `latest` link, pruning): it is complete
+            assert code == 0 and calls[k - 1] in ("symlink", "remove_tree", "fsync_dir"), (k, calls[k - 1])
+        assert _records(run) == records, k
+
+
+@pytest.mark.slow
+def test_a_fault_while_resume_rewrites_the_metrics_loses_no_record(reference, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    data, full, records = reference
+    # A run stopped after its step-4 checkpoint: metrics hold records up to step 6, say.
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--out", str(run), *ARGS, "--train.max_steps", "8"]) == 0
+    shutil.rmtree(run / "checkpoints" / "step-00000008")
+    with open(run / "metrics.jsonl") as f:
+        lines = f.read()
+    for k in (1, 2):
+        _inject(monkeypatch, k, -1)
+        assert main(["pretrain", "--out", str(run), "--resume", "true"]) == 2
+        monkeypatch.undo()
+        assert (run / "metrics.jsonl").read_text() == lines and not _leftovers(run)
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(run), "--resume", "true"]) == 0
+    assert _records(run) == records
+
+
+CHILD = textwrap.dedent("""
+    import os, sys
+    import lmforge.train
+    from lmforge import atomic
+    from lmforge.cli import main
+    at, n = int(sys.argv[1]), [0]
+    real_save = lmforge.train.save_checkpoint
+    active = [False]
+    def save(run, model, opt, step, *a, **kw):
+        active[0] = step == 8
+        return real_save(run, model, opt, step, *a, **kw)
+    for name in {ops!r}:
+        real = getattr(atomic, name)
+        def op(*a, _real=real, **kw):
+            if active[0]:
+                n[0] += 1
+                if n[0] == at:
+                    os._exit(137)  # a kill: no cleanup, no finally
+            return _real(*a, **kw)
+        setattr(atomic, name, op)
+    lmforge.train.save_checkpoint = save
+    sys.exit(main(sys.argv[2:]))
+""").format(ops=OPS)
+
+
+@pytest.mark.slow
+def test_a_kill_at_every_write_boundary_of_a_checkpoint_loses_nothing(reference, tmp_path, monkeypatch, capsys):
+    data, _, records = reference
+    calls = _inject(monkeypatch, None, 8)
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "count"), *ARGS]) == 0
+    monkeypatch.undo()
+    from lmforge.checkpoint import find_checkpoint
+
+    commit = calls.index("replace") + 1  # the rename of the finished folder into place
+    for k in range(1, len(calls) + 1):
+        run = tmp_path / f"k{k}"
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(k), "pretrain", "--data", str(data), "--out",
+                               str(run), *ARGS], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 137, (k, proc.stderr[-1500:])
+        if k <= commit:  # killed before the unit was in place: step 4 is the newest, and resume finishes the run
+            assert find_checkpoint(run).name == "step-00000004", k
+            assert main(["pretrain", "--out", str(run), "--resume", "true"]) == 0, (k, capsys.readouterr().err)
+            assert not _leftovers(run), (k, _leftovers(run))
+        else:  # killed after: the step-8 checkpoint is whole, and the run is done
+            assert find_checkpoint(run).name == "step-00000008", k
+            capsys.readouterr()
+            assert "already finished 8 of 8" in _error(["pretrain", "--out", str(run), "--resume", "true"], capsys)
+        assert _records(run) == records, k
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_instants_then_resume_reproduces_the_run(reference, tmp_path):
+    """Checkpoint every step, SIGKILL at random delays, resume each time: the uninterrupted run's losses."""
+    data, _, _ = reference
+    args = [a if a != "4" or i == 0 or ARGS[i - 1] != "--train.save_interval" else "1" for i, a in enumerate(ARGS)]
+    args = [*args[: args.index("--train.max_steps") + 1], "24", *args[args.index("--train.max_steps") + 2:]]
+    full = tmp_path / "full"
+    assert main(["pretrain", "--data", str(data), "--out", str(full), *args]) == 0
+    want = _records(full)
+    run = tmp_path / "run"
+    rng = random.Random(0)
+    cmd = [sys.executable, "-m", "lmforge", "pretrain", "--out", str(run)]
+    from lmforge.checkpoint import find_checkpoint, has_checkpoint
+
+    def saved_step() -> int | None:
+        return int(find_checkpoint(run).name.split("-")[1]) if has_checkpoint(run) else None
+
+    kills = 0
+    while saved_step() != 24:
+        if kills >= 10:  # enough kills: finish in this process
+            assert main(["pretrain", "--out", str(run), "--resume", "true"]) == 0
+            break
+        resume = saved_step() is not None
+        extra = ["--resume", "true"] if resume else ["--data", str(data), *args]
+        proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(2.0, 5.0))
+        if proc.poll() is not None:
+            err = proc.stderr.read()
+            assert proc.returncode == 0, err[-1500:]
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        kills += 1
+    assert kills >= 2
+    assert _records(run) == want
+    assert not _leftovers(run)

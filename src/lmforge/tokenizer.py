@@ -9,16 +9,31 @@ Encoding has two paths that must agree: ``encode_reference`` is the algorithm wr
 out in Python (split with the regex, then repeatedly merge the adjacent pair of lowest
 rank); ``encode`` runs the same ranks through a ``tiktoken.Encoding`` built in memory.
 
+Any text can be encoded, and both paths (and training) see it the same way first:
+
+- lone surrogates (a ``str`` can hold them, UTF-8 cannot) become U+FFFD and a surrogate
+  pair becomes the character it stands for, which is what tiktoken does (``valid_text``);
+- the text is cut inside any run of more than ``MAX_RUN`` characters of one class
+  (whitespace, letters, digits, anything else), every ``MAX_RUN`` characters, before the
+  regex sees it (``split_long_runs``). Such runs are the only text the regexes turn into
+  one enormous piece: tiktoken's regex engine overflows its stack on a whitespace run of
+  about a million characters, and merging a piece takes time quadratic in its length.
+  No normal text has a run that long, so its ids are the same as without the cut.
+
 This module never imports torch: tokenizing is text work.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import functools
 import hashlib
 import heapq
 import json
 import os
+import sys
+import warnings
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -46,6 +61,109 @@ class TokenizerError(LmforgeError, ValueError):
 SpecialSet = Collection[str] | Literal["all"]
 _ABSENT = 1 << 30
 
+# Longest run of one character class that reaches the pre-tokenization regex uncut. Far longer
+# than any run in normal text (whose ids must not change), far shorter than the whitespace run of
+# 600,000 to 1,000,000 characters on which tiktoken's regex engine overflows its stack, and short
+# enough that merging one piece, quadratic in its length, stays well under a second on either path.
+# A multiple of 3, so that a digit run cut under the GPT-4 pattern (``\p{N}{1,3}``) keeps its
+# three-digit pieces.
+MAX_RUN = 3000
+# The character classes of the GPT-2 / GPT-4 / Llama-3 patterns: a long run of one of them is what
+# those patterns turn into one long piece. Group k matches a run of class k.
+_ONE_CLASS = regex.compile(r"(\s++)|(\p{L}++)|(\p{N}++)|([^\s\p{L}\p{N}]++)")
+_NOT_CLASS = {1: r"\S", 2: r"\P{L}", 3: r"\P{N}", 4: r"[\s\p{L}\p{N}]"}
+_NEXT_OUTSIDE = {k: regex.compile(p) for k, p in _NOT_CLASS.items()}
+_PREV_OUTSIDE = {k: regex.compile("(?r)" + p) for k, p in _NOT_CLASS.items()}  # (?r): search backwards
+
+
+def valid_text(text: str) -> str:
+    """``text`` with lone surrogates replaced by U+FFFD and surrogate pairs joined, as tiktoken does.
+
+    A Python string can hold surrogate code points (from ``surrogateescape`` decoding or a
+    careless JSON producer); UTF-8, and so byte-level BPE, cannot. Both encoding paths apply
+    this one policy, so they agree on such text.
+    """
+    if text.isascii():  # constant time for an ASCII string, which cannot hold surrogates
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def split_long_runs(text: str) -> list[str]:
+    r"""``text`` cut inside every run of more than ``MAX_RUN`` characters of one class, every ``MAX_RUN`` characters.
+
+    The classes are whitespace, letters (``\p{L}``), digits (``\p{N}``) and everything
+    else. Text without such a run comes back whole, so its pieces and ids are unchanged;
+    a run of a million spaces is tokenized as runs of 3,000. The cut depends only on the
+    text, never on where it sits in a larger document, so every caller cuts alike.
+    """
+    n = len(text)
+    if n <= MAX_RUN:
+        return [text]
+    # Windows of `step` characters laid end to end: a run longer than MAX_RUN covers one of them
+    # whole, so probing the windows finds every such run; normal text fails a probe within a few
+    # characters. The run's own bounds are then searched for, so where the windows fall never
+    # changes the cuts.
+    step = MAX_RUN // 2
+    cuts: list[int] = []
+    pos = 0
+    while pos + step <= n:
+        probe = _ONE_CLASS.fullmatch(text, pos, pos + step)
+        if probe is None:
+            pos += step
+            continue
+        cls = probe.lastindex
+        before = _PREV_OUTSIDE[cls].search(text, 0, pos)
+        after = _NEXT_OUTSIDE[cls].search(text, pos + step)
+        start, end = (before.end() if before else 0), (after.start() if after else n)
+        cuts.extend(range(start + MAX_RUN, end, MAX_RUN))
+        pos = end
+    if not cuts:
+        return [text]
+    bounds = [0, *cuts, n]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def compile_pattern(pattern: str, source: str = "tokenizer") -> "regex.Pattern[str]":
+    """The pre-tokenization regex (a name in ``PATTERNS`` or a regular expression), or a one-line error."""
+    pattern = PATTERNS.get(pattern, pattern)
+    if not isinstance(pattern, str) or not pattern:
+        raise TokenizerError(f"{source}: the pre-tokenization pattern must be a non-empty string, got {pattern!r}")
+    if regex.fullmatch(r"[\w-]+", pattern):
+        # A bare word is a literal regex that matches only itself: the rest of the text would be
+        # dropped when encoding. It is a misspelt pattern name.
+        raise TokenizerError(f"{source}: unknown pattern name {pattern!r}; use one of {', '.join(PATTERNS)} "
+                             "or a regular expression")
+    shown = pattern if len(pattern) <= 80 else pattern[:77] + "..."
+    try:
+        compiled = regex.compile(pattern)
+    except (regex.error, ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise TokenizerError(f"{source}: the pre-tokenization pattern {shown!r} is not a valid regular "
+                             f"expression ({e}); use one of {', '.join(PATTERNS)} or fix the expression") from None
+    problem = _tiktoken_rejects(pattern)
+    if problem:
+        raise TokenizerError(f"{source}: the pre-tokenization pattern {shown!r} is valid for Python's regex module "
+                             f"but not for tiktoken's engine, which the fast path runs ({problem}); use one of "
+                             f"{', '.join(PATTERNS)} or an expression both accept")
+    return compiled
+
+
+@functools.lru_cache(maxsize=64)
+def _tiktoken_rejects(pattern: str) -> str | None:
+    """Why tiktoken cannot compile ``pattern``, or None. Checked once per pattern, so a tokenizer
+    whose fast path would fail is refused when it is trained or loaded, not at its first encode."""
+    import tiktoken
+
+    try:
+        tiktoken.Encoding(name="pattern-check", pat_str=pattern, mergeable_ranks={bytes([b]): b for b in range(256)},
+                          special_tokens={})
+    except ValueError as e:
+        return str(e)
+    return None
+
 
 class Tokenizer:
     """A byte-level BPE tokenizer defined by its mergeable ranks.
@@ -61,6 +179,7 @@ class Tokenizer:
         self._eos_id = eos_id
         self.ranks = dict(ranks)
         self.special_tokens = dict(special_tokens or {})
+        self._split = compile_pattern(pattern)
         self.pattern = PATTERNS.get(pattern, pattern)
         self.name = name
         if len(set(self.ranks.values())) != len(self.ranks):
@@ -77,7 +196,6 @@ class Tokenizer:
             raise TokenizerError(f"special token {clash[0]!r} has id {self.special_tokens[clash[0]]}, which a "
                                  "regular token already uses")
         self._special_decoder = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
-        self._split = regex.compile(self.pattern)
         self._cache: dict[bytes, list[int]] = {}
         self._tiktoken = None
 
@@ -130,16 +248,28 @@ class Tokenizer:
         Words (regex pieces) are counted once; pair counts are then updated only for the
         words a merge touches, and a heap finds the most frequent pair, so the corpus is
         never rescanned. Ties go to the smallest pair of ids, so training is deterministic.
+        The text is prepared as encoding prepares it (``valid_text``, ``split_long_runs``),
+        so training counts the very pieces that encoding will merge.
+
+        If the corpus runs out of pairs before the vocabulary is full, the tokenizer is
+        smaller than asked, and a warning says so (printed when ``verbose``, else a
+        ``UserWarning``).
         """
+        split = compile_pattern(config.pattern, "tokenizer config")
         pattern = PATTERNS.get(config.pattern, config.pattern)
-        split = regex.compile(pattern)
         if isinstance(texts, str):
             texts = [texts]
         word_counts: Counter[bytes] = Counter()
         for text in texts:
-            word_counts.update(w.encode("utf-8") for w in split.findall(text))
+            for chunk in split_long_runs(valid_text(text)):
+                word_counts.update(w.encode("utf-8") for w in split.findall(chunk))
         n_merges = config.vocab_size - 256 - len(config.special_tokens)
         merges = _learn_merges(word_counts, n_merges, verbose=verbose)
+        if len(merges) < n_merges:
+            got = 256 + len(merges) + len(config.special_tokens)
+            _warn(f"asked for {config.vocab_size:,} tokens but the corpus supports only {got:,}: every word of it "
+                  f"is already a single token, so no pair is left to merge; the tokenizer has {got:,} tokens "
+                  "(train on more text for a larger vocabulary)", verbose)
         ranks = {bytes([b]): b for b in range(256)}
         vocab = [bytes([b]) for b in range(256)]
         for a, b in merges:
@@ -149,6 +279,24 @@ class Tokenizer:
         return cls(ranks, specials, pattern)
 
     # ----------------------------------------------------------------- encoding
+    def _segments(self, text: str, allowed: set[str]) -> list[str | int]:
+        """What both encoding paths encode: allowed special tokens as their ids, and the text
+        between them made valid (``valid_text``) and cut (``split_long_runs``) for the regex."""
+        text = valid_text(text)
+        if allowed:
+            # Longest first, so a special token that begins with another one wins.
+            alternatives = "|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True))
+            parts = regex.split(f"({alternatives})", text)
+        else:
+            parts = [text]
+        out: list[str | int] = []
+        for i, part in enumerate(parts):
+            if i % 2:  # odd entries are the captured special tokens
+                out.append(self.special_tokens[part])
+            elif part:
+                out.extend(split_long_runs(part))
+        return out
+
     def _check_specials(self, text: str, allowed: SpecialSet, disallowed: SpecialSet) -> set[str]:
         allowed_set = set(self.special_tokens) if allowed == "all" else set(allowed)
         unknown = allowed_set - set(self.special_tokens)
@@ -170,11 +318,27 @@ class Tokenizer:
         special id; with ``disallowed_special=()`` it is encoded as plain text.
         """
         allowed = self._check_specials(text, allowed_special, disallowed_special)
-        return self._present(self.tiktoken_encoding.encode(text, allowed_special=allowed, disallowed_special=()))
+        return self._encode_fast(text, allowed)
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Text to ids with special-token strings treated as plain text."""
-        return self._present(self.tiktoken_encoding.encode_ordinary(text))
+        return self._encode_fast(text, set())
+
+    def _encode_fast(self, text: str, allowed: set[str]) -> list[int]:
+        encoding = self.tiktoken_encoding
+        segments = self._segments(text, allowed)
+        if len(segments) == 1 and isinstance(segments[0], str):  # the usual case: one call, no copying
+            return self._present(encoding.encode_ordinary(segments[0]))
+        ids: list[int] = []
+        seen: dict[str, list[int]] = {}  # a cut run repeats its chunks: encode each distinct one once
+        for seg in segments:
+            if isinstance(seg, int):
+                ids.append(seg)
+            else:
+                if seg not in seen:
+                    seen[seg] = encoding.encode_ordinary(seg)
+                ids += seen[seg]
+        return self._present(ids)
 
     def _present(self, ids: list[int]) -> list[int]:
         return [i for i in ids if i < _ABSENT] if self._absent else ids
@@ -184,16 +348,11 @@ class Tokenizer:
         """Text to ids in plain Python: the algorithm that ``encode`` runs fast."""
         allowed = self._check_specials(text, allowed_special, disallowed_special)
         ids: list[int] = []
-        if allowed:
-            parts = regex.split("(" + "|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True)) + ")",
-                                text)
-        else:
-            parts = [text]
-        for i, part in enumerate(parts):
-            if i % 2:  # odd entries are the captured special tokens
-                ids.append(self.special_tokens[part])
+        for seg in self._segments(text, allowed):
+            if isinstance(seg, int):
+                ids.append(seg)
                 continue
-            for word in self._split.findall(part):
+            for word in self._split.findall(seg):
                 ids.extend(self._bpe(word.encode("utf-8")))
         return ids
 
@@ -202,16 +361,22 @@ class Tokenizer:
         cached = self._cache.get(word)
         if cached is not None:
             return cached
+        ranks, no_merge = self.ranks, 1 << 62
         parts = [word[i:i + 1] for i in range(len(word))]
-        while len(parts) > 1:
-            best_rank, best_i = None, -1
-            for i in range(len(parts) - 1):
-                r = self.ranks.get(parts[i] + parts[i + 1])
-                if r is not None and (best_rank is None or r < best_rank):
-                    best_rank, best_i = r, i
-            if best_rank is None:
+        # pair_rank[i]: the rank of parts[i] + parts[i + 1] as one token (no_merge if it is none). A merge
+        # changes only the two pairs beside it, so only those are looked up again.
+        pair_rank = [ranks.get(a + b, no_merge) for a, b in zip(parts, parts[1:])]
+        while pair_rank:
+            best = min(pair_rank)
+            if best == no_merge:
                 break
-            parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+            i = pair_rank.index(best)  # the leftmost pair of lowest rank
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            del pair_rank[i]
+            if i > 0:
+                pair_rank[i - 1] = ranks.get(parts[i - 1] + parts[i], no_merge)
+            if i < len(pair_rank):
+                pair_rank[i] = ranks.get(parts[i] + parts[i + 1], no_merge)
         ids = [i for i in (self.ranks.get(p, _ABSENT) for p in parts) if i < _ABSENT]
         if len(self._cache) < 100_000:
             self._cache[word] = ids
@@ -283,21 +448,69 @@ class Tokenizer:
 
     @classmethod
     def from_json(cls, text: str, source: str = "<string>") -> "Tokenizer":
+        """A tokenizer from the text of an lmforge ``tokenizer.json``; anything else is a one-line error.
+
+        The file may come from anywhere, so every field is checked before use: a damaged or
+        foreign file names its first problem instead of failing somewhere later.
+        """
         try:
             state = json.loads(text)
-            if state.get("format") != FORMAT:
-                raise TokenizerError(f"{source} is not an lmforge tokenizer file (format {state.get('format')!r})")
-            if state.get("version", 0) > FORMAT_VERSION:
-                raise TokenizerError(f"{source} was written by a newer lmforge (format version {state['version']}); "
-                                     "upgrade lmforge to read it")
-            ranks = {base64.b64decode(t): i for i, t in enumerate(state["tokens"]) if t is not None}
-            return cls(ranks, state["special_tokens"], state["pattern"], state.get("name", "lmforge"),
-                       state.get("chat_template"), state.get("eos_id"))
-        except TokenizerError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise TokenizerError(f"{source} is not a valid tokenizer file ({type(e).__name__}: {e}); "
-                                 "re-create it with `lmforge tokenizer train`") from None
+        except (ValueError, RecursionError) as e:
+            raise TokenizerError(f"{source} is not a tokenizer file (not valid JSON: {e})") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            hint = (" - it looks like a Hugging Face tokenizer.json, which lmforge reads as part of a model folder"
+                    if isinstance(state, dict) and "model" in state else "")
+            raise TokenizerError(f"{source} is not an lmforge tokenizer file (format {found!r}, expected "
+                                 f"{FORMAT!r}){hint}")
+
+        def invalid(problem: str) -> TokenizerError:
+            return TokenizerError(f"{source} is not a valid lmforge tokenizer file: {problem}; "
+                                  "re-create it with `lmforge tokenizer train`")
+
+        version = state.get("version", FORMAT_VERSION)
+        if not _is_int(version) or version < 1:
+            raise invalid(f"'version' must be a positive integer, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise TokenizerError(f"{source} was written by a newer lmforge (format version {version}); "
+                                 "upgrade lmforge to read it")
+        for key in ("tokens", "special_tokens", "pattern"):
+            if key not in state:
+                raise invalid(f"the field {key!r} is missing")
+        tokens, specials = state["tokens"], state["special_tokens"]
+        if not isinstance(tokens, list) or not any(t is not None for t in tokens):
+            raise invalid("'tokens' must be a non-empty list of base64 strings (null for an unused id)")
+        ranks: dict[bytes, int] = {}
+        for i, t in enumerate(tokens):
+            if t is None:
+                continue
+            try:
+                tok = base64.b64decode(t, validate=True) if isinstance(t, str) else None
+            except (binascii.Error, ValueError):
+                tok = None
+            if not tok:
+                raise invalid(f"token {i} is {t!r}, not the base64 spelling of a non-empty byte string")
+            if tok in ranks:
+                raise invalid(f"tokens {ranks[tok]} and {i} are the same bytes {tok!r}")
+            ranks[tok] = i
+        if not isinstance(specials, dict) or not all(
+                isinstance(k, str) and k and _is_int(v) and 0 <= v < _ABSENT for k, v in specials.items()):
+            raise invalid(f"'special_tokens' must map non-empty strings to ids from 0 to {_ABSENT - 1}")
+        name, template, eos = state.get("name", "lmforge"), state.get("chat_template"), state.get("eos_id")
+        if not isinstance(name, str):
+            raise invalid(f"'name' must be a string, got {name!r}")
+        if template is not None and not isinstance(template, str):
+            raise invalid("'chat_template' must be a string or null")
+        if eos is not None and not (_is_int(eos) and (0 <= eos < len(tokens) and tokens[eos] is not None
+                                                      or eos in specials.values())):
+            raise invalid(f"'eos_id' {eos!r} is not the id of a token of this vocabulary")
+        if not isinstance(state["pattern"], str):
+            raise invalid(f"'pattern' must be a string, got {state['pattern']!r}")
+        compile_pattern(state["pattern"], source)  # its own one-line error, naming the pattern
+        try:
+            return cls(ranks, specials, state["pattern"], name, template, eos)
+        except TokenizerError as e:
+            raise invalid(str(e)) from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -311,6 +524,8 @@ class Tokenizer:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise TokenizerError(f"{path} is not a tokenizer file (not UTF-8 text)") from None
+        except OSError as e:
+            raise TokenizerError(f"cannot read {path}: {e.strerror or e}") from None
         return cls.from_json(text, str(path))
 
     @classmethod
@@ -351,6 +566,18 @@ class Tokenizer:
         except (OSError, ValueError) as e:
             raise TokenizerError(f"{path} is not a tiktoken rank file ({e})") from None
         return cls(ranks, special_tokens, pattern, name)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not an id
+
+
+def _warn(message: str, verbose: bool) -> None:
+    """A warning on the console where verbose output goes (the command line), else a ``UserWarning``."""
+    if verbose:
+        print(f"lmforge: warning: {message}", file=sys.stderr, flush=True)
+    else:
+        warnings.warn(message, stacklevel=3)
 
 
 def _learn_merges(word_counts: dict[bytes, int], n_merges: int, verbose: bool = False) -> list[tuple[int, int]]:

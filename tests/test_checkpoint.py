@@ -117,6 +117,38 @@ def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(referen
     assert "every checkpoint" in _error(["eval", str(run), "--data", str(data)], capsys)
 
 
+def test_a_consistent_but_wrong_checkpoint_is_refused_in_one_line(reference, tmp_path, capsys):
+    """Checksums hold (the files were rewritten with their manifest), but the content is wrong."""
+    import hashlib
+    import shutil
+
+    data, full, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(full, run, symlinks=True)
+    assert "longer than the model's context" in _error(["eval", str(run), "--data", str(data), "--context", "64"],
+                                                       capsys)
+    for step in (4, 8):
+        folder = run / "checkpoints" / f"step-{step:08d}"
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["model"]["d_model"] = 32
+        raw = json.dumps(cfg).encode()
+        (folder / "config.json").write_bytes(raw)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["files"]["config.json"] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert "has shape" in _error(["generate", str(run)], capsys)
+    # A trainer state that is not lmforge's (a pickle that would run code) is refused, not unpickled.
+    folder = run / "checkpoints" / "step-00000008"
+    shutil.copy(full / "checkpoints" / "step-00000008" / "config.json", folder / "config.json")
+    evil = b"cos\nsystem\n(S'echo pwned'\ntR."
+    (folder / "trainer_state.pt").write_bytes(evil)
+    manifest = json.loads((full / "checkpoints" / "step-00000008" / "manifest.json").read_text())
+    manifest["files"]["trainer_state.pt"] = {"bytes": len(evil), "sha256": hashlib.sha256(evil).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert "truncated or corrupted" in _error(["pretrain", "--out", str(run), "--resume", "true",
+                                               "--train.max_steps", "10"], capsys)
+
+
 def test_resume_keeps_the_runs_settings_and_refuses_changes(reference, tmp_path, capsys):
     import shutil
 

@@ -116,3 +116,56 @@ def test_openai_community_layout(tmp_path):
         renamed[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     save_file(renamed, folder / "model.safetensors")
     _check_parity(theirs, load_hf(folder), 120)
+
+
+def _tiny_tokenizer():
+    from conftest import TEXT
+
+    from lmforge.config import TokenizerConfig
+    from lmforge.tokenizer import Tokenizer
+
+    return Tokenizer.train([TEXT * 20], TokenizerConfig(vocab_size=300))
+
+
+@pytest.mark.parametrize("preset", ["gpt-nano", "llama-micro"])
+def test_export_writes_the_tokenizers_own_bos_eos(tmp_path, preset):
+    tok = _tiny_tokenizer()
+    assert tok.eot_id == 299
+    ours = GPT(ModelConfig.from_preset(preset, vocab_size=tok.vocab_size, context_length=32)).eval()
+    out = export_hf(ours, tmp_path / "export", tok)
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((out / name).read_text())
+        assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (299, 299), name
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert theirs.config.eos_token_id == 299 and theirs.generation_config.eos_token_id == 299
+    assert theirs.generation_config.bos_token_id == 299  # not GPT-2's 50256 (Llama's 1 / 2), outside this vocabulary
+
+
+def test_export_is_recognised_and_a_failed_one_changes_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from lmforge import atomic
+    from lmforge.convert import is_hf_export
+    from lmforge.outputs import OutputError
+
+    tok = _tiny_tokenizer()
+    torch.manual_seed(0)
+    out = export_hf(GPT(ModelConfig.from_preset("gpt-nano", vocab_size=300, context_length=32)), tmp_path / "e", tok)
+    assert is_hf_export(out)
+    _, theirs = _gpt2_dir(tmp_path)  # written by transformers: not lmforge's
+    assert not is_hf_export(theirs) and not is_hf_export(tmp_path / "nowhere")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, calls = atomic.write_file, []
+
+    def full_disk(path, data):
+        calls.append(path)
+        if len(calls) == 3:  # the weights and the config are written; then the disk fills
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(atomic, "write_file", full_disk)
+    torch.manual_seed(1)
+    with pytest.raises(OutputError, match="could not write .*No space left on device"):
+        export_hf(GPT(ModelConfig.from_preset("gpt-nano", vocab_size=300, context_length=32)), out, tok)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier export, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e", "hf_gpt2"]  # no staging folder left

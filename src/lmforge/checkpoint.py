@@ -185,7 +185,8 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
     if (p / CHECKPOINTS).is_dir():
         return True
-    if p.is_dir() and (p / TOKENIZER).is_file() and {c.name for c in p.iterdir()} <= RUN_FILES:
+    if p.is_dir() and not (p / CONFIG).exists() and (p / TOKENIZER).is_file() and (p / METRICS).is_file() \
+            and {c.name for c in p.iterdir()} <= RUN_FILES:
         return True  # a run stopped before its first checkpoint: lmforge's own files only
     try:
         return json.loads((p / CONFIG).read_text()).get("format") == "lmforge-run"

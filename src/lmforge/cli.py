@@ -8,6 +8,8 @@ line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 
 from .config import (
@@ -22,10 +24,12 @@ from .config import (
 )
 
 COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "generate", "eval", "export", "download")
+OVERWRITE_HELP = "write even where --out holds something that is not this command's own output"
 MODEL_HELP = "a run directory, a Hugging Face folder, a .gguf file or a known model name (see `lmforge download`)"
 
 
-def _parser():
+@functools.lru_cache(maxsize=1)
+def _parser():  # built once per process: building it parses every config docstring (~0.2 s)
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # help text = the dataclass field docs
@@ -39,12 +43,16 @@ def _parser():
                           description="Build a large language model from scratch. Without a command, runs `run`.")
     cmds = root.add_subcommands(dest="command", required=True)
 
-    p = sub_parser("The built-in default: train a tokenizer, prepare shards, pretrain a small GPT for a few "
-                   "minutes, evaluate it and sample from it. Runs offline on a laptop CPU.")
+    p = sub_parser("The built-in default: train a tokenizer, prepare shards, pretrain a small GPT (about four "
+                   "minutes on 2 CPU cores), evaluate it and sample from it. Runs offline on a laptop CPU; run "
+                   "again after an interruption, it resumes.")
     p.add_argument("--data", type=str, nargs="+", default=None,
                    help="text files, directories or JSONL files (default: English text that ships with Python)")
     p.add_argument("--out", type=str, default="runs/default", help="output directory")
-    p.add_argument("--minutes", type=float, default=4.0, help="time budget of the pretraining stage")
+    p.add_argument("--steps", type=int, default=1000,
+                   help="pretraining steps of 16 x 128 tokens (fixed work: the same model on every machine)")
+    p.add_argument("--max_minutes", type=float, default=15.0,
+                   help="guard: stop pretraining early, with a checkpoint and a note, if it takes longer than this")
     p.add_argument("--vocab_size", type=int, default=4096, help="BPE vocabulary size")
     p.add_argument("--preset", type=str, default="gpt-micro", help=f"model preset: {', '.join(PRESETS)}")
     cmds.add_subcommand("run", p, help="the built-in end-to-end default run")
@@ -55,6 +63,7 @@ def _parser():
     p = sub_parser("Train a byte-level BPE tokenizer on text files.")
     p.add_argument("--data", type=str, nargs="+", required=True, help="text files, directories or JSONL files")
     p.add_argument("--out", type=str, required=True, help="where to write tokenizer.json")
+    p.add_argument("--overwrite", type=bool, default=False, help=OVERWRITE_HELP)
     p.add_class_arguments(TokenizerConfig, "tokenizer")
     p.add_class_arguments(DataConfig, "text")
     tok_cmds.add_subcommand("train", p, help="train a tokenizer")
@@ -73,16 +82,26 @@ def _parser():
     p.add_argument("--tokenizer", type=str, required=True, help="tokenizer.json (from `lmforge tokenizer train`)")
     p.add_argument("--out", type=str, required=True, help="directory for train.bin, val.bin, index.json")
     p.add_argument("--force", type=bool, default=False, help="rebuild even if the inputs are unchanged")
+    p.add_argument("--overwrite", type=bool, default=False, help=OVERWRITE_HELP)
     p.add_class_arguments(DataConfig, "text")
     cmds.add_subcommand("prepare", p, help="text -> token shards")
 
     p = sub_parser("Pretrain a GPT on prepared token shards. --model.* flags override the preset.")
-    p.add_argument("--data", type=str, required=True, help="directory written by `lmforge prepare`")
+    p.add_argument("--data", type=str | None, default=None,
+                   help="directory written by `lmforge prepare` (on --resume: the run's own data by default)")
     p.add_argument("--out", type=str, required=True, help="run directory (weights, config, metrics, plots)")
     p.add_argument("--preset", type=str, default="gpt-micro", help=f"model preset: {', '.join(PRESETS)}")
-    p.add_argument("--resume", type=bool, default=False, help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", type=bool, default=False,
+                   help="continue the run in --out from its newest complete checkpoint, with its own settings; "
+                        "flags given change them (max_steps, intervals, time cap: announced; anything else: refused "
+                        "unless --allow_changes)")
+    p.add_argument("--allow_changes", type=bool, default=False,
+                   help="on --resume, accept settings that make the result differ from an uninterrupted run "
+                        "(learning rate, batch, model, data)")
+    p.add_argument("--overwrite", type=bool, default=False,
+                   help="start over in an --out that already holds a run (its checkpoints and metrics are deleted)")
     p.add_argument("--prompts", type=list[str], default=["The"], help="prompts sampled at the start and the end")
-    p.add_class_arguments(ModelConfig, "model")
+    _model_overrides(p)
     p.add_class_arguments(TrainConfig, "train")
     cmds.add_subcommand("pretrain", p, help="pretrain a GPT")
 
@@ -91,6 +110,8 @@ def _parser():
     p.add_argument("--prompt", type=str, default="", help="text to continue")
     p.add_argument("--chat", type=bool, default=False, help="wrap the prompt in the model's chat template")
     p.add_class_arguments(SampleConfig, "sample")
+    # Like most sampling tools, a fresh seed each time; --sample.seed N reproduces a sample.
+    p.set_defaults({"sample.seed": None})
     cmds.add_subcommand("generate", p, help="sample text from a model")
 
     p = sub_parser("Loss and perplexity of a model on a prepared shard set, or bits per byte on text files.")
@@ -102,21 +123,47 @@ def _parser():
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_batches", type=int, default=50)
     p.add_argument("--context", type=int | None, default=None, help="window length (default: the model's)")
-    p.add_argument("--dtype", type=str, default="float32", help="float32, bfloat16 or auto")
+    p.add_argument("--dtype", type=str, default="float32", help="float32, bfloat16 or auto (bf16 where it is fast)")
     cmds.add_subcommand("eval", p, help="evaluate loss and perplexity")
 
     p = sub_parser("Write a model for the rest of the ecosystem: Hugging Face folder or GGUF file.")
     p.add_argument("run", type=str, help=MODEL_HELP)
     p.add_argument("--to", type=str, default="hf", help="'hf' (config.json + model.safetensors + tokenizer) or 'gguf'")
     p.add_argument("--out", type=str, required=True, help="output folder (hf) or .gguf file")
-    p.add_argument("--dtype", type=str, default="f16",
-                   help=f"GGUF matrix type: {', '.join(GGUF_EXPORT_TYPES)} (norms stay f32)")
+    p.add_argument("--dtype", type=str | None, default=None,
+                   help=f"GGUF matrix type: {', '.join(GGUF_EXPORT_TYPES)} (default f16; norms stay f32); "
+                        "a Hugging Face export is float32")
+    p.add_argument("--overwrite", type=bool, default=False, help=OVERWRITE_HELP + " (never a run directory)")
     cmds.add_subcommand("export", p, help="export to Hugging Face or GGUF")
 
     p = sub_parser("Fetch a known model or data set into the cache (sources tried in order, checksums verified).")
     p.add_argument("name", type=str | None, nargs="?", default=None, help="a known name; without one, list them")
     cmds.add_subcommand("download", p, help="fetch known models and data sets")
     return root
+
+
+def _given(ns) -> dict:
+    """The options of a group that were given explicitly (on the command line or in a --config file)."""
+    return {k: v for k, v in vars(ns).items() if not k.startswith("__")} if ns else {}
+
+
+def _model_overrides(p) -> None:
+    """--model.* flags whose default is 'the preset's value' (null), so that --help, --print_config
+    and a YAML file printed by it describe the run that will be trained, not the dataclass defaults
+    (which are GPT-2 124M's)."""
+    import dataclasses
+
+    p.add_class_arguments(ModelConfig, "model")
+    p.set_defaults({f"model.{f.name}": None for f in dataclasses.fields(ModelConfig)})
+    for action in p._actions:
+        if action.dest.startswith("model."):
+            # For n_kv_head and d_ff, None has a meaning inside a preset; on the command line null keeps the preset's.
+            text = (action.help or "").replace("; None means", "; in a preset, None means")
+            action.help = f"{text} Null: the preset's value."
+    group = getattr(p, "groups", {}).get("model")
+    if group is not None:
+        group.description = ("The model's shape: the --preset's values, changed by any --model.* given "
+                             "(default null = keep the preset's value).")
 
 
 def _config(cls, ns):
@@ -126,24 +173,41 @@ def _config(cls, ns):
 def _run(argv: list[str]) -> int:
     from . import pipeline
 
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        raise LmforgeError(f"unknown command {argv[0]!r}; known commands: {', '.join(COMMANDS)} "
+                           "(see `lmforge --help`)")
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv = ["run", *argv]
     root = _parser()
-    cfg = root.parse_args(argv)
+    try:
+        cfg = root.parse_args(argv)
+    except UnicodeDecodeError as e:  # jsonargparse reading a --config file that is not text
+        raise LmforgeError(f"a --config file is not UTF-8 text ({e.reason} at byte {e.start}); give a YAML "
+                           "file") from None
     cmd = cfg.command
     a = cfg[cmd]
     if cmd == "run":
-        pipeline.main_job(a.data, a.out, a.minutes, a.vocab_size, a.preset)
+        pipeline.main_job(a.data, a.out, a.steps, a.max_minutes, a.vocab_size, a.preset)
     elif cmd == "tokenizer":
         _tokenizer(a)
     elif cmd == "prepare":
-        pipeline.prepare_shards(a.data, a.tokenizer, a.out, _config(DataConfig, a.text), force=a.force)
+        pipeline.prepare_shards(a.data, a.tokenizer, a.out, _config(DataConfig, a.text), force=a.force,
+                                overwrite=a.overwrite)
     elif cmd == "pretrain":
-        given = root.parse_args(argv, defaults=False)[cmd].get("model") or {}
-        overrides = {k: v for k, v in vars(given).items() if not k.startswith("__")} if given else {}
-        model_config = ModelConfig.from_preset(a.preset, **overrides)
-        summary = pipeline.pretrain(a.data, a.out, model_config, _config(TrainConfig, a.train), resume=a.resume,
-                                    prompts=tuple(a.prompts))
+        given = root.parse_args(argv, defaults=False)[cmd]
+        overrides = {k: v for k, v in _given(given.get("model")).items() if v is not None}  # null: the preset's
+        data = a.data
+        if a.resume:  # the run's own settings, changed only where a flag is given
+            data_path, model_config, train_config = pipeline.resume_configs(
+                a.out, overrides, _given(given.get("train")), given.get("preset"))
+            data = data or data_path
+        else:
+            model_config = ModelConfig.from_preset(a.preset, **overrides)
+            train_config = _config(TrainConfig, a.train)
+        if not data:
+            raise LmforgeError("--data is required: the directory written by `lmforge prepare`")
+        summary = pipeline.pretrain(data, a.out, model_config, train_config, resume=a.resume,
+                                    prompts=tuple(a.prompts), allow_changes=a.allow_changes, overwrite=a.overwrite)
         _print_summary(summary)
     elif cmd == "generate":
         _generate(a)
@@ -158,7 +222,7 @@ def _run(argv: list[str]) -> int:
         else:
             raise LmforgeError("give --data (a prepared shard set) or --text (text files)")
     elif cmd == "export":
-        print(f"wrote {pipeline.export(a.run, a.to, a.out, a.dtype)}")
+        print(f"wrote {pipeline.export(a.run, a.to, a.out, a.dtype, overwrite=a.overwrite)}")
     elif cmd == "download":
         _download(a.name)
     return 0
@@ -189,7 +253,7 @@ def _tokenizer(a) -> None:
 
     if a.action == "train":
         pipeline.train_tokenizer(a.train.data, a.train.out, _config(TokenizerConfig, a.train.tokenizer),
-                                 _config(DataConfig, a.train.text))
+                                 _config(DataConfig, a.train.text), overwrite=a.train.overwrite)
     elif a.action == "encode":
         tok = Tokenizer.load(a.encode.tokenizer)
         text = a.encode.text if a.encode.text is not None else sys.stdin.read()
@@ -213,7 +277,7 @@ def _generate(a) -> None:
 
     model, tok = load_any(a.run, default_device())
     cfg = _config(SampleConfig, a.sample)
-    prompt = tok.apply_chat_template([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
+    prompt = _chat_prompt(tok, a.prompt, a.run) if a.chat else a.prompt
     ids = tok.encode(prompt, allowed_special="all") if prompt else [tok.eot_id or 0]
     sys.stdout.write(a.prompt if not a.chat else "")
     out: list[int] = []
@@ -231,18 +295,52 @@ def _generate(a) -> None:
     sys.stdout.write(tok.decode(out)[len(shown):] + "\n")
 
 
+def _chat_prompt(tok, prompt: str, source: str) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return tok.apply_chat_template([{"role": "user", "content": prompt}])
+    except LmforgeError:
+        raise  # no template at all: that message says it
+    except (TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+        # A template from a foreign file that the sandbox stops (SecurityError) or that is broken.
+        raise LmforgeError(f"the chat template of {source} cannot be rendered ({type(e).__name__}: "
+                           f"{_one_line(str(e))[:200]}); run without --chat true") from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe (`lmforge generate ... | head`), point stdout at /dev/null so that the
+    interpreter's final flush cannot raise a second BrokenPipeError on the way out."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is not a real file (tests capture it): nothing will be flushed to a pipe
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .outputs import fs_hint
+
     argv = sys.argv[1:] if argv is None else argv
     try:
         return _run(list(argv))
     except LmforgeError as e:
-        print(f"lmforge: error: {e}", file=sys.stderr)
+        print(f"lmforge: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except argparse.ArgumentError as e:
-        print(f"lmforge: error: {e}. See `lmforge --help`.", file=sys.stderr)
+        where = f"lmforge {argv[0]} --help" if argv and argv[0] in COMMANDS else "lmforge --help"
+        print(f"lmforge: error: {_one_line(str(e)).rstrip('.')}. See `{where}`.", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"lmforge: error: {e.strerror}: {e.filename}", file=sys.stderr)
+    except BrokenPipeError:
+        _silence_stdout()  # the reader went away (| head): stop quietly, as other command-line tools do
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
+    except OSError as e:  # a full disk, a read-only folder, a file where a folder should be, ...
+        where = f": {e.filename}" if e.filename else ""
+        print(f"lmforge: error: {e.strerror or _one_line(str(e))}{where} ({fs_hint(e)})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)

@@ -210,7 +210,8 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimiser steps to run (the schedule's length)."""
     max_minutes: float | None = None
-    """Stop early, with a checkpoint, after this many minutes of training."""
+    """Stop early, with a checkpoint, after this many minutes of training in this invocation (a guard; resume
+    continues from there)."""
     stride: int | None = None
     """Sliding-window stride; None samples random windows (large corpora), an int walks the corpus in epochs."""
     lr: float = 6e-4
@@ -239,6 +240,8 @@ class TrainConfig:
     """Steps between text samples; 0 samples only at the start and the end."""
     save_interval: int = 200
     """Steps between checkpoints (and at the end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept in the run's checkpoints/ folder (the newest ones)."""
     log_interval: int = 10
     """Steps between metrics.jsonl records."""
     seed: int = 1337
@@ -247,7 +250,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         p: list[str] = []
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
-                     "save_interval", "log_interval"):
+                     "save_interval", "log_interval", "keep_checkpoints"):
             v = getattr(self, name)
             _check(p, isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
         _check(p, self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0")
@@ -277,7 +280,7 @@ class SampleConfig:
     top_p: float | None = None
     """Keep the smallest set of tokens whose probability reaches p; None keeps all."""
     seed: int | None = 1337
-    """Seed of the sampler; None draws a fresh one."""
+    """Seed of the sampler; None draws a fresh one (what `lmforge generate` does unless given a seed)."""
     stop_at_eos: bool = True
     """Stop a sequence when it produces the end-of-text token."""
 

@@ -195,19 +195,51 @@ def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: 
     return build_model(config, from_hf_state(tensors, config), str(folder), device, dtype)
 
 
+# What an export writes; config.json carries EXPORT_MARK so a later export recognises the folder as its own.
+HF_EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                   "tokenizer_config.json")
+EXPORT_MARK = "lmforge_export"
+
+
+def is_hf_export(folder: Path) -> bool:
+    """A folder an earlier ``export_hf`` wrote (its config.json carries lmforge's mark)."""
+    from .outputs import read_json_head
+
+    cfg = read_json_head(folder / "config.json")
+    return cfg is not None and EXPORT_MARK in cfg
+
+
+def special_token_ids(tokenizer) -> dict[str, int | None]:
+    """bos / eos ids for the HF configs: the tokenizer's own (GPT-2 style: <|endoftext|> starts and
+    ends a document), never GPT-2's 50256 by default, which lies outside a smaller vocabulary."""
+    if tokenizer is None:
+        return {"bos_token_id": None, "eos_token_id": None}
+    return {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eos_id}
+
+
 def export_hf(model: GPT, out: str | os.PathLike, tokenizer=None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files) that ``transformers`` loads."""
+    """Write config.json + generation_config.json + model.safetensors (+ tokenizer files) that
+    ``transformers`` loads. All files are written first and moved into ``out`` together, so a
+    failure (a full disk) leaves an earlier export there as it was."""
     from safetensors.torch import save
 
+    from .outputs import staged_folder, write_error
+
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
     config = model.config
     state = to_hf_state(model_state(model), config)
-    atomic.write_bytes(folder / "model.safetensors", save({k: v.contiguous() for k, v in state.items()},
-                                                          metadata={"format": "pt"}))
-    atomic.write_json(folder / "config.json", to_hf_config(config))
-    if tokenizer is not None:
-        from .hf_tokenizer import save_hf_tokenizer
+    ids = special_token_ids(tokenizer)
+    hf_config = {**to_hf_config(config), **ids, EXPORT_MARK: {"version": 1}}
+    try:
+        with staged_folder(folder) as stage:
+            atomic.write_file(stage / "model.safetensors", save({k: v.contiguous() for k, v in state.items()},
+                                                                 metadata={"format": "pt"}))
+            atomic.write_file(stage / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode())
+            atomic.write_file(stage / "generation_config.json", (json.dumps(ids, indent=2) + "\n").encode())
+            if tokenizer is not None:
+                from .hf_tokenizer import save_hf_tokenizer
 
-        save_hf_tokenizer(tokenizer, folder)
+                save_hf_tokenizer(tokenizer, stage)
+    except OSError as e:
+        raise write_error(folder, e) from None
     return folder

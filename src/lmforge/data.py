@@ -14,6 +14,7 @@ uninterrupted run would. Shards are read with ``np.memmap``, so they may exceed 
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import hashlib
 import json
@@ -28,9 +29,14 @@ import torch
 
 from . import atomic
 from .config import DataConfig, LmforgeError, config_dict
+from .outputs import read_json_head, remove_quietly, write_error
 from .tokenizer import Tokenizer
 
 SHARD_FORMAT_VERSION = 1
+SHARD_FORMAT = "lmforge-shards"
+SHARD_DTYPES = ("uint16", "uint32")
+# What `prepare` writes into its folder; a folder holding only these is a shard folder.
+SHARD_FILES = ("train.bin", "val.bin", "index.json", "tokenizer.json")
 BUILTIN = "builtin"
 
 
@@ -153,11 +159,22 @@ class ShardSet:
         index_path = directory / "index.json"
         if not index_path.is_file():
             raise DataError(f"{directory} is not a prepared data directory (no index.json); run `lmforge prepare` first")
+        damaged = f"{index_path} is damaged; run `lmforge prepare` again with --force true"
         try:
-            index = json.loads(index_path.read_text())
-            index["dtype"], index["tokens"]
-        except (ValueError, KeyError, TypeError):
-            raise DataError(f"{index_path} is damaged; delete {directory} and run `lmforge prepare` again") from None
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise DataError(damaged + " (not JSON)") from None
+        if not isinstance(index, dict):
+            raise DataError(damaged + " (not a JSON object)")
+        # Check every field readers use, so a hand-edited or foreign index is an answer, not a crash later.
+        if index.get("dtype") not in SHARD_DTYPES:
+            raise DataError(f"{damaged} (dtype {index.get('dtype')!r}; shards are {' or '.join(SHARD_DTYPES)})")
+        tokens = index.get("tokens")
+        if not (isinstance(tokens, dict) and all(isinstance(tokens.get(s), int) and not isinstance(tokens.get(s), bool)
+                                                 and tokens[s] >= 0 for s in ("train", "val"))):
+            raise DataError(damaged + " (token counts missing or not whole numbers)")
+        if not isinstance(index.get("tokenizer_fingerprint"), str):
+            raise DataError(damaged + " (no tokenizer fingerprint)")
         return cls(directory, index)
 
     def tokens(self, split: str) -> np.ndarray:
@@ -235,9 +252,23 @@ def _write_tokens(path: Path, docs: list[str], tokenizer: Tokenizer, dtype: np.d
     return n_tokens, len(docs)
 
 
+def is_shard_dir(path: Path) -> bool:
+    """A folder `prepare` wrote (or began to write): an lmforge index, or nothing but shard files."""
+    index = read_json_head(path / "index.json")
+    if index is not None and index.get("format") == SHARD_FORMAT:
+        return True
+    names = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    ours = {n for n in names if n in SHARD_FILES or n.removesuffix(".tmp") in SHARD_FILES}
+    return bool(names) and names == ours and bool(names & {"train.bin", "val.bin"})
+
+
 def prepare(paths: list[str], out_dir: str | os.PathLike, tokenizer: Tokenizer,
-            config: DataConfig = DataConfig(), force: bool = False, quiet: bool = False) -> ShardSet:
-    """Tokenize a corpus into ``out_dir``; reuse what is there if the inputs are unchanged."""
+            config: DataConfig = DataConfig(), force: bool = False, quiet: bool = False,
+            save_tokenizer: bool = False) -> ShardSet:
+    """Tokenize a corpus into ``out_dir``; reuse what is there if the inputs are unchanged.
+
+    With ``save_tokenizer``, ``tokenizer.json`` is written beside the shards in the same
+    commit, so the folder never pairs new shards with an old tokenizer."""
     out = Path(out_dir)
     signature = _input_signature(paths, config, tokenizer)
     if not force and (out / "index.json").is_file():
@@ -245,6 +276,11 @@ def prepare(paths: list[str], out_dir: str | os.PathLike, tokenizer: Tokenizer,
             existing = ShardSet.open(out)
             if existing.index.get("input_signature") == signature:
                 existing.tokens("train"), existing.tokens("val")  # both files present and whole
+                if save_tokenizer and not (out / "tokenizer.json").is_file():
+                    try:
+                        tokenizer.save(out / "tokenizer.json")
+                    except OSError as e:
+                        raise write_error(out / "tokenizer.json", e) from None
                 if not quiet:
                     print(f"reusing token shards in {out} (inputs unchanged)")
                 return existing
@@ -257,22 +293,38 @@ def prepare(paths: list[str], out_dir: str | os.PathLike, tokenizer: Tokenizer,
         raise DataError("the tokenizer has no <|endoftext|> token to separate documents; train it with that special token")
     train_docs, val_docs = split_documents(docs, config)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32)
-    out.mkdir(parents=True, exist_ok=True)
     counts = {}
-    # Write under temporary names, then rename: a crash never leaves half a shard under the real name.
-    for split, split_docs in (("train", train_docs), ("val", val_docs)):
-        tmp = out / f"{split}.bin.tmp"
-        counts[split] = _write_tokens(tmp, split_docs, tokenizer, dtype, config.workers, f"encoding {split}")
-    for split in ("train", "val"):
-        os.replace(out / f"{split}.bin.tmp", out / f"{split}.bin")
-    index = {
-        "format": "lmforge-shards", "version": SHARD_FORMAT_VERSION, "dtype": dtype.name,
-        "tokenizer_fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-        "eot_id": tokenizer.eot_id, "tokens": {s: counts[s][0] for s in counts},
-        "documents": {s: counts[s][1] for s in counts}, "sources": paths, "input_signature": signature,
-        "data_config": config_dict(config),
-    }
-    atomic.write_json(out / "index.json", index)
+    names = ["train.bin", "val.bin", *(["tokenizer.json"] if save_tokenizer else []), "index.json"]
+    tmps = {name: out / f"{name}.tmp" for name in names}
+    # Everything is written under temporary names first and renamed only once all of it is on
+    # disk: a full disk or a kill leaves the previous shards as they were, and no .tmp files.
+    # index.json goes last, so a reader never sees an index that names shards not yet in place.
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for split, split_docs in (("train", train_docs), ("val", val_docs)):
+            counts[split] = _write_tokens(tmps[f"{split}.bin"], split_docs, tokenizer, dtype, config.workers,
+                                          f"encoding {split}")
+        if save_tokenizer:
+            atomic.write_file(tmps["tokenizer.json"], tokenizer.to_json().encode("utf-8"))
+        index = {
+            "format": SHARD_FORMAT, "version": SHARD_FORMAT_VERSION, "dtype": dtype.name,
+            "tokenizer_fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+            "eot_id": tokenizer.eot_id, "tokens": {s: counts[s][0] for s in counts},
+            "documents": {s: counts[s][1] for s in counts}, "sources": paths, "input_signature": signature,
+            "data_config": config_dict(config),
+        }
+        atomic.write_file(tmps["index.json"], (json.dumps(index, indent=2) + "\n").encode("utf-8"))
+        for name in names:
+            os.replace(tmps[name], out / name)
+    except BaseException as e:
+        remove_quietly(*tmps.values())
+        if created:  # a folder this call made, left empty by the failure
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        if isinstance(e, OSError):
+            raise write_error(out, e) from None
+        raise
     if not quiet:
         print(f"wrote {counts['train'][0]:,} train and {counts['val'][0]:,} val tokens "
               f"({counts['train'][1]} + {counts['val'][1]} documents, {dtype.name}) to {out}")

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from .config import LmforgeError
 from .data import eval_batches
 from .losses import linear_cross_entropy
 from .precision import autocast
@@ -37,6 +38,9 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
 def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, batch_size: int = 8, max_batches: int = 50,
                     dtype: torch.dtype = torch.float32, context: int | None = None) -> dict[str, float]:
     """Loss and perplexity on the first ``max_batches`` non-overlapping windows of a token array."""
+    if batch_size < 1 or max_batches < 1 or (context is not None and context < 1):
+        raise LmforgeError(f"batch_size, max_batches and context must be >= 1, got {batch_size}, {max_batches}, "
+                           f"{context}")
     context = context or model.config.context_length
     return evaluate_loss(model, eval_batches(tokens, context, batch_size, max_batches), dtype)
 
@@ -52,7 +56,7 @@ def bits_per_byte(model: torch.nn.Module, tokenizer, text: str, window: int = 51
     """
     ids = tokenizer.encode(text, disallowed_special=())
     if len(ids) < 2:
-        raise ValueError("text too short to score: it encodes to fewer than two tokens")
+        raise LmforgeError("text too short to score: it encodes to fewer than two tokens; give a longer text")
     window = min(window, model.config.context_length)
     device = next(model.parameters()).device
     model.eval()

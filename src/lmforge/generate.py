@@ -6,12 +6,18 @@ prompt is run once (prefill), then one token at a time reuses the cached keys an
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
 
 from .attention import KVCache
 from .config import SampleConfig
+
+
+def fresh_seed() -> int:
+    """A new random seed for one generation (what `generate` uses unless --sample.seed is given)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1  # torch seeds are < 2**63
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -43,7 +49,9 @@ def stream(model: torch.nn.Module, idx: torch.Tensor, config: SampleConfig = Sam
     device = next(model.parameters()).device
     ctx = model.config.context_length
     gen = torch.Generator(device=device)
-    gen.manual_seed(config.seed if config.seed is not None else torch.seed())
+    # A fresh seed from the OS, not torch.seed(): that would reseed the global generator as a side
+    # effect and change what training (dropout, initialisation) draws next.
+    gen.manual_seed(config.seed if config.seed is not None else fresh_seed())
     idx = idx.to(device)[:, -ctx:]  # a prompt longer than the context keeps its end
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=device)
     cache = KVCache(model.config, idx.size(0), device=device) if use_cache else None

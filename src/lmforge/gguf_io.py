@@ -20,11 +20,13 @@ import torch
 from .config import GGUF_EXPORT_TYPES, ModelConfig
 from .convert import ConvertError, build_model, from_hf_state, to_hf_state
 from .model import GPT
+from .outputs import write_error
 from .tokenizer import GPT2_PATTERN, Tokenizer, TokenizerError
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
+EXPORT_MARK = "lmforge.export_version"  # metadata key that marks files lmforge wrote
 
 NAMES = {  # llama.cpp name -> HF Llama name ({i} = layer)
     "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -164,7 +166,6 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, dtype:
     import gguf
 
     from .convert import family
-    from .tokenizer import bytes_to_unicode
 
     config = model.config
     if family(config) != "llama":
@@ -181,10 +182,40 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, dtype:
             raise ConvertError(f"{dtype} stores rows in blocks of {block} values, but this model has rows of {width}; "
                                "use f16 or f32")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_gguf(gguf, model, tokenizer, tmp, out.stem, dtype, qtype)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(out, e) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written file must not stay behind (it may fill a full disk)
+        raise
+    return out
+
+
+def is_gguf_export(path: Path) -> bool:
+    """A GGUF file an earlier ``export_gguf`` wrote (its metadata carries lmforge's mark)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
+        from gguf import GGUFReader
+
+        return EXPORT_MARK in GGUFReader(str(path)).fields
+    except Exception:  # unreadable or damaged: not recognisably ours
+        return False
+
+
+def _write_gguf(gguf, model: GPT, tokenizer: Tokenizer, tmp: Path, name: str, dtype: str, qtype) -> None:
+    from .tokenizer import bytes_to_unicode
+
+    config = model.config
     w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_name(out.stem)
+    w.add_name(name)
+    w.add_uint32(EXPORT_MARK, 1)
     w.add_context_length(config.context_length)
     w.add_embedding_length(config.d_model)
     w.add_block_count(config.n_layer)
@@ -250,5 +281,3 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, dtype:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    os.replace(tmp, out)
-    return out

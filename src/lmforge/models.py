@@ -28,6 +28,11 @@ def load_any(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, Tokeni
         from .gguf_io import load_gguf
 
         return load_gguf(path, device)
+    if path.is_dir():
+        from .checkpoint import is_run_dir, load_model, load_tokenizer
+
+        if is_run_dir(path):  # the newest complete checkpoint, a damaged one skipped
+            return load_model(path, device)[0], load_tokenizer(path)
     if path.is_dir() and (path / "config.json").is_file():
         try:
             cfg = json.loads((path / "config.json").read_text())

@@ -24,6 +24,10 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
         return torch.float32
     if name == "bfloat16":
         return torch.bfloat16
+    if name != "auto":  # never read an unknown name (float8, fp16) silently as 'auto'
+        from .config import ConfigError
+
+        raise ConfigError(f"dtype must be float32, bfloat16 or auto, got {name!r}")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32

@@ -10,7 +10,13 @@ def read_metrics(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    records = []
+    for ln in p.read_text().splitlines():
+        try:
+            records.append(json.loads(ln))
+        except ValueError:
+            continue  # a line torn by a kill mid-write (resume drops it too)
+    return [r for r in records if isinstance(r, dict) and "step" in r]
 
 
 def plot_losses(metrics_path: str | Path, out_png: str | Path, title: str = "lmforge training") -> Path | None:
@@ -40,9 +46,11 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path, title: str = "lmf
         top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step))
         top.set_xlabel("tokens seen")
     fig.tight_layout()
-    out = Path(out_png)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp)
+    import io
+
+    from . import atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    tmp.replace(out)
-    return out
+    return atomic.write_bytes(out_png, buf.getvalue())  # a full disk leaves the old plot, never half of one

@@ -1,0 +1,166 @@
+"""Where commands write: an output never destroys an input or a file lmforge did not make.
+
+Every command that writes (``tokenizer train``, ``prepare``, ``export``) calls
+``check_output`` before it does any work, so a refusal costs nothing:
+
+- an output that is one of the inputs, lies inside an input folder, or would replace an
+  input file is always refused;
+- nothing but training writes into a run directory (its checkpoints must stay resumable);
+- an existing output of the command's own kind (a tokenizer file, a shard folder, an
+  earlier export) is replaced as before; anything else is refused unless ``--overwrite``;
+- a file where a folder is needed, or a folder where a file is needed, is named.
+
+``staged_folder`` writes a set of files so that a failure (a full disk, a kill) leaves
+the previous files as they were and no temporary files behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from .config import LmforgeError
+
+
+class OutputError(LmforgeError, ValueError):
+    """An output path that would destroy something, or that cannot be written."""
+
+
+OVERWRITE_HINT = "choose another --out, or pass --overwrite true to write there anyway"
+
+
+def read_json_head(path: Path, limit: int = 1 << 20) -> dict | None:
+    """The JSON object in a small file, or None (missing, too big, not JSON, not an object)."""
+    try:
+        if not path.is_file() or path.stat().st_size > limit:
+            return None
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def holds_a_run(path: Path) -> bool:
+    """A training run with something to lose: its run config, trainer state or checkpoints.
+
+    Narrower than ``checkpoint.is_run_dir`` on purpose: a folder holding just a tokenizer.json
+    (or config.json + tokenizer.json) must stay a valid place to write a tokenizer or an export.
+    """
+    if not path.is_dir():
+        return False
+    cfg = read_json_head(path / "config.json")
+    if cfg is not None and cfg.get("format") == "lmforge-run":
+        return True
+    return (path / "trainer_state.pt").exists() or (path / "checkpoints" / "latest").exists()
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def input_paths(specs: Iterable[str | os.PathLike]) -> list[Path]:
+    """The existing paths among command inputs (names such as 'builtin' or a known model are skipped)."""
+    return [Path(s) for s in specs if Path(s).exists()]
+
+
+def check_output(out: str | os.PathLike, *, kind: str, what: str, own_kind: Callable[[Path], bool],
+                 inputs: Iterable[str | os.PathLike] = (), writes: Iterable[str] = (), overwrite: bool = False,
+                 flag: str = "--out") -> Path:
+    """Refuse ``out`` (a 'file' or a 'folder') if writing it could destroy an input or unrelated data.
+
+    ``what`` names the artefact ("a tokenizer file"), ``own_kind`` recognises an existing one,
+    ``writes`` lists the file names a folder output receives. Returns ``out`` as a Path.
+    """
+    out = Path(out)
+    target = out.resolve()
+    written = [target / name for name in writes] if kind == "folder" else [target]
+    for given in input_paths(inputs):
+        src = given.resolve()
+        if target == src:
+            raise OutputError(f"{flag} {out} is also an input of this command; writing it would destroy the "
+                              "input. Choose another path")
+        if src.is_dir() and _inside(target, src):
+            raise OutputError(f"{flag} {out} is inside the input folder {given}; write outside the folders "
+                              "being read")
+        if any(w == src for w in written):
+            raise OutputError(f"{flag} {out} would replace the input {given}; choose another path")
+    folder = target if kind == "folder" else target.parent
+    if holds_a_run(folder):
+        raise OutputError(f"{flag} {out} is {'' if kind == 'folder' else 'in '}a training run directory, which "
+                          "only `lmforge pretrain` writes (its checkpoints must stay resumable); choose another path")
+    # The nearest existing ancestor must be a folder, or nothing can be created below it.
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{flag} {out}: {parent} is a file, so nothing can be created inside it; "
+                                  "choose another path")
+            break
+    if out.exists():
+        if kind == "folder" and not out.is_dir():
+            raise OutputError(f"{flag} {out} is a file, but this command writes a folder; choose a folder path")
+        if kind == "file" and out.is_dir():
+            raise OutputError(f"{flag} {out} is a folder, but this command writes a file; give a file path")
+        empty_folder = kind == "folder" and not any(out.iterdir())
+        if not empty_folder and not own_kind(out) and not overwrite:
+            raise OutputError(f"{flag} {out} already exists and is not {what}; {OVERWRITE_HINT}")
+    return out
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to write into; on success its files move into ``out``.
+
+    The files are renamed into place only after all of them were written, so a failure
+    midway (a full disk) leaves ``out`` exactly as it was; the temporary folder is always removed.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield stage
+        out.mkdir(exist_ok=True)
+        for f in sorted(stage.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space or write somewhere else",
+    errno.EDQUOT: "the disk quota is used up: free some space or write somewhere else",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.EACCES: "no permission: choose a folder you can write to, or change its permissions",
+    errno.EPERM: "not permitted: choose a folder you can write to, or change its permissions",
+    errno.EEXIST: "a file is in the way where a folder is needed: choose another path",
+    errno.ENOTDIR: "a file is in the way where a folder is needed: choose another path",
+    errno.EISDIR: "a folder is in the way where a file is needed: choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
+def fs_hint(e: OSError) -> str:
+    """How to fix a file-system error, in a few words."""
+    return _HINTS.get(e.errno, "check the path and the disk, then try again")
+
+
+def write_error(path: str | os.PathLike, e: OSError) -> OutputError:
+    """A failed write as a one-line answer naming the output, the cause and the fix."""
+    return OutputError(f"could not write {path}: {e.strerror or e}; {fs_hint(e)} (files that were there before "
+                       "are unchanged)")
+
+
+def remove_quietly(*paths: Path) -> None:
+    """Delete temporary files after a failure; a file that is already gone is fine."""
+    for p in paths:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+__all__ = ["OutputError", "check_output", "fs_hint", "holds_a_run", "input_paths", "read_json_head", "remove_quietly",
+           "staged_folder", "write_error"]

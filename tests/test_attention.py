@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 
 from lmforge.attention import (
@@ -62,3 +65,128 @@ def test_kv_cache_matches_full_forward():
     cache = KVCache(cfg, batch_size=2)
     parts = [model(idx[:, :5], cache)] + [model(idx[:, i:i + 1], cache) for i in range(5, 12)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_tables_are_buffers_kept_out_of_checkpoints():
+    """cos/sin follow the model across devices (buffers) but are not saved: checkpoints and
+    HF exports hold the same keys as a learned-position model minus wpe."""
+    cfg = ModelConfig(vocab_size=50, context_length=16, d_model=32, n_layer=1, n_head=4, positions="rope")
+    model = GPT(cfg)
+    assert {n for n, _ in model.named_buffers()} == {"rotary.cos", "rotary.sin"}
+    assert not any(k.startswith("rotary") for k in model.state_dict())
+
+
+def test_rotary_tables_are_built_on_the_device_asked_for():
+    from lmforge.attention import RotaryEmbedding
+
+    rope = RotaryEmbedding(head_dim=4, max_len=8)
+    cos, sin = rope(0, 8, torch.device("meta"))
+    assert cos.device.type == "meta" and sin.device.type == "meta" and cos.shape == (8, 4)
+    cos, sin = rope(2, 3, torch.device("cpu"))  # a new device rebuilds the tables there
+    assert cos.device.type == "cpu" and cos.shape == (3, 4)
+    assert cos[0, 0].item() == pytest.approx(math.cos(2.0)) and sin[2, 0].item() == pytest.approx(math.sin(4.0))
+
+
+def test_rotary_keeps_the_input_dtype():
+    from lmforge.attention import RotaryEmbedding, apply_rotary
+
+    cos, sin = RotaryEmbedding(head_dim=4, max_len=8)(0, 8, torch.device("cpu"))
+    x = torch.randn(1, 2, 8, 4).to(torch.bfloat16)
+    out = apply_rotary(x, cos, sin)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), apply_rotary(x.float(), cos, sin), atol=2e-2, rtol=2e-2)
+
+
+def test_reference_attention_dropout_only_in_training():
+    q, k, v = _qkv(b=1, nh=2, nkv=2, t=6, hs=4)
+    plain = attention_reference(q, k, v)
+    torch.testing.assert_close(attention_reference(q, k, v, dropout_p=0.5), plain)   # not training: no dropout
+    torch.testing.assert_close(attention_reference(q, k, v, training=True), plain)   # default p is 0
+    torch.manual_seed(0)
+    dropped = attention_reference(q, k, v, dropout_p=0.5, training=True)
+    assert not torch.allclose(dropped, plain)
+
+
+def test_reference_attention_keeps_dtype_and_device():
+    q, k, v = (t.detach().to(torch.bfloat16) for t in _qkv(b=1, nh=2, nkv=1, t=5, hs=4))
+    out = attention_reference(q, k, v)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), attention_reference(q.float(), k.float(), v.float()), atol=3e-2,
+                               rtol=3e-2)
+    meta = [torch.empty(1, 2, 3, 4, device="meta") for _ in range(3)]
+    assert attention_reference(*meta).device.type == "meta"  # the mask is made where the scores are
+    from lmforge.attention import causal_mask
+
+    assert causal_mask(2, 3, torch.device("meta")).device.type == "meta"
+
+
+def test_kv_cache_layout_and_capacity():
+    cfg = ModelConfig(vocab_size=50, context_length=32, d_model=32, n_layer=3, n_head=4, n_kv_head=2)
+    cache = KVCache(cfg, batch_size=2, max_len=6, device="meta", dtype=torch.bfloat16)
+    assert len(cache.k) == len(cache.v) == 3
+    for t in cache.k + cache.v:
+        assert t.shape == (2, 2, 6, 8) and t.dtype == torch.bfloat16 and t.device.type == "meta"
+    assert KVCache(cfg, batch_size=1).max_len == 32  # the context length by default
+    cache = KVCache(cfg, batch_size=1, max_len=4)
+    k = torch.ones(1, 2, 4, 8)
+    keys, values = cache.update(0, k, 2 * k)  # filling it exactly is fine
+    assert keys.shape == (1, 2, 4, 8) and torch.equal(values, 2 * k)
+    cache.advance(4)
+    with pytest.raises(ValueError, match="KV cache is full"):
+        cache.update(0, k[:, :, :1], k[:, :, :1])
+
+
+def test_module_calls_the_chosen_path_with_its_dropout(monkeypatch):
+    """``fast`` picks the kernel (the reference-path tests depend on it), and the module's
+    dropout and training mode reach it."""
+    import lmforge.attention as attn_mod
+
+    calls = []
+
+    def spy(name):
+        def run(q, k, v, dropout_p=0.0, training=False):
+            calls.append((name, dropout_p, training))
+            return attention_reference(q, k, v)
+        return run
+
+    monkeypatch.setattr(attn_mod, "attention", spy("fast"))
+    monkeypatch.setattr(attn_mod, "attention_reference", spy("reference"))
+    cfg = ModelConfig(vocab_size=50, context_length=16, d_model=32, n_layer=1, n_head=4, dropout=0.25)
+    module = MultiHeadAttention(cfg)
+    assert module.fast is True and module.layer == 0  # the fused kernel by default; a lone module is layer 0
+    x = torch.randn(1, 3, 32)
+    module.train()(x)
+    module.fast = False
+    module.eval()(x)
+    assert calls == [("fast", 0.25, True), ("reference", 0.25, False)]
+
+
+def test_low_precision_cache_with_a_float32_model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, context_length=16, d_model=32, n_layer=2, n_head=4, n_kv_head=2)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 50, (1, 8))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(cfg, batch_size=1, dtype=torch.bfloat16)
+        parts = torch.cat([model(idx[:, :5], cache), model(idx[:, 5:], cache)], dim=1)
+    assert parts.dtype == torch.float32
+    torch.testing.assert_close(parts, full, atol=0.05, rtol=0.05)  # keys and values rounded to bf16
+
+
+@pytest.mark.parametrize("t_q", [6, 1, 3], ids=["prefill", "one-token", "chunk-after-cache"])
+@pytest.mark.parametrize("attend", [attention, attention_reference], ids=["fast", "reference"])
+def test_dropout_only_in_training_on_every_branch(attend, t_q):
+    q, k, v = (t.detach() for t in _qkv(b=1, nh=2, nkv=2, t=6, hs=4))
+    q = q[:, :, -t_q:]
+    plain = attend(q, k, v)
+    torch.testing.assert_close(attend(q, k, v, dropout_p=0.5), plain)   # not training: no dropout
+    torch.testing.assert_close(attend(q, k, v, training=True), plain)   # the default p is 0
+    torch.manual_seed(0)
+    assert not torch.allclose(attend(q, k, v, dropout_p=0.5, training=True), plain)
+
+
+def test_fast_attention_mask_on_the_query_device():
+    q = torch.empty(1, 2, 3, 4, device="meta")
+    k = v = torch.empty(1, 2, 5, 4, device="meta")
+    assert attention(q, k, v).shape == (1, 2, 3, 4)

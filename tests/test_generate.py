@@ -52,3 +52,101 @@ def test_stops_at_eos():
     j = max(i for i, t in enumerate(greedy) if t not in greedy[:i])  # the last first-occurrence
     out = generate(model, idx, SampleConfig(max_new_tokens=12, temperature=0), eos_id=greedy[j])
     assert out[0].tolist() == greedy[:j + 1]
+
+
+def _greedy_by_hand(model, idx, n):
+    """Greedy decoding written out: the full forward of the last context_length tokens, no cache."""
+    seq = idx.clone()
+    ctx = model.config.context_length
+    for _ in range(n):
+        seq = torch.cat([seq, model(seq[:, -ctx:])[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq[:, idx.size(1):]
+
+
+def test_generation_past_the_context_slides_the_window():
+    model = _model()  # context 16
+    idx = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        expected = _greedy_by_hand(model, idx, 30)
+    assert torch.equal(generate(model, idx, SampleConfig(max_new_tokens=30, temperature=0)), expected)
+    long_prompt = torch.randint(0, 64, (1, 20))  # a prompt longer than the context keeps its last 16 tokens
+    cfg = SampleConfig(max_new_tokens=4, temperature=0)
+    assert torch.equal(generate(model, long_prompt, cfg), generate(model, long_prompt[:, -16:], cfg))
+
+
+def test_finished_rows_keep_yielding_eos_while_others_continue():
+    model = _model()
+    idx = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(3))
+    greedy = generate(model, idx, SampleConfig(max_new_tokens=10, temperature=0, stop_at_eos=False))
+    eos = int(greedy[0, 1])  # row 0 finishes at its second token
+    out = generate(model, idx, SampleConfig(max_new_tokens=10, temperature=0), eos_id=eos)
+    for row in range(2):
+        g = greedy[row].tolist()
+        stop = g.index(eos) if eos in g else None
+        if stop is None:
+            assert out[row].tolist() == g[:out.size(1)]
+        else:
+            assert out[row, :stop + 1].tolist() == g[:stop + 1]
+            assert set(out[row, stop:].tolist()) == {eos}  # padded with eos after it finished
+    # Without stop_at_eos the eos id is an ordinary token.
+    same = generate(model, idx, SampleConfig(max_new_tokens=10, temperature=0, stop_at_eos=False), eos_id=eos)
+    assert torch.equal(same, greedy)
+
+
+def test_zero_new_tokens_and_fresh_seeds():
+    model = _model()
+    idx = torch.randint(0, 64, (3, 4))
+    out = generate(model, idx, SampleConfig(max_new_tokens=0))
+    assert out.shape == (3, 0) and out.dtype == torch.long
+    cfg = SampleConfig(max_new_tokens=12, temperature=1.5, top_k=None, seed=None)
+    draws = {tuple(generate(model, idx[:1], cfg)[0].tolist()) for _ in range(4)}
+    assert len(draws) > 1  # seed=None draws a fresh seed each time
+
+
+def test_generate_text_strips_the_end_token():
+    from lmforge.config import TokenizerConfig
+    from lmforge.generate import generate_text
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["hello world " * 20], TokenizerConfig(vocab_size=260))
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=16, d_model=16, n_layer=1, n_head=2)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    cfg = SampleConfig(max_new_tokens=5, temperature=0)
+    # All-zero logits: greedy picks id 0 every time; the byte 0x00 decodes to "\x00".
+    assert generate_text(model, tok, "hello", cfg) == "\x00" * 5
+    with torch.no_grad():  # logit of <|endoftext|> = sum(ln_f(x)) = d_model · 1 > 0: the end token wins
+        model.ln_f.bias.fill_(1.0)
+        model.lm_head.weight[tok.eot_id] = 1.0
+    assert generate_text(model, tok, "hello", cfg) == ""
+    assert generate_text(model, tok, "", cfg) == ""  # an empty prompt starts from <|endoftext|>
+
+
+def test_generate_text_prompt_ids_and_end_handling(monkeypatch):
+    """generate_text's own work, with the decoding loop replaced by a recorder: the prompt is
+    encoded with special tokens allowed, an empty prompt starts from <|endoftext|>, the end id
+    is passed on, and the output stops before the first end token."""
+    import lmforge.generate as gen_mod
+    from lmforge.config import TokenizerConfig
+    from lmforge.generate import generate_text
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["hello world " * 20], TokenizerConfig(vocab_size=260))
+    eot = tok.eot_id
+    seen = []
+
+    def fake_generate(model, idx, config, eos_id=None, use_cache=True):
+        seen.append((idx.tolist(), eos_id))
+        return torch.tensor([tok.encode(" world") + [eot] + tok.encode("junk")])
+
+    monkeypatch.setattr(gen_mod, "generate", fake_generate)
+    assert generate_text(None, tok, "hello<|endoftext|>") == " world"
+    assert seen[-1] == ([tok.encode("hello") + [eot]], eot)
+    assert generate_text(None, tok, "") == " world"
+    assert seen[-1] == ([[eot]], eot)
+    no_specials = Tokenizer(tok.ranks)  # no <|endoftext|>: an empty prompt starts from id 0
+    monkeypatch.setattr(gen_mod, "generate", lambda m, idx, c, e=None: seen.append((idx.tolist(), e))
+                        or torch.tensor([[104, 105]]))
+    assert generate_text(None, no_specials, "") == "hi"
+    assert seen[-1] == ([[0]], None)

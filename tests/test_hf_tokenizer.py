@@ -48,3 +48,24 @@ def test_export_loads_in_autotokenizer(tmp_path):
         assert again.encode(text, disallowed_special=()) == ids
         assert hf.decode(ids) == text
     assert hf.eos_token == EOT and hf.convert_tokens_to_ids(EOT) == tok.eot_id
+
+
+@pytest.mark.parametrize("bad", [
+    {"model": {"type": "BPE"}},  # no vocab
+    {"model": {"type": "BPE", "vocab": {"a": 0}}, "added_tokens": [{"id": 1}]},  # special without content
+    {"model": "BPE"},
+    [1, 2],
+    {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [1]}, "pre_tokenizer": {"type": "ByteLevel"}},
+    {"model": {"type": "WordPiece", "vocab": {}}},
+])
+def test_damaged_hf_tokenizer_is_one_line(tmp_path, bad):
+    import json
+
+    from lmforge.hf_tokenizer import load_hf_tokenizer
+    from lmforge.tokenizer import TokenizerError
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(TokenizerError) as e:
+        load_hf_tokenizer(path)
+    assert "\n" not in str(e.value) and ("tokenizer.json" in str(e.value) or "not supported" in str(e.value))

@@ -1,9 +1,10 @@
 import math
 
+import pytest
 import torch
 
 from lmforge.config import ModelConfig, TrainConfig
-from lmforge.losses import cross_entropy_reference, linear_cross_entropy
+from lmforge.losses import cross_entropy_reference, linear_cross_entropy, next_token_loss
 from lmforge.model import GPT
 from lmforge.optim import lr_at, make_optimizer, param_groups
 
@@ -69,6 +70,8 @@ def test_fused_adamw_equals_foreach():
     cfg = TrainConfig(lr=1e-2)
     oa, ob = make_optimizer(a, cfg, fused=True), make_optimizer(b, cfg, fused=False)
     assert oa.defaults.get("fused") and not ob.defaults.get("fused")
+    assert ob.defaults.get("foreach") is True  # the fallback is the multi-tensor kernel, not a per-tensor loop
+    assert make_optimizer(a, cfg).defaults.get("fused") is True  # the default picks the fused kernel (CPU has one)
     x = torch.randint(0, 512, (2, 16))
     for m, o in ((a, oa), (b, ob)):
         for _ in range(3):
@@ -148,3 +151,72 @@ def test_bits_per_byte_known_answer():
     assert res["tokens"] == len(ids) - 1
     expected = math.log2(300) * (len(ids) - 1) / len(tok.decode_bytes(ids[1:]))
     assert abs(res["bits_per_byte"] - expected) < 1e-5
+
+
+def test_custom_ignore_index_on_both_paths():
+    h, w, t = _inputs(4, n=40, v=50)
+    t = t.clamp(min=0)
+    t[::3] = 7  # 7 marks the masked positions here
+    keep = t != 7
+    expected = cross_entropy_reference(h[keep], w, t[keep]).item()
+    assert cross_entropy_reference(h, w, t, ignore_index=7).item() == pytest.approx(expected, rel=1e-6)
+    assert linear_cross_entropy(h, w, t, ignore_index=7).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("which", ["hidden", "weight"])
+def test_fused_loss_with_only_one_input_needing_a_gradient(which):
+    h, w, t = _inputs(5, n=60, v=80)
+    ref = cross_entropy_reference(h, w, t)
+    ref.backward()
+    want = (h if which == "hidden" else w).grad.clone()
+    h, w = h.detach().requires_grad_(which == "hidden"), w.detach().requires_grad_(which == "weight")
+    for into in (False, True):
+        loss = linear_cross_entropy(h, w, t, chunk_rows=16, grad_into_weight=into)
+        torch.testing.assert_close(loss, ref.detach(), atol=1e-6, rtol=1e-6)
+        loss.backward()
+        got = h if which == "hidden" else w
+        torch.testing.assert_close(got.grad, want, atol=1e-6, rtol=1e-5)
+        got.grad = None
+
+
+def test_next_token_loss_writes_the_output_gradient_in_place():
+    """The fused pretraining loss adds the output layer's gradient straight into .grad (no
+    fresh vocab x d tensor through autograd: its hook never fires) and equals the plain loss."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, context_length=8, d_model=16, n_layer=1, n_head=2, tie_embeddings=False))
+    x, y = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))
+    next_token_loss(model, x, y, fused=False).backward()
+    want = model.lm_head.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    through_autograd = []
+    model.lm_head.weight.register_hook(lambda g: None if g is None else through_autograd.append(tuple(g.shape)))
+    next_token_loss(model, x, y).backward()
+    assert through_autograd == []
+    torch.testing.assert_close(model.lm_head.weight.grad, want, atol=1e-6, rtol=1e-5)
+    next_token_loss(model, x, y, fused=False).backward()
+    assert through_autograd == [(64, 16)]  # the plain path does go through autograd
+
+
+def test_kept_buffer_lease_is_released_after_backward():
+    from lmforge import losses
+
+    h, w, t = _inputs(6, n=40, v=50)
+    loss = linear_cross_entropy(h, w, t)
+    assert ("grad_w", torch.float32, w.device) in losses._leased  # held while the graph waits for backward
+    loss.backward()
+    del loss
+    assert losses._leased == set()
+
+
+def test_two_losses_before_one_backward_under_bf16():
+    h, w, t = _inputs(7, n=64, v=50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = linear_cross_entropy(h[:32], w, t[:32]) + linear_cross_entropy(h[32:], w, t[32:])
+    ref.backward()
+    gw = w.grad.clone()
+    w.grad = h.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = linear_cross_entropy(h[:32], w, t[:32])
+        second = linear_cross_entropy(h[32:], w, t[32:])  # the first still holds the kept buffer
+    (first + second).backward()
+    torch.testing.assert_close(w.grad, gw)

@@ -73,5 +73,13 @@ def test_flops_per_token():
 
 
 def test_presets_build():
-    for name in PRESETS:
-        ModelConfig.from_preset(name)
+    for name, values in PRESETS.items():
+        cfg = ModelConfig.from_preset(name)
+        assert {k: getattr(cfg, k) for k in values} == values, name  # every preset value is applied
+        with torch.device("meta"):
+            model = GPT(cfg)
+        assert len(model.h) == cfg.n_layer and model.wte.weight.shape == (cfg.vocab_size, cfg.d_model), name
+    assert ModelConfig.from_preset("gpt-nano", n_layer=3).n_layer == 3  # overrides win over the preset
+    smol = ModelConfig.from_preset("smollm2-135m")
+    with torch.device("meta"):
+        assert GPT(smol).num_params() == 134_515_008  # SmolLM2-135M's published parameter count

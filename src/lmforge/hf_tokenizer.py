@@ -76,12 +76,19 @@ def load_hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise TokenizerError(f"cannot read {path} as a tokenizer.json ({e})") from None
-    model = data.get("model") or {}
-    if model.get("type") != "BPE":
-        raise TokenizerError(f"{path}: model type {model.get('type')!r} is not supported (byte-level BPE only)")
-    specials = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
-    return from_vocab_and_merges(model["vocab"], model.get("merges", []), specials,
-                                 _pattern_of(data.get("pre_tokenizer")), path.parent.name or "hf", str(path))
+    try:
+        model = data.get("model") or {}
+        if model.get("type") != "BPE":
+            raise TokenizerError(f"{path}: model type {model.get('type')!r} is not supported (byte-level BPE only)")
+        specials = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+        return from_vocab_and_merges(model["vocab"], model.get("merges", []), specials,
+                                     _pattern_of(data.get("pre_tokenizer")), path.parent.name or "hf", str(path))
+    except TokenizerError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        # A damaged or hand-edited file: missing fields, wrong types. One line, not a traceback.
+        raise TokenizerError(f"{path} is not a valid tokenizer.json ({type(e).__name__}: {e}); "
+                             "restore it from its source") from None
 
 
 def _recover_merges(tok: Tokenizer) -> list[tuple[str, str]]:

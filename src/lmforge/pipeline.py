@@ -106,11 +106,11 @@ def _sampler(tokenizer: Tokenizer, prompts: tuple[str, ...], config: SampleConfi
 
         for prompt in prompts:
             text = generate_text(model, tokenizer, prompt, config)
-            tqdm.write(f"[sample @ step {step}] {_one_line(prompt + text)}")
+            tqdm.write(f"[sample @ step {step}] {_as_text(prompt + text)}")
     return sample
 
 
-def _one_line(text: str) -> str:
+def _as_text(text: str) -> str:
     """A sample as readable text on one line: newlines shown as ⏎, other control characters dropped."""
     return "".join("⏎" if c == "\n" else c for c in text if c == "\n" or c.isprintable())
 
@@ -277,7 +277,7 @@ def _compare_with_pretrained(run: Path, paths: list[str], name: str = "smollm2-1
         sample = generate_text(model, tok, prompt, SampleConfig(max_new_tokens=30, temperature=0.7, top_k=40))
         n = model.num_params()
         rows.append(f"  {label:<24} {n / 1e6:>7.1f} M params   {res['bits_per_byte']:.3f} bits/byte   "
-                    f"sample: {_one_line(prompt + sample)[:90]}")
+                    f"sample: {_as_text(prompt + sample)[:90]}")
     print(f"held-out text: {len(text.encode()):,} bytes of the validation documents")
     print("\n".join(rows))
     return out

@@ -83,3 +83,29 @@ def test_presets_build():
     smol = ModelConfig.from_preset("smollm2-135m")
     with torch.device("meta"):
         assert GPT(smol).num_params() == 134_515_008  # SmolLM2-135M's published parameter count
+
+
+def test_initialisation_follows_module_type_not_parameter_names():
+    """A head added under any name is initialised as a linear layer; a layer marked as a residual
+    projection is scaled by 1/sqrt(2 n_layer) whatever it is called; norms start as the identity."""
+    import math
+
+    import torch
+    from torch import nn
+
+    from lmforge.config import ModelConfig
+    from lmforge.model import GPT, init_module_weights
+
+    cfg = ModelConfig.from_preset("gpt-nano", d_model=256, n_head=4, n_layer=8)
+    model = GPT(cfg)
+    model.score = nn.Linear(256, 1024)          # a classification head, named unlike anything in GPT-2
+    model.out_layer = nn.Linear(1024, 256)
+    model.out_layer.residual_projection = True
+    model.h[0].ln_1.weight.data.fill_(3.0)
+    init_module_weights(model, cfg.n_layer, seed=0)
+    assert abs(model.score.weight.std().item() - 0.02) < 0.001 and model.score.bias.abs().max() == 0
+    want = 0.02 / math.sqrt(2 * 8)
+    assert abs(model.out_layer.weight.std().item() - want) < 0.0005
+    assert abs(model.h[0].attn.c_proj.weight.std().item() - want) < 0.0005
+    assert abs(model.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.001
+    assert torch.equal(model.h[0].ln_1.weight, torch.ones(256)) and model.lm_head.weight is model.wte.weight

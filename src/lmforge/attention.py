@@ -135,6 +135,7 @@ class MultiHeadAttention(nn.Module):
         self.n_head, self.n_kv, self.hs = config.n_head, config.kv_heads, config.head_dim
         self.c_attn = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv) * self.hs, bias=config.qkv_bias)
         self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.c_proj.residual_projection = True  # writes into the residual stream: GPT.init_weights scales it
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout)
         self.fast = True  # False runs attention_reference: same numbers, slower

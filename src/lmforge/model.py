@@ -49,6 +49,7 @@ class SwiGLU(nn.Module):
         self.c_gate = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
         self.c_fc = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
+        self.c_proj.residual_projection = True  # writes into the residual stream: GPT.init_weights scales it
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +63,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
+        self.c_proj.residual_projection = True  # writes into the residual stream: GPT.init_weights scales it
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +87,33 @@ class Block(nn.Module):
         return x
 
 
+def init_module_weights(root: nn.Module, n_layer: int, seed: int | None = None, std: float = 0.02) -> None:
+    """Initialise every parameter below ``root`` by the type of the module that owns it."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    seen: set[int] = set()  # a tied tensor (embedding = output layer) is initialised once
+    for module in root.modules():
+        params = [p for p in module.parameters(recurse=False) if id(p) not in seen and p.device.type != "meta"]
+        seen.update(id(p) for p in module.parameters(recurse=False))
+        if not params:
+            continue
+        with torch.no_grad():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * n_layer) if getattr(module, "residual_projection", False) else 1.0
+                if any(p is module.weight for p in params):
+                    module.weight.normal_(0.0, std * scale, generator=gen)
+                if getattr(module, "bias", None) is not None and any(p is module.bias for p in params):
+                    module.bias.zero_()
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif hasattr(module, "reset_parameters"):
+                module.reset_parameters()  # a module that knows its own initialisation (LoRA: A random, B zero)
+            else:
+                for p in params:  # a parameter of a module type not listed above: zero is the safe start
+                    p.zero_()
+
+
 class GPT(nn.Module):
     """A GPT-2-style decoder-only transformer. ``forward(idx) -> logits``."""
 
@@ -105,22 +134,11 @@ class GPT(nn.Module):
         self.init_weights()
 
     def init_weights(self, seed: int | None = None) -> None:
-        """GPT-2's initialisation: N(0, 0.02) everywhere, residual projections scaled by 1/√(2·n_layer)
-        so the residual stream's variance does not grow with depth; zero biases, unit norms."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        std = 0.02
-        for name, p in self.named_parameters():
-            if p.device.type == "meta":
-                continue
-            with torch.no_grad():
-                if name.endswith("c_proj.weight"):
-                    p.normal_(0.0, std / math.sqrt(2 * self.config.n_layer), generator=gen)
-                elif p.dim() >= 2:
-                    p.normal_(0.0, std, generator=gen)
-                elif ".ln_" in name or name.startswith("ln_f"):
-                    p.fill_(1.0 if name.endswith("weight") else 0.0)  # norms start as the identity
-                else:
-                    p.zero_()
+        """GPT-2's initialisation, chosen by module type: linear and embedding weights N(0, 0.02),
+        residual projections (marked ``residual_projection``) scaled by 1/√(2·n_layer) so the
+        residual stream's variance does not grow with depth; zero biases; norms start as the identity.
+        Any module added later (a classification head, LoRA layers) is initialised by what it is."""
+        init_module_weights(self, self.config.n_layer, seed)
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model): everything but the output layer."""

@@ -198,14 +198,14 @@ def test_next_token_loss_writes_the_output_gradient_in_place():
 
 
 def test_kept_buffer_lease_is_released_after_backward():
-    from lmforge import losses
+    from lmforge import fused_ce
 
     h, w, t = _inputs(6, n=40, v=50)
     loss = linear_cross_entropy(h, w, t)
-    assert ("grad_w", torch.float32, w.device) in losses._leased  # held while the graph waits for backward
+    assert ("grad_w", torch.float32, w.device) in fused_ce._leased  # held while the graph waits for backward
     loss.backward()
     del loss
-    assert losses._leased == set()
+    assert fused_ce._leased == set()
 
 
 def test_two_losses_before_one_backward_under_bf16():
@@ -220,3 +220,64 @@ def test_two_losses_before_one_backward_under_bf16():
         second = linear_cross_entropy(h[32:], w, t[32:])  # the first still holds the kept buffer
     (first + second).backward()
     torch.testing.assert_close(w.grad, gw)
+
+
+def test_kept_buffers_are_reused_with_their_own_shapes():
+    """Each step reuses the same scratch memory: no fresh logits buffer per call, and no buffer
+    of the wrong shape that torch would have to resize (it warns when it does)."""
+    import warnings
+
+    from lmforge import fused_ce
+
+    h, w, t = _inputs(8, n=40, d=16, v=40 + 1)  # vocabulary != width; a short last chunk (40 = 16 + 16 + 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        linear_cross_entropy(h, w, t, chunk_rows=16).backward()
+        first = {k: v.data_ptr() for k, v in fused_ce._workspace.items()}
+        linear_cross_entropy(h, w, t, chunk_rows=16).backward()
+    assert fused_ce._workspace[("logits", torch.float32, h.device)].shape == (16, 41)
+    assert fused_ce._workspace[("grad_w", torch.float32, h.device)].shape == (41, 16)
+    for key in (("logits", torch.float32, h.device), ("logp", torch.float32, h.device),
+                ("grad_w", torch.float32, h.device)):
+        assert fused_ce._workspace[key].data_ptr() == first[key], key
+
+
+def test_fused_loss_without_gradients_sums_every_chunk():
+    """Evaluation runs the fused loss under no_grad: every chunk must still count."""
+    h, w, t = _inputs(9, n=50, v=30)
+    expected = cross_entropy_reference(h, w, t).item()
+    with torch.no_grad():
+        assert linear_cross_entropy(h, w, t, chunk_rows=8).item() == pytest.approx(expected, rel=1e-6)
+    assert linear_cross_entropy(h.detach(), w.detach(), t, chunk_rows=8).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("into", [False, True])
+def test_fused_loss_with_a_computed_weight(into):
+    """A weight that is not a leaf (scaled, tied through a function, an adapter) gets its
+    gradient through autograd, whatever grad_into_weight says."""
+    h, w, t = _inputs(10, n=40, v=30)
+    cross_entropy_reference(h, w * 2.0, t).backward()
+    want = w.grad.clone()
+    w.grad = None
+    linear_cross_entropy(h, w * 2.0, t, chunk_rows=16, grad_into_weight=into).backward()
+    torch.testing.assert_close(w.grad, want, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_loss_default_goes_through_autograd():
+    """Only grad_into_weight=True bypasses autograd; by default a weight's hooks (DDP's, say) see its gradient."""
+    h, w, t = _inputs(11, n=20, v=30)
+    seen = []
+    w.register_hook(lambda g: None if g is None else seen.append(tuple(g.shape)))
+    linear_cross_entropy(h, w, t).backward()
+    assert seen == [(30, 32)]
+
+
+def test_gradient_into_a_bfloat16_weight():
+    h, w, t = _inputs(12, n=40, v=30)
+    cross_entropy_reference(h, w, t).backward()
+    want = w.grad.clone()
+    w16 = w.detach().to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear_cross_entropy(h.detach(), w16, t, chunk_rows=16, grad_into_weight=True).backward()
+    assert w16.grad.dtype == torch.bfloat16
+    assert (w16.grad.float() - want).abs().max() < 0.03 * want.abs().max()

@@ -10,7 +10,6 @@ import torch
 
 from .config import LmforgeError
 from .data import eval_batches
-from .losses import linear_cross_entropy
 from .precision import autocast
 
 
@@ -25,7 +24,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
-            loss = linear_cross_entropy(model.hidden_states(x), model.output_weight, y)
+            loss = model(x, targets=y)
         total += loss.item() * y.numel()
         count += y.numel()
     model.train(was_training)
@@ -67,7 +66,7 @@ def bits_per_byte(model: torch.nn.Module, tokenizer, text: str, window: int = 51
         y = t[s + 1:s + 1 + window][None]
         x = x[:, :y.size(1)]
         with autocast(device, dtype):
-            loss = linear_cross_entropy(model.hidden_states(x), model.output_weight, y)
+            loss = model(x, targets=y)
         total_nats += loss.item() * y.numel()
         scored.extend(y[0].tolist())
     n_bytes = len(tokenizer.decode_bytes(scored))

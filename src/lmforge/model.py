@@ -21,6 +21,7 @@ from torch import nn
 
 from .attention import KVCache, MultiHeadAttention, RotaryEmbedding
 from .config import ModelConfig
+from .fused_ce import cross_entropy_reference, linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -160,9 +161,18 @@ class GPT(nn.Module):
             kv_cache.advance(t)
         return self.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size)."""
-        return self.lm_head(self.hidden_states(idx, kv_cache))
+    def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None, targets: torch.Tensor | None = None,
+                fused: bool = True) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size); with ``targets`` (B, T), the mean
+        cross-entropy instead (positions marked IGNORE_INDEX left out). The loss path never builds
+        the whole logits tensor: the output layer and the loss run fused, chunk by chunk
+        (``fused=False`` computes the plain reference)."""
+        hidden = self.hidden_states(idx, kv_cache)
+        if targets is None:
+            return self.lm_head(hidden)
+        if fused:
+            return linear_cross_entropy(hidden, self.output_weight, targets, grad_into_weight=True)
+        return cross_entropy_reference(hidden, self.output_weight, targets)
 
     @property
     def output_weight(self) -> torch.Tensor:

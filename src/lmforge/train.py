@@ -168,8 +168,8 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     log = MetricsLog(run / METRICS, start if resume else None)
     prepare_for_training(model)
     if config.compile:
-        # Compile each block in place (regional compilation): the loss calls hidden_states, not
-        # forward, and parameter names stay unprefixed for checkpoints.
+        # Compile each block in place (regional compilation): parameter names stay unprefixed for
+        # checkpoints, and the fused loss (a custom autograd function) stays outside the graphs.
         for block in model.h:
             block.compile()
     saved = start if resume else -1

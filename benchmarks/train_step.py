@@ -77,7 +77,7 @@ def worker(contender: str, shape: str, dtype_name: str, steps: int, threads: int
         opt = make_optimizer(model, TrainConfig(lr=4e-4, weight_decay=0.1))
 
         def loss_of(x, y):
-            return next_token_loss(model, x, y)
+            return next_token_loss(model, (x, y))[0]
         zero = lambda: opt.zero_grad(set_to_none=False)  # noqa: E731
     else:
         if contender == "llms-from-scratch":

@@ -68,8 +68,10 @@ def test_next_token_loss_is_mean_cross_entropy_of_the_logits():
     x, y = torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]])
     logits = model(x)[0].detach().double()
     expected = sum(torch.logsumexp(logits[i], 0).item() - logits[i, y[0, i]].item() for i in range(3)) / 3
-    assert next_token_loss(model, x, y).item() == pytest.approx(expected, abs=1e-5)
-    assert next_token_loss(model, x, y, fused=False).item() == pytest.approx(expected, abs=1e-5)
+    loss, metrics = next_token_loss(model, (x, y))
+    assert loss.item() == pytest.approx(expected, abs=1e-5) and metrics == {}
+    assert model(x, targets=y).item() == pytest.approx(expected, abs=1e-5)
+    assert model(x, targets=y, fused=False).item() == pytest.approx(expected, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- AdamW

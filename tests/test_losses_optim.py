@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lmforge.config import ModelConfig, TrainConfig
-from lmforge.losses import cross_entropy_reference, linear_cross_entropy, next_token_loss
+from lmforge.losses import cross_entropy_reference, linear_cross_entropy
 from lmforge.model import GPT
 from lmforge.optim import lr_at, make_optimizer, param_groups
 
@@ -101,7 +101,6 @@ def test_gradient_straight_into_weight_grad_matches_autograd():
 
 
 def test_training_speedups_keep_the_gradients():
-    from lmforge.losses import next_token_loss
     from lmforge.train import prepare_for_training
 
     for tie in (True, False):
@@ -111,8 +110,8 @@ def test_training_speedups_keep_the_gradients():
         b.load_state_dict(a.state_dict())
         prepare_for_training(b)
         x, y = torch.randint(0, 512, (3, 32)), torch.randint(0, 512, (3, 32))
-        next_token_loss(a, x, y, fused=False).backward()
-        next_token_loss(b, x, y).backward()
+        a(x, targets=y, fused=False).backward()
+        b(x, targets=y).backward()
         for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
             assert pb.grad.layout == torch.strided, name
             torch.testing.assert_close(pb.grad, pa.grad, atol=1e-6, rtol=1e-5, msg=name)
@@ -185,15 +184,15 @@ def test_next_token_loss_writes_the_output_gradient_in_place():
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=64, context_length=8, d_model=16, n_layer=1, n_head=2, tie_embeddings=False))
     x, y = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))
-    next_token_loss(model, x, y, fused=False).backward()
+    model(x, targets=y, fused=False).backward()
     want = model.lm_head.weight.grad.clone()
     model.zero_grad(set_to_none=True)
     through_autograd = []
     model.lm_head.weight.register_hook(lambda g: None if g is None else through_autograd.append(tuple(g.shape)))
-    next_token_loss(model, x, y).backward()
+    model(x, targets=y).backward()
     assert through_autograd == []
     torch.testing.assert_close(model.lm_head.weight.grad, want, atol=1e-6, rtol=1e-5)
-    next_token_loss(model, x, y, fused=False).backward()
+    model(x, targets=y, fused=False).backward()
     assert through_autograd == [(64, 16)]  # the plain path does go through autograd
 
 

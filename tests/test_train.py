@@ -86,3 +86,45 @@ def test_samples_during_training_leave_training_untouched(prepared):
     assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "chatty"), *args, "--prompts", "[Doc]",
                  "--train.sample_interval", "2"]) == 0
     assert _losses(tmp_path / "quiet") == _losses(tmp_path / "chatty")
+
+
+def test_fit_takes_any_task(tmp_path):
+    """A task is a batch source of any structure and a loss returning (loss, metrics): here a
+    dict batch and a classification-style loss with accuracy; the metrics reach metrics.jsonl,
+    evaluation may report anything, and the run records its task."""
+    import torch
+
+    from lmforge.config import ModelConfig, TrainConfig
+    from lmforge.model import GPT
+    from lmforge.train import fit
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("gpt-nano", vocab_size=32, context_length=8))
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 32, (64, 8), generator=gen)
+    labels = (data[:, 0] % 2)  # a learnable rule: the parity of the first token
+
+    def batches(k):
+        i = torch.arange(8) + 8 * (k % 8)
+        return {"input_ids": data[i], "labels": labels[i]}
+
+    def loss_fn(m, batch):
+        logits = m(batch["input_ids"])[:, -1, :2]
+        acc = (logits.argmax(-1) == batch["labels"]).float().mean().item()
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"]), {"accuracy": acc}
+
+    def evaluate(m, dtype):
+        with torch.no_grad():
+            logits = m(data)[:, -1, :2]
+        return {"accuracy": (logits.argmax(-1) == labels).float().mean().item()}
+
+    cfg = TrainConfig(max_steps=6, batch_size=8, log_interval=1, eval_interval=3, warmup_steps=1, lr=1e-3,
+                      dtype="float32")
+    result = fit(model, batches, loss_fn, cfg, tmp_path / "run", evaluate=evaluate, task="classify", progress=False)
+    assert result.step == 6 and result.tokens == 6 * 8 * 8
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6] and all(0 <= r["accuracy"] <= 1 for r in train)
+    assert [r["step"] for r in recs if "val_accuracy" in r] == [0, 3, 6]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["task"] == "classify" and config["train"]["max_steps"] == 6

@@ -1,10 +1,11 @@
 """The one training loop.
 
-``fit`` is parameterised by a batch source (``batches(k) -> (x, y)`` for micro-batch k,
-a pure function of k) and a loss function (``loss_fn(model, x, y) -> scalar``), so
-pretraining and every later fine-tuning task share it. It owns the optimiser step,
-gradient accumulation and clipping, the learning-rate schedule, mixed precision,
-periodic evaluation and samples, ``metrics.jsonl``, checkpoints and resuming.
+``fit`` is parameterised by a task: a batch source (``batches(k)``, micro-batch k as any
+structure of tensors, a pure function of k) and a loss function (``loss_fn(model, batch) ->
+(loss, metrics)``, metrics a dict of floats to log beside the loss), so pretraining and every
+fine-tuning task share it. It owns the optimiser step, gradient accumulation and clipping,
+the learning-rate schedule, mixed precision, periodic evaluation and samples,
+``metrics.jsonl``, checkpoints and resuming. ``train_step`` is one optimiser step of it.
 
 Resuming is exact: batches depend only on the micro-batch index, dropout is seeded by
 it, and the optimiser state is restored, so a resumed run — also one killed with
@@ -17,8 +18,9 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,8 +32,9 @@ from .model import GPT
 from .optim import lr_at, make_optimizer
 from .precision import autocast, resolve_dtype, tune_cpu_allocator
 
-Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
-LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Batch = Any  # a tensor, or a tuple / list / dict of tensors: whatever the task's loss function takes
+Batches = Callable[[int], Batch]
+LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
 
 # Settings that only extend or observe a run. Changing them on resume is announced and allowed;
 # changing anything else (learning rate, batch, model, data...) would make the result differ from
@@ -39,6 +42,66 @@ LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 RESUMABLE = frozenset({"train.max_steps", "train.max_minutes", "train.eval_interval", "train.eval_batches",
                        "train.sample_interval", "train.save_interval", "train.log_interval",
                        "train.keep_checkpoints", "train.compile", "data_path"})
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch with every tensor in it moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_tokens(batch: Batch) -> int:
+    """Tokens in a batch, for throughput: the size of its first tensor (the input ids)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel()
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    for v in values:
+        n = batch_tokens(v)
+        if n:
+            return n
+    return 0
+
+
+@dataclass
+class StepResult:
+    loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    grad_norm: float | None = None
+    tokens: int = 0
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, loss_fn: LossFn,
+               step: int, config: TrainConfig, device: torch.device, dtype: torch.dtype) -> StepResult:
+    """One optimiser step: set the learning rate, accumulate ``grad_accum`` micro-batches, clip, step."""
+    lr = lr_at(step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, tokens, sums = 0.0, 0, {}
+    for micro in range(config.grad_accum):
+        k = step * config.grad_accum + micro
+        batch = to_device(batches(k), device)
+        torch.manual_seed(config.seed * 1_000_003 + k)  # dropout depends on k alone: resume is exact
+        with autocast(device, dtype):
+            loss, metrics = loss_fn(model, batch)
+        (loss / config.grad_accum).backward()
+        loss_sum += loss.item()
+        tokens += batch_tokens(batch)
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+    if not math.isfinite(loss_sum):
+        raise LmforgeError(f"loss became {loss_sum} at step {step}; lower --train.lr or use --train.dtype float32")
+    grad_norm = None
+    if config.grad_clip is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: no re-allocation per step
+    return StepResult(loss=loss_sum / config.grad_accum, grad_norm=grad_norm, tokens=tokens,
+                      metrics={name: v / config.grad_accum for name, v in sums.items()})
 
 
 @dataclass
@@ -127,8 +190,12 @@ def prepare_for_training(model: GPT) -> None:
 def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_dir: str | Path,
         evaluate: Callable[[GPT, torch.dtype], dict[str, float]] | None = None,
         sample: Callable[[GPT, int], None] | None = None, resume: bool = False,
-        extra_config: dict | None = None, progress: bool = True, allow_changes: bool = False) -> FitResult:
+        extra_config: dict | None = None, progress: bool = True, allow_changes: bool = False,
+        task: str = "pretrain") -> FitResult:
     """Train ``model`` in place for ``config.max_steps`` optimiser steps, writing to ``run_dir``.
+
+    ``evaluate(model, dtype)`` returns any metrics (logged as ``val_<name>``); ``task`` names the
+    run in its config and on the progress bar.
 
     With ``resume``, the newest complete checkpoint of ``run_dir`` is loaded and training goes on
     from its step; settings that differ from the stored ones are announced, and those that would
@@ -142,7 +209,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     dtype = resolve_dtype(config.dtype, device)
     if device.type == "cpu":
         tune_cpu_allocator()
-    extra_config = {**(extra_config or {}), "train": config_dict(config)}
+    extra_config = {**(extra_config or {}), "task": task, "train": config_dict(config)}
     optimizer = make_optimizer(model, config)
     start, tokens, elapsed = 0, 0, 0.0
     if resume:
@@ -184,11 +251,11 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     def run_eval(step: int) -> None:
         if evaluate is not None:
             res = evaluate(model, dtype)
-            log.write(step=step, val_loss=res["loss"], val_perplexity=res["perplexity"], tokens=tokens)
-            bar.write(f"step {step}: val loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}")
+            log.write(step=step, **{f"val_{k}": v for k, v in res.items()}, tokens=tokens)
+            bar.write(f"step {step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in res.items() if k != "tokens"))
 
     model.train()
-    bar = tqdm(total=config.max_steps, initial=start, desc="pretrain", unit="step", disable=not progress,
+    bar = tqdm(total=config.max_steps, initial=start, desc=task, unit="step", disable=not progress,
                dynamic_ncols=True)
 
     def run_sample(step: int) -> None:
@@ -206,37 +273,18 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     window_t, window_tokens = time.perf_counter(), 0
     try:
         for step in range(start, config.max_steps):
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(config.grad_accum):
-                k = step * config.grad_accum + micro
-                x, y = batches(k)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                torch.manual_seed(config.seed * 1_000_003 + k)  # dropout depends on k alone: resume is exact
-                with autocast(device, dtype):
-                    loss = loss_fn(model, x, y)
-                (loss / config.grad_accum).backward()
-                loss_sum += loss.item()
-                tokens += x.numel()
-                window_tokens += x.numel()
-            if not math.isfinite(loss_sum):
-                raise LmforgeError(f"loss became {loss_sum} at step {step}; lower --train.lr or use --train.dtype float32")
-            grad_norm = None
-            if config.grad_clip is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
-            optimizer.step()
-            done, tokens_done = step + 1, tokens
-            optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: no re-allocation per step
-            loss_value = loss_sum / config.grad_accum
+            result = train_step(model, optimizer, batches, loss_fn, step, config, device, dtype)
+            done, loss_value = step + 1, result.loss
+            tokens += result.tokens
+            window_tokens += result.tokens
+            tokens_done = tokens
             now = time.perf_counter()
             elapsed = now - t_start
             if done % config.log_interval == 0 or done == config.max_steps:
                 tps = window_tokens / max(now - window_t, 1e-9)
                 window_t, window_tokens = now, 0
-                log.write(step=done, loss=loss_value, lr=lr, grad_norm=grad_norm, tokens=tokens, tokens_per_s=tps,
-                          elapsed_s=elapsed)
+                log.write(step=done, loss=loss_value, **result.metrics, lr=lr_at(step, config),
+                          grad_norm=result.grad_norm, tokens=tokens, tokens_per_s=tps, elapsed_s=elapsed)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
             bar.update(1)
             last = done == config.max_steps
@@ -264,4 +312,5 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     return FitResult(step=done, last_loss=loss_value, tokens=tokens_done, seconds=elapsed, stopped_early=stopped_early)
 
 
-__all__ = ["FitResult", "RESUMABLE", "fit", "prepare_for_training", "settings_diff"]
+__all__ = ["FitResult", "RESUMABLE", "StepResult", "batch_tokens", "fit", "prepare_for_training", "settings_diff",
+           "to_device", "train_step"]

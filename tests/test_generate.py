@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lmforge.config import ModelConfig, SampleConfig
@@ -150,3 +151,20 @@ def test_generate_text_prompt_ids_and_end_handling(monkeypatch):
                         or torch.tensor([[104, 105]]))
     assert generate_text(None, no_specials, "") == "hi"
     assert seen[-1] == ([[0]], None)
+
+
+def test_generate_uses_the_kv_cache_by_default(monkeypatch):
+    model = _model()
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda idx, kv_cache=None: calls.append(
+        (idx.size(1), kv_cache is not None)) or forward(idx, kv_cache))
+    generate(model, torch.zeros(1, 3, dtype=torch.long), SampleConfig(max_new_tokens=3, temperature=0))
+    assert calls[0] == (3, True) and calls[1:] and all(c == (1, True) for c in calls[1:])  # prefill, then one token at a time
+
+
+def test_sample_next_defaults_to_temperature_one():
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(torch.tensor([[1.0, 0.0, -1.0]]).expand(20_000, -1), generator=g)
+    freq = (torch.bincount(draws, minlength=3).float() / 20_000).tolist()
+    assert freq[0] == pytest.approx(0.6652, abs=0.015)  # softmax([1, 0, -1])[0]

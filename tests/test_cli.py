@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -40,8 +41,12 @@ def test_pipeline_end_to_end(prepared, capsys):
                  "--sample.temperature", "0"]) == 0
     assert capsys.readouterr().out == first  # greedy is deterministic
 
-    assert main(["eval", str(run), "--data", str(data)]) == 0
-    assert "val loss" in capsys.readouterr().out
+    assert main(["eval", str(run), "--data", str(data), "--batch_size", "4", "--max_batches", "2"]) == 0
+    m = re.search(r"val loss ([\d.]+)  perplexity ([\d.]+)  \(([\d,]+) tokens\)", capsys.readouterr().out)
+    # The same windows fit evaluated at step 12 (batch 4, 2 batches, context 32), in fp32 both times.
+    assert float(m.group(1)) == pytest.approx(vals[-1]["val_loss"], abs=1e-4)
+    assert float(m.group(2)) == pytest.approx(math.exp(float(m.group(1))), rel=1e-3)
+    assert int(m.group(3).replace(",", "")) == 4 * 2 * 32
 
     assert main(["tokenizer", "encode", "--tokenizer", str(tok), "--text", "Document 3."]) == 0
     ids = capsys.readouterr().out.strip()
@@ -55,7 +60,13 @@ def test_yaml_config_file(prepared, capsys):
     cfg.write_text(f"data: {data}\nout: {tmp / 'yrun'}\npreset: gpt-nano\nmodel:\n  context_length: 32\n"
                    "train:\n  max_steps: 3\n  batch_size: 2\n  dtype: float32\n  eval_interval: 3\nprompts: []\n")
     assert main(["pretrain", "--config", str(cfg)]) == 0
-    assert json.loads((tmp / "yrun" / "config.json").read_text())["train"]["max_steps"] == 3
+    run_cfg = json.loads((tmp / "yrun" / "config.json").read_text())
+    assert run_cfg["train"]["max_steps"] == 3 and run_cfg["train"]["batch_size"] == 2
+    assert run_cfg["train"]["dtype"] == "float32" and run_cfg["train"]["eval_interval"] == 3
+    assert run_cfg["model"]["context_length"] == 32 and run_cfg["model"]["d_model"] == 64  # gpt-nano's width
+    assert run_cfg["data_path"] == str(data.resolve())
+    records = [json.loads(ln) for ln in (tmp / "yrun" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 3]
 
 
 def test_help_comes_from_the_dataclasses(capsys):
@@ -158,7 +169,15 @@ def test_export_and_use_elsewhere(prepared, capsys):
             assert main(["eval", spec, "--text", str(corpus)]) == 0
             outs.append(capsys.readouterr().out)
         assert outs[0] == outs[2] and outs[1] == outs[3]  # same model, same tokenizer, same numbers
-        assert "bits per byte" in outs[1]
+        from lmforge.evaluate import bits_per_byte
+        from lmforge.models import load_any
+
+        model, tok = load_any(str(run))
+        want = bits_per_byte(model, tok, corpus.read_text(encoding="utf-8"))
+        got = re.search(r"bits per byte ([\d.]+)  \(([\d,]+) tokens, ([\d,]+) bytes\)", outs[1])
+        assert float(got.group(1)) == pytest.approx(want["bits_per_byte"], abs=1e-4)
+        assert int(got.group(2).replace(",", "")) == want["tokens"] and int(got.group(3).replace(",", "")) == want["bytes"]
+        assert 0 < len(corpus.read_bytes()) - want["bytes"] < 16  # every byte but the first token's is scored
     assert "Llama-family" in _error(["export", str(tmp / "run-gpt"), "--to", "gguf", "--out", str(tmp / "x.gguf")],
                                     capsys)
     assert main(["export", str(tmp / "run-llama"), "--to", "gguf", "--out", str(tmp / "m.gguf"), "--dtype",

@@ -184,6 +184,10 @@ CASES = [
     ("download-two-names", ["download", "a", "b"], "unrecognized arguments", None),
     # tokenizer train
     ("tt-missing-args", ["tokenizer", "train"], "required", None),
+    ("tt-into-shards", ["tokenizer", "train", "--data", f"{R}/corpus", "--out", f"{R}/data/tokenizer.json"],
+     "prepared data folder", None),
+    ("tt-into-shards-overwrite", ["tokenizer", "train", "--data", f"{R}/corpus", "--out", f"{R}/data/tokenizer.json",
+                                  "--overwrite", "true"], "prepared data folder", None),
     ("tt-missing-file", ["tokenizer", "train", "--data", f"{B}/nope.txt", "--out", f"{R}/t.json"], "no such file", None),
     ("tt-empty-file", ["tokenizer", "train", "--data", f"{B}/empty.txt", "--out", f"{R}/t.json"], "is empty", None),
     ("tt-binary", ["tokenizer", "train", "--data", f"{B}/blob.txt", "--out", f"{R}/t.json"], "looks binary", None),

@@ -438,3 +438,68 @@ def test_sigkill_at_random_instants_then_resume_reproduces_the_run(reference, tm
     assert kills >= 1
     assert _records(run) == want
     assert not _leftovers(run)
+
+
+def test_what_the_adversarial_sweep_found(reference, tmp_path, capsys):
+    """Other data of the same size, a run stopped in its first second, a copy that followed the
+    links, a swapped tokenizer, a file named checkpoints, a changed preset, an old config."""
+    import hashlib
+    import shutil
+
+    from lmforge.checkpoint import find_checkpoint
+    from lmforge.train import settings_diff
+
+    data, full, records = reference
+    # Other data, same token counts: the content hash tells them apart.
+    other = tmp_path / "other-data"
+    shutil.copytree(data, other)
+    train = bytearray((other / "train.bin").read_bytes())
+    train[0:2], train[2:4] = train[2:4], train[0:2]
+    assert train != (data / "train.bin").read_bytes()
+    (other / "train.bin").write_bytes(bytes(train))
+    index = json.loads((other / "index.json").read_text())
+    index["sha256"]["train"] = hashlib.sha256(bytes(train)).hexdigest()  # as `prepare` would record it
+    (other / "index.json").write_text(json.dumps(index))
+    run = tmp_path / "run"
+    shutil.copytree(full, run, symlinks=True)
+    err = _error(["pretrain", "--out", str(run), "--resume", "true", "--train.max_steps", "10", "--data", str(other)],
+                 capsys)
+    assert "data.sha256.train" in err
+    # A changed preset is a settings difference, named before any weights are read.
+    err = _error(["pretrain", "--out", str(run), "--resume", "true", "--train.max_steps", "10", "--preset",
+                  "gpt-micro"], capsys)
+    assert "model.d_model 64 -> 192" in err and "resuming" not in capsys.readouterr().out
+    # A config written before a setting existed is not a difference.
+    assert settings_diff({"train": {"lr": 1.0}}, {"task": "pretrain", "train": {"lr": 1.0, "new": 2}}) == []
+    # A run killed in its first second (only its tokenizer, a temp file) is started over by the same command.
+    early = tmp_path / "early"
+    early.mkdir()
+    shutil.copy(full / "tokenizer.json", early / "tokenizer.json")
+    (early / "metrics.jsonl.tmp4242").write_text("")
+    assert "without --resume" in _error(["pretrain", "--out", str(early), "--resume", "true"], capsys)
+    assert main(["pretrain", "--data", str(data), "--out", str(early), *ARGS]) == 0
+    assert _records(early) == records and not _leftovers(early)
+    # A copy that followed the links (cp -rL): resuming puts the links back, on the newest checkpoint.
+    copy = tmp_path / "copy"
+    shutil.copytree(full, copy, symlinks=False)
+    assert not (copy / "model.safetensors").is_symlink()
+    assert main(["pretrain", "--out", str(copy), "--resume", "true", "--train.max_steps", "10"]) == 0
+    for name in ("model.safetensors", "config.json", "trainer_state.pt"):
+        assert (copy / name).resolve() == (copy / "checkpoints" / "step-00000010" / name).resolve(), name
+    assert os.readlink(copy / "checkpoints" / "latest") == "step-00000010"
+    assert find_checkpoint(copy).name == "step-00000010"
+    # A tokenizer that is not the run's is refused, not used.
+    swapped = tmp_path / "swapped"
+    shutil.copytree(full, swapped, symlinks=True)
+    from lmforge.config import TokenizerConfig
+    from lmforge.tokenizer import Tokenizer
+
+    Tokenizer.train(["other text entirely, " * 50], TokenizerConfig(vocab_size=270)).save(swapped / "tokenizer.json")
+    capsys.readouterr()
+    assert "not the tokenizer this run was trained with" in _error(["generate", str(swapped)], capsys)
+    # A file where the checkpoints go is named before any training.
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "checkpoints").write_text("mine")
+    assert "is a file" in _error(["pretrain", "--data", str(data), "--out", str(blocked), *ARGS], capsys)
+    assert (blocked / "checkpoints").read_text() == "mine"

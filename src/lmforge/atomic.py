@@ -26,8 +26,13 @@ def write_file(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except OSError as e:
         path.unlink(missing_ok=True)  # never leave a partial file behind to fill a full disk further
+        if e.filename is None:  # write() and fsync() name no file: say which one it was
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+    except BaseException:
+        path.unlink(missing_ok=True)
         raise
     return path
 

@@ -41,6 +41,7 @@ from .tokenizer import Tokenizer
 CONFIG, WEIGHTS, TOKENIZER, STATE, METRICS = "config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt", "metrics.jsonl"
 CHECKPOINTS, LATEST, MANIFEST = "checkpoints", "latest", "manifest.json"
 _STEP_DIR = re.compile(r"step-(\d{8,})")
+_warned: set[tuple] = set()
 
 
 class CheckpointError(LmforgeError, ValueError):
@@ -103,11 +104,13 @@ def write_checkpoint(run_dir: str | os.PathLike, step: int, files: dict[str, byt
     # fails (durability of the rename, the `latest` link, pruning) cannot undo it.
     try:
         atomic.fsync_dir(root)
+        if (root / LATEST).is_dir() and not (root / LATEST).is_symlink():
+            atomic.remove_tree(root / LATEST)  # a copy that followed links made it a folder: stale
         atomic.symlink(final.name, root / LATEST)
-        for name in files:  # the top-level view, made once: links that always go through `latest`
-            link = run / name
-            if not link.is_symlink() and not link.exists():
-                os.symlink(Path(CHECKPOINTS) / LATEST / name, link)
+        for name in files:  # the top-level view: links that always go through `latest`
+            link, target = run / name, str(Path(CHECKPOINTS) / LATEST / name)
+            if not (link.is_symlink() and os.readlink(link) == target) and not link.is_dir():
+                atomic.symlink(target, link)  # also replaces a stale copy (cp -rL, an old-layout file)
     except OSError:
         pass  # no symlinks here (some Windows set-ups): readers go through checkpoints/ anyway
     try:
@@ -180,14 +183,26 @@ def verify_checkpoint(folder: Path) -> str | None:
 RUN_FILES = frozenset({CONFIG, WEIGHTS, STATE, TOKENIZER, METRICS, CHECKPOINTS, "loss.png"})
 
 
+def _own_file(name: str) -> bool:
+    """A name training writes at the top of a run, or the temp file of one (``metrics.jsonl.tmp123``)."""
+    return name in RUN_FILES or (".tmp" in name and name.split(".tmp")[0] in RUN_FILES)
+
+
+def is_unstarted_run(path: str | os.PathLike) -> bool:
+    """A run stopped before its first checkpoint (Ctrl-C in its first second): only lmforge's own
+    files, no config yet. Nothing in it can be lost, so a fresh start may take it over."""
+    p = Path(path)
+    if not p.is_dir() or (p / CONFIG).exists() or _step_dirs(p / CHECKPOINTS):
+        return False
+    names = [c.name for c in p.iterdir()]
+    return bool(names) and TOKENIZER in names and all(_own_file(n) for n in names)
+
+
 def is_run_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` looks like an lmforge run directory (with or without a checkpoint yet)."""
     p = Path(path)
-    if (p / CHECKPOINTS).is_dir():
+    if (p / CHECKPOINTS).is_dir() or is_unstarted_run(p):
         return True
-    if p.is_dir() and not (p / CONFIG).exists() and (p / TOKENIZER).is_file() and (p / METRICS).is_file() \
-            and {c.name for c in p.iterdir()} <= RUN_FILES:
-        return True  # a run stopped before its first checkpoint: lmforge's own files only
     try:
         return json.loads((p / CONFIG).read_text()).get("format") == "lmforge-run"
     except (OSError, ValueError, AttributeError):
@@ -207,11 +222,14 @@ def find_checkpoint(run_dir: str | os.PathLike, warn: bool = True) -> Path:
     is returned for them.
     """
     run = Path(run_dir)
+    if (run / CHECKPOINTS).exists() and not (run / CHECKPOINTS).is_dir():
+        raise CheckpointError(f"{run / CHECKPOINTS} is a file, where lmforge keeps a run's checkpoints; move it away")
     problems = []
     for step, folder in _step_dirs(run / CHECKPOINTS):
         problem = verify_checkpoint(folder)
         if problem is None:
-            if problems and warn:
+            if problems and warn and (str(folder), tuple(problems)) not in _warned:
+                _warned.add((str(folder), tuple(problems)))  # once per process, however many readers ask
                 print(f"lmforge: warning: skipped damaged checkpoint(s) of {run}: {'; '.join(problems)}; "
                       f"using step {step}", file=sys.stderr)
             return folder
@@ -220,9 +238,9 @@ def find_checkpoint(run_dir: str | os.PathLike, warn: bool = True) -> Path:
         raise CheckpointError(f"every checkpoint of {run} is damaged ({'; '.join(problems)}); train again")
     if (run / CONFIG).is_file() and not (run / CONFIG).is_symlink():
         return run  # the layout of lmforge 0.1: three files at the top level
-    if run.is_dir() and not (run / CONFIG).exists() and (run / TOKENIZER).is_file():
+    if is_unstarted_run(run):
         raise CheckpointError(f"{run} has no checkpoint yet (training stopped before its first save); "
-                              "start it again")
+                              "start it again: the same command without --resume")
     raise CheckpointError(f"{run} is not a run directory (no {CONFIG}); give the --out folder of `lmforge pretrain`")
 
 
@@ -313,6 +331,17 @@ def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -
     model = build_model(mcfg, tensors, str(folder / WEIGHTS), device)
     cfg["step"] = int(meta.get("step", 0))
     return model, cfg
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """Model and tokenizer of a run, checked to belong together (the run recorded its tokenizer)."""
+    model, cfg = load_model(run_dir, device)
+    tok = load_tokenizer(run_dir)
+    want = (cfg.get("data") or {}).get("fingerprint") if isinstance(cfg.get("data"), dict) else None
+    if want is not None and tok.fingerprint != want:
+        raise CheckpointError(f"{Path(run_dir) / TOKENIZER} is not the tokenizer this run was trained with; "
+                              "restore it (the run's data folder holds a copy)")
+    return model, tok
 
 
 def load_tokenizer(run_dir: str | os.PathLike) -> Tokenizer:

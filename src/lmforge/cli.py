@@ -11,6 +11,7 @@ import argparse
 import functools
 import os
 import sys
+from pathlib import Path
 
 from .config import (
     GGUF_EXPORT_TYPES,
@@ -206,6 +207,9 @@ def _run(argv: list[str]) -> int:
             train_config = _config(TrainConfig, a.train)
         if not data:
             raise LmforgeError("--data is required: the directory written by `lmforge prepare`")
+        if a.resume and not a.data and not (Path(data) / "index.json").is_file():
+            raise LmforgeError(f"the data this run was trained on ({data}, recorded in its config) is gone or moved; "
+                               "give its new place with --data")
         summary = pipeline.pretrain(data, a.out, model_config, train_config, resume=a.resume,
                                     prompts=tuple(a.prompts), allow_changes=a.allow_changes, overwrite=a.overwrite)
         _print_summary(summary)
@@ -257,7 +261,13 @@ def _tokenizer(a) -> None:
     elif a.action == "encode":
         tok = Tokenizer.load(a.encode.tokenizer)
         text = a.encode.text if a.encode.text is not None else sys.stdin.read()
-        print(" ".join(map(str, tok.encode(text, allowed_special="all" if a.encode.allow_special else ()))))
+        try:
+            ids = tok.encode(text, allowed_special="all" if a.encode.allow_special else ())
+        except LmforgeError as e:
+            if "contains the special token" not in str(e):
+                raise
+            raise LmforgeError(str(e).split(";")[0] + "; pass --allow_special true to encode it as its id") from None
+        print(" ".join(map(str, ids)))
     else:
         tok = Tokenizer.load(a.decode.tokenizer)
         raw = a.decode.ids if a.decode.ids is not None else sys.stdin.read()
@@ -345,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, or an interrupt that struck inside an import: one line, traceback on request
+        if os.environ.get("LMFORGE_DEBUG"):
+            raise
+        print(f"lmforge: internal error: {type(e).__name__}: {_one_line(str(e))[:300]} (a bug in lmforge: "
+              "please report it; LMFORGE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -191,6 +191,23 @@ class ShardSet:
     def fingerprint(self) -> str:
         return self.index["tokenizer_fingerprint"]
 
+    @property
+    def identity(self) -> dict:
+        """What a run trained on these shards records of them: tokenizer, sizes and content."""
+        ident = {"fingerprint": self.fingerprint, "train_tokens": int(self.index["tokens"]["train"]),
+                 "val_tokens": int(self.index["tokens"]["val"])}
+        if isinstance(self.index.get("sha256"), dict):  # shards prepared before content hashes lack it
+            ident["sha256"] = dict(self.index["sha256"])
+        return ident
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
 
 def _input_signature(paths: list[str], config: DataConfig, tokenizer: Tokenizer) -> str:
     h = hashlib.sha256()
@@ -312,6 +329,8 @@ def prepare(paths: list[str], out_dir: str | os.PathLike, tokenizer: Tokenizer,
             "tokenizer_fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
             "eot_id": tokenizer.eot_id, "tokens": {s: counts[s][0] for s in counts},
             "documents": {s: counts[s][1] for s in counts}, "sources": paths, "input_signature": signature,
+            # What the shards hold, so that a run resumed on other data is caught even at equal sizes.
+            "sha256": {s: _sha256_file(tmps[f"{s}.bin"]) for s in counts},
             "data_config": config_dict(config),
         }
         atomic.write_file(tmps["index.json"], (json.dumps(index, indent=2) + "\n").encode("utf-8"))

@@ -110,8 +110,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h.sub_(weight.detach().float()[safe_t]).mul_(scale)
         ctx.save_for_backward(*(x for x in (grad_h, grad_w, scaled_h, safe_t) if x is not None))
         ctx.weight = weight if into_grad else None
-        if need_w:
-            ctx.lease = _Lease(("grad_w", compute_dtype, weight.device))
+        key = ("grad_w", compute_dtype, weight.device)
+        if need_w and grad_w is _workspace.get(key):  # a fresh tensor (the buffer was leased) is this graph's own
+            ctx.lease = _Lease(key)
         ctx.has = (need_h, need_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total / n_valid
@@ -119,7 +120,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         saved = list(ctx.saved_tensors)
-        gh = saved.pop(0).to(ctx.dtypes[0]).mul_(grad_out) if ctx.has[0] else None
+        # A copy, not the saved tensor scaled in place: a retained graph's second backward needs it as it was.
+        gh = saved.pop(0).to(ctx.dtypes[0], copy=True).mul_(grad_out) if ctx.has[0] else None
         gw = None
         if ctx.has[1]:
             grad_w, scaled_h, safe_t = saved

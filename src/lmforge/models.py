@@ -29,19 +29,15 @@ def load_any(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, Tokeni
 
         return load_gguf(path, device)
     if path.is_dir():
-        from .checkpoint import is_run_dir, load_model, load_tokenizer
+        from .checkpoint import is_run_dir, load_run
 
         if is_run_dir(path):  # the newest complete checkpoint, a damaged one skipped
-            return load_model(path, device)[0], load_tokenizer(path)
+            return load_run(path, device)
     if path.is_dir() and (path / "config.json").is_file():
         try:
             cfg = json.loads((path / "config.json").read_text())
         except ValueError:
             raise LmforgeError(f"{path / 'config.json'} is not valid JSON") from None
-        if cfg.get("format") == "lmforge-run":
-            from .checkpoint import load_model, load_tokenizer
-
-            return load_model(path, device)[0], load_tokenizer(path)
         if "model_type" in cfg:
             from .convert import load_hf
             from .hf_tokenizer import load_hf_tokenizer

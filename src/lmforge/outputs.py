@@ -91,6 +91,13 @@ def check_output(out: str | os.PathLike, *, kind: str, what: str, own_kind: Call
         if any(w == src for w in written):
             raise OutputError(f"{flag} {out} would replace the input {given}; choose another path")
     folder = target if kind == "folder" else target.parent
+    if kind == "file" and folder.is_dir():
+        from .data import SHARD_FILES, is_shard_dir
+
+        if target.name in SHARD_FILES and is_shard_dir(folder):
+            # The shards' tokenizer.json (or index) must stay the one they were made with.
+            raise OutputError(f"{flag} {out} is a file of the prepared data folder {folder}, which only "
+                              "`lmforge prepare` writes; choose another path")
     if holds_a_run(folder):
         raise OutputError(f"{flag} {out} is {'' if kind == 'folder' else 'in '}a training run directory, which "
                           "only `lmforge pretrain` writes (its checkpoints must stay resumable); choose another path")

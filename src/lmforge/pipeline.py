@@ -126,6 +126,9 @@ def _prepare_run_dir(run: Path, data_dir: Path, resume: bool, overwrite: bool) -
                            "the data it trains on")
     if run.exists() and not run.is_dir():
         raise LmforgeError(f"--out {run} is an existing file; give a directory")
+    if (run / CHECKPOINTS).exists() and not (run / CHECKPOINTS).is_dir():
+        raise LmforgeError(f"{run / CHECKPOINTS} is a file, where lmforge keeps a run's checkpoints; move it away "
+                           "or choose a new --out")
     if resume:
         return
     if has_checkpoint(run):
@@ -204,9 +207,7 @@ def pretrain(data_dir: str | Path, out: str | Path, model_config: ModelConfig, t
 
     has_val = len(val_tokens) >= 2
     # What the data is, so that resuming on other data is caught; where it is, so resume can find it.
-    data_identity = {"data": {"fingerprint": shards.fingerprint, "train_tokens": int(len(train_tokens)),
-                              "val_tokens": int(len(val_tokens))},
-                     "data_path": str(Path(data_dir).resolve())}
+    data_identity = {"data": shards.identity, "data_path": str(Path(data_dir).resolve())}
     result = fit(model, batches, next_token_loss, train, run, evaluate=evaluate if has_val else None,
                  sample=_sampler(tokenizer, prompts, sample) if prompts else None, resume=resume, progress=progress,
                  extra_config=data_identity, allow_changes=allow_changes)

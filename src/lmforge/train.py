@@ -149,13 +149,16 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
 
 
 def settings_diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
-    """(key, old, new) for every setting in ``new`` whose value differs from ``old``."""
+    """(key, old, new) for every setting in ``new`` whose value differs from ``old``. A key the
+    old config lacks (written by an lmforge that did not have the setting) is not a difference."""
     a, b = _flatten(old), _flatten(new)
-    return [(k, a.get(k), v) for k, v in b.items() if a.get(k) != v]
+    return [(k, a.get(k), v) for k, v in b.items() if k in a and a[k] != v]
 
 
 def _check_resume(run: Path, stored: dict, current: dict, config: TrainConfig, start: int,
-                  allow_changes: bool, say: Callable[[str], None]) -> None:
+                  allow_changes: bool) -> list[str]:
+    """Refuse changes that would make the result differ from an uninterrupted run (unless
+    ``allow_changes``); return the lines that announce the others."""
     diff = settings_diff(stored, current)
     refused = [d for d in diff if d[0] not in RESUMABLE]
     shown = lambda ds: ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in ds)  # noqa: E731
@@ -163,15 +166,31 @@ def _check_resume(run: Path, stored: dict, current: dict, config: TrainConfig, s
         raise LmforgeError(f"{run} was trained with other settings ({shown(refused)}); resuming with them would not "
                            "give the run you started. Leave them out (a resumed run keeps its own settings) or pass "
                            "--allow_changes true to continue with them anyway")
-    if diff:
-        say(f"changed on resume: {shown(diff)}")
+    lines = [f"changed on resume: {shown(diff)}"] if diff else []
     try:
         old_train = TrainConfig(**stored["train"])
     except (TypeError, KeyError, LmforgeError):
         old_train = None  # a config from another version: nothing to compare the schedule with
     if old_train is not None and start < config.max_steps and lr_at(start, old_train) != lr_at(start, config):
-        say(f"the learning-rate schedule now spans {config.max_steps} steps: at step {start} it is "
-            f"{lr_at(start, config):.3g} (was {lr_at(start, old_train):.3g})")
+        lines.append(f"the learning-rate schedule now spans {config.max_steps} steps: at step {start} it is "
+                     f"{lr_at(start, config):.3g} (was {lr_at(start, old_train):.3g})")
+    return lines
+
+
+def state_step(folder: Path) -> int:
+    """The step of a checkpoint written before configs carried it (the weights' metadata has it)."""
+    try:
+        return int(load_weights(folder / WEIGHTS)[1].get("step", 0))
+    except LmforgeError:
+        return 0  # the full load that follows reports the damage
+
+
+def remove_stale_temp_files(run: Path) -> None:
+    """Temp files of atomic writes at the top of a run that a kill interrupted (checkpoint temp
+    folders are swept by the next checkpoint)."""
+    for stale in run.glob("*.tmp[0-9]*"):
+        if stale.is_file() and stale.name.split(".tmp")[0] in (METRICS, "tokenizer.json", "loss.png"):
+            stale.unlink(missing_ok=True)
 
 
 def prepare_for_training(model: GPT) -> None:
@@ -212,9 +231,17 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     extra_config = {**(extra_config or {}), "task": task, "train": config_dict(config)}
     optimizer = make_optimizer(model, config)
     start, tokens, elapsed = 0, 0, 0.0
+    remove_stale_temp_files(run)
     if resume:
         folder = find_checkpoint(run)
         stored = read_run_config(folder)
+        start = int(stored["step"]) if "step" in stored else state_step(folder)
+        if start >= config.max_steps:
+            raise LmforgeError(f"{run} already finished {start} of {config.max_steps} steps; raise --train.max_steps "
+                               "to train further")
+        # Compared before anything is loaded: a different model is a settings difference, not a shape error.
+        changes = _check_resume(run, stored, {"model": model.config.to_dict(), **extra_config}, config, start,
+                                allow_changes)
         if not (folder / STATE).is_file():
             raise LmforgeError(f"{folder} holds weights but no trainer state, so it cannot be resumed; "
                                "start without --resume")
@@ -222,16 +249,10 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
         load_state_into(model, tensors, str(folder / WEIGHTS))
         state = load_trainer_state(folder, int(meta.get("step", -1)))
         start, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
-        if start >= config.max_steps:
-            raise LmforgeError(f"{run} already finished {start} of {config.max_steps} steps; raise --train.max_steps "
-                               "to train further")
-        print(f"resuming {run} from step {start} of {config.max_steps} ({folder.name})")
-        _check_resume(run, stored, {"model": model.config.to_dict(), **extra_config}, config, start, allow_changes,
-                      print)
         optimizer.load_state_dict(state["optimizer"])
-    for stale in run.glob("*.tmp[0-9]*"):  # temp files of atomic writes that a kill interrupted
-        if stale.is_file() and stale.name.split(".tmp")[0] in (METRICS, "tokenizer.json", "loss.png"):
-            stale.unlink()
+        print(f"resuming {run} from step {start} of {config.max_steps} ({folder.name})")
+        for line in changes:
+            print(line)
     log = MetricsLog(run / METRICS, start if resume else None)
     prepare_for_training(model)
     if config.compile:

@@ -1,0 +1,133 @@
+"""Tests written to kill mutmut survivors in model.py (docs/DEVELOPING.md, mutation testing)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.model import GPT, MLP, RMSNorm, SwiGLU, init_module_weights, make_norm
+
+
+def test_rmsnorm_default_eps_is_1e_minus_5():
+    norm = RMSNorm(2)
+    x = torch.tensor([[3e-3, 4e-3]])  # mean square 1.25e-5: comparable to eps
+    rms = math.sqrt(12.5e-6 + 1e-5)
+    assert norm(x)[0].tolist() == pytest.approx([3e-3 / rms, 4e-3 / rms], rel=1e-5)
+
+
+def test_rmsnorm_normalises_the_last_dimension_of_a_sequence():
+    norm = RMSNorm(4, eps=0.0)
+    x = torch.arange(1.0, 25.0).reshape(2, 3, 4)  # (B, T, d) with T != d
+    want = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    torch.testing.assert_close(norm(x), want)
+
+
+def test_rmsnorm_keeps_a_low_precision_input_in_its_dtype():
+    norm = RMSNorm(4).to(torch.bfloat16)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.bfloat16)
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    want = (x.float() / (x.float().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()).to(torch.bfloat16)
+    assert torch.equal(out, want)
+
+
+def test_layernorm_bias_follows_the_config():
+    assert make_norm(ModelConfig(d_model=4, n_head=1, bias=False)).bias is None
+    assert make_norm(ModelConfig(d_model=4, n_head=1, bias=True)).bias is not None
+    assert make_norm(ModelConfig(d_model=4, n_head=1, norm_eps=0.25)).eps == 0.25
+
+
+@pytest.mark.parametrize("cls, mlp", [(MLP, "gelu"), (SwiGLU, "swiglu")])
+def test_mlp_dropout_is_the_configured_rate(cls, mlp):
+    for p in (0.0, 0.3):
+        m = cls(ModelConfig(d_model=4, n_head=1, mlp=mlp, dropout=p))
+        assert m.drop.p == p
+    m = cls(ModelConfig(d_model=4, n_head=1, mlp=mlp, dropout=0.0)).train()
+    x = torch.randn(8, 4)
+    assert torch.equal(m(x), m(x))  # no dropout at rate 0, even in training mode
+
+
+def test_model_dropout_layers_use_the_configured_rate():
+    model = GPT(ModelConfig(vocab_size=8, context_length=4, d_model=4, n_layer=1, n_head=1, dropout=0.0)).train()
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, nn.Dropout))
+    idx = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model(idx), model(idx))
+
+
+def test_modules_of_other_types_are_initialised_by_themselves_or_zeroed():
+    class Knows(nn.Module):  # a module that knows its own initialisation (as LoRA layers do)
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.full((3,), 5.0))
+
+        def reset_parameters(self):
+            with torch.no_grad():
+                self.a.fill_(7.0)
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Parameter(torch.full((3,), 5.0))
+
+    root = nn.Sequential(Knows(), Plain(), nn.LayerNorm(3), nn.Linear(3, 3))
+    with torch.no_grad():
+        root[2].weight.fill_(2.0)
+        root[2].bias.fill_(2.0)
+        root[3].bias.fill_(2.0)
+    init_module_weights(root, n_layer=1, seed=0)
+    assert root[0].a.tolist() == [7.0, 7.0, 7.0]
+    assert root[1].b.tolist() == [0.0, 0.0, 0.0]
+    assert root[2].weight.tolist() == [1.0, 1.0, 1.0] and root[2].bias.tolist() == [0.0, 0.0, 0.0]
+    assert root[3].bias.tolist() == [0.0, 0.0, 0.0] and root[3].weight.abs().max() > 0
+
+
+def test_a_shared_parameter_is_initialised_once_by_its_first_owner():
+    """A weight shared by a plain layer and a residual projection keeps the first one's
+    initialisation (as the tied embedding and output layer share one)."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(64, 256, bias=False), nn.Linear(64, 256, bias=False)
+    second.weight = first.weight
+    second.residual_projection = True
+    init_module_weights(nn.Sequential(first, second), n_layer=50, seed=0)
+    assert first.weight.std().item() == pytest.approx(0.02, rel=0.05)  # not 0.02 / 10
+
+
+def test_init_skips_parameters_on_the_meta_device():
+    with torch.device("meta"):
+        model = GPT(ModelConfig(vocab_size=8, context_length=4, d_model=4, n_layer=1, n_head=1))
+    init_module_weights(model, 1, seed=0)  # nothing to draw: no error
+    assert model.wte.weight.device.type == "meta"
+
+
+def test_init_weights_with_a_seed_is_reproducible_and_seed_dependent():
+    cfg = ModelConfig(vocab_size=16, context_length=4, d_model=8, n_layer=1, n_head=1)
+    a, b = GPT(cfg), GPT(cfg)
+    a.init_weights(seed=1)
+    b.init_weights(seed=1)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    b.init_weights(seed=2)
+    assert not torch.equal(a.wte.weight, b.wte.weight)
+
+
+def test_flops_per_token_defaults_to_the_context_length():
+    cfg = ModelConfig(vocab_size=16, context_length=8, d_model=8, n_layer=2, n_head=2)
+    model = GPT(cfg)
+    assert model.flops_per_token() == model.flops_per_token(8)
+    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert model.flops_per_token(3) == 6 * n_matmul + 12 * 2 * 2 * 4 * 3
+
+
+def test_forward_with_targets_is_the_mean_loss_on_both_paths():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, context_length=8, d_model=8, n_layer=1, n_head=2)
+    model = GPT(cfg)
+    x, y = torch.randint(0, 16, (2, 8)), torch.randint(0, 16, (2, 8))
+    y[0, :3] = -100
+    logits = model(x)
+    want = nn.functional.cross_entropy(logits.reshape(-1, 16), y.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(model(x, targets=y), want)
+    torch.testing.assert_close(model(x, targets=y, fused=False), want)
+    assert model.output_weight is model.lm_head.weight

@@ -80,6 +80,7 @@ def test_rotary_needs_an_even_head_size():
     ModelConfig(d_model=6, n_head=3, positions="rope")  # head size 2
     ModelConfig(d_model=6, n_head=2, positions="learned")  # head size 3 is fine without rotary
     _refused(ModelConfig, dict(d_model=6, n_head=2, positions="rope"), "rotary embeddings need an even head size, got 3")
+    _refused(ModelConfig, dict(d_model=5, n_head=1, positions="rope"), "rotary embeddings need an even head size, got 5")
     # An indivisible width gets its own message, not a head size computed from it.
     text = _refused(ModelConfig, dict(d_model=7, n_head=2, positions="rope"), "must be divisible by n_head")
     assert "rotary" not in text
@@ -112,8 +113,10 @@ def test_tokenizer_config_boundaries():
     text = _refused(TokenizerConfig, dict(vocab_size=257, special_tokens=("<a>", "<b>")),
                     "vocab_size must be at least 256 byte tokens + 2 special token(s) = 258, got 257")
     assert text.startswith("invalid tokenizer config: ")
-    _refused(TokenizerConfig, dict(special_tokens=("<a>", "<a>")), "special_tokens contains duplicates")
-    _refused(TokenizerConfig, dict(special_tokens=("<a>", "")), "special tokens must be non-empty strings")
+    assert (_refused(TokenizerConfig, dict(special_tokens=("<a>", "<a>")))
+            == "invalid tokenizer config: special_tokens contains duplicates")
+    assert (_refused(TokenizerConfig, dict(special_tokens=("<a>", "")))
+            == "invalid tokenizer config: special tokens must be non-empty strings")
 
 
 # ----------------------------------------------------------------------------- DataConfig

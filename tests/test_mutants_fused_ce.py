@@ -283,3 +283,25 @@ def test_backward_twice_through_a_retained_graph(fresh_workspace, into):
     loss.backward()
     torch.testing.assert_close(h.grad, 2 * gh)
     torch.testing.assert_close(w.grad, 2 * gw)
+
+
+@pytest.mark.parametrize("into", [False, True])
+def test_independent_of_torchs_default_dtype(fresh_workspace, into):
+    """With torch's default dtype set to float64 (as scientific code does), fp32 inputs still give
+    an fp32 loss and the same values: nothing in the kernel is made in "the default dtype"."""
+    h, w, t = _inputs(9, n=40, v=30)
+    ref = cross_entropy_reference(h, w, t)
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        loss = linear_cross_entropy(h, w, t, chunk_rows=16, grad_into_weight=into)
+        loss.backward()
+    finally:
+        torch.set_default_dtype(old)
+    assert loss.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(h.grad, gh)
+    torch.testing.assert_close(w.grad, gw)

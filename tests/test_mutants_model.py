@@ -131,3 +131,72 @@ def test_forward_with_targets_is_the_mean_loss_on_both_paths():
     torch.testing.assert_close(model(x, targets=y), want)
     torch.testing.assert_close(model(x, targets=y, fused=False), want)
     assert model.output_weight is model.lm_head.weight
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_swiglu_layers_follow_the_bias_setting(bias):
+    m = SwiGLU(ModelConfig(d_model=4, n_head=1, mlp="swiglu", bias=bias))
+    for layer in (m.c_gate, m.c_fc, m.c_proj):
+        assert (layer.bias is not None) == bias
+
+
+def test_swiglu_output_projection_is_scaled_as_a_residual_projection():
+    cfg = ModelConfig(vocab_size=16, context_length=4, d_model=128, n_head=2, n_layer=8, mlp="swiglu",
+                      norm="rmsnorm", positions="rope", bias=False)
+    model = GPT(cfg)
+    assert model.h[0].mlp.c_proj.residual_projection is True
+    assert model.h[0].mlp.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.05)
+    assert model.h[0].mlp.c_gate.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_block_is_two_pre_norm_residual_branches(positions):
+    """Block(x) = y + mlp(ln_2(y)) with y = x + attn(ln_1(x)), rotary angles passed to attention."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, context_length=8, d_model=8, n_layer=1, n_head=2, positions=positions)
+    model = GPT(cfg)
+    block = model.h[0]
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.5 * torch.randn_like(p))  # norms and biases away from their initial values
+    x = torch.randn(2, 5, 8)
+    rope = model.rotary(0, 5, x.device) if positions == "rope" else None
+    y = x + block.attn(block.ln_1(x), None, rope)
+    want = y + block.mlp(block.ln_2(y))
+    torch.testing.assert_close(block(x, None, rope), want)
+    if rope is not None:  # the angles matter: without them the block computes something else
+        assert not torch.allclose(block(x, None, None), want)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_hidden_states_are_the_blocks_applied_in_order_with_positions(positions):
+    """hidden_states = ln_f(blocks(wte[idx] (+ wpe[pos]))), rotary angles for the absolute
+    positions; with a KV cache the positions continue where the cache stopped."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, context_length=8, d_model=8, n_layer=2, n_head=2, positions=positions)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 16, (2, 6))
+    x = model.wte(idx)
+    rope = None
+    if positions == "learned":
+        x = x + model.wpe.weight[:6]
+    else:
+        rope = model.rotary(0, 6, idx.device)
+    for block in model.h:
+        x = block(x, None, rope)
+    want = model.ln_f(x)
+    torch.testing.assert_close(model.hidden_states(idx), want)
+    from lmforge.attention import KVCache
+    cache = KVCache(cfg, batch_size=2)
+    model.hidden_states(idx[:, :4], cache)
+    torch.testing.assert_close(model.hidden_states(idx[:, 4:], cache), want[:, 4:])
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_forward_on_the_meta_device_makes_everything_there(positions):
+    """Positions are made on the input's device (a CPU tensor here would fail on a GPU)."""
+    with torch.device("meta"):
+        model = GPT(ModelConfig(vocab_size=16, context_length=8, d_model=8, n_layer=1, n_head=2, positions=positions))
+    idx = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    out = model(idx)
+    assert out.device.type == "meta" and out.shape == (2, 5, 16)

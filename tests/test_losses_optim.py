@@ -280,3 +280,17 @@ def test_gradient_into_a_bfloat16_weight():
         linear_cross_entropy(h.detach(), w16, t, chunk_rows=16, grad_into_weight=True).backward()
     assert w16.grad.dtype == torch.bfloat16
     assert (w16.grad.float() - want).abs().max() < 0.03 * want.abs().max()
+
+
+def test_scaled_and_unscaled_backward_through_a_retained_graph():
+    """loss.backward() hands autograd the saved hidden gradient itself; a scaled backward (gradient
+    accumulation divides the loss) gets a scaled copy; neither changes what a second backward sees."""
+    h, w, t = _inputs(11, n=24, v=30)
+    ref_h, = torch.autograd.grad(cross_entropy_reference(h, w, t), h)
+    loss = linear_cross_entropy(h, w, t)
+    first, = torch.autograd.grad(loss, h, retain_graph=True)
+    half, = torch.autograd.grad(loss * 0.5, h, retain_graph=True)
+    again, = torch.autograd.grad(loss, h)
+    torch.testing.assert_close(first, ref_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(half, ref_h * 0.5, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, ref_h, rtol=1e-5, atol=1e-6)

@@ -120,8 +120,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         saved = list(ctx.saved_tensors)
-        # A copy, not the saved tensor scaled in place: a retained graph's second backward needs it as it was.
-        gh = saved.pop(0).to(ctx.dtypes[0], copy=True).mul_(grad_out) if ctx.has[0] else None
+        gh = None
+        if ctx.has[0]:
+            g = saved.pop(0)
+            if grad_out.device.type != "meta" and float(grad_out) == 1.0:  # loss.backward(): hand over the
+                # saved gradient itself, no fresh (N, d) tensor (autograd never changes a returned gradient)
+                gh = g.to(ctx.dtypes[0])
+            else:  # a scaled copy, never the saved tensor scaled in place: a retained graph's second
+                gh = g.to(ctx.dtypes[0], copy=True).mul_(grad_out)  # backward needs it as it was
         gw = None
         if ctx.has[1]:
             grad_w, scaled_h, safe_t = saved

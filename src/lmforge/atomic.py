@@ -1,4 +1,5 @@
 """Atomic file writes: write a temporary file beside the target, flush it, rename it over.
+(And ``sha256_file``, the one checksum of a file that checkpoints, shards and downloads use.)
 
 A crash or a kill mid-write leaves the old file (or none), never half a file; a write that
 fails (a full disk, a read-only folder) removes its temporary file and leaves the old one
@@ -11,6 +12,7 @@ one: the fault-injection tests make the k-th of them fail, or kill the process t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -91,3 +93,12 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
     return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in blocks (files may be larger than memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -169,13 +169,10 @@ def verify_checkpoint(folder: Path) -> str | None:
         try:
             if path.stat().st_size != want["bytes"]:
                 return f"{name} has {path.stat().st_size:,} bytes, the manifest says {want['bytes']:,}"
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
+            digest = atomic.sha256_file(path)
         except OSError as e:
             return f"{name} cannot be read ({e.strerror or e})"
-        if h.hexdigest() != want["sha256"]:
+        if digest != want["sha256"]:
             return f"{name} does not match its checksum"
     return None
 

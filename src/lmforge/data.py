@@ -201,14 +201,6 @@ class ShardSet:
         return ident
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _input_signature(paths: list[str], config: DataConfig, tokenizer: Tokenizer) -> str:
     h = hashlib.sha256()
     h.update(tokenizer.fingerprint.encode())
@@ -330,7 +322,7 @@ def prepare(paths: list[str], out_dir: str | os.PathLike, tokenizer: Tokenizer,
             "eot_id": tokenizer.eot_id, "tokens": {s: counts[s][0] for s in counts},
             "documents": {s: counts[s][1] for s in counts}, "sources": paths, "input_signature": signature,
             # What the shards hold, so that a run resumed on other data is caught even at equal sizes.
-            "sha256": {s: _sha256_file(tmps[f"{s}.bin"]) for s in counts},
+            "sha256": {s: atomic.sha256_file(tmps[f"{s}.bin"]) for s in counts},
             "data_config": config_dict(config),
         }
         atomic.write_file(tmps["index.json"], (json.dumps(index, indent=2) + "\n").encode("utf-8"))

@@ -32,10 +32,8 @@ source fails, the error lists each source and why it failed, in full.
 from __future__ import annotations
 
 import codecs
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from . import atomic
 from .config import LmforgeError
 
 ALLOW_UNVERIFIED_ENV = "LMFORGE_ALLOW_UNVERIFIED"
@@ -177,11 +176,7 @@ def network_timeout() -> float | None:
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return atomic.sha256_file(path)
 
 
 def _say(message: str) -> None:

@@ -188,3 +188,18 @@ def test_fit_uses_the_scheduled_lr_at_every_step(tmp_path):
     logged = {r["step"]: r["lr"] for r in records if "lr" in r}
     assert sorted(logged) == [1, 2, 3, 4, 5, 6]  # step n is logged after n optimiser steps
     assert [logged[s] for s in range(1, 7)] == pytest.approx(expected, abs=1e-12)
+
+
+def test_next_token_loss_runs_the_fused_kernel_unless_told_not_to():
+    """Both paths give the same value (tested above); the default must still be the fast one, and
+    fused=False the plain reference: the fused kernel leaves its kept buffers behind, the reference none."""
+    from lmforge import fused_ce
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=7, context_length=4, d_model=8, n_layer=1, n_head=2))
+    batch = (torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]))
+    fused_ce._workspace.clear()
+    next_token_loss(model, batch, fused=False)
+    assert fused_ce._workspace == {}
+    next_token_loss(model, batch)
+    assert any(key[0] == "logits" for key in fused_ce._workspace)

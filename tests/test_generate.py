@@ -153,14 +153,30 @@ def test_generate_text_prompt_ids_and_end_handling(monkeypatch):
     assert seen[-1] == ([[0]], None)
 
 
-def test_generate_uses_the_kv_cache_by_default(monkeypatch):
-    model = _model()
+def _record_forwards(model, monkeypatch) -> list[tuple[int, bool]]:
+    """(tokens fed, cache given) of every forward call the model gets."""
     calls = []
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda idx, kv_cache=None: calls.append(
         (idx.size(1), kv_cache is not None)) or forward(idx, kv_cache))
+    return calls
+
+
+def test_generate_uses_the_kv_cache_by_default(monkeypatch):
+    model = _model()
+    calls = _record_forwards(model, monkeypatch)
     generate(model, torch.zeros(1, 3, dtype=torch.long), SampleConfig(max_new_tokens=3, temperature=0))
     assert calls[0] == (3, True) and calls[1:] and all(c == (1, True) for c in calls[1:])  # prefill, then one token at a time
+
+
+def test_generate_without_the_kv_cache_reruns_the_whole_sequence(monkeypatch):
+    model = _model()
+    calls = _record_forwards(model, monkeypatch)
+    out = generate(model, torch.zeros(1, 3, dtype=torch.long), SampleConfig(max_new_tokens=3, temperature=0),
+                   use_cache=False)
+    assert out.shape == (1, 3)
+    # No cache anywhere: the prompt, then the growing sequence, recomputed from the start each time.
+    assert len(calls) >= 3 and calls == [(3 + i, False) for i in range(len(calls))]
 
 
 def test_sample_next_defaults_to_temperature_one():

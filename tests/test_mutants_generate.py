@@ -8,27 +8,14 @@ import pytest
 import torch
 
 import lmforge.generate as gen_mod
-from lmforge.config import ModelConfig, SampleConfig
-from lmforge.generate import fresh_seed, generate, generate_text, sample_next
+from lmforge.config import ModelConfig
+from lmforge.generate import fresh_seed, generate_text, sample_next
 from lmforge.model import GPT
 
 
 def _model():
     torch.manual_seed(0)
     return GPT(ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layer=2, n_head=4)).eval()
-
-
-def test_generate_without_the_kv_cache_reruns_the_whole_sequence(monkeypatch):
-    model = _model()
-    calls = []
-    forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda idx, kv_cache=None: calls.append(
-        (idx.size(1), kv_cache is not None)) or forward(idx, kv_cache))
-    out = generate(model, torch.zeros(1, 3, dtype=torch.long), SampleConfig(max_new_tokens=3, temperature=0),
-                   use_cache=False)
-    assert out.shape == (1, 3)
-    # No cache anywhere: the prompt, then the growing sequence, recomputed from the start each time.
-    assert len(calls) >= 3 and calls == [(3 + i, False) for i in range(len(calls))]
 
 
 def test_fresh_seeds_span_the_whole_63_bit_range():

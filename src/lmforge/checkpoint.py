@@ -180,9 +180,14 @@ def verify_checkpoint(folder: Path) -> str | None:
 RUN_FILES = frozenset({CONFIG, WEIGHTS, STATE, TOKENIZER, METRICS, CHECKPOINTS, "loss.png"})
 
 
+def is_own_temp_file(name: str) -> bool:
+    """The temp file of an atomic write of a run's own file (``metrics.jsonl.tmp123``)."""
+    return ".tmp" in name and name.split(".tmp")[0] in RUN_FILES
+
+
 def _own_file(name: str) -> bool:
-    """A name training writes at the top of a run, or the temp file of one (``metrics.jsonl.tmp123``)."""
-    return name in RUN_FILES or (".tmp" in name and name.split(".tmp")[0] in RUN_FILES)
+    """A name training writes at the top of a run, or the temp file of one."""
+    return name in RUN_FILES or is_own_temp_file(name)
 
 
 def is_unstarted_run(path: str | os.PathLike) -> bool:

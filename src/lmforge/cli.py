@@ -168,7 +168,7 @@ def _model_overrides(p) -> None:
 
 
 def _config(cls, ns):
-    return cls(**{k: v for k, v in vars(ns).items() if not k.startswith("__")})
+    return cls(**_given(ns))
 
 
 def _run(argv: list[str]) -> int:

@@ -55,7 +55,7 @@ def bits_per_byte(model: torch.nn.Module, tokenizer, text: str, window: int = 51
     """
     ids = tokenizer.encode(text, disallowed_special=())
     if len(ids) < 2:
-        raise LmforgeError("text too short to score: it encodes to fewer than two tokens; give a longer text")
+        raise LmforgeError("too little text to score: it encodes to fewer than two tokens; give a longer text")
     window = min(window, model.config.context_length)
     device = next(model.parameters()).device
     model.eval()

@@ -60,7 +60,8 @@ def holds_a_run(path: Path) -> bool:
     return (path / "trainer_state.pt").exists() or (path / "checkpoints" / "latest").exists()
 
 
-def _inside(child: Path, parent: Path) -> bool:
+def inside(child: Path, parent: Path) -> bool:
+    """Whether ``child`` is ``parent`` or below it (both resolved)."""
     return child == parent or parent in child.parents
 
 
@@ -85,7 +86,7 @@ def check_output(out: str | os.PathLike, *, kind: str, what: str, own_kind: Call
         if target == src:
             raise OutputError(f"{flag} {out} is also an input of this command; writing it would destroy the "
                               "input. Choose another path")
-        if src.is_dir() and _inside(target, src):
+        if src.is_dir() and inside(target, src):
             raise OutputError(f"{flag} {out} is inside the input folder {given}; write outside the folders "
                               "being read")
         if any(w == src for w in written):
@@ -169,5 +170,5 @@ def remove_quietly(*paths: Path) -> None:
             p.unlink()
 
 
-__all__ = ["OutputError", "check_output", "fs_hint", "holds_a_run", "input_paths", "read_json_head", "remove_quietly",
+__all__ = ["OutputError", "check_output", "fs_hint", "holds_a_run", "input_paths", "inside", "read_json_head", "remove_quietly",
            "staged_folder", "write_error"]

@@ -38,7 +38,7 @@ from .generate import generate_text
 from .losses import next_token_loss
 from .model import GPT
 from .models import load_any
-from .outputs import check_output, write_error
+from .outputs import check_output, inside, write_error
 from .precision import default_device, resolve_dtype
 from .report import plot_losses, read_metrics
 from .tokenizer import FORMAT as TOKENIZER_FORMAT
@@ -118,10 +118,10 @@ def _as_text(text: str) -> str:
 def _prepare_run_dir(run: Path, data_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse outputs that would destroy inputs or other work; with ``overwrite``, clear an old run."""
     from . import atomic
-    from .checkpoint import CHECKPOINTS, is_run_dir
+    from .checkpoint import CHECKPOINTS, RUN_FILES, TOKENIZER, is_run_dir
 
     r, d = run.resolve(), data_dir.resolve()
-    if r == d or d in r.parents or r in d.parents:
+    if inside(r, d) or inside(d, r):
         raise LmforgeError(f"--out {run} and --data {data_dir} overlap; the run directory must be separate from "
                            "the data it trains on")
     if run.exists() and not run.is_dir():
@@ -140,7 +140,7 @@ def _prepare_run_dir(run: Path, data_dir: Path, resume: bool, overwrite: bool) -
                            "--overwrite true to write into it anyway")
     if overwrite and is_run_dir(run):  # only lmforge's own files go: the checkpoints and what points at them
         atomic.remove_tree(run / CHECKPOINTS)
-        for name in ("config.json", "model.safetensors", "trainer_state.pt", METRICS_FILE, "loss.png"):
+        for name in RUN_FILES - {CHECKPOINTS, TOKENIZER}:  # the tokenizer is written again right after
             if (run / name).is_symlink() or (run / name).is_file():
                 (run / name).unlink()
 
@@ -289,9 +289,6 @@ def evaluate_text(model_spec: str, paths: list[str], dtype: str = "float32") -> 
     _check_eval_args(dtype=dtype)
     text = "\n\n".join(read_documents(paths))
     model, tokenizer = load_any(model_spec, default_device())
-    if len(tokenizer.encode(text, disallowed_special=())) < 2:
-        raise LmforgeError(f"{', '.join(paths)}: too little text to score (bits per byte needs at least two tokens); "
-                           "give a longer text")
     return bits_per_byte(model, tokenizer, text, dtype=resolve_dtype(dtype, default_device()))
 
 
@@ -341,7 +338,7 @@ def main_job(data: list[str] | None = None, out: str | Path = "runs/default", st
     train = train or TrainConfig(batch_size=16, max_steps=steps, warmup_steps=50, lr=2e-3, eval_interval=200,
                                  eval_batches=10, save_interval=100, max_minutes=max_minutes, weight_decay=0.1)
     ModelConfig.from_preset(preset, vocab_size=vocab_size)  # bad settings are refused before anything is written
-    TokenizerConfig(vocab_size=vocab_size)
+    tok_config = TokenizerConfig(vocab_size=vocab_size)
     resume = has_checkpoint(out / "model")
     if resume:
         done = read_run_config(out / "model").get("step", 0)
@@ -352,7 +349,7 @@ def main_job(data: list[str] | None = None, out: str | Path = "runs/default", st
     else:
         print(f"== 1/5 tokenizer: byte-level BPE, vocabulary {vocab_size}, corpus: "
               f"{'text shipped with Python (pydoc topics + stdlib docstrings)' if paths == ['builtin'] else ', '.join(paths)}")
-        train_tokenizer(paths, out / "tokenizer.json", TokenizerConfig(vocab_size=vocab_size))
+        train_tokenizer(paths, out / "tokenizer.json", tok_config)
         print("== 2/5 token shards")
         prepare_shards(paths, out / "tokenizer.json", out / "data")
     vocab = Tokenizer.load(out / "tokenizer.json").vocab_size  # a small corpus may give fewer tokens than asked

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from . import atomic
-from .checkpoint import METRICS, STATE, WEIGHTS, find_checkpoint, load_state_into, load_trainer_state, load_weights, \
+from .checkpoint import METRICS, STATE, WEIGHTS, find_checkpoint, is_own_temp_file, load_state_into, load_trainer_state, load_weights, \
     read_run_config, save_checkpoint
 from .config import LmforgeError, TrainConfig, config_dict
 from .model import GPT
@@ -177,19 +177,11 @@ def _check_resume(run: Path, stored: dict, current: dict, config: TrainConfig, s
     return lines
 
 
-def state_step(folder: Path) -> int:
-    """The step of a checkpoint written before configs carried it (the weights' metadata has it)."""
-    try:
-        return int(load_weights(folder / WEIGHTS)[1].get("step", 0))
-    except LmforgeError:
-        return 0  # the full load that follows reports the damage
-
-
 def remove_stale_temp_files(run: Path) -> None:
     """Temp files of atomic writes at the top of a run that a kill interrupted (checkpoint temp
     folders are swept by the next checkpoint)."""
     for stale in run.glob("*.tmp[0-9]*"):
-        if stale.is_file() and stale.name.split(".tmp")[0] in (METRICS, "tokenizer.json", "loss.png"):
+        if stale.is_file() and is_own_temp_file(stale.name):
             stale.unlink(missing_ok=True)
 
 
@@ -235,13 +227,9 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     if resume:
         folder = find_checkpoint(run)
         stored = read_run_config(folder)
-        start = int(stored["step"]) if "step" in stored else state_step(folder)
-        if start >= config.max_steps:
-            raise LmforgeError(f"{run} already finished {start} of {config.max_steps} steps; raise --train.max_steps "
-                               "to train further")
         # Compared before anything is loaded: a different model is a settings difference, not a shape error.
-        changes = _check_resume(run, stored, {"model": model.config.to_dict(), **extra_config}, config, start,
-                                allow_changes)
+        changes = _check_resume(run, stored, {"model": model.config.to_dict(), **extra_config}, config,
+                                int(stored.get("step", 0)), allow_changes)
         if not (folder / STATE).is_file():
             raise LmforgeError(f"{folder} holds weights but no trainer state, so it cannot be resumed; "
                                "start without --resume")
@@ -249,6 +237,9 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
         load_state_into(model, tensors, str(folder / WEIGHTS))
         state = load_trainer_state(folder, int(meta.get("step", -1)))
         start, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
+        if start >= config.max_steps:
+            raise LmforgeError(f"{run} already finished {start} of {config.max_steps} steps; raise --train.max_steps "
+                               "to train further")
         optimizer.load_state_dict(state["optimizer"])
         print(f"resuming {run} from step {start} of {config.max_steps} ({folder.name})")
         for line in changes:
@@ -265,7 +256,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     def checkpoint(step: int) -> None:
         nonlocal saved
         if step != saved:
-            save_checkpoint(run, model, optimizer, step, {"tokens": tokens_done, "elapsed": elapsed}, extra_config,
+            save_checkpoint(run, model, optimizer, step, {"tokens": tokens, "elapsed": elapsed}, extra_config,
                             keep=config.keep_checkpoints)
             saved = step
 
@@ -289,8 +280,8 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
         run_sample(0)
     t_start = time.perf_counter() - elapsed  # elapsed counts every invocation of this run
     t_invocation = time.perf_counter()  # the time cap counts only this one
-    done, loss_value, stopped_early = start, float("nan"), False  # done: optimiser steps completed
-    tokens_done = tokens
+    # done: optimiser steps completed; tokens counts only completed steps (a step is added whole)
+    done, loss_value, stopped_early = start, float("nan"), False
     window_t, window_tokens = time.perf_counter(), 0
     try:
         for step in range(start, config.max_steps):
@@ -298,7 +289,6 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             done, loss_value = step + 1, result.loss
             tokens += result.tokens
             window_tokens += result.tokens
-            tokens_done = tokens
             now = time.perf_counter()
             elapsed = now - t_start
             if done % config.log_interval == 0 or done == config.max_steps:
@@ -330,7 +320,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     model.eval()
     if sample is not None:
         sample(model, done)
-    return FitResult(step=done, last_loss=loss_value, tokens=tokens_done, seconds=elapsed, stopped_early=stopped_early)
+    return FitResult(step=done, last_loss=loss_value, tokens=tokens, seconds=elapsed, stopped_early=stopped_early)
 
 
 __all__ = ["FitResult", "RESUMABLE", "StepResult", "batch_tokens", "fit", "prepare_for_training", "settings_diff",

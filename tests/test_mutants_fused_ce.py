@@ -2,8 +2,8 @@
 
 The fused loss's values are covered by the known-answer and reference tests; what those cannot
 see is where its work happens (the device of every buffer: the CPU suite would not notice a
-buffer made on the CPU for a GPU run), how much memory one chunk takes, and whether the kept
-buffers are really kept. These tests check each directly."""
+buffer made on the CPU for a GPU run), how much memory one chunk takes, and whether several
+losses alive at once keep their own gradients. These tests check each directly."""
 
 import pytest
 import torch
@@ -22,21 +22,13 @@ def _inputs(seed=0, n=60, d=16, v=50, dtype=torch.float32):
 
 
 @pytest.fixture
-def fresh_workspace(monkeypatch):
-    """An empty set of kept buffers for this test, the suite's own put back afterwards."""
-    monkeypatch.setattr(fused_ce, "_workspace", {})
-    monkeypatch.setattr(fused_ce, "_leased", set())
-    return fused_ce
-
-
-@pytest.fixture
 def recorded_apply(monkeypatch):
     """Replaces the kernel by a recorder of what linear_cross_entropy hands it."""
     calls = []
 
-    def record(hidden, weight, targets, ignore_index, rows, compute_dtype, into):
+    def record(hidden, weight, targets, ignore_index, rows, compute_dtype):
         calls.append({"shape": tuple(hidden.shape), "targets": tuple(targets.shape), "ignore": ignore_index,
-                      "rows": rows, "dtype": compute_dtype, "into": into})
+                      "rows": rows, "dtype": compute_dtype})
         return torch.zeros(())
 
     monkeypatch.setattr(fused_ce._LinearCrossEntropy, "apply", staticmethod(record))
@@ -63,109 +55,83 @@ def test_what_the_wrapper_hands_the_kernel(recorded_apply):
     w = torch.zeros(5, 4, requires_grad=True)
     t = torch.zeros(2, 3, dtype=torch.long)
     linear_cross_entropy(h, w, t, chunk_rows=7, ignore_index=3)
-    assert recorded_apply[-1] == {"shape": (6, 4), "targets": (6,), "ignore": 3, "rows": 7,
-                                  "dtype": torch.float32, "into": False}
+    assert recorded_apply[-1] == {"shape": (6, 4), "targets": (6,), "ignore": 3, "rows": 7, "dtype": torch.float32}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        linear_cross_entropy(h, w, t, grad_into_weight=True)
-    assert recorded_apply[-1]["dtype"] == torch.bfloat16 and recorded_apply[-1]["into"] is True
-    linear_cross_entropy(h, w.detach(), t, grad_into_weight=True)  # no gradient wanted: nothing to write into
-    assert recorded_apply[-1]["into"] is False
-    linear_cross_entropy(h, w * 2, t, grad_into_weight=True)  # not a leaf: autograd carries its gradient
-    assert recorded_apply[-1]["into"] is False
+        linear_cross_entropy(h, w, t)
+    assert recorded_apply[-1]["dtype"] == torch.bfloat16
     linear_cross_entropy(h.double(), w.double(), t)  # without autocast, the inputs' own precision
     assert recorded_apply[-1]["dtype"] == torch.float64
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
-def test_every_buffer_and_gradient_lives_on_the_inputs_device(fresh_workspace, compute_dtype, need):
+def test_every_buffer_and_gradient_lives_on_the_inputs_device(compute_dtype, need):
     """On the meta device (shapes, dtypes and devices without data): a buffer or gradient made on
     the CPU by mistake would fail here, as it would on a GPU."""
     n, d, v = 70, 8, 30
     h = torch.empty(n, d, device="meta", requires_grad=need[0])
     w = torch.empty(v, d, device="meta", requires_grad=need[1])
     t = torch.empty(n, dtype=torch.long, device="meta")
-    loss = fused_ce._LinearCrossEntropy.apply(h, w, t, -100, 32, compute_dtype, False)
+    made = []  # every tensor the kernel makes: (device, shape, dtype)
+    real_empty = torch.empty
+
+    def spy(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        made.append((out.device.type, tuple(out.shape), out.dtype))
+        return out
+
+    torch.empty = spy
+    try:
+        loss = fused_ce._LinearCrossEntropy.apply(h, w, t, -100, 32, compute_dtype)
+    finally:
+        torch.empty = real_empty
     assert loss.device.type == "meta" and loss.dtype == torch.float32 and loss.shape == ()
-    if need[1]:
-        assert ("grad_w", compute_dtype, w.device) in fused_ce._leased
     loss.backward()
     for x, wanted in zip((h, w), need):
         if wanted:
             assert x.grad.device.type == "meta" and x.grad.dtype == torch.float32 and x.grad.shape == x.shape
         else:
             assert x.grad is None
-    assert fused_ce._workspace and all(b.device.type == "meta" for b in fused_ce._workspace.values())
-    assert {k: (tuple(b.shape), b.dtype) for k, b in fused_ce._workspace.items()} == {
-        **({("w_low", compute_dtype, w.device): ((v, d), compute_dtype)} if compute_dtype != torch.float32 else {}),
-        **({("grad_w", compute_dtype, w.device): ((v, d), compute_dtype)} if need[1] else {}),
-        ("logits", compute_dtype, h.device): ((32, v), compute_dtype),
-        ("logp", compute_dtype, h.device): ((32, v), compute_dtype),
-    }
+    # Everything made on the inputs' device (meta kernels written in Python make tensors too);
+    # among it one chunk's logits and log-probabilities (32 rows, not all 70) and the gradients.
+    assert {dev for dev, _, _ in made} == {"meta"}
+    wanted = [*([((n, d), torch.float32)] if need[0] else []), *([((v, d), compute_dtype)] if need[1] else []),
+              ((32, v), compute_dtype), ((32, v), compute_dtype)]
+    shapes = [(shape, dtype) for _, shape, dtype in made]
+    for item in wanted:
+        assert item in shapes, item
+        shapes.remove(item)
+    assert ((70, v), compute_dtype) not in shapes  # never the whole logits
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gradients_on_the_meta_device_keep_the_inputs_dtypes(fresh_workspace, dtype):
+def test_gradients_on_the_meta_device_keep_the_inputs_dtypes(dtype):
     h = torch.empty(40, 8, device="meta", dtype=dtype, requires_grad=True)
     w = torch.empty(30, 8, device="meta", dtype=dtype, requires_grad=True)
     t = torch.empty(40, dtype=torch.long, device="meta")
-    loss = fused_ce._LinearCrossEntropy.apply(h, w, t, -100, 16, torch.bfloat16, False)
+    loss = fused_ce._LinearCrossEntropy.apply(h, w, t, -100, 16, torch.bfloat16)
     loss.backward()
     assert h.grad.dtype == dtype and w.grad.dtype == dtype
     assert h.grad.device.type == w.grad.device.type == "meta"
-    # The gradient written into .grad is added on the weight's own device too (forward only:
-    # backward reads the upstream gradient as a number, which a meta tensor does not have).
-    w.grad = None
-    del loss
-    into = fused_ce._LinearCrossEntropy.apply(h, w, t, -100, 16, torch.bfloat16, True)
-    assert into.device.type == "meta"
-    assert ("grad_w", torch.bfloat16, w.device) in fused_ce._leased
 
 
-def test_every_kept_buffer_is_reused_step_after_step(fresh_workspace):
-    """A training step under bf16 autocast with an fp32 weight whose gradient goes straight into
-    .grad: the low-precision weight copy, the chunk's logits and log-probabilities, the weight
-    gradient and its fp32 conversion are all kept, and the second step writes into the same memory."""
-    h, w, t = _inputs(1, n=40, v=41)
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = linear_cross_entropy(h, w, t, chunk_rows=16, grad_into_weight=True)
-        loss.backward()
-        return {k: (b.data_ptr(), tuple(b.shape), b.dtype) for k, b in fused_ce._workspace.items()}
-
-    first = step()
-    bf16, f32, cpu = torch.bfloat16, torch.float32, h.device
-    assert first == {
-        ("w_low", bf16, cpu): (first[("w_low", bf16, cpu)][0], (41, 16), bf16),
-        ("logits", bf16, cpu): (first[("logits", bf16, cpu)][0], (16, 41), bf16),
-        ("logp", bf16, cpu): (first[("logp", bf16, cpu)][0], (16, 41), bf16),
-        ("grad_w", bf16, cpu): (first[("grad_w", bf16, cpu)][0], (41, 16), bf16),
-        ("grad_w_full", f32, cpu): (first[("grad_w_full", f32, cpu)][0], (41, 16), f32),
-    }
-    assert step() == first
-    assert fused_ce._leased == set()
-
-
-def test_loss_and_gradients_do_not_depend_on_the_chunk_size(fresh_workspace):
+def test_loss_and_gradients_do_not_depend_on_the_chunk_size():
     h, w, t = _inputs(2, n=45, v=37)
     ref = cross_entropy_reference(h, w, t)
     ref.backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     for rows in (1, 2, 7, 44, 45, 46, 1000):
-        for into in (False, True):
-            h.grad = w.grad = None
-            loss = linear_cross_entropy(h, w, t, chunk_rows=rows, grad_into_weight=into)
-            (loss * 0.5).backward()
-            torch.testing.assert_close(loss, ref.detach(), msg=f"{rows} {into}")
-            torch.testing.assert_close(h.grad, gh * 0.5, msg=f"{rows} {into}")
-            torch.testing.assert_close(w.grad, gw * 0.5, msg=f"{rows} {into}")
+        h.grad = w.grad = None
+        loss = linear_cross_entropy(h, w, t, chunk_rows=rows)
+        (loss * 0.5).backward()
+        torch.testing.assert_close(loss, ref.detach(), msg=str(rows))
+        torch.testing.assert_close(h.grad, gh * 0.5, msg=str(rows))
+        torch.testing.assert_close(w.grad, gw * 0.5, msg=str(rows))
 
 
-def test_losses_freed_in_any_order_keep_their_own_gradients(fresh_workspace):
+def test_losses_freed_in_any_order_keep_their_own_gradients():
     """Several losses alive at once (micro-batches, preference pairs), freed in another order
-    than made: the kept weight-gradient buffer is leased by the graph that holds it, and only
-    that graph's release frees it (a graph given a fresh tensor has nothing to release)."""
+    than made: each keeps its own gradients, whatever the others do."""
     g = torch.Generator().manual_seed(3)
     h = torch.randn(4, 20, 8, generator=g, requires_grad=True)
     w = torch.randn(30, 8, generator=g, requires_grad=True)
@@ -173,30 +139,27 @@ def test_losses_freed_in_any_order_keep_their_own_gradients(fresh_workspace):
     cross_entropy_reference(h[2], w, t[2]).backward()
     want = w.grad.clone()
     w.grad = None
-    a = linear_cross_entropy(h[0], w, t[0])  # the kept buffer
-    b = linear_cross_entropy(h[1], w, t[1])  # a holds it: a fresh tensor
+    a = linear_cross_entropy(h[0], w, t[0])
+    b = linear_cross_entropy(h[1], w, t[1])
     del a
-    c = linear_cross_entropy(h[2], w, t[2])  # the kept buffer again
-    del b  # must not release c's buffer
-    d = linear_cross_entropy(h[3], w, t[3])  # so this one gets a fresh tensor, not c's
+    c = linear_cross_entropy(h[2], w, t[2])
+    del b
+    linear_cross_entropy(h[3], w, t[3])
     c.backward()
     torch.testing.assert_close(w.grad, want)
-    del c, d
-    assert fused_ce._leased == set()
 
 
-@pytest.mark.parametrize("into", [False, True])
-def test_a_batch_with_every_position_ignored_has_zero_loss_and_zero_gradients(fresh_workspace, into):
+def test_a_batch_with_every_position_ignored_has_zero_loss_and_zero_gradients():
     """A batch of padding only (every target ignored): loss 0 and zero gradients, not 0/0 = NaN."""
     h, w, _ = _inputs(4, n=12, v=9)
     t = torch.full((12,), -100)
-    loss = linear_cross_entropy(h, w, t, chunk_rows=5, grad_into_weight=into)
+    loss = linear_cross_entropy(h, w, t, chunk_rows=5)
     assert loss.item() == 0.0
     loss.backward()
     assert h.grad.abs().max().item() == 0.0 and w.grad.abs().max().item() == 0.0
 
 
-def test_one_valid_position_is_its_own_mean(fresh_workspace):
+def test_one_valid_position_is_its_own_mean():
     """One valid row among ignored ones: the mean is over that one row (n_valid = 1, not clamped up)."""
     h, w, _ = _inputs(5, n=6, v=9)
     t = torch.full((6,), -100)
@@ -210,20 +173,19 @@ def test_one_valid_position_is_its_own_mean(fresh_workspace):
     assert h.grad[[0, 1, 2, 3, 5]].abs().max().item() == 0.0
 
 
-def test_second_loss_made_while_the_first_holds_the_buffer_stays_on_the_inputs_device(fresh_workspace):
-    """The fresh tensor handed out while the kept buffer is leased is made on the inputs' device too."""
+def test_two_losses_on_the_meta_device_keep_their_gradients_there():
     h = torch.empty(40, 8, device="meta", requires_grad=True)
     w = torch.empty(30, 8, device="meta", requires_grad=True)
     t = torch.empty(40, dtype=torch.long, device="meta")
-    first = fused_ce._LinearCrossEntropy.apply(h, w, t, -100, 16, torch.float32, False)
-    second = fused_ce._LinearCrossEntropy.apply(h, w, t, -100, 16, torch.float32, False)
+    first = fused_ce._LinearCrossEntropy.apply(h, w, t, -100, 16, torch.float32)
+    second = fused_ce._LinearCrossEntropy.apply(h, w, t, -100, 16, torch.float32)
     (first + second).backward()
     assert w.grad.device.type == "meta" and h.grad.device.type == "meta"
 
 
-def test_accumulated_weight_gradient_is_not_overwritten_by_the_next_forward(fresh_workspace):
-    """Gradient accumulation through autograd: the weight's .grad after one backward must be a
-    tensor of its own, not the kept buffer, or the next micro-batch's forward overwrites it."""
+def test_accumulated_weight_gradient_is_not_overwritten_by_the_next_forward():
+    """Gradient accumulation: the weight's .grad after one backward must be a tensor of its own,
+    which the next micro-batch's forward does not touch."""
     h, w, t = _inputs(6, n=64, v=50)
     cross_entropy_reference(h[:32], w, t[:32]).backward()
     cross_entropy_reference(h[32:], w, t[32:]).backward()
@@ -237,7 +199,7 @@ def test_accumulated_weight_gradient_is_not_overwritten_by_the_next_forward(fres
     torch.testing.assert_close(w.grad, want)
 
 
-def test_hidden_gradient_keeps_the_hiddens_precision_with_a_bfloat16_weight(fresh_workspace):
+def test_hidden_gradient_keeps_the_hiddens_precision_with_a_bfloat16_weight():
     """fp32 hidden states, a bf16 output weight: the hidden's gradient is computed and returned in
     fp32, not rounded through the weight's bf16 on the way."""
     h, w, t = _inputs(7, n=64, d=32, v=50)
@@ -255,7 +217,7 @@ def test_hidden_gradient_keeps_the_hiddens_precision_with_a_bfloat16_weight(fres
     assert (h.grad - 3 * gh).abs().max() < 0.03 * (3 * gh).abs().max()
 
 
-def test_an_explicit_half_precision_is_the_precision_used(fresh_workspace):
+def test_an_explicit_half_precision_is_the_precision_used():
     """compute_dtype=float16 outside autocast: the products are fp16 (10-bit mantissa), not the
     device's autocast default (bf16 on the CPU, 7 bits): the error against fp32 shows which."""
     h, w, t = _inputs(0, n=64, d=32, v=50)
@@ -270,23 +232,21 @@ def test_an_explicit_half_precision_is_the_precision_used(fresh_workspace):
     assert (w.grad - gw).abs().max() < 2e-3 * gw.abs().max()  # fp16: 6e-4; bf16: 6e-3
 
 
-@pytest.mark.parametrize("into", [False, True])
-def test_backward_twice_through_a_retained_graph(fresh_workspace, into):
+def test_backward_twice_through_a_retained_graph():
     """backward(retain_graph=True) leaves what the graph saved as it was: a second backward adds
     the same gradients again."""
     h, w, t = _inputs(8, n=40, v=30)
     cross_entropy_reference(h, w, t).backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
-    loss = linear_cross_entropy(h, w, t, chunk_rows=16, grad_into_weight=into)
+    loss = linear_cross_entropy(h, w, t, chunk_rows=16)
     loss.backward(retain_graph=True)
     loss.backward()
     torch.testing.assert_close(h.grad, 2 * gh)
     torch.testing.assert_close(w.grad, 2 * gw)
 
 
-@pytest.mark.parametrize("into", [False, True])
-def test_independent_of_torchs_default_dtype(fresh_workspace, into):
+def test_independent_of_torchs_default_dtype():
     """With torch's default dtype set to float64 (as scientific code does), fp32 inputs still give
     an fp32 loss and the same values: nothing in the kernel is made in "the default dtype"."""
     h, w, t = _inputs(9, n=40, v=30)
@@ -297,7 +257,7 @@ def test_independent_of_torchs_default_dtype(fresh_workspace, into):
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        loss = linear_cross_entropy(h, w, t, chunk_rows=16, grad_into_weight=into)
+        loss = linear_cross_entropy(h, w, t, chunk_rows=16)
         loss.backward()
     finally:
         torch.set_default_dtype(old)

@@ -171,7 +171,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(hidden)
         if fused:
-            return linear_cross_entropy(hidden, self.output_weight, targets, grad_into_weight=True)
+            return linear_cross_entropy(hidden, self.output_weight, targets)
         return cross_entropy_reference(hidden, self.output_weight, targets)
 
     @property

@@ -48,12 +48,17 @@ class CheckpointError(LmforgeError, ValueError):
     """A run directory or weights file that cannot be used."""
 
 
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with a tied output weight dropped (safetensors stores each tensor once)."""
+def model_state(model: nn.Module, trained_only: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict with a tied output weight dropped (safetensors stores each tensor once);
+    with ``trained_only``, only the parameters that train (a fine-tuned head, LoRA adapters,
+    the last blocks): the rest is the base model's, named in the run's config."""
     model = getattr(model, "_orig_mod", model)  # save the model, not a torch.compile wrapper
     sd = model.state_dict()
     if getattr(model, "config", None) is not None and model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)
+    if trained_only:
+        trained = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+        sd = {k: v for k, v in sd.items() if k in trained}
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
@@ -132,7 +137,9 @@ def _prune(root: Path, keep: int) -> None:
     for _, path in _step_dirs(root)[max(1, keep):]:
         atomic.remove_tree(path)
     for path in root.iterdir():  # leftovers of writes that were killed: .step-N.tmpPID, .latest.tmpPID
-        if path.name.startswith("."):
+        if path.name.startswith(".") and path.is_symlink():
+            path.unlink(missing_ok=True)  # rmtree refuses links (silently, with ignore_errors)
+        elif path.name.startswith("."):
             atomic.remove_tree(path)
 
 
@@ -143,7 +150,8 @@ def save_model(run_dir: str | os.PathLike, model: GPT, step: int = 0, extra_conf
 
     config = {"format": "lmforge-run", "version": CONFIG_FORMAT_VERSION, "step": step,
               "model": model.config.to_dict(), **(extra_config or {})}
-    files = {WEIGHTS: save(model_state(model), metadata={"format": "pt", "step": str(step)}),
+    trained_only = config.get("weights") == "trained"
+    files = {WEIGHTS: save(model_state(model, trained_only), metadata={"format": "pt", "step": str(step)}),
              CONFIG: (json.dumps(config, indent=2) + "\n").encode(), **(extra_files or {})}
     return write_checkpoint(run_dir, step, files, keep)
 
@@ -283,9 +291,9 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
 
 def check_state(model: GPT, tensors: dict[str, torch.Tensor], source: str,
-                error: type[CheckpointError] = CheckpointError) -> None:
+                error: type[CheckpointError] = CheckpointError, trained_only: bool = False) -> None:
     """Strict: every key accounted for, every shape equal, the first mismatch named."""
-    expected = model_state(model)
+    expected = model_state(model, trained_only)
     for k, v in expected.items():
         if k not in tensors:
             raise error(f"{source} lacks tensor {k!r}; it does not match this model config")
@@ -297,12 +305,14 @@ def check_state(model: GPT, tensors: dict[str, torch.Tensor], source: str,
         raise error(f"{source} has tensors this model lacks, e.g. {extra[0]!r}")
 
 
-def load_state_into(model: GPT, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy checked tensors into an existing model (resuming a run)."""
-    check_state(model, tensors, source)
+def load_state_into(model: GPT, tensors: dict[str, torch.Tensor], source: str, trained_only: bool = False) -> None:
+    """Copy checked tensors into an existing model (resuming a run; with ``trained_only``, the
+    parameters that train, over a base model)."""
+    check_state(model, tensors, source, trained_only=trained_only)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(tensors[name])
+            if name in tensors:
+                p.copy_(tensors[name])
 
 
 def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str,
@@ -321,8 +331,42 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], source: s
     return model.eval()
 
 
+def restore_structure(model: GPT, cfg: dict) -> None:
+    """Give a freshly built model the shape a fine-tuning run gave it: a classification head
+    (``head``), LoRA layers (``lora``), and which parameters train (``trained``)."""
+    from .lora import apply_lora_layers
+
+    head = cfg.get("head")
+    if head is not None:
+        model.replace_head(len(head["labels"]))
+    if cfg.get("lora"):
+        apply_lora_layers(model, cfg["lora"])
+    if "trained" in cfg:
+        trained = set(cfg["trained"])
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in trained)
+
+
+def load_base(cfg: dict, source: Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """The base model a fine-tuning run that saved only what it trained was tuned from, checked
+    to be the same model (its parameter count and tokenizer)."""
+    from .models import load_any
+
+    base = cfg["base"]
+    try:
+        model, tok = load_any(base["spec"], device)
+    except LmforgeError as e:
+        raise CheckpointError(f"{source} holds only the fine-tuned weights; its base model {base['spec']!r} cannot "
+                              f"be loaded ({e})") from None
+    if model.num_params() != base.get("params") or tok.fingerprint != base.get("tokenizer"):
+        raise CheckpointError(f"{base['spec']} is not the base model {source} was fine-tuned from (another size or "
+                              "tokenizer); restore that model there")
+    return model, tok
+
+
 def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """The model of a run's newest complete checkpoint (and its config dict), weights loaded strictly."""
+    """The model of a run's newest complete checkpoint (and its config dict), weights loaded strictly.
+    A fine-tuning run that saved only what it trained is laid over its base model."""
     cfg = read_run_config(run_dir)
     folder = Path(cfg["checkpoint"])
     try:
@@ -330,9 +374,25 @@ def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{folder / CONFIG}: {e}") from None
     tensors, meta = load_weights(folder / WEIGHTS)
-    model = build_model(mcfg, tensors, str(folder / WEIGHTS), device)
+    source = str(folder / WEIGHTS)
+    if cfg.get("weights") == "trained":
+        model, _ = load_base(cfg, folder, device)
+        restore_structure(model, cfg)
+        load_state_into(model, tensors, source, trained_only=True)
+    elif cfg.get("head") or cfg.get("lora"):
+        with torch.device("meta"):
+            model = GPT(mcfg)
+        restore_structure(model, cfg)
+        check_state(model, tensors, source)
+        model.load_state_dict({k: v.to(device=device, dtype=torch.float32) for k, v in tensors.items()},
+                              strict=False, assign=True)
+        if model.config.tie_embeddings:
+            model.lm_head.weight = model.wte.weight
+        model.eval()
+    else:
+        model = build_model(mcfg, tensors, source, device)
     cfg["step"] = int(meta.get("step", 0))
-    return model, cfg
+    return model.eval(), cfg
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:

@@ -17,14 +17,17 @@ from .config import (
     GGUF_EXPORT_TYPES,
     PRESETS,
     DataConfig,
+    FinetuneConfig,
     LmforgeError,
+    LoRAConfig,
     ModelConfig,
     SampleConfig,
     TokenizerConfig,
     TrainConfig,
 )
 
-COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "generate", "eval", "export", "download")
+COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "finetune", "classify", "merge-lora", "generate", "eval", "export",
+            "download")
 OVERWRITE_HELP = "write even where --out holds something that is not this command's own output"
 MODEL_HELP = "a run directory, a Hugging Face folder, a .gguf file or a known model name (see `lmforge download`)"
 
@@ -105,6 +108,66 @@ def _parser():  # built once per process: building it parses every config docstr
     _model_overrides(p)
     p.add_class_arguments(TrainConfig, "train")
     cmds.add_subcommand("pretrain", p, help="pretrain a GPT")
+
+    ft = ArgumentParser(description="Fine-tune a pretrained model on a task (the one training loop underneath).",
+                        exit_on_error=False)
+    cmds.add_subcommand("finetune", ft, help="fine-tune: classify, instruct, dpo")
+    ft_cmds = ft.add_subcommands(dest="task", required=True)
+
+    def finetune_parser(description: str, finetune: dict, train: dict) -> ArgumentParser:
+        p = sub_parser(description)
+        p.add_argument("--base", type=str, required=True, help="the model to start from: " + MODEL_HELP)
+        p.add_argument("--data", type=str, required=True, help="the data file")
+        p.add_argument("--out", type=str, required=True, help="run directory (weights or adapters, config, metrics)")
+        p.add_argument("--resume", type=bool, default=False, help="continue the run in --out from its newest checkpoint")
+        p.add_argument("--overwrite", type=bool, default=False, help="start over in an --out that holds a run")
+        p.add_class_arguments(FinetuneConfig, "finetune")
+        p.add_class_arguments(LoRAConfig, "lora")
+        p.add_class_arguments(TrainConfig, "train")
+        p.set_defaults({**{f"finetune.{k}": v for k, v in finetune.items()},
+                        **{f"train.{k}": v for k, v in train.items()}})
+        return p
+
+    p = finetune_parser("Classification (the book's chapter 6): a new classes head read at each text's last token. "
+                        "Data: CSV, TSV, JSON or JSONL with a text and a label column.",
+                        {}, {"lr": 5e-5, "warmup_steps": 0, "eval_interval": 10**6, "save_interval": 10**6})
+    p.add_argument("--text_column", type=str, default="text", help="the text column: a name, or a number from 0 "
+                   "for a file without a header")
+    p.add_argument("--label_column", type=str, default="label", help="the label column (a name or a number)")
+    p.add_argument("--balance", type=bool, default=False, help="down-sample every class to the smallest one's size")
+    p.add_argument("--pad_to", type=int | None, default=None,
+                   help="pad every batch to this many tokens (default: to the longest text in the batch)")
+    ft_cmds.add_subcommand("classify", p, help="fine-tune a classifier")
+    p = finetune_parser("Instruction following (the book's chapter 7): Alpaca records (instruction, input, output) "
+                        "or chat records (messages), JSON or JSONL.",
+                        {"trainable": "all", "epochs": 2.0, "split": (0.85, 0.05, 0.10)},
+                        {"lr": 5e-5, "warmup_steps": 0, "eval_interval": 10**6, "save_interval": 10**6})
+    p.add_argument("--template", type=str, default="alpaca", help="prompt template: alpaca, phi3 or chat (the "
+                   "model's own chat template)")
+    p.add_argument("--mask_prompt", type=bool, default=False, help="learn only the responses, not the prompts")
+    p.add_argument("--respond_test", type=int | None, default=None,
+                   help="generate responses for this many test records (default: all) into responses.json")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="longest generated response")
+    ft_cmds.add_subcommand("instruct", p, help="instruction fine-tuning")
+    p = finetune_parser("Preference tuning with DPO: records with a prompt (instruction / input, or prompt), "
+                        "chosen and rejected answers.",
+                        {"trainable": "all", "epochs": 1.0, "split": (0.85, 0.05, 0.10)},
+                        {"lr": 5e-6, "warmup_steps": 0, "weight_decay": 0.01, "eval_interval": 10**6,
+                         "save_interval": 10**6})
+    p.add_argument("--template", type=str, default="alpaca", help="prompt template: alpaca, phi3 or chat")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO's beta: how far the model may move from its start")
+    ft_cmds.add_subcommand("dpo", p, help="preference tuning (DPO)")
+
+    p = sub_parser("Classify texts with a classification run (labels with probabilities).")
+    p.add_argument("run", type=str, help="a run directory of `lmforge finetune classify`")
+    p.add_argument("texts", type=str, nargs="*", default=[], help="texts to classify")
+    p.add_argument("--file", type=str | None, default=None, help="a file with one text per line")
+    cmds.add_subcommand("classify", p, help="label texts with a classification run")
+
+    p = sub_parser("Fold a LoRA run's adapters into its base weights: a run directory of full weights.")
+    p.add_argument("run", type=str, help="a run directory fine-tuned with --finetune.trainable lora")
+    p.add_argument("--out", type=str, required=True, help="a new folder for the merged run")
+    cmds.add_subcommand("merge-lora", p, help="merge LoRA adapters into the weights")
 
     p = sub_parser("Generate text from a model.")
     p.add_argument("run", type=str, help=MODEL_HELP)
@@ -213,6 +276,14 @@ def _run(argv: list[str]) -> int:
         summary = pipeline.pretrain(data, a.out, model_config, train_config, resume=a.resume,
                                     prompts=tuple(a.prompts), allow_changes=a.allow_changes, overwrite=a.overwrite)
         _print_summary(summary)
+    elif cmd == "finetune":
+        _finetune(a)
+    elif cmd == "classify":
+        _classify(a)
+    elif cmd == "merge-lora":
+        from .finetune import merge_run
+
+        print(f"wrote {merge_run(a.run, a.out)}")
     elif cmd == "generate":
         _generate(a)
     elif cmd == "eval":
@@ -230,6 +301,58 @@ def _run(argv: list[str]) -> int:
     elif cmd == "download":
         _download(a.name)
     return 0
+
+
+def _finetune(a) -> None:
+    from . import finetune
+
+    task = a.task
+    o = a[task]
+    common = dict(finetune=_config(FinetuneConfig, o.finetune), train=_config(TrainConfig, o.train),
+                  lora=_config(LoRAConfig, o.lora), resume=o.resume, overwrite=o.overwrite)
+    if task == "classify":
+        res = finetune.finetune_classify(o.base, o.data, o.out, text_column=o.text_column,
+                                         label_column=o.label_column, balance=o.balance, pad_to=o.pad_to, **common)
+        for split in ("val", "test"):
+            if split in res:
+                print(f"{split} accuracy {res[split]['accuracy']:.4f} ({res[split]['n']} texts), "
+                      f"macro F1 {res[split]['macro_f1']:.4f}")
+    elif task == "instruct":
+        res = finetune.finetune_instruct(o.base, o.data, o.out, template=o.template, mask_prompt=o.mask_prompt,
+                                         respond_test=o.respond_test, max_new_tokens=o.max_new_tokens, **common)
+        for when in ("before", "after"):
+            r = res.get(when)
+            if r:
+                val = r["val"].get("loss")
+                print(f"{when}: val loss {val:.4f}" + (f", test ROUGE-L {r['rouge_l']:.4f}" if "rouge_l" in r else ""))
+    else:
+        res = finetune.finetune_dpo(o.base, o.data, o.out, template=o.template, beta=o.beta, **common)
+        for when in ("before", "after"):
+            r = res.get(when)
+            if r:
+                print(f"{when}: val loss {r['loss']:.4f}, reward margin {r['reward_margin']:.4f} (chosen "
+                      f"{r['chosen_reward']:.4f}, rejected {r['rejected_reward']:.4f})")
+    print(f"results: {Path(o.out) / finetune.RESULTS}")
+
+
+def _classify(a) -> None:
+    from .finetune import classify_texts
+
+    texts = list(a.texts)
+    if a.file:
+        path = Path(a.file)
+        if not path.is_file():
+            raise LmforgeError(f"no file at {path}")
+        try:
+            texts += [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError:
+            raise LmforgeError(f"{path} is not UTF-8 text") from None
+    if not texts:
+        texts = [ln for ln in sys.stdin.read().splitlines() if ln.strip()]
+    if not texts:
+        raise LmforgeError("no texts to classify: give them as arguments, with --file, or on standard input")
+    for text, (label, p, _) in zip(texts, classify_texts(a.run, texts)):
+        print(f"{label}\t{p:.4f}\t{_one_line(text)[:200]}")
 
 
 def _download(name: str | None) -> None:

@@ -293,6 +293,62 @@ class SampleConfig:
         _raise_all("sample config", p)
 
 
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters (low-rank updates of frozen Linear layers)."""
+
+    rank: int = 16
+    """Rank r of each update B·A."""
+    alpha: float = 16.0
+    """Scale: the update is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    targets: tuple[str, ...] = ("attn", "mlp")
+    """Layers to adapt: attn (QKV and output projection), mlp, head (the output layer)."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, isinstance(self.rank, int) and self.rank >= 1, f"rank must be an integer >= 1, got {self.rank!r}")
+        _check(p, self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}")
+        _check(p, 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
+        bad = [t for t in self.targets if t not in ("attn", "mlp", "head")]
+        _check(p, not bad and len(self.targets) > 0, f"targets must be among attn, mlp, head, got {list(self.targets)}")
+        _raise_all("lora config", p)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What a fine-tuning run trains and on which split of its data."""
+
+    trainable: Literal["head", "last", "all", "lora"] = "last"
+    """What trains: the output head only; the last --finetune.last_blocks blocks + final norm + head; everything;
+    or LoRA adapters (see --lora.*) plus a new head."""
+    last_blocks: int = 1
+    """Blocks that train with trainable=last."""
+    epochs: float = 5.0
+    """Passes over the training split (sets train.max_steps)."""
+    split: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    """Train / validation / test fractions, drawn with --finetune.seed."""
+    seed: int = 123
+    """Seed of the shuffle that splits the data."""
+    max_length: int | None = None
+    """Longest record in tokens (longer ones are truncated and counted); None: the model's context."""
+    limit: int | None = None
+    """Use only this many records (drawn with the seed) before splitting: a quick run on a subsample."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.trainable in ("head", "last", "all", "lora"),
+               f"trainable must be head, last, all or lora, got {self.trainable!r}")
+        _check(p, isinstance(self.last_blocks, int) and self.last_blocks >= 1, "last_blocks must be an integer >= 1")
+        _check(p, self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        _check(p, len(self.split) == 3 and all(f >= 0 for f in self.split) and self.split[0] > 0
+               and abs(sum(self.split) - 1.0) < 1e-6, f"split must be three fractions that sum to 1, got {list(self.split)}")
+        _check(p, self.max_length is None or self.max_length >= 2, "max_length must be >= 2 or None")
+        _check(p, self.limit is None or self.limit >= 3, "limit must be >= 3 or None")
+        _raise_all("finetune config", p)
+
+
 def config_dict(obj: Any) -> dict[str, Any]:
     """A dataclass config as JSON-ready data (tuples become lists)."""
     return json_ready(dataclasses.asdict(obj))
@@ -307,6 +363,6 @@ def json_ready(x: Any) -> Any:
 
 
 __all__ = [
-    "CONFIG_FORMAT_VERSION", "ConfigError", "GGUF_EXPORT_TYPES", "DataConfig", "LmforgeError", "ModelConfig", "PRESETS",
-    "SampleConfig", "TokenizerConfig", "TrainConfig", "config_dict",
+    "CONFIG_FORMAT_VERSION", "ConfigError", "FinetuneConfig", "GGUF_EXPORT_TYPES", "DataConfig", "LmforgeError",
+    "LoRAConfig", "ModelConfig", "PRESETS", "SampleConfig", "TokenizerConfig", "TrainConfig", "config_dict",
 ]

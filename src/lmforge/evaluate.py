@@ -71,3 +71,57 @@ def bits_per_byte(model: torch.nn.Module, tokenizer, text: str, window: int = 51
         scored.extend(y[0].tolist())
     n_bytes = len(tokenizer.decode_bytes(scored))
     return {"bits_per_byte": total_nats / math.log(2) / n_bytes, "tokens": len(scored), "bytes": n_bytes}
+
+
+def classification_metrics(predictions: list[int], labels: list[int], names: list[str]) -> dict:
+    """Accuracy, per-class precision / recall / F1 (0 where undefined, as scikit-learn's
+    ``zero_division=0``), their macro average, and the confusion matrix (rows: true class,
+    columns: predicted)."""
+    k = len(names)
+    confusion = [[0] * k for _ in range(k)]
+    for p, y in zip(predictions, labels):
+        confusion[y][p] += 1
+    per_class = {}
+    for c, name in enumerate(names):
+        tp = confusion[c][c]
+        predicted = sum(confusion[r][c] for r in range(k))
+        actual = sum(confusion[c])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    n = len(labels)
+    return {"accuracy": sum(confusion[c][c] for c in range(k)) / n if n else float("nan"), "n": n,
+            "macro_f1": sum(v["f1"] for v in per_class.values()) / k if k else float("nan"),
+            "per_class": per_class, "confusion": confusion, "labels": list(names)}
+
+
+@torch.no_grad()
+def continuation_logprobs(model: torch.nn.Module, context: list[int], continuations: list[list[int]],
+                          dtype: torch.dtype = torch.float32) -> list[float]:
+    """Sum of log p(continuation | context) for each continuation, all scored in one batch (right
+    padded; a context longer than the window keeps its last tokens)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    window = model.config.context_length
+    seqs, starts = [], []
+    for cont in continuations:
+        if not cont:
+            raise LmforgeError("a choice encodes to no tokens; give every choice some text")
+        seq = (context + cont)[-(window + 1):]
+        seqs.append(seq)
+        starts.append(len(seq) - len(cont))  # index in seq of the first continuation token
+    width = max(len(s) for s in seqs) - 1
+    x = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, :len(s) - 1] = torch.tensor(s[:-1])
+    with autocast(device, dtype):
+        logp = torch.log_softmax(model(x.to(device)).float(), dim=-1)
+    out = []
+    for i, s in enumerate(seqs):
+        pos = torch.arange(max(starts[i], 1) - 1, len(s) - 1, device=device)
+        ids = torch.tensor(s[max(starts[i], 1):], device=device)
+        out.append(float(logp[i, pos, ids].sum()))
+    model.train(was_training)
+    return out

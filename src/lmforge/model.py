@@ -176,7 +176,17 @@ class GPT(nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
-        return self.lm_head.weight
+        """The output layer's effective weight (V, d): with LoRA on the head, W + α/r · B A."""
+        delta = getattr(self.lm_head, "weight_delta", None)
+        return self.lm_head.weight if delta is None else self.lm_head.weight + delta()
+
+    def replace_head(self, n_out: int) -> None:
+        """A new output layer of ``n_out`` outputs with a bias (a classification head, the book's
+        chapter 6), untied from the embedding and initialised by its type."""
+        w = self.lm_head.weight
+        self.lm_head = nn.Linear(self.config.d_model, n_out, bias=True, device=w.device, dtype=w.dtype)
+        init_module_weights(self.lm_head, self.config.n_layer)
+        self.config = self.config.replace(tie_embeddings=False)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count, tied weights counted once (as ``transformers`` counts)."""

@@ -54,3 +54,35 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path, title: str = "lmf
     fig.savefig(buf, format="png")
     plt.close(fig)
     return atomic.write_bytes(out_png, buf.getvalue())  # a full disk leaves the old plot, never half of one
+
+
+def plot_confusion(confusion: list[list[int]], labels: list[str], out_png: str | Path,
+                   title: str = "confusion matrix (test split)") -> Path:
+    """The confusion matrix as a picture: rows the true class, columns the predicted one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(labels)
+    fig, ax = plt.subplots(figsize=(1.2 * k + 2.5, 1.2 * k + 2))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(k), labels, rotation=45, ha="right")
+    ax.set_yticks(range(k), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = max((max(r) for r in confusion), default=0)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(confusion[i][j]), ha="center", va="center",
+                    color="white" if confusion[i][j] > top / 2 else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    import io
+
+    from . import atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return atomic.write_bytes(out_png, buf.getvalue())

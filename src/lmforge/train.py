@@ -234,7 +234,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             raise LmforgeError(f"{folder} holds weights but no trainer state, so it cannot be resumed; "
                                "start without --resume")
         tensors, meta = load_weights(folder / WEIGHTS)
-        load_state_into(model, tensors, str(folder / WEIGHTS))
+        load_state_into(model, tensors, str(folder / WEIGHTS), trained_only=extra_config.get("weights") == "trained")
         state = load_trainer_state(folder, int(meta.get("step", -1)))
         start, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         if start >= config.max_steps:

@@ -1,0 +1,466 @@
+"""Fine-tuning recipes: a pretrained model (any model lmforge loads) adapted to a task with the
+one training loop (``train.fit``).
+
+    classify:  a new classes head read at each text's last token (the book's chapter 6)
+    instruct:  next-token loss on prompt + response, prompt and padding masked (chapter 7)
+    dpo:       preference tuning against the model's own starting point (bonus material)
+
+What trains is chosen the same way for every task: the head only, the last blocks and the
+final norm (and the head), everything, or LoRA adapters. A run directory records the task,
+its base model and what trained; unless everything trains, its checkpoints hold only the
+trained tensors and loading lays them over the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from . import atomic, tasks
+from .checkpoint import TOKENIZER, load_model, load_tokenizer
+from .config import FinetuneConfig, LmforgeError, LoRAConfig, SampleConfig, TrainConfig, config_dict
+from .evaluate import classification_metrics
+from .losses import class_logits, classification_loss, next_token_loss, preference_loss, sequence_logprobs
+from .lora import apply_lora, lora_config, lora_parameter_count
+from .model import GPT
+from .precision import autocast, resolve_dtype
+from .train import fit
+
+RESULTS = "results.json"
+
+
+# ---------------------------------------------------------------- what trains
+
+def set_trainable(model: GPT, finetune: FinetuneConfig, lora: LoRAConfig, head_trains: bool) -> None:
+    """Freeze the model, then unfreeze what ``finetune.trainable`` names (or add LoRA adapters).
+    ``head_trains``: the output layer is new (a classes head) and always trains."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mode = finetune.trainable
+    if mode == "lora":
+        # A new classes head trains whole; LoRA on it would only restrict it.
+        targets = tuple(t for t in lora.targets if not (head_trains and t == "head")) or ("attn", "mlp")
+        apply_lora(model, lora.rank, lora.alpha, lora.dropout, targets)
+    elif mode == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif mode == "last":
+        if finetune.last_blocks > len(model.h):
+            raise LmforgeError(f"--finetune.last_blocks {finetune.last_blocks} is more than the model's "
+                               f"{len(model.h)} blocks")
+        for block in model.h[-finetune.last_blocks:]:
+            block.requires_grad_(True)
+        model.ln_f.requires_grad_(True)
+    elif mode == "head" and not head_trains:
+        raise LmforgeError("--finetune.trainable head trains only a new classes head; for this task choose "
+                           "last, all or lora")
+    if head_trains:
+        model.lm_head.requires_grad_(True)
+
+
+def trained_names(model: GPT) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _describe(model: GPT, finetune: FinetuneConfig) -> str:
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    extra = f" (LoRA: {lora_parameter_count(model):,} adapter parameters)" if finetune.trainable == "lora" else ""
+    return (f"trainable: {finetune.trainable}, {n_train:,} of {model.num_params():,} parameters "
+            f"({100 * n_train / max(model.num_params(), 1):.2f} %){extra}")
+
+
+# ---------------------------------------------------------------- shared set-up
+
+def _file_identity(path: Path) -> dict:
+    return {"sha256": atomic.sha256_file(path), "bytes": path.stat().st_size}
+
+
+def _base_identity(spec: str, model: GPT, tok) -> dict:
+    path = Path(spec)
+    return {"spec": str(path.resolve()) if path.exists() else spec, "params": model.num_params(),
+            "tokenizer": tok.fingerprint}
+
+
+def _load_base(base: str, device: torch.device) -> tuple[GPT, object]:
+    from .models import load_any
+
+    model, tok = load_any(base, device)
+    return model.float().to(device), tok
+
+
+def _steps(n_train: int, finetune: FinetuneConfig, train: TrainConfig) -> TrainConfig:
+    per_epoch = math.ceil(n_train / train.batch_size)
+    steps = max(1, math.ceil(finetune.epochs * per_epoch / train.grad_accum))
+    # Fine-tuning runs are short: evaluate and save about once per epoch by default.
+    every = max(1, math.ceil(per_epoch / train.grad_accum))
+    return replace(train, max_steps=steps, eval_interval=min(train.eval_interval, every),
+                   save_interval=min(train.save_interval, every), log_interval=min(train.log_interval, every),
+                   warmup_steps=min(train.warmup_steps, steps // 10))
+
+
+def _start(run: Path, data: Path, resume: bool, overwrite: bool) -> None:
+    from .pipeline import _prepare_run_dir
+
+    if not data.is_file():
+        raise LmforgeError(f"no data file at {data}")
+    _prepare_run_dir(run, data, resume, overwrite)
+
+
+def _save_results(run: Path, results: dict) -> Path:
+    return atomic.write_text(run / RESULTS, json.dumps(results, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- classification
+
+@torch.no_grad()
+def predict_classes(model: GPT, ids: list[list[int]], pad_id: int, batch_size: int = 16,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, classes) probabilities for encoded texts."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for chunk in tasks.in_batches(len(ids), batch_size):
+        x, lengths, _ = tasks.collate_classification([ids[i] for i in chunk], [0] * len(chunk), pad_id)
+        with autocast(device, dtype):
+            logits = class_logits(model, x.to(device), lengths.to(device))
+        out.append(torch.softmax(logits.float(), dim=-1).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: FinetuneConfig = FinetuneConfig(),
+                      train: TrainConfig = TrainConfig(lr=5e-5, warmup_steps=0), lora: LoRAConfig = LoRAConfig(),
+                      text_column: str = "text", label_column: str = "label", balance: bool = False,
+                      pad_to: int | None = None, resume: bool = False, overwrite: bool = False,
+                      progress: bool = True, device: str | None = None) -> dict:
+    """Fine-tune ``base`` to classify the texts of ``data``; returns the test metrics."""
+    run, data = Path(out), Path(data)
+    _start(run, data, resume, overwrite)
+    rows = tasks.read_labelled(data, text_column, label_column)
+    if balance:
+        rows = tasks.balance(rows, finetune.seed)
+    rows = tasks.subsample(rows, finetune.limit, finetune.seed)
+    train_rows, val_rows, test_rows = tasks.split(rows, finetune.split, finetune.seed)
+    labels = sorted({label for _, label in train_rows})
+    if len(labels) < 2:
+        raise LmforgeError(f"the training split of {data} has only the label {labels[0]!r}; a classifier needs "
+                           "at least two classes")
+    dev = torch.device(device) if device else torch.device("cpu")
+    model, tok = _load_base(base, dev)
+    ctx = model.config.context_length
+    max_len = min(finetune.max_length or ctx, ctx)
+    if pad_to is not None and not 1 <= pad_to <= ctx:
+        raise LmforgeError(f"--pad_to must be between 1 and the model's context ({ctx}), got {pad_to}")
+    sets = {name: tasks.encode_labelled(r, tok, labels, max_len)
+            for name, r in (("train", train_rows), ("val", val_rows), ("test", test_rows))}
+    truncated = sum(s.truncated for s in sets.values())
+    print(f"data: {len(rows)} texts, {len(labels)} classes ({', '.join(labels)}); train {len(train_rows)}, "
+          f"val {len(val_rows)}, test {len(test_rows)}" + (f"; {truncated} texts cut to {max_len} tokens"
+                                                            if truncated else ""))
+    identity = _base_identity(base, model, tok)
+    torch.manual_seed(train.seed)
+    model.replace_head(len(labels))
+    set_trainable(model, finetune, lora, head_trains=True)
+    print(_describe(model, finetune))
+    pad_id = tok.eos_id if tok.eos_id is not None else 0
+    tr = sets["train"]
+    batches = tasks.EpochBatches(len(tr.ids), train.batch_size, train.seed, lambda idx: tasks.collate_classification(
+        [tr.ids[i] for i in idx], [tr.labels[i] for i in idx], pad_id, pad_to))
+    train = _steps(len(tr.ids), finetune, train)
+
+    def evaluate(m: GPT, dtype: torch.dtype) -> dict:
+        s = sets["val"]
+        if not s.ids:
+            return {}
+        probs = predict_classes(m, s.ids, pad_id, train.batch_size, dtype)
+        y = torch.tensor(s.labels)
+        loss = torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), y).item()
+        return {"loss": loss, "accuracy": (probs.argmax(-1) == y).float().mean().item()}
+
+    extra = {"base": identity, "head": {"labels": labels}, "lora": lora_config(model),
+             "trained": trained_names(model), "weights": "full" if finetune.trainable == "all" else "trained",
+             "finetune": config_dict(finetune), "data": _file_identity(data), "data_path": str(data.resolve()),
+             "columns": {"text": text_column, "label": label_column}, "balance": balance, "pad_to": pad_to}
+    if not resume:
+        run.mkdir(parents=True, exist_ok=True)
+        tok.save(run / TOKENIZER)
+    result = fit(model, batches, classification_loss, train, run, evaluate=evaluate, resume=resume,
+                 extra_config=extra, progress=progress, task="classify")
+    dtype = resolve_dtype(train.dtype, dev)
+    results = {"task": "classify", "steps": result.step, "seconds": result.seconds, "truncated": truncated}
+    for name in ("train", "val", "test"):
+        s = sets[name]
+        if s.ids:
+            probs = predict_classes(model, s.ids, pad_id, train.batch_size, dtype)
+            results[name] = classification_metrics(probs.argmax(-1).tolist(), s.labels, labels)
+    _save_results(run, results)
+    if "test" in results:
+        from .report import plot_confusion
+
+        plot_confusion(results["test"]["confusion"], labels, run / "confusion.png")
+    return results
+
+
+def classify_texts(run: str | Path, texts: list[str], device: str = "cpu") -> list[tuple[str, float, dict]]:
+    """(label, its probability, every label's probability) for each text, by a classification run."""
+    model, cfg = load_model(run, device)
+    if cfg.get("task") != "classify" or not cfg.get("head"):
+        raise LmforgeError(f"{run} is not a classification run (its task is {cfg.get('task', 'pretrain')!r}); "
+                           "give a run of `lmforge finetune classify`")
+    tok = load_tokenizer(run)
+    labels = cfg["head"]["labels"]
+    ctx = model.config.context_length
+    ids = []
+    for t in texts:
+        if not t.strip():
+            raise LmforgeError("an empty text cannot be classified; give some text")
+        ids.append(tasks.plain_ids(tok, t)[:ctx])
+    probs = predict_classes(model, ids, tok.eos_id or 0)
+    out = []
+    for row in probs.tolist():
+        best = max(range(len(labels)), key=lambda i: row[i])
+        out.append((labels[best], row[best], dict(zip(labels, row))))
+    return out
+
+
+# ---------------------------------------------------------------- instruction following
+
+def _instruction_splits(data: Path, finetune: FinetuneConfig) -> tuple[list, list, list]:
+    records = tasks.subsample(tasks.read_records(data), finetune.limit, finetune.seed)
+    return tasks.split(records, finetune.split, finetune.seed)
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F-measure over whitespace tokens (longest common subsequence), lower-cased."""
+    a, b = candidate.lower().split(), reference.lower().split()
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+@torch.no_grad()
+def respond(model: GPT, tok, records: list[dict], template: str, max_new_tokens: int = 128) -> list[str]:
+    """Greedy responses to instruction records, with the template the model was tuned on."""
+    from .generate import generate
+
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    stop = tok.eos_id if template == "chat" else (tok.eot_id if tok.eot_id is not None else tok.eos_id)
+    for i, rec in enumerate(records):
+        instruction, input_text, _ = tasks.instruction_of(rec, f"record {i}")
+        prompt = tok.encode(tasks.format_prompt(instruction, input_text, template, tok), allowed_special="all")
+        prompt = prompt[-(model.config.context_length - 1):]
+        room = min(max_new_tokens, model.config.context_length - len(prompt))
+        x = torch.tensor([prompt], device=device)
+        ids = generate(model, x, SampleConfig(max_new_tokens=room, temperature=0.0, top_k=None, seed=0,
+                                              stop_at_eos=False))[0, len(prompt):].tolist()
+        if stop in ids:
+            ids = ids[:ids.index(stop)]
+        out.append(tok.decode(ids).strip())
+    return out
+
+
+def _lm_eval(model: GPT, batches: list, dtype: torch.dtype) -> dict:
+    from .evaluate import evaluate_loss
+
+    res = evaluate_loss(model, batches, dtype)
+    return {"loss": res["loss"], "perplexity": res["perplexity"]} if res["tokens"] else {}
+
+
+def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: FinetuneConfig = FinetuneConfig(
+        trainable="all", epochs=2.0, split=(0.85, 0.05, 0.10)), train: TrainConfig = TrainConfig(
+        lr=5e-5, warmup_steps=0, batch_size=8), lora: LoRAConfig = LoRAConfig(), template: str = "alpaca",
+        mask_prompt: bool = False, respond_test: int | None = None, max_new_tokens: int = 128,
+        resume: bool = False, overwrite: bool = False, progress: bool = True, device: str | None = None) -> dict:
+    """Instruction-tune ``base`` on Alpaca / chat records; returns validation loss and test ROUGE-L,
+    before and after, and writes the test responses to ``responses.json``."""
+    if template not in tasks.TEMPLATES:
+        raise LmforgeError(f"unknown template {template!r}; known templates: {', '.join(tasks.TEMPLATES)}")
+    run, data = Path(out), Path(data)
+    _start(run, data, resume, overwrite)
+    train_recs, val_recs, test_recs = _instruction_splits(data, finetune)
+    dev = torch.device(device) if device else torch.device("cpu")
+    model, tok = _load_base(base, dev)
+    if template == "chat" and not tok.chat_template:
+        raise LmforgeError(f"{base} has no chat template; use --template alpaca or phi3")
+    ctx = model.config.context_length
+    max_len = min(finetune.max_length or ctx, ctx)
+    sets = {name: tasks.encode_instructions(r, tok, template, max_len, str(data))
+            for name, r in (("train", train_recs), ("val", val_recs))}
+    truncated = sum(s.truncated for s in sets.values())
+    print(f"data: train {len(train_recs)}, val {len(val_recs)}, test {len(test_recs)} records; template {template}"
+          + (f"; {truncated} records cut to {max_len} tokens" if truncated else ""))
+    pad_id = tok.eot_id if tok.eot_id is not None else (tok.eos_id or 0)
+
+    def collate(s: tasks.InstructionSet, idx: list[int]):
+        return tasks.collate_instructions([s.ids[i] for i in idx], pad_id,
+                                          [s.prompt_lengths[i] for i in idx] if mask_prompt else None, max_len)
+
+    val_batches = [collate(sets["val"], idx) for idx in tasks.in_batches(len(sets["val"].ids), train.batch_size)]
+    dtype = resolve_dtype(train.dtype, dev)
+    identity = _base_identity(base, model, tok)
+    tests = test_recs[:respond_test] if respond_test is not None else test_recs
+    results: dict = {"task": "instruct", "template": template, "truncated": truncated}
+    if not resume:
+        results["before"] = {"val": _lm_eval(model, val_batches, dtype)}
+        refs = [tasks.instruction_of(r, "test")[2] or "" for r in tests]
+        if tests:
+            before = respond(model, tok, tests, template, max_new_tokens)
+            results["before"]["rouge_l"] = sum(map(rouge_l, before, refs)) / len(tests)
+    torch.manual_seed(train.seed)
+    set_trainable(model, finetune, lora, head_trains=False)
+    print(_describe(model, finetune))
+    tr = sets["train"]
+    batches = tasks.EpochBatches(len(tr.ids), train.batch_size, train.seed, lambda idx: collate(tr, idx))
+    train = _steps(len(tr.ids), finetune, train)
+    extra = {"base": identity, "lora": lora_config(model), "trained": trained_names(model),
+             "weights": "full" if finetune.trainable == "all" else "trained", "finetune": config_dict(finetune),
+             "template": template, "mask_prompt": mask_prompt, "data": _file_identity(data),
+             "data_path": str(data.resolve())}
+    if not resume:
+        run.mkdir(parents=True, exist_ok=True)
+        tok.save(run / TOKENIZER)
+    result = fit(model, batches, next_token_loss, train, run, evaluate=lambda m, d: _lm_eval(m, val_batches, d),
+                 resume=resume, extra_config=extra, progress=progress, task="instruct")
+    results.update(steps=result.step, seconds=result.seconds)
+    results["after"] = {"val": _lm_eval(model, val_batches, dtype)}
+    if tests:
+        answers = respond(model, tok, tests, template, max_new_tokens)
+        refs = [tasks.instruction_of(r, "test")[2] or "" for r in tests]
+        results["after"]["rouge_l"] = sum(map(rouge_l, answers, refs)) / len(tests)
+        records = [{**r, "model_response": a} for r, a in zip(tests, answers)]
+        atomic.write_text(run / "responses.json", json.dumps(records, indent=1, ensure_ascii=False) + "\n")
+    _save_results(run, results)
+    return results
+
+
+# ---------------------------------------------------------------- preference tuning (DPO)
+
+@torch.no_grad()
+def _reference_logprobs(model: GPT, pairs: tasks.PreferenceSet, pad_id: int, batch_size: int,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π_ref of every chosen and rejected answer, computed once with the starting model
+    (the reference never changes, so it need not be kept or run again)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = {"chosen": [], "rejected": []}
+    for idx in tasks.in_batches(len(pairs.chosen), batch_size):
+        for key in out:
+            x, y = tasks.collate_instructions([getattr(pairs, key)[i] for i in idx], pad_id,
+                                              [pairs.prompt_lengths[i] for i in idx])
+            with autocast(device, dtype):
+                out[key].append(sequence_logprobs(model, x.to(device), y.to(device)).float().cpu())
+    return torch.cat(out["chosen"]), torch.cat(out["rejected"])
+
+
+def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: FinetuneConfig = FinetuneConfig(
+        trainable="all", epochs=1.0, split=(0.85, 0.05, 0.10)), train: TrainConfig = TrainConfig(
+        lr=5e-6, warmup_steps=0, batch_size=8, weight_decay=0.01), lora: LoRAConfig = LoRAConfig(),
+        template: str = "alpaca", beta: float = 0.1, resume: bool = False, overwrite: bool = False,
+        progress: bool = True, device: str | None = None) -> dict:
+    """Preference-tune ``base`` with DPO on prompt / chosen / rejected records; returns the
+    validation loss, rewards and reward margin before and after."""
+    if beta <= 0:
+        raise LmforgeError(f"--beta must be > 0, got {beta}")
+    if template not in tasks.TEMPLATES:
+        raise LmforgeError(f"unknown template {template!r}; known templates: {', '.join(tasks.TEMPLATES)}")
+    run, data = Path(out), Path(data)
+    _start(run, data, resume, overwrite)
+    train_recs, val_recs, _ = _instruction_splits(data, finetune)
+    dev = torch.device(device) if device else torch.device("cpu")
+    model, tok = _load_base(base, dev)
+    ctx = model.config.context_length
+    max_len = min(finetune.max_length or ctx, ctx)
+    sets = {name: tasks.encode_preferences(r, tok, template, max_len, str(data))
+            for name, r in (("train", train_recs), ("val", val_recs))}
+    pad_id = tok.eot_id if tok.eot_id is not None else (tok.eos_id or 0)
+    dtype = resolve_dtype(train.dtype, dev)
+    # With LoRA the adapters start at zero, so the starting model is the base either way.
+    refs = {name: _reference_logprobs(model, s, pad_id, train.batch_size, dtype) for name, s in sets.items()}
+    print(f"data: train {len(train_recs)}, val {len(val_recs)} preference pairs; template {template}, beta {beta}")
+    loss_fn = preference_loss(beta)
+
+    def collate(name: str, idx: list[int]):
+        s, (rc, rr) = sets[name], refs[name]
+        cx, cy = tasks.collate_instructions([s.chosen[i] for i in idx], pad_id, [s.prompt_lengths[i] for i in idx])
+        rx, ry = tasks.collate_instructions([s.rejected[i] for i in idx], pad_id, [s.prompt_lengths[i] for i in idx])
+        return cx, cy, rx, ry, rc[idx], rr[idx]
+
+    @torch.no_grad()
+    def evaluate(m: GPT, dt: torch.dtype) -> dict:
+        n = len(sets["val"].chosen)
+        if not n:
+            return {}
+        was = m.training
+        m.eval()
+        totals: dict[str, float] = {}
+        device = next(m.parameters()).device
+        for idx in tasks.in_batches(n, train.batch_size):
+            batch = [t.to(device) for t in collate("val", idx)]
+            with autocast(device, dt):
+                loss, metrics = loss_fn(m, batch)
+            for k, v in {"loss": loss.item(), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + v * len(idx)
+        m.train(was)
+        return {k: v / n for k, v in totals.items()}
+
+    identity = _base_identity(base, model, tok)
+    results: dict = {"task": "dpo", "beta": beta}
+    if not resume:
+        results["before"] = evaluate(model, dtype)
+    torch.manual_seed(train.seed)
+    set_trainable(model, finetune, lora, head_trains=False)
+    print(_describe(model, finetune))
+    batches = tasks.EpochBatches(len(sets["train"].chosen), train.batch_size, train.seed,
+                                 lambda idx: collate("train", idx))
+    train = _steps(len(sets["train"].chosen), finetune, train)
+    extra = {"base": identity, "lora": lora_config(model), "trained": trained_names(model),
+             "weights": "full" if finetune.trainable == "all" else "trained", "finetune": config_dict(finetune),
+             "template": template, "beta": beta, "data": _file_identity(data), "data_path": str(data.resolve())}
+    if not resume:
+        run.mkdir(parents=True, exist_ok=True)
+        tok.save(run / TOKENIZER)
+    result = fit(model, batches, loss_fn, train, run, evaluate=evaluate, resume=resume, extra_config=extra,
+                 progress=progress, task="dpo")
+    results.update(steps=result.step, seconds=result.seconds, after=evaluate(model, dtype))
+    _save_results(run, results)
+    return results
+
+
+def merge_run(run: str | Path, out: str | Path) -> Path:
+    """A LoRA run's adapters folded into its base: a run directory of full weights at ``out``."""
+    from .checkpoint import save_model
+    from .lora import merge_lora
+
+    run, out = Path(run), Path(out)
+    model, cfg = load_model(run)
+    if not cfg.get("lora"):
+        raise LmforgeError(f"{run} has no LoRA adapters to merge")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LmforgeError(f"--out {out} already exists; choose a new folder")
+    merge_lora(model)
+    keep = {k: v for k, v in cfg.items() if k not in ("lora", "trained", "weights", "checkpoint", "step", "model",
+                                                         "format", "version")}
+    save_model(out, model, int(cfg.get("step", 0)), {**keep, "merged_from": str(run.resolve())})
+    load_tokenizer(run).save(out / TOKENIZER)
+    return out
+
+
+__all__ = ["RESULTS", "classify_texts", "finetune_classify", "finetune_dpo", "finetune_instruct", "merge_run",
+           "predict_classes", "respond", "rouge_l", "set_trainable", "trained_names"]

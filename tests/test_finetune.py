@@ -23,7 +23,7 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("base")
     tok = Tokenizer.train([TEXT * 5], TokenizerConfig(vocab_size=300))
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=64, d_model=32, n_layer=2, n_head=2))
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=256, d_model=32, n_layer=2, n_head=2))
     save_model(root, model, 0, {"task": "pretrain"})
     tok.save(root / "tokenizer.json")
     return root
@@ -168,7 +168,7 @@ def test_a_trained_only_run_refuses_another_base(base, tmp_path):
     assert cfg["weights"] == "trained" and cfg["trained"] == ["lm_head.weight", "lm_head.bias"]
     other = tmp_path / "other"
     tok = Tokenizer.load(base / "tokenizer.json")
-    save_model(other, GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=64, d_model=32, n_layer=1,
+    save_model(other, GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=256, d_model=32, n_layer=1,
                                       n_head=2)), 0)
     tok.save(other / "tokenizer.json")
     cfg_path = tmp_path / "run" / "checkpoints" / "latest" / "config.json"
@@ -271,11 +271,14 @@ def test_chat_records_and_alpaca_records_read_alike():
 def test_encode_instructions_counts_truncation(base):
     tok = Tokenizer.load(base / "tokenizer.json")
     recs = [{"instruction": "Say hi.", "input": "", "output": "Hi."},
-            {"instruction": "Say hi. " * 40, "input": "", "output": "Hi."}]
+            {"instruction": "Say hi.", "input": "", "output": "Hi. " * 40},    # a long answer: cut
+            {"instruction": "Say hi. " * 40, "input": "", "output": "Hi."}]    # a prompt that fills it: left out
     short = len(tasks.encode_instructions(recs[:1], tok, "alpaca", 10**6).ids[0])
     s = tasks.encode_instructions(recs, tok, "alpaca", short + 2)
-    assert s.truncated == 1 and len(s.ids[1]) == short + 2 and len(s.ids[0]) == short
+    assert (s.truncated, s.dropped) == (1, 1) and [len(x) for x in s.ids] == [short, short + 2]
     assert s.ids[0][-1] == tok.eot_id and s.prompt_lengths[0] < len(s.ids[0])
+    with pytest.raises(tasks.DataError, match="every record's prompt fills the maximum length"):
+        tasks.encode_instructions(recs, tok, "alpaca", 5)
 
 
 def test_splits_balance_and_batches_are_seeded():
@@ -322,3 +325,154 @@ def test_continuation_logprobs_score_each_choice_as_alone():
         logp = torch.log_softmax(model(seq[:, :-1]), -1)[0]
         want = sum(logp[len(ctx) - 1 + j, c].item() for j, c in enumerate(cont))
         assert score == pytest.approx(want, abs=1e-5)
+
+
+# ---------------------------------------------------------------- end to end: instruct, DPO, CLI
+
+def _instruction_file(path, n=24, preference=False):
+    colors = ["red", "blue", "green", "gold"]
+    recs = []
+    for i in range(n):
+        c = colors[i % 4]
+        rec = {"instruction": f"Name the color {c}.", "input": "", "output": f"The color is {c}."}
+        if preference:
+            rec.update(chosen=f"The color is {c}.", rejected="I do not know.")
+        recs.append(rec)
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def test_instruction_tuning_lowers_the_validation_loss_and_writes_responses(base, tmp_path):
+    from lmforge.finetune import finetune_instruct
+
+    data = _instruction_file(tmp_path / "instr.json")
+    res = finetune_instruct(str(base), data, tmp_path / "run",
+                            FinetuneConfig(trainable="all", epochs=10, split=(0.75, 0.125, 0.125)),
+                            TrainConfig(lr=1e-2, batch_size=4, warmup_steps=0, dtype="float32"),
+                            mask_prompt=True, max_new_tokens=8, progress=False)
+    assert res["after"]["val"]["loss"] < 0.5 * res["before"]["val"]["loss"]
+    assert res["after"]["rouge_l"] >= res["before"]["rouge_l"]
+    responses = json.loads((tmp_path / "run" / "responses.json").read_text())
+    assert len(responses) == 3 and all("model_response" in r for r in responses)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["task"] == "instruct" and cfg["template"] == "alpaca" and cfg["weights"] == "full"
+
+
+def test_dpo_raises_the_reward_margin(base, tmp_path):
+    from lmforge.finetune import finetune_dpo
+
+    data = _instruction_file(tmp_path / "pref.json", preference=True)
+    res = finetune_dpo(str(base), data, tmp_path / "run",
+                       FinetuneConfig(trainable="lora", epochs=4, split=(0.75, 0.25, 0.0)),
+                       TrainConfig(lr=1e-2, batch_size=4, warmup_steps=0, dtype="float32"),
+                       LoRAConfig(rank=4, alpha=8), beta=0.5, progress=False)
+    assert res["before"]["reward_margin"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
+    assert res["after"]["reward_margin"] > 0.5 and res["after"]["loss"] < res["before"]["loss"]
+
+
+def test_finetune_resumes_where_it_stopped(base, tmp_path):
+    """A fine-tuning run stopped by its time cap resumes from its checkpoint with the losses of an
+    uninterrupted run (the trained-only weights laid over the base again)."""
+    from lmforge.finetune import finetune_classify
+    from lmforge.report import read_metrics
+
+    data = _spam_file(tmp_path / "sms.tsv")
+    kw = dict(text_column="1", label_column="0", progress=False)
+    ft = FinetuneConfig(trainable="last", epochs=3)
+    train = TrainConfig(lr=1e-3, batch_size=8, warmup_steps=0, dtype="float32", log_interval=1, save_interval=4)
+    finetune_classify(str(base), data, tmp_path / "whole", ft, train, **kw)
+    finetune_classify(str(base), data, tmp_path / "cut", ft, train, **kw)
+    # cut it back to its step-4 checkpoint, as a kill after that save would leave it
+    ck = tmp_path / "cut" / "checkpoints"
+    steps = sorted(p.name for p in ck.iterdir() if p.name.startswith("step-"))
+    import shutil
+
+    for name in steps[1:]:
+        shutil.rmtree(ck / name)
+    (ck / "latest").unlink()
+    (ck / "latest").symlink_to(steps[0])
+    finetune_classify(str(base), data, tmp_path / "cut", ft, train, resume=True, **kw)
+    whole = [r["loss"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl") if "loss" in r]
+    cut = [r["loss"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl") if "loss" in r]
+    assert cut == pytest.approx(whole, abs=1e-6)
+
+
+def _cli(*args, stdin=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_finetune_classify_then_classify(base, tmp_path):
+    data = _spam_file(tmp_path / "sms.tsv")
+    r = _cli("finetune", "classify", "--base", base, "--data", data, "--out", tmp_path / "run",
+             "--text_column", "1", "--label_column", "0", "--finetune.trainable", "all", "--finetune.epochs", "6",
+             "--train.lr", "3e-3", "--train.dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy 1.0000" in r.stdout
+    r = _cli("classify", tmp_path / "run", "WIN a FREE prize now call 5555 txt WIN", stdin=None)
+    assert r.returncode == 0 and r.stdout.startswith("spam\t"), r.stderr
+    r = _cli("classify", tmp_path / "run", stdin="see you at lunch friend\n")
+    assert r.returncode == 0 and r.stdout.startswith("ham\t"), r.stderr
+
+
+BAD = [
+    # (what, data file content or None, extra args, message fragment)
+    ("missing column", "text,category\nhello,a\n", ["--label_column", "label"], "has no column 'label'"),
+    ("empty text", "ham\tgood\nspam\t \n", ["--text_column", "1", "--label_column", "0"], "row 2 has an empty text"),
+    ("one class", "ham\ta\nham\tb\nham\tc\nham\td\n", ["--text_column", "1", "--label_column", "0"],
+     "a classifier needs at least two classes"),
+    ("too few columns", "ham\tgood\nspam\n", ["--text_column", "1", "--label_column", "0"],
+     "row 2 has 1 columns"),
+    ("bad lora", "ham\tgood\nspam\tbad\n", ["--text_column", "1", "--label_column", "0", "--finetune.trainable",
+                                           "lora", "--lora.targets", "[ffn]"], "targets must be among attn, mlp"),
+    ("too many blocks", "\n".join(f"{'ham' if i % 2 else 'spam'}\tt{i}" for i in range(10)),
+     ["--text_column", "1", "--label_column", "0", "--finetune.last_blocks", "9"], "more than the model's 2 blocks"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what, content, args, message", BAD, ids=[b[0] for b in BAD])
+def test_cli_classify_bad_input(base, tmp_path, what, content, args, message):
+    data = tmp_path / ("data.csv" if content.startswith("text,") else "data.tsv")
+    data.write_text(content)
+    r = _cli("finetune", "classify", "--base", base, "--data", data, "--out", tmp_path / "run", *args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("checkpoints/step-*"))
+
+
+BAD_INSTRUCT = [
+    ("malformed json", "[{\"instruction\": \"a\", \"output\": \"b\"},\n {oops}]", [], "is not valid JSON (line 2"),
+    ("malformed jsonl", "{\"instruction\": \"a\", \"output\": \"b\"}\n{oops\n", [], "line 2: not valid JSON"),
+    ("no instruction", "[{\"prompt\": \"a\", \"output\": \"b\"}]" * 1, [], "has neither 'instruction'"),
+    ("no output", "[" + ",".join(["{\"instruction\": \"a\"}"] * 8) + "]", [], "has no 'output'"),
+    ("unknown template", "[{\"instruction\": \"a\", \"output\": \"b\"}]", ["--template", "vicuna"],
+     "unknown template 'vicuna'; known templates: alpaca, phi3, chat"),
+    ("not utf8", None, [], "is not UTF-8 text"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what, content, args, message", BAD_INSTRUCT, ids=[b[0] for b in BAD_INSTRUCT])
+def test_cli_instruct_bad_input(base, tmp_path, what, content, args, message):
+    data = tmp_path / ("data.jsonl" if "jsonl" in what else "data.json")
+    if content is None:
+        data.write_bytes(b"\xff\xfe[]")
+    else:
+        data.write_text(content)
+    r = _cli("finetune", "instruct", "--base", base, "--data", data, "--out", tmp_path / "run",
+             "--finetune.split", "[0.5,0.25,0.25]", *args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_classify_a_run_that_is_not_a_classifier(base):
+    from lmforge.config import LmforgeError
+    from lmforge.finetune import classify_texts
+
+    with pytest.raises(LmforgeError, match="is not a classification run"):
+        classify_texts(base, ["hello"])

@@ -304,8 +304,10 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
     sets = {name: tasks.encode_instructions(r, tok, template, max_len, str(data))
             for name, r in (("train", train_recs), ("val", val_recs))}
     truncated = sum(s.truncated for s in sets.values())
+    dropped = sum(s.dropped for s in sets.values())
     print(f"data: train {len(train_recs)}, val {len(val_recs)}, test {len(test_recs)} records; template {template}"
-          + (f"; {truncated} records cut to {max_len} tokens" if truncated else ""))
+          + (f"; {truncated} records cut to {max_len} tokens" if truncated else "")
+          + (f"; {dropped} records left out (the prompt alone fills {max_len} tokens)" if dropped else ""))
     pad_id = tok.eot_id if tok.eot_id is not None else (tok.eos_id or 0)
 
     def collate(s: tasks.InstructionSet, idx: list[int]):
@@ -316,7 +318,7 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
     dtype = resolve_dtype(train.dtype, dev)
     identity = _base_identity(base, model, tok)
     tests = test_recs[:respond_test] if respond_test is not None else test_recs
-    results: dict = {"task": "instruct", "template": template, "truncated": truncated}
+    results: dict = {"task": "instruct", "template": template, "truncated": truncated, "dropped": dropped}
     if not resume:
         results["before"] = {"val": _lm_eval(model, val_batches, dtype)}
         refs = [tasks.instruction_of(r, "test")[2] or "" for r in tests]
@@ -393,7 +395,11 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
     dtype = resolve_dtype(train.dtype, dev)
     # With LoRA the adapters start at zero, so the starting model is the base either way.
     refs = {name: _reference_logprobs(model, s, pad_id, train.batch_size, dtype) for name, s in sets.items()}
-    print(f"data: train {len(train_recs)}, val {len(val_recs)} preference pairs; template {template}, beta {beta}")
+    truncated = sum(s.truncated for s in sets.values())
+    dropped = sum(s.dropped for s in sets.values())
+    print(f"data: train {len(train_recs)}, val {len(val_recs)} preference pairs; template {template}, beta {beta}"
+          + (f"; {truncated} answers cut to {max_len} tokens" if truncated else "")
+          + (f"; {dropped} pairs left out (the prompt alone fills {max_len} tokens)" if dropped else ""))
     loss_fn = preference_loss(beta)
 
     def collate(name: str, idx: list[int]):
@@ -421,7 +427,7 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
         return {k: v / n for k, v in totals.items()}
 
     identity = _base_identity(base, model, tok)
-    results: dict = {"task": "dpo", "beta": beta}
+    results: dict = {"task": "dpo", "beta": beta, "truncated": truncated, "dropped": dropped}
     if not resume:
         results["before"] = evaluate(model, dtype)
     torch.manual_seed(train.seed)

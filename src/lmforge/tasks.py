@@ -253,30 +253,43 @@ def response_end(template: str, tokenizer) -> list[int]:
 
 @dataclass
 class InstructionSet:
-    """Encoded records: ``ids`` = prompt + response + end, ``prompt_lengths`` to mask the prompt."""
+    """Encoded records: ``ids`` = prompt + response + end, ``prompt_lengths`` to mask the prompt;
+    ``truncated`` counts records cut to the maximum length, ``dropped`` those whose prompt alone
+    filled it (nothing of the response left to learn)."""
 
     ids: list[list[int]]
     prompt_lengths: list[int]
     truncated: int = 0
+    dropped: int = 0
+
+
+def _no_room(source: str, max_length: int) -> DataError:
+    return DataError(f"in {source}, every record's prompt fills the maximum length ({max_length} tokens), leaving "
+                     "no response to learn; raise --finetune.max_length or use a model with a longer context")
 
 
 def encode_instructions(records: Sequence[dict], tokenizer, template: str, max_length: int,
                         source: str = "data") -> InstructionSet:
-    ids, prompt_lengths, truncated = [], [], 0
+    ids, prompt_lengths, truncated, dropped = [], [], 0, 0
     end = response_end(template, tokenizer)
     for i, rec in enumerate(records):
         instruction, input_text, output = instruction_of(rec, f"{source}, record {i}")
         if output is None:
             raise DataError(f"{source}, record {i} has no 'output' (or final assistant message) to learn from")
         prompt = tokenizer.encode(format_prompt(instruction, input_text, template, tokenizer), allowed_special="all")
+        if len(prompt) >= max_length:
+            dropped += 1
+            continue
         full = prompt + plain_ids(tokenizer, output) + end
         # The collate function appends one padding token and shifts by one: a record of
         # max_length ids fits a window of max_length inputs exactly.
         if len(full) > max_length:
             full, truncated = full[:max_length], truncated + 1
         ids.append(full)
-        prompt_lengths.append(min(len(prompt), len(full)))
-    return InstructionSet(ids, prompt_lengths, truncated)
+        prompt_lengths.append(len(prompt))
+    if records and not ids:
+        raise _no_room(source, max_length)
+    return InstructionSet(ids, prompt_lengths, truncated, dropped)
 
 
 def collate_instructions(ids: Sequence[list[int]], pad_id: int, prompt_lengths: Sequence[int] | None = None,
@@ -312,11 +325,12 @@ class PreferenceSet:
     rejected: list[list[int]]
     prompt_lengths: list[int]
     truncated: int = 0
+    dropped: int = 0
 
 
 def encode_preferences(records: Sequence[dict], tokenizer, template: str, max_length: int,
                        source: str = "data") -> PreferenceSet:
-    chosen, rejected, lengths, truncated = [], [], [], 0
+    chosen, rejected, lengths, truncated, dropped = [], [], [], 0, 0
     end = response_end(template, tokenizer)
     for i, rec in enumerate(records):
         missing = [k for k in ("chosen", "rejected") if k not in rec]
@@ -328,6 +342,9 @@ def encode_preferences(records: Sequence[dict], tokenizer, template: str, max_le
         else:
             instruction, input_text, _ = instruction_of(rec, f"{source}, record {i}")
         prompt = tokenizer.encode(format_prompt(instruction, input_text, template, tokenizer), allowed_special="all")
+        if len(prompt) >= max_length:
+            dropped += 1
+            continue
         pair = []
         for key in ("chosen", "rejected"):
             full = prompt + plain_ids(tokenizer, str(rec[key])) + end
@@ -336,8 +353,10 @@ def encode_preferences(records: Sequence[dict], tokenizer, template: str, max_le
             pair.append(full)
         chosen.append(pair[0])
         rejected.append(pair[1])
-        lengths.append(min(len(prompt), max_length - 1))
-    return PreferenceSet(chosen, rejected, lengths, truncated)
+        lengths.append(len(prompt))
+    if records and not chosen:
+        raise _no_room(source, max_length)
+    return PreferenceSet(chosen, rejected, lengths, truncated, dropped)
 
 
 # ---------------------------------------------------------------- batches by epoch

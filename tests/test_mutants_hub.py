@@ -120,14 +120,14 @@ def test_record_sits_beside_the_file_with_a_fixed_suffix(tmp_path):
 
 # --- progress and copies --------------------------------------------------------------------------
 
-def test_copy_shows_nothing_when_told_not_to(capsys):
-    with open(os.devnull, "wb") as sink:  # _copy fsyncs its destination: a real file
+def test_copy_shows_nothing_when_told_not_to(tmp_path, capsys):
+    with open(tmp_path / "out", "wb") as sink:
         hub._copy(io.BytesIO(b"x" * 100), sink, 100, "quiet.bin", show=False)
     assert capsys.readouterr().err == ""
 
 
-def test_copy_bar_counts_bytes_from_zero_to_the_total(capsys):
-    with open(os.devnull, "wb") as sink:
+def test_copy_bar_counts_bytes_from_zero_to_the_total(tmp_path, capsys):
+    with open(tmp_path / "out", "wb") as sink:
         hub._copy(io.BytesIO(b"x" * 100), sink, 100, "demo.bin")
     err = capsys.readouterr().err
     assert "demo.bin: 100%" in err and "100/100 " in err and "101/100" not in err, err
@@ -414,7 +414,7 @@ def test_a_changed_cached_file_is_named_exactly(tmp_path, monkeypatch):
     path.write_bytes(b"wrong!")
     with pytest.raises(HubError) as e:
         fetch_file(entry, entry.main)
-    assert (f"; cache: {path} changed since it was checked (expected sha256 {_sha(b'right')}, "
+    assert (f"tried cache: {path} changed since it was checked (expected sha256 {_sha(b'right')}, "
             f"got {_sha(b'wrong!')}); deleted it;") in str(e.value)
 
 

@@ -363,21 +363,22 @@ def test_fit_resolves_the_dtype_for_evaluation(tmp_path):
 
 def test_fit_stops_at_the_time_cap_with_a_checkpoint(tmp_path, monkeypatch, capsys):
     rec = Recorder()
-    clock = iter(range(0, 10_000, 30))  # every reading of the clock is 30 s later
+    # Every reading of the clock is 30 s later: the invocation starts at 30, step 1 ends at 90, step 2 at 120.
+    clock = iter(range(0, 10_000, 30))
     monkeypatch.setattr(tr.time, "perf_counter", lambda: float(next(clock)))
-    res = tr.fit(_model(), _batches, _loss, _cfg(max_minutes=1.0, save_interval=100), tmp_path,
+    res = tr.fit(_model(), _batches, _loss, _cfg(max_minutes=1.5, save_interval=100), tmp_path,
                  evaluate=rec.evaluate, progress=False)
     assert res.stopped_early and res.step == 2
     assert [r["step"] for r in _records(tmp_path) if "val_loss" in r] == [0, 2]
     assert find_checkpoint(tmp_path).name == "step-00000002"
     out = capsys.readouterr()
-    assert "stopped by the time cap (1 min) at step 2 of 6; checkpoint saved" in out.out + out.err
+    assert "stopped by the time cap (1.5 min) at step 2 of 6; checkpoint saved" in out.out + out.err
 
 
 def test_fit_at_the_time_cap_on_the_last_step_is_not_stopped_early(tmp_path, monkeypatch):
     clock = iter(range(0, 10_000, 30))
     monkeypatch.setattr(tr.time, "perf_counter", lambda: float(next(clock)))
-    res = tr.fit(_model(), _batches, _loss, _cfg(max_steps=2, max_minutes=1.0), tmp_path, progress=False)
+    res = tr.fit(_model(), _batches, _loss, _cfg(max_steps=2, max_minutes=1.5), tmp_path, progress=False)
     assert res.step == 2 and not res.stopped_early
 
 
@@ -396,18 +397,19 @@ def test_an_interrupt_saves_the_completed_steps_and_propagates(tmp_path):
 
 
 def test_resume_continues_from_the_checkpoint_with_its_counters(tmp_path, capsys):
-    full = tr.fit(_model(), _batches, _loss, _cfg(), tmp_path / "full", progress=False)
-    first = tr.fit(_model(), _batches, _loss, _cfg(max_steps=4), tmp_path / "run", progress=False)
+    # A constant schedule: the 4-step run takes the same steps as the first 4 of the 6-step one.
+    full = tr.fit(_model(), _batches, _loss, _cfg(schedule="constant"), tmp_path / "full", progress=False)
+    first = tr.fit(_model(), _batches, _loss, _cfg(schedule="constant", max_steps=4), tmp_path / "run", progress=False)
     capsys.readouterr()
     rec = Recorder()
     (tmp_path / "run" / "metrics.jsonl").write_text((tmp_path / "run" / "metrics.jsonl").read_text()
                                                   + '{"step": 5, "loss": 99}\n')
     (tmp_path / "run" / "metrics.jsonl.tmp77").write_text("stale")
-    res = tr.fit(_model(), _batches, _loss, _cfg(), tmp_path / "run", evaluate=rec.evaluate, resume=True,
-                 progress=False)
+    res = tr.fit(_model(), _batches, _loss, _cfg(schedule="constant"), tmp_path / "run", evaluate=rec.evaluate,
+                 resume=True, progress=False)
     out = capsys.readouterr().out
     assert out.startswith(f"resuming {tmp_path / 'run'} from step 4 of 6 (step-00000004)\n"
-                          "changed on resume: train.max_steps 4 -> 6\n")
+                          "changed on resume: train.max_steps 4 -> 6\nstep 6: val loss 2.5\n")
     assert res.step == 6 and res.tokens == 96 and res.seconds > first.seconds
     assert res.last_loss == pytest.approx(full.last_loss, rel=1e-6)  # optimizer state and weights restored
     assert [r["step"] for r in _records(tmp_path / "run") if "loss" in r] == [2, 4, 6]

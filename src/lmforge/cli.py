@@ -178,7 +178,9 @@ def _parser():  # built once per process: building it parses every config docstr
     p.set_defaults({"sample.seed": None})
     cmds.add_subcommand("generate", p, help="sample text from a model")
 
-    p = sub_parser("Loss and perplexity of a model on a prepared shard set, or bits per byte on text files.")
+    p = sub_parser("Loss and perplexity of a model on a prepared shard set, or bits per byte on text files. "
+                   "See also `lmforge eval prompt` (zero-/few-shot classification) and `lmforge eval judge` "
+                   "(score instruction responses with a judge model).")
     p.add_argument("run", type=str, help=MODEL_HELP)
     p.add_argument("--data", type=str | None, default=None, help="directory written by `lmforge prepare`")
     p.add_argument("--text", type=str, nargs="+", default=None,
@@ -189,6 +191,33 @@ def _parser():  # built once per process: building it parses every config docstr
     p.add_argument("--context", type=int | None, default=None, help="window length (default: the model's)")
     p.add_argument("--dtype", type=str, default="float32", help="float32, bfloat16 or auto (bf16 where it is fast)")
     cmds.add_subcommand("eval", p, help="evaluate loss and perplexity")
+
+    p = sub_parser("Solve a classification task by prompting (zero-shot or few-shot): the label whose text the model "
+                   "finds most likely. The data is split as `lmforge finetune classify` splits it with the same seed.")
+    p.add_argument("run", type=str, help=MODEL_HELP)
+    p.add_argument("--data", type=str, required=True, help="CSV, TSV, JSON or JSONL with a text and a label column")
+    p.add_argument("--text_column", type=str, default="text", help="a name, or a number from 0 (no header)")
+    p.add_argument("--label_column", type=str, default="label", help="a name, or a number from 0 (no header)")
+    p.add_argument("--shots", type=int, default=0, help="examples from the training split shown before each text")
+    p.add_argument("--balance", type=bool, default=False, help="down-sample every class to the smallest one's size")
+    p.add_argument("--split", type=tuple[float, float, float], default=(0.7, 0.1, 0.2), help="train/val/test fractions")
+    p.add_argument("--seed", type=int, default=123, help="seed of the split and of the examples drawn")
+    p.add_argument("--limit", type=int | None, default=None, help="use only this many records before splitting")
+    p.add_argument("--test_limit", type=int | None, default=None, help="score only this many test texts")
+    p.add_argument("--chat", type=bool, default=False, help="wrap the prompt in the model's chat template")
+    p.add_argument("--out", type=str | None, default=None, help="write the results JSON here")
+    cmds.add_subcommand("eval-prompt", p, help="`lmforge eval prompt`: zero-shot / few-shot classification")
+
+    p = sub_parser("Score instruction responses 0-100 with a judge model (the book's prompt): an OpenAI-compatible "
+                   "endpoint (--url, --judge_model) or a local model (--judge).")
+    p.add_argument("responses", type=str, help="responses.json of `lmforge finetune instruct`")
+    p.add_argument("--url", type=str | None, default=None, help="e.g. http://localhost:11434/v1 (Ollama)")
+    p.add_argument("--judge_model", type=str, default="llama3", help="the model name the endpoint serves")
+    p.add_argument("--judge", type=str | None, default=None, help="a local judge instead: " + MODEL_HELP)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one answer")
+    p.add_argument("--retries", type=int, default=3, help="tries again after a failed request")
+    p.add_argument("--out", type=str | None, default=None, help="write the scores JSON here")
+    cmds.add_subcommand("eval-judge", p, help="`lmforge eval judge`: score responses with a judge model")
 
     p = sub_parser("Write a model for the rest of the ecosystem: Hugging Face folder or GGUF file.")
     p.add_argument("run", type=str, help=MODEL_HELP)
@@ -237,10 +266,12 @@ def _config(cls, ns):
 def _run(argv: list[str]) -> int:
     from . import pipeline
 
-    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+    if len(argv) > 1 and argv[0] == "eval" and argv[1] in ("prompt", "judge"):
+        argv = [f"eval-{argv[1]}", *argv[2:]]  # `lmforge eval prompt|judge`: commands of their own
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS + ("eval-prompt", "eval-judge"):
         raise LmforgeError(f"unknown command {argv[0]!r}; known commands: {', '.join(COMMANDS)} "
                            "(see `lmforge --help`)")
-    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+    if not argv or argv[0] not in COMMANDS + ("eval-prompt", "eval-judge", "-h", "--help"):
         argv = ["run", *argv]
     root = _parser()
     try:
@@ -296,6 +327,27 @@ def _run(argv: list[str]) -> int:
                   f"({res['tokens']:,} tokens)")
         else:
             raise LmforgeError("give --data (a prepared shard set) or --text (text files)")
+    elif cmd == "eval-prompt":
+        from .prompting import evaluate_prompting
+
+        res = evaluate_prompting(a.run, a.data, a.text_column, a.label_column, a.shots, a.balance, tuple(a.split),
+                                 a.seed, a.limit, a.test_limit, a.chat)
+        print(f"{a.shots}-shot test accuracy {res['test']['accuracy']:.4f} ({res['test']['n']} texts, "
+              f"{res['seconds'] / 60:.1f} min)")
+        _write_json(a.out, res)
+    elif cmd == "eval-judge":
+        from .judge import http_judge, judge_responses, local_judge
+
+        if (a.url is None) == (a.judge is None):
+            raise LmforgeError("give either --url (an OpenAI-compatible endpoint) or --judge (a local model)")
+        if a.retries < 0 or a.timeout <= 0:
+            raise LmforgeError("--retries must be >= 0 and --timeout > 0")
+        ask = http_judge(a.url, a.judge_model, a.timeout, a.retries, os.environ.get("OPENAI_API_KEY")) if a.url \
+            else local_judge(a.judge)
+        res = judge_responses(a.responses, ask)
+        mean = "none could be read" if res["mean"] is None else f"{res['mean']:.2f}"
+        print(f"judge score (0-100): {mean} over {res['scored']} of {res['n']} responses")
+        _write_json(a.out, res)
     elif cmd == "export":
         print(f"wrote {pipeline.export(a.run, a.to, a.out, a.dtype, overwrite=a.overwrite)}")
     elif cmd == "download":
@@ -353,6 +405,15 @@ def _classify(a) -> None:
         raise LmforgeError("no texts to classify: give them as arguments, with --file, or on standard input")
     for text, (label, p, _) in zip(texts, classify_texts(a.run, texts)):
         print(f"{label}\t{p:.4f}\t{_one_line(text)[:200]}")
+
+
+def _write_json(out: str | None, res: dict) -> None:
+    if out:
+        import json
+
+        from . import atomic
+
+        print(f"wrote {atomic.write_text(Path(out), json.dumps(res, indent=2) + chr(10))}")
 
 
 def _download(name: str | None) -> None:

@@ -1,0 +1,115 @@
+"""Scoring instruction responses 0-100 with a judge model (the book's chapter 7.8).
+
+The judge is any OpenAI-compatible chat endpoint (Ollama, vLLM, a llama.cpp server, lmforge's
+own server), reached with retries and a time-out, or any model lmforge loads, run in process.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from . import tasks
+from .config import LmforgeError
+
+
+def judge_prompt(record: dict) -> str:
+    """The book's prompt: the input, the correct output and the model's response; an integer back."""
+    instruction, input_text, output = tasks.instruction_of(record, "record")
+    return (f"Given the input `{tasks.format_prompt(instruction, input_text, 'alpaca')}` "
+            f"and correct output `{output}`, "
+            f"score the model response `{record['model_response']}`"
+            f" on a scale from 0 to 100, where 100 is the best score. "
+            f"Respond with the integer number only.")
+
+
+def parse_score(text: str) -> int | None:
+    """The first integer in 0..100 in a judge's answer (None when there is none)."""
+    for m in re.finditer(r"\d+", text):
+        value = int(m.group())
+        if 0 <= value <= 100:
+            return value
+    return None
+
+
+def http_judge(url: str, model: str, timeout: float = 60.0, retries: int = 3, api_key: str | None = None
+               ) -> Callable[[str], str]:
+    """A function prompt -> answer through ``POST {url}/chat/completions`` (temperature 0)."""
+    endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
+
+    def ask(prompt: str) -> str:
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}],
+                           "temperature": 0, "seed": 123}).encode()
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        last, tries = "", 0
+        for attempt in range(retries + 1):
+            tries = attempt + 1
+            try:
+                req = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                    reply = json.loads(resp.read().decode())
+                return reply["choices"][0]["message"]["content"]
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}"
+                if e.code < 500 and e.code != 429:
+                    break  # a request error does not go away by asking again
+            except (urllib.error.URLError, TimeoutError, OSError) as e:
+                last = str(getattr(e, "reason", e))
+            except (ValueError, KeyError, IndexError, TypeError):
+                last = "an answer that is not an OpenAI chat completion"
+            if attempt < retries:
+                time.sleep(min(8.0, 0.5 * 2 ** attempt))
+        raise LmforgeError(f"the judge at {endpoint} did not answer ({last}) after {tries} tr{'y' if tries == 1 else 'ies'}; check --url "
+                           "and --judge_model, or judge with a local model (--judge MODEL)")
+
+    return ask
+
+
+def local_judge(model_spec: str, max_new_tokens: int = 8) -> Callable[[str], str]:
+    """A function prompt -> answer by a model lmforge loads, through its chat template when it has one."""
+    import torch
+
+    from .config import SampleConfig
+    from .generate import generate
+    from .models import load_any
+
+    model, tok = load_any(model_spec)
+    model.eval()
+
+    def ask(prompt: str) -> str:
+        text = (tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+                if tok.chat_template else prompt)
+        ids = tok.encode(text, allowed_special="all")[-(model.config.context_length - max_new_tokens):]
+        with torch.no_grad():
+            out = generate(model, torch.tensor([ids]), SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0,
+                                                                  top_k=None, seed=0))
+        return tok.decode(out[0, len(ids):].tolist())
+
+    return ask
+
+
+def judge_responses(path: str | Path, ask: Callable[[str], str], progress: bool = True) -> dict:
+    """Scores of every record of a responses file (``lmforge finetune instruct`` writes one)."""
+    from tqdm import tqdm
+
+    records = tasks.read_records(path)
+    missing = [i for i, r in enumerate(records) if "model_response" not in r]
+    if missing:
+        raise LmforgeError(f"{path}, record {missing[0]} has no 'model_response'; give the responses.json of a run "
+                           "of `lmforge finetune instruct`")
+    scores = []
+    for rec in tqdm(records, desc="judging", disable=not progress, dynamic_ncols=True):
+        scores.append(parse_score(ask(judge_prompt(rec))))
+    scored = [s for s in scores if s is not None]
+    return {"scores": scores, "n": len(records), "scored": len(scored),
+            "mean": sum(scored) / len(scored) if scored else None}
+
+
+__all__ = ["http_judge", "judge_prompt", "judge_responses", "local_judge", "parse_score"]

@@ -1,0 +1,101 @@
+"""Solving a classification task by prompting alone: zero-shot and few-shot (the book's
+chapter 1 sets them beside fine-tuning).
+
+The model is shown an instruction, k labelled examples from the training split and the text;
+the label is the one whose text the model finds most likely as the continuation (summed
+log-probability of its tokens), not free generation, so every answer is a valid label.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from . import tasks
+from .config import LmforgeError
+from .evaluate import classification_metrics, continuation_logprobs
+
+
+def build_prompt(text: str, labels: list[str], shots: list[tuple[str, str]]) -> str:
+    """Instruction, examples, then the text; the label follows ``Label:``."""
+    parts = [f"Classify each text as one of: {', '.join(labels)}.\n"]
+    for example, label in shots:
+        parts.append(f"Text: {_one_line(example)}\nLabel: {label}\n")
+    parts.append(f"Text: {_one_line(text)}\nLabel:")
+    return "\n".join(parts)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def predict_by_prompt(model, tokenizer, text: str, labels: list[str], shots: list[tuple[str, str]],
+                      chat: bool = False) -> tuple[int, list[float]]:
+    """(index of the most likely label, every label's log-probability)."""
+    prompt = build_prompt(text, labels, shots)
+    if chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        choices = [tasks.plain_ids(tokenizer, label) for label in labels]
+    else:
+        choices = [tasks.plain_ids(tokenizer, " " + label) for label in labels]
+    context = tokenizer.encode(prompt, allowed_special="all")
+    scores = continuation_logprobs(model, context, choices)
+    return max(range(len(labels)), key=lambda i: scores[i]), scores
+
+
+def _draw_shots(train_rows: list[tuple[str, str]], labels: list[str], k: int, rng: random.Random) -> list:
+    """k examples, the labels taken in turn (a balanced prompt), drawn from the training split."""
+    by_label = {label: [r for r in train_rows if r[1] == label] for label in labels}
+    shots = []
+    for i in range(k):
+        pool = by_label[labels[i % len(labels)]]
+        if pool:
+            shots.append(rng.choice(pool))
+    rng.shuffle(shots)
+    return shots
+
+
+def evaluate_prompting(model_spec: str, data: str | Path, text_column: str = "text", label_column: str = "label",
+                       shots: int = 0, balance: bool = False, split: tuple[float, float, float] = (0.7, 0.1, 0.2),
+                       seed: int = 123, limit: int | None = None, test_limit: int | None = None, chat: bool = False,
+                       progress: bool = True) -> dict:
+    """Accuracy of zero-shot (``shots=0``) or k-shot prompting on the test split, split exactly as
+    ``lmforge finetune classify`` splits the same file with the same seed."""
+    from tqdm import tqdm
+
+    from .models import load_any
+
+    if shots < 0:
+        raise LmforgeError(f"--shots must be >= 0, got {shots}")
+    rows = tasks.read_labelled(data, text_column, label_column)
+    if balance:
+        rows = tasks.balance(rows, seed)
+    rows = tasks.subsample(rows, limit, seed)
+    train_rows, _, test_rows = tasks.split(rows, split, seed)
+    test_rows = test_rows[:test_limit] if test_limit is not None else test_rows
+    labels = sorted({label for _, label in train_rows})
+    if not test_rows:
+        raise LmforgeError(f"the test split of {data} is empty; give more data or a larger test fraction")
+    model, tok = load_any(model_spec)
+    model.eval()
+    if chat and not tok.chat_template:
+        raise LmforgeError(f"{model_spec} has no chat template; leave out --chat")
+    rng = random.Random(seed)
+    preds, truth = [], []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for text, label in tqdm(test_rows, desc=f"{shots}-shot", disable=not progress, dynamic_ncols=True):
+            if label not in labels:
+                raise LmforgeError(f"label {label!r} of the test split does not occur in the training split")
+            best, _ = predict_by_prompt(model, tok, text, labels, _draw_shots(train_rows, labels, shots, rng), chat)
+            preds.append(best)
+            truth.append(labels.index(label))
+    metrics = classification_metrics(preds, truth, labels)
+    return {"task": "prompt", "model": model_spec, "shots": shots, "chat": chat, "seconds": time.perf_counter() - t0,
+            "test": metrics}
+
+
+__all__ = ["build_prompt", "evaluate_prompting", "predict_by_prompt"]

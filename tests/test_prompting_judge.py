@@ -1,0 +1,148 @@
+"""Zero-/few-shot classification by label likelihood, and the judge of instruction responses."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+
+from lmforge.config import LmforgeError, ModelConfig, TokenizerConfig
+from lmforge.model import GPT
+from lmforge.tokenizer import Tokenizer
+
+from conftest import TEXT
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from lmforge.checkpoint import save_model
+
+    root = tmp_path_factory.mktemp("base")
+    tok = Tokenizer.train([TEXT * 5], TokenizerConfig(vocab_size=300))
+    torch.manual_seed(0)
+    save_model(root, GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=512, d_model=32, n_layer=1,
+                                     n_head=2)), 0)
+    tok.save(root / "tokenizer.json")
+    return root
+
+
+def test_prompt_layout():
+    from lmforge.prompting import build_prompt
+
+    assert build_prompt("hello\nthere", ["ham", "spam"], [("win  now", "spam")]) == (
+        "Classify each text as one of: ham, spam.\n\nText: win now\nLabel: spam\n\nText: hello there\nLabel:")
+
+
+def test_prediction_is_the_most_likely_label(base):
+    from lmforge.evaluate import continuation_logprobs
+    from lmforge.models import load_any
+    from lmforge.prompting import build_prompt, predict_by_prompt
+
+    model, tok = load_any(str(base))
+    best, scores = predict_by_prompt(model, tok, "some text", ["ham", "spam", "eggs"], [])
+    context = tok.encode(build_prompt("some text", ["ham", "spam", "eggs"], []))
+    want = continuation_logprobs(model, context, [tok.encode(" " + label) for label in ("ham", "spam", "eggs")])
+    assert scores == pytest.approx(want) and best == max(range(3), key=lambda i: want[i])
+
+
+def test_few_shot_evaluation_scores_the_finetune_test_split(base, tmp_path):
+    from lmforge import tasks
+    from lmforge.prompting import evaluate_prompting
+
+    data = tmp_path / "d.tsv"
+    data.write_text("".join(f"{'spam' if i % 2 else 'ham'}\ttext number {i}\n" for i in range(30)))
+    res = evaluate_prompting(str(base), data, "1", "0", shots=2, progress=False)
+    _, _, test = tasks.split(tasks.read_labelled(data, "1", "0"), (0.7, 0.1, 0.2), 123)
+    assert res["test"]["n"] == len(test) == 6 and 0.0 <= res["test"]["accuracy"] <= 1.0
+    assert sum(map(sum, res["test"]["confusion"])) == 6
+    with pytest.raises(LmforgeError, match="--shots must be >= 0"):
+        evaluate_prompting(str(base), data, "1", "0", shots=-1)
+
+
+def test_parse_score():
+    from lmforge.judge import parse_score
+
+    assert parse_score("85") == 85 and parse_score("Score: 92/100") == 92 and parse_score("I'd say 250, no, 70") == 70
+    assert parse_score("excellent") is None
+
+
+class _Judge(BaseHTTPRequestHandler):
+    script: list = []
+    seen: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append((self.path, body))
+        status, content = type(self).script.pop(0)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        if status == 200:
+            self.wfile.write(json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def judge_server():
+    server = HTTPServer(("127.0.0.1", 0), _Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Judge.seen = []
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+def _responses(tmp_path, n=2):
+    recs = [{"instruction": "Name a color.", "input": "", "output": "Red.", "model_response": f"Blue {i}."}
+            for i in range(n)]
+    (tmp_path / "responses.json").write_text(json.dumps(recs))
+    return tmp_path / "responses.json"
+
+
+def test_http_judge_retries_a_server_error_and_reads_the_scores(judge_server, tmp_path):
+    from lmforge.judge import http_judge, judge_responses
+
+    _Judge.script = [(500, ""), (200, "80"), (200, "Score: 60")]
+    res = judge_responses(_responses(tmp_path), http_judge(judge_server, "llama3", timeout=5, retries=2),
+                          progress=False)
+    assert res == {"scores": [80, 60], "n": 2, "scored": 2, "mean": 70.0}
+    path, body = _Judge.seen[-1]
+    assert path == "/v1/chat/completions" and body["model"] == "llama3" and body["temperature"] == 0
+    prompt = body["messages"][0]["content"]
+    assert "correct output `Red.`" in prompt and "score the model response `Blue 1.`" in prompt
+    assert prompt.endswith("Respond with the integer number only.")
+
+
+def test_http_judge_gives_up_on_a_request_error_at_once(judge_server, tmp_path):
+    from lmforge.judge import http_judge, judge_responses
+
+    _Judge.script = [(400, "")]
+    with pytest.raises(LmforgeError, match=r"did not answer \(HTTP 400\) after 1 try;"):
+        judge_responses(_responses(tmp_path), http_judge(judge_server, "m", timeout=5, retries=2), progress=False)
+    assert len(_Judge.seen) == 1
+
+
+def test_unreachable_judge_is_a_one_line_error(tmp_path):
+    from lmforge.judge import http_judge, judge_responses
+
+    with pytest.raises(LmforgeError, match="did not answer .* after 1 try; check --url"):
+        judge_responses(_responses(tmp_path), http_judge("http://127.0.0.1:9", "m", timeout=2, retries=0),
+                        progress=False)
+
+
+def test_local_judge_runs_a_model_in_process(base, tmp_path):
+    from lmforge.judge import judge_responses, local_judge
+
+    res = judge_responses(_responses(tmp_path), local_judge(str(base)), progress=False)
+    assert res["n"] == 2 and len(res["scores"]) == 2
+    assert all(s is None or 0 <= s <= 100 for s in res["scores"])
+
+
+def test_responses_without_model_response(tmp_path):
+    from lmforge.judge import judge_responses
+
+    (tmp_path / "r.json").write_text(json.dumps([{"instruction": "a", "output": "b"}]))
+    with pytest.raises(LmforgeError, match="record 0 has no 'model_response'"):
+        judge_responses(tmp_path / "r.json", lambda p: "1", progress=False)

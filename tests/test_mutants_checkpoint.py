@@ -665,3 +665,164 @@ def test_load_trainer_state_runs_no_code_from_the_file(tmp_path):
     (tmp_path / "trainer_state.pt").write_bytes(buf.getvalue())
     with pytest.raises(CheckpointError, match="truncated or corrupted"):
         ck.load_trainer_state(tmp_path, 1)
+
+
+# ------------------------------------------------------------------------------------------ fine-tuned runs
+
+
+def _freeze_all_but(model: GPT, *names: str) -> GPT:
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    return model
+
+
+def test_model_state_trained_only_keeps_the_parameters_that_train():
+    model = _freeze_all_but(_model(), "h.0.ln_1.weight", "ln_f.bias")
+    assert set(ck.model_state(model, trained_only=True)) == {"h.0.ln_1.weight", "ln_f.bias"}
+    assert len(ck.model_state(model)) == len(ck.model_state(_model()))  # all of them by default
+
+
+def test_model_state_trained_only_keeps_a_trained_untied_head():
+    model = _model(tie_embeddings=False)
+    model.replace_head(3)
+    _freeze_all_but(model, "lm_head.weight", "lm_head.bias")
+    state = ck.model_state(model, trained_only=True)
+    assert set(state) == {"lm_head.weight", "lm_head.bias"} and state["lm_head.weight"].shape == (3, 8)
+
+
+def test_save_model_saves_only_trained_weights_when_the_config_says_so(tmp_path):
+    model = _freeze_all_but(_model(), "ln_f.weight")
+    folder = ck.save_model(tmp_path / "a", model, 1, {"weights": "trained"})
+    assert set(ck.load_weights(folder / "model.safetensors")[0]) == {"ln_f.weight"}
+    folder = ck.save_model(tmp_path / "b", model, 1, {"weights": "full"})
+    assert "wte.weight" in ck.load_weights(folder / "model.safetensors")[0]
+
+
+def test_check_state_trained_only_expects_the_trained_tensors_alone():
+    model = _freeze_all_but(_model(), "ln_f.weight")
+    ck.check_state(model, {"ln_f.weight": torch.ones(8)}, "src", trained_only=True)
+    with pytest.raises(CheckpointError, match="lacks tensor 'wte.weight'"):
+        ck.check_state(model, {"ln_f.weight": torch.ones(8)}, "src")
+    with pytest.raises(CheckpointError, match="has tensors this model lacks, e.g. 'wte.weight'"):
+        ck.check_state(model, {"ln_f.weight": torch.ones(8), "wte.weight": torch.ones(16, 8)}, "src",
+                       trained_only=True)
+
+
+def test_load_state_into_trained_only_leaves_the_rest_as_it_was():
+    model = _freeze_all_but(_model(), "ln_f.weight")
+    before = model.wte.weight.clone()
+    ck.load_state_into(model, {"ln_f.weight": torch.full((8,), 3.0)}, "src", trained_only=True)
+    assert model.ln_f.weight.tolist() == [3.0] * 8 and torch.equal(model.wte.weight, before)
+    with pytest.raises(CheckpointError, match="lacks tensor"):
+        ck.load_state_into(model, {"ln_f.weight": torch.ones(8)}, "src")
+
+
+def test_restore_structure_rebuilds_the_head_lora_layers_and_what_trains():
+    from lmforge.lora import LoRALinear
+
+    model = _model()
+    ck.restore_structure(model, {"head": {"labels": ["a", "b", "c"]},
+                                 "lora": {"rank": 2, "alpha": 4.0, "dropout": 0.0, "layers": ["h.0.attn.c_attn"]},
+                                 "trained": ["lm_head.weight", "h.0.attn.c_attn.lora_A"]})
+    assert model.lm_head.out_features == 3 and model.lm_head.bias is not None
+    layer = model.get_submodule("h.0.attn.c_attn")
+    assert isinstance(layer, LoRALinear) and layer.rank == 2 and layer.alpha == 4.0
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == ["h.0.attn.c_attn.lora_A",
+                                                                                 "lm_head.weight"]
+
+
+def test_restore_structure_of_a_plain_run_changes_nothing():
+    model = _model()
+    names = [n for n, _ in model.named_parameters()]
+    ck.restore_structure(model, {"head": None, "lora": None})
+    assert [n for n, _ in model.named_parameters()] == names and model.lm_head.weight is model.wte.weight
+    assert all(p.requires_grad for p in model.parameters())
+    ck.restore_structure(model, {"trained": []})
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def _base_run(tmp_path: Path, **overrides) -> tuple[Path, dict]:
+    from lmforge.tokenizer import Tokenizer
+
+    run = tmp_path / "base"
+    model = _model(**overrides)
+    ck.save_model(run, model, 0, {"task": "pretrain"})
+    tok = Tokenizer.load(_tokenizer(tmp_path))
+    tok.save(run / "tokenizer.json")
+    return run, {"spec": str(run), "params": model.num_params(), "tokenizer": tok.fingerprint}
+
+
+def test_load_base_loads_and_checks_the_base_model(tmp_path):
+    run, identity = _base_run(tmp_path)
+    model, tok = ck.load_base({"base": identity}, tmp_path / "ft")
+    assert model.num_params() == identity["params"] and tok.fingerprint == identity["tokenizer"]
+    for wrong in ({"params": identity["params"] + 1}, {"tokenizer": "0" * 16}, {"params": None}):
+        with pytest.raises(CheckpointError) as e:
+            ck.load_base({"base": {**identity, **wrong}}, tmp_path / "ft")
+        assert str(e.value) == (f"{run} is not the base model {tmp_path / 'ft'} was fine-tuned from (another size or "
+                                "tokenizer); restore that model there")
+
+
+def test_load_base_that_cannot_be_loaded_says_why(tmp_path):
+    absent = str(tmp_path / "gone")
+    with pytest.raises(CheckpointError) as e:
+        ck.load_base({"base": {"spec": absent}}, tmp_path / "ft")
+    assert str(e.value).startswith(f"{tmp_path / 'ft'} holds only the fine-tuned weights; its base model {absent!r} "
+                                   "cannot be loaded (no model named")
+    assert str(e.value).endswith(")")
+
+
+def test_load_model_lays_trained_only_weights_over_the_base(tmp_path):
+    run, identity = _base_run(tmp_path)
+    tuned = _model()
+    tuned.replace_head(2)
+    with torch.no_grad():
+        tuned.lm_head.weight.fill_(0.5)
+    _freeze_all_but(tuned, "lm_head.weight", "lm_head.bias")
+    ck.save_model(tmp_path / "ft", tuned, 3, {"weights": "trained", "base": identity, "head": {"labels": ["x", "y"]},
+                                              "trained": ["lm_head.weight", "lm_head.bias"]})
+    model, cfg = ck.load_model(tmp_path / "ft")
+    base, _ = ck.load_model(run)
+    assert cfg["step"] == 3 and not model.training
+    assert model.lm_head.weight.shape == (2, 8) and model.lm_head.weight.unique().tolist() == [0.5]
+    assert torch.equal(model.wte.weight, base.wte.weight)  # the rest is the base's
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["lm_head.weight", "lm_head.bias"]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_load_model_of_a_full_run_with_lora_layers(tmp_path, tie):
+    from lmforge.lora import LoRALinear, apply_lora, lora_config
+
+    tuned = _model(tie_embeddings=tie)
+    apply_lora(tuned, rank=2, alpha=4.0)
+    with torch.no_grad():
+        for n, p in tuned.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.25)  # B starts at zero: make the adapters count
+    ck.save_model(tmp_path, tuned, 2, {"weights": "full", "lora": lora_config(tuned)})
+    model, cfg = ck.load_model(tmp_path)
+    assert not model.training and isinstance(model.get_submodule("h.0.attn.c_attn"), LoRALinear)
+    assert model.wte.weight.dtype == torch.float32 and model.wte.weight.device.type == "cpu"
+    assert (model.lm_head.weight is model.wte.weight) == tie
+    idx = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model(idx), tuned.eval()(idx))
+
+
+def test_load_model_of_a_full_run_with_a_head(tmp_path):
+    tuned = _model()
+    tuned.replace_head(3)
+    ck.save_model(tmp_path, tuned, 2, {"head": {"labels": ["a", "b", "c"]}})
+    model, _ = ck.load_model(tmp_path)
+    assert model.lm_head.out_features == 3 and model.lm_head.weight is not model.wte.weight and not model.training
+    assert torch.equal(model.lm_head.bias, tuned.lm_head.bias)
+    idx = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model(idx), tuned.eval()(idx))
+
+
+def test_load_model_of_a_run_with_a_head_checks_its_tensors(tmp_path):
+    tuned = _model()
+    tuned.replace_head(3)
+    ck.save_model(tmp_path, tuned, 2, {"head": {"labels": ["a", "b"]}})  # one label fewer than the head has
+    with pytest.raises(CheckpointError, match=r"tensor 'lm_head.weight' has shape \(3, 8\), the model config needs "
+                                              r"\(2, 8\)"):
+        ck.load_model(tmp_path)

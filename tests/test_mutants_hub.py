@@ -283,8 +283,19 @@ def test_run_echoed_returns_the_code_and_stderr_and_echoes_both_streams(capfd):
     script = ("import sys; sys.stdout.write('out-text\\n'); sys.stdout.flush(); "
               "sys.stderr.buffer.write(b'bad byte \\xff; ' + b'e' * 200000 + b' END'); "
               "sys.exit(3 if sys.stdin.read() == '' else 4)")
-    code, err = hub._run_echoed([sys.executable, "-c", script])
-    assert code == 3  # stdin is empty: pip can never wait for an answer
+    # Our own stdin has an answer waiting; pip must not see it (it must never wait for a prompt).
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"y\n")
+    os.close(write_end)
+    saved = os.dup(0)
+    os.dup2(read_end, 0)
+    try:
+        code, err = hub._run_echoed([sys.executable, "-c", script])
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        os.close(read_end)
+    assert code == 3  # the child's stdin was empty
     assert err == "bad byte \ufffd; " + "e" * 200000 + " END"
     echoed = capfd.readouterr().err
     assert "out-text" in echoed and echoed.endswith(" END")

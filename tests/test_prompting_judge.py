@@ -146,3 +146,15 @@ def test_responses_without_model_response(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps([{"instruction": "a", "output": "b"}]))
     with pytest.raises(LmforgeError, match="record 0 has no 'model_response'"):
         judge_responses(tmp_path / "r.json", lambda p: "1", progress=False)
+
+
+def test_four_ways_on_one_split(base, tmp_path):
+    from lmforge.four_ways import four_ways
+
+    data = tmp_path / "d.tsv"
+    data.write_text("".join(f"{'spam' if i % 2 else 'ham'}\t{'WIN cash now' if i % 2 else 'lunch at noon'} {i}\n"
+                            for i in range(40)))
+    res = four_ways(str(base), data, tmp_path / "out", "1", "0", shots=2, epochs=3, trainable="all", progress=False)
+    assert list(res["ways"]) == ["zero-shot", "2-shot", "classifier fine-tuning", "instruction fine-tuning"]
+    assert all(w["n"] == 8 and 0 <= w["accuracy"] <= 1 for w in res["ways"].values())
+    assert json.loads((tmp_path / "out" / "four_ways.json").read_text()) == res

@@ -102,6 +102,22 @@ def _steps(n_train: int, finetune: FinetuneConfig, train: TrainConfig) -> TrainC
                    warmup_steps=min(train.warmup_steps, steps // 10))
 
 
+# Known data sets (see `lmforge download`): their columns, when a file has no header.
+KNOWN_COLUMNS = {"sms-spam": ("1", "0")}
+
+
+def resolve_data(spec: str | Path, kind: str = "dataset") -> Path:
+    """A data file: a path, or the name of a known data set (fetched into the cache)."""
+    from . import hub
+
+    path = Path(spec)
+    if path.exists() or str(spec) not in hub.REGISTRY:
+        return path
+    if hub.REGISTRY[str(spec)].kind != kind:
+        raise LmforgeError(f"{spec!r} is a model, not a data set")
+    return hub.fetch(str(spec))
+
+
 def _start(run: Path, data: Path, resume: bool, overwrite: bool) -> None:
     from .pipeline import _prepare_run_dir
 
@@ -138,8 +154,11 @@ def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: Fi
                       text_column: str = "text", label_column: str = "label", balance: bool = False,
                       pad_to: int | None = None, resume: bool = False, overwrite: bool = False,
                       progress: bool = True, device: str | None = None) -> dict:
-    """Fine-tune ``base`` to classify the texts of ``data``; returns the test metrics."""
-    run, data = Path(out), Path(data)
+    """Fine-tune ``base`` to classify the texts of ``data`` (a file, or a known data set's name);
+    returns the metrics of every split."""
+    if (text_column, label_column) == ("text", "label") and str(data) in KNOWN_COLUMNS:
+        text_column, label_column = KNOWN_COLUMNS[str(data)]
+    run, data = Path(out), resolve_data(data)
     _start(run, data, resume, overwrite)
     rows = tasks.read_labelled(data, text_column, label_column)
     if balance:
@@ -292,7 +311,7 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
     before and after, and writes the test responses to ``responses.json``."""
     if template not in tasks.TEMPLATES:
         raise LmforgeError(f"unknown template {template!r}; known templates: {', '.join(tasks.TEMPLATES)}")
-    run, data = Path(out), Path(data)
+    run, data = Path(out), resolve_data(data)
     _start(run, data, resume, overwrite)
     train_recs, val_recs, test_recs = _instruction_splits(data, finetune)
     dev = torch.device(device) if device else torch.device("cpu")
@@ -382,7 +401,7 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
         raise LmforgeError(f"--beta must be > 0, got {beta}")
     if template not in tasks.TEMPLATES:
         raise LmforgeError(f"unknown template {template!r}; known templates: {', '.join(tasks.TEMPLATES)}")
-    run, data = Path(out), Path(data)
+    run, data = Path(out), resolve_data(data)
     _start(run, data, resume, overwrite)
     train_recs, val_recs, _ = _instruction_splits(data, finetune)
     dev = torch.device(device) if device else torch.device("cpu")

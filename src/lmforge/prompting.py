@@ -68,9 +68,13 @@ def evaluate_prompting(model_spec: str, data: str | Path, text_column: str = "te
 
     from .models import load_any
 
+    from .finetune import KNOWN_COLUMNS, resolve_data
+
     if shots < 0:
         raise LmforgeError(f"--shots must be >= 0, got {shots}")
-    rows = tasks.read_labelled(data, text_column, label_column)
+    if (text_column, label_column) == ("text", "label") and str(data) in KNOWN_COLUMNS:
+        text_column, label_column = KNOWN_COLUMNS[str(data)]
+    rows = tasks.read_labelled(resolve_data(data), text_column, label_column)
     if balance:
         rows = tasks.balance(rows, seed)
     rows = tasks.subsample(rows, limit, seed)

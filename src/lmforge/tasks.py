@@ -88,9 +88,13 @@ def read_labelled(path: str | Path, text_column: str = "text", label_column: str
         return _checked(rows, path, "record")
     if not path.is_file():
         raise DataError(f"no data file at {path}")
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     try:
         with open(path, newline="", encoding="utf-8") as f:
+            first = f.readline()
+            f.seek(0)
+            # By the suffix, unless the first line says otherwise (a tab-separated file named .csv).
+            tabbed = path.suffix.lower() in (".tsv", ".tab") or ("\t" in first and "," not in first.split("\t")[0])
+            delimiter = "\t" if tabbed else ","
             table = list(csv.reader(f, delimiter=delimiter))
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it first") from None

@@ -438,6 +438,8 @@ CASES = [
      "max_steps must be an integer >= 1", None),
     ("run-guard", ["run", "--out", f"{R}/default", "--data", f"{R}/corpus", "--vocab_size", "300", "--max_minutes",
                    "-1"], "max_minutes must be > 0", None),
+    ("run-fourway", ["run", "--out", f"{R}/default", "--fourway_limit", "5"],
+     "--fourway_limit must be 0 (leave the stage out) or at least 20", None),
 ]
 
 

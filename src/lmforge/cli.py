@@ -59,6 +59,9 @@ def _parser():  # built once per process: building it parses every config docstr
                    help="guard: stop pretraining early, with a checkpoint and a note, if it takes longer than this")
     p.add_argument("--vocab_size", type=int, default=4096, help="BPE vocabulary size")
     p.add_argument("--preset", type=str, default="gpt-micro", help=f"model preset: {', '.join(PRESETS)}")
+    p.add_argument("--fourway_limit", type=int, default=300,
+                   help="texts of SMS spam on which the pretrained SmolLM2-135M is adapted four ways in the last stage "
+                        "(at most 1284; 0 leaves the stage out)")
     cmds.add_subcommand("run", p, help="the built-in end-to-end default run")
 
     tok = ArgumentParser(description="Train, or use, a byte-level BPE tokenizer.", exit_on_error=False)
@@ -282,7 +285,7 @@ def _run(argv: list[str]) -> int:
     cmd = cfg.command
     a = cfg[cmd]
     if cmd == "run":
-        pipeline.main_job(a.data, a.out, a.steps, a.max_minutes, a.vocab_size, a.preset)
+        pipeline.main_job(a.data, a.out, a.steps, a.max_minutes, a.vocab_size, a.preset, fourway_limit=a.fourway_limit)
     elif cmd == "tokenizer":
         _tokenizer(a)
     elif cmd == "prepare":

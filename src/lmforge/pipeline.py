@@ -261,7 +261,7 @@ def _compare_with_pretrained(run: Path, paths: list[str], name: str = "smollm2-1
     held-out text, in bits per byte (their tokenizers differ, so per-token losses do not compare)."""
     from .hub import HubError
 
-    print(f"== 5/5 what pretraining at scale buys: {name} next to the model trained here")
+    print(f"== 5/6 what pretraining at scale buys: {name} next to the model trained here")
     _, val_docs = split_documents(read_documents(paths), DataConfig())
     text = "\n\n".join(val_docs)[:chars]
     try:
@@ -282,6 +282,29 @@ def _compare_with_pretrained(run: Path, paths: list[str], name: str = "smollm2-1
     print(f"held-out text: {len(text.encode()):,} bytes of the validation documents")
     print("\n".join(rows))
     return out
+
+
+FOUR_WAYS = "four-ways"
+
+
+def _four_ways(out: Path, limit: int, name: str = "smollm2-135m-instruct") -> dict:
+    """Stage 6 of the default run: the pretrained model adapted to a task four ways (zero-shot,
+    few-shot, a classifier head, instruction tuning), on a subsample of SMS spam that fits the run's budget."""
+    from .four_ways import four_ways
+    from .hub import HubError
+
+    print(f"== 6/6 four ways to solve a task: {name} on SMS spam (ham or spam), {limit} of the 1,284 balanced "
+          "texts (a subsample, to fit this run's budget; benchmarks/finetune_quality.py runs all of them)")
+    try:
+        res = four_ways(name, "sms-spam", out / FOUR_WAYS, limit=limit, shots=4, epochs=1.0, trainable="lora",
+                        progress=False, overwrite=True)
+    except (HubError, LmforgeError) as e:
+        print(f"skipped: {e}")
+        return {}
+    width = max(len(w) for w in res["ways"])
+    for way, r in res["ways"].items():
+        print(f"  {way:<{width}}  test accuracy {r['accuracy']:.3f}  ({r['n']} texts, {r['minutes']:.1f} min)")
+    return res["ways"]
 
 
 def evaluate_text(model_spec: str, paths: list[str], dtype: str = "float32") -> dict:
@@ -324,8 +347,9 @@ def export(model_spec: str, to: str, out: str | Path, dtype: str | None = None, 
 
 def main_job(data: list[str] | None = None, out: str | Path = "runs/default", steps: int = 1000,
              max_minutes: float = 15.0, vocab_size: int = 4096, preset: str = "gpt-micro",
-             train: TrainConfig | None = None, progress: bool = True) -> dict:
-    """The built-in default: raw text -> tokenizer -> shards -> a pretrained GPT, evaluated and sampled.
+             train: TrainConfig | None = None, progress: bool = True, fourway_limit: int = 300) -> dict:
+    """The built-in default: raw text -> tokenizer -> shards -> a pretrained GPT, evaluated and sampled;
+    then the real pretrained SmolLM2-135M solves SMS spam four ways (``fourway_limit`` texts).
 
     Its work is fixed (``steps`` optimiser steps of 16 x 128 tokens), so the same command gives the
     same model on every machine; ``max_minutes`` is only a guard, reported if it fires. Run again
@@ -338,30 +362,35 @@ def main_job(data: list[str] | None = None, out: str | Path = "runs/default", st
     train = train or TrainConfig(batch_size=16, max_steps=steps, warmup_steps=50, lr=2e-3, eval_interval=200,
                                  eval_batches=10, save_interval=100, max_minutes=max_minutes, weight_decay=0.1)
     ModelConfig.from_preset(preset, vocab_size=vocab_size)  # bad settings are refused before anything is written
+    if fourway_limit != 0 and not 20 <= fourway_limit:
+        raise LmforgeError(f"--fourway_limit must be 0 (leave the stage out) or at least 20 texts, got {fourway_limit}")
     tok_config = TokenizerConfig(vocab_size=vocab_size)
     resume = has_checkpoint(out / "model")
     if resume:
         done = read_run_config(out / "model").get("step", 0)
         if done >= train.max_steps:
-            raise LmforgeError(f"{out} already holds a finished default run; choose another --out, or use it: "
-                               f"lmforge generate {out / 'model'} --prompt 'The'")
+            if (out / FOUR_WAYS / "four_ways.json").is_file() or not fourway_limit:
+                raise LmforgeError(f"{out} already holds a finished default run; choose another --out, or use it: "
+                                   f"lmforge generate {out / 'model'} --prompt 'The'")
+            print(f"== the default run in {out} is pretrained; running its last stage")
+            return {"four_ways": _four_ways(out, fourway_limit)}
         print(f"== resuming the default run in {out} from step {done} of {train.max_steps} (stages 1 and 2 are done)")
     else:
-        print(f"== 1/5 tokenizer: byte-level BPE, vocabulary {vocab_size}, corpus: "
+        print(f"== 1/6 tokenizer: byte-level BPE, vocabulary {vocab_size}, corpus: "
               f"{'text shipped with Python (pydoc topics + stdlib docstrings)' if paths == ['builtin'] else ', '.join(paths)}")
         train_tokenizer(paths, out / "tokenizer.json", tok_config)
-        print("== 2/5 token shards")
+        print("== 2/6 token shards")
         prepare_shards(paths, out / "tokenizer.json", out / "data")
     vocab = Tokenizer.load(out / "tokenizer.json").vocab_size  # a small corpus may give fewer tokens than asked
     model_config = ModelConfig.from_preset(preset, vocab_size=vocab)
-    print(f"== 3/5 pretraining a {preset} GPT for {train.max_steps} steps "
+    print(f"== 3/6 pretraining a {preset} GPT for {train.max_steps} steps "
           f"({train.max_steps * train.batch_size * model_config.context_length:,} tokens)")
     summary = pretrain(out / "data", out / "model", model_config, train, progress=progress, resume=resume)
     if summary["stopped_early"]:
         print(f"note: the {max_minutes:g}-minute guard fired at step {summary['steps']} of {train.max_steps}: this "
               "machine is slower than the run was sized for, so the model below is trained less than intended. "
               f"Run the same command again to finish it.")
-    print("== 4/5 evaluation")
+    print("== 4/6 evaluation")
     before = next((r for r in read_metrics(out / "model" / "metrics.jsonl") if r["step"] == 0 and "val_loss" in r),
                   None)
     if before is not None:
@@ -370,6 +399,8 @@ def main_job(data: list[str] | None = None, out: str | Path = "runs/default", st
               f"{summary['val_perplexity']:.1f})")
         summary["untrained_val_loss"] = before["val_loss"]
     summary.update(_compare_with_pretrained(out / "model", paths))
+    if fourway_limit:
+        summary["four_ways"] = _four_ways(out, fourway_limit)
     print(f"run directory: {out / 'model'} (weights, config, tokenizer, metrics.jsonl, loss curve {summary['plot']})")
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} minutes. Next: lmforge generate {out / 'model'} "
           "--prompt 'The'")

@@ -476,3 +476,43 @@ def test_classify_a_run_that_is_not_a_classifier(base):
 
     with pytest.raises(LmforgeError, match="is not a classification run"):
         classify_texts(base, ["hello"])
+
+
+def test_lora_instruction_run_generates_exports_and_serves_as_a_base(base, tmp_path):
+    """Every command that takes a model reads a fine-tuned run: generation and export get the
+    adapters folded in (the same outputs), and a further fine-tuning starts from them."""
+    from lmforge.finetune import finetune_dpo, finetune_instruct
+    from lmforge.models import load_any, load_language_model
+    from lmforge.pipeline import export
+
+    data = _instruction_file(tmp_path / "instr.json", preference=True)
+    finetune_instruct(str(base), data, tmp_path / "run", FinetuneConfig(trainable="lora", epochs=2,
+                      split=(0.75, 0.25, 0.0)), TrainConfig(lr=1e-2, batch_size=4, dtype="float32"),
+                      LoRAConfig(rank=4, alpha=8), progress=False)
+    adapted, _ = load_any(str(tmp_path / "run"))
+    merged, _ = load_language_model(str(tmp_path / "run"))
+    x = torch.randint(0, 300, (1, 12))
+    assert any("lora" in n for n, _ in adapted.named_parameters())
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(merged(x), adapted(x), atol=1e-5, rtol=0)
+    export(str(tmp_path / "run"), "hf", tmp_path / "hf")
+    exported, _ = load_any(str(tmp_path / "hf"))
+    torch.testing.assert_close(exported(x), adapted(x), atol=1e-5, rtol=0)
+    res = finetune_dpo(str(tmp_path / "run"), data, tmp_path / "dpo", FinetuneConfig(trainable="lora", epochs=1,
+                       split=(0.75, 0.25, 0.0)), TrainConfig(lr=1e-3, batch_size=4, dtype="float32"),
+                       LoRAConfig(rank=2, alpha=4), progress=False)
+    assert res["before"]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    dpo_model, cfg = load_model(tmp_path / "dpo")  # adapters over (instruct adapters over the base)
+    assert cfg["lora"]["rank"] == 2
+
+
+def test_a_classifier_is_not_a_language_model(base, tmp_path):
+    from lmforge.config import LmforgeError
+    from lmforge.finetune import finetune_classify
+    from lmforge.models import load_language_model
+
+    data = _spam_file(tmp_path / "sms.tsv", n=20)
+    finetune_classify(str(base), data, tmp_path / "run", FinetuneConfig(trainable="head", epochs=1),
+                      TrainConfig(batch_size=8, dtype="float32"), text_column="1", label_column="0", progress=False)
+    with pytest.raises(LmforgeError, match="is a classifier \\(2 classes\\), not a language model; label texts with"):
+        load_language_model(str(tmp_path / "run"))

@@ -10,6 +10,7 @@ import http.server
 import io
 import json
 import os
+import subprocess
 import sys
 import threading
 import zipfile
@@ -186,7 +187,7 @@ def test_a_server_that_ignores_the_range_gives_a_whole_fresh_file(server, tmp_pa
     assert "100/100 " in err and "140" not in err, err[-400:]
 
 
-def test_a_partial_file_longer_than_the_remote_one_is_dropped_on_416(server, tmp_path):
+def test_a_partial_file_longer_than_the_remote_one_is_dropped_on_416(server, tmp_path, capsys):
     root, base, opts = server
     opts["mode"] = "416"
     data = b"short file"
@@ -196,6 +197,7 @@ def test_a_partial_file_longer_than_the_remote_one_is_dropped_on_416(server, tmp
     part.write_bytes(b"a much longer leftover that is not a prefix")
     entry = _entry("v.bin", data, Source("url", base + "/v.bin"))
     assert fetch_file(entry, entry.main).read_bytes() == data
+    assert "v.bin: 100%" in capsys.readouterr().err  # the fresh download's bar keeps the file's name
 
 
 def test_another_http_error_keeps_the_partial_file_for_a_later_resume(server, tmp_path):
@@ -260,7 +262,7 @@ def test_a_file_from_a_wheel_arrives_without_a_bar_of_its_own(monkeypatch, capsy
     entry = _entry("w.bin", data, Source("pypi", "pkg==1.0", "pkg/w.bin"))
     path = fetch_file(entry, entry.main)
     assert path.read_bytes() == data and calls[0][-1] == "pkg==1.0"
-    assert "100%" not in capsys.readouterr().err  # pip shows its own progress; the unzip shows none
+    assert "B/s" not in capsys.readouterr().err  # pip shows its own progress; the unzip shows none
 
 
 def test_wheel_problems_are_named(monkeypatch):
@@ -301,6 +303,33 @@ def test_run_echoed_returns_the_code_and_stderr_and_echoes_both_streams(capfd):
     assert "out-text" in echoed and echoed.endswith(" END")
 
 
+def test_an_interrupted_pip_is_not_left_running(monkeypatch):
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    class Interrupting:  # Ctrl-C arrives while pip's first output is echoed
+        def write(self, text):
+            raise KeyboardInterrupt
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(sys, "stderr", Interrupting())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            hub._run_echoed([sys.executable, "-c", "import time; print('working', flush=True); time.sleep(60)"])
+        assert started[0].poll() is not None
+    finally:
+        if started and started[0].poll() is None:
+            started[0].kill()
+            started[0].wait()
+
+
 def test_a_file_from_the_hf_hub_through_its_client(monkeypatch, tmp_path, capsys):
     import huggingface_hub
 
@@ -312,7 +341,8 @@ def test_a_file_from_the_hf_hub_through_its_client(monkeypatch, tmp_path, capsys
     path = fetch_file(entry, entry.main)
     assert path.read_bytes() == b"hf config bytes" and calls == [("org/model", "sub/config.json")]
     err = capsys.readouterr().err
-    assert "lmforge: fetching config.json from the Hugging Face hub (org/model)" in err and "100%" not in err
+    # The HF client shows its own progress; copying its cached blob shows none (no bar, no speed).
+    assert "lmforge: fetching config.json from the Hugging Face hub (org/model)" in err and "B/s" not in err
     # Served again from the cache, offline, still counted as checked by the HF client.
     monkeypatch.setenv("LMFORGE_OFFLINE", "1")
     assert fetch_file(entry, entry.main) == path and _record(path)["verified"] is True

@@ -350,11 +350,13 @@ def restore_structure(model: GPT, cfg: dict) -> None:
 def load_base(cfg: dict, source: Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
     """The base model a fine-tuning run that saved only what it trained was tuned from, checked
     to be the same model (its parameter count and tokenizer)."""
+    from .lora import merge_lora
     from .models import load_any
 
     base = cfg["base"]
     try:
         model, tok = load_any(base["spec"], device)
+        merge_lora(model)  # a fine-tuned run as base: its adapters are part of what was tuned from
     except LmforgeError as e:
         raise CheckpointError(f"{source} holds only the fine-tuned weights; its base model {base['spec']!r} cannot "
                               f"be loaded ({e})") from None

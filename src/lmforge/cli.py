@@ -469,10 +469,10 @@ def _generate(a) -> None:
     import torch
 
     from .generate import stream
-    from .models import load_any
+    from .models import load_language_model
     from .precision import default_device
 
-    model, tok = load_any(a.run, default_device())
+    model, tok = load_language_model(a.run, default_device())
     cfg = _config(SampleConfig, a.sample)
     prompt = _chat_prompt(tok, a.prompt, a.run) if a.chat else a.prompt
     ids = tok.encode(prompt, allowed_special="all") if prompt else [tok.eot_id or 0]

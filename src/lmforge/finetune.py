@@ -86,9 +86,12 @@ def _base_identity(spec: str, model: GPT, tok) -> dict:
 
 
 def _load_base(base: str, device: torch.device) -> tuple[GPT, object]:
+    """The model to fine-tune; a fine-tuned run as base has its LoRA adapters folded in first."""
+    from .lora import merge_lora
     from .models import load_any
 
     model, tok = load_any(base, device)
+    merge_lora(model)
     return model.float().to(device), tok
 
 

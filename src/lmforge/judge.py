@@ -78,9 +78,9 @@ def local_judge(model_spec: str, max_new_tokens: int = 8) -> Callable[[str], str
 
     from .config import SampleConfig
     from .generate import generate
-    from .models import load_any
+    from .models import load_language_model
 
-    model, tok = load_any(model_spec)
+    model, tok = load_language_model(model_spec)
     model.eval()
 
     def ask(prompt: str) -> str:

@@ -52,3 +52,16 @@ def load_any(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, Tokeni
 
     known = ", ".join(n for n, e in REGISTRY.items() if e.kind == "model")
     raise LmforgeError(f"no model named {spec!r}: not a path, and not a known model ({known})")
+
+
+def load_language_model(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """A model that predicts tokens, for generating, scoring and exporting: LoRA adapters are
+    folded into the weights (exact, and faster to run); a classifier is refused."""
+    from .lora import merge_lora
+
+    model, tok = load_any(spec, device)
+    if model.lm_head.out_features != model.config.vocab_size:
+        raise LmforgeError(f"{spec} is a classifier ({model.lm_head.out_features} classes), not a language model; "
+                           f"label texts with: lmforge classify {spec} TEXT")
+    merge_lora(model)
+    return model, tok

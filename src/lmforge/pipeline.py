@@ -37,7 +37,7 @@ from .evaluate import bits_per_byte, evaluate_tokens
 from .generate import generate_text
 from .losses import next_token_loss
 from .model import GPT
-from .models import load_any
+from .models import load_any, load_language_model
 from .outputs import check_output, inside, write_error
 from .precision import default_device, resolve_dtype
 from .report import plot_losses, read_metrics
@@ -241,7 +241,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, split: str = "val", 
     if split not in ("train", "val"):
         raise LmforgeError(f"--split must be 'train' or 'val', got {split!r}")
     shards = ShardSet.open(data_dir)
-    model, tokenizer = load_any(str(run_dir), default_device())
+    model, tokenizer = load_language_model(str(run_dir), default_device())
     if shards.fingerprint != tokenizer.fingerprint:
         raise LmforgeError(f"{data_dir} was tokenized with a different tokenizer than {run_dir}; "
                            "prepare the data with the run's tokenizer.json")
@@ -311,7 +311,7 @@ def evaluate_text(model_spec: str, paths: list[str], dtype: str = "float32") -> 
     """Bits per byte of any model on text files (comparable across tokenizers)."""
     _check_eval_args(dtype=dtype)
     text = "\n\n".join(read_documents(paths))
-    model, tokenizer = load_any(model_spec, default_device())
+    model, tokenizer = load_language_model(model_spec, default_device())
     return bits_per_byte(model, tokenizer, text, dtype=resolve_dtype(dtype, default_device()))
 
 
@@ -335,13 +335,13 @@ def export(model_spec: str, to: str, out: str | Path, dtype: str | None = None, 
 
         check_output(out, kind="folder", what="a Hugging Face folder written by `lmforge export`",
                      own_kind=is_hf_export, inputs=[model_spec], writes=HF_EXPORT_FILES, overwrite=overwrite)
-        model, tokenizer = load_any(model_spec)
+        model, tokenizer = load_language_model(model_spec)
         return export_hf(model, out, tokenizer)
     from .gguf_io import export_gguf, is_gguf_export
 
     check_output(out, kind="file", what="a GGUF file written by `lmforge export`", own_kind=is_gguf_export,
                  inputs=[model_spec], overwrite=overwrite)
-    model, tokenizer = load_any(model_spec)
+    model, tokenizer = load_language_model(model_spec)
     return export_gguf(model, tokenizer, out, dtype)
 
 

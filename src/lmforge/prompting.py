@@ -66,7 +66,7 @@ def evaluate_prompting(model_spec: str, data: str | Path, text_column: str = "te
     ``lmforge finetune classify`` splits the same file with the same seed."""
     from tqdm import tqdm
 
-    from .models import load_any
+    from .models import load_language_model
 
     from .finetune import KNOWN_COLUMNS, resolve_data
 
@@ -83,7 +83,7 @@ def evaluate_prompting(model_spec: str, data: str | Path, text_column: str = "te
     labels = sorted({label for _, label in train_rows})
     if not test_rows:
         raise LmforgeError(f"the test split of {data} is empty; give more data or a larger test fraction")
-    model, tok = load_any(model_spec)
+    model, tok = load_language_model(model_spec)
     model.eval()
     if chat and not tok.chat_template:
         raise LmforgeError(f"{model_spec} has no chat template; leave out --chat")

@@ -516,3 +516,25 @@ def test_a_classifier_is_not_a_language_model(base, tmp_path):
                       TrainConfig(batch_size=8, dtype="float32"), text_column="1", label_column="0", progress=False)
     with pytest.raises(LmforgeError, match="is a classifier \\(2 classes\\), not a language model; label texts with"):
         load_language_model(str(tmp_path / "run"))
+
+
+def test_a_label_never_seen_in_training_is_named(base):
+    tok = Tokenizer.load(base / "tokenizer.json")
+    with pytest.raises(tasks.DataError, match="label 'eggs' does not occur in the training split \\(labels: ham, spam\\)"):
+        tasks.encode_labelled([("fine", "ham"), ("x", "eggs")], tok, ["ham", "spam"], 10)
+    s = tasks.encode_labelled([("fine " * 50, "ham")], tok, ["ham", "spam"], 10)
+    assert s.truncated == 1 and len(s.ids[0]) == 10 and s.labels == [0]
+
+
+def test_reading_labelled_files(tmp_path):
+    (tmp_path / "a.csv").write_text('text,label\n"hello, world",greeting\nbye,farewell\n')
+    assert tasks.read_labelled(tmp_path / "a.csv") == [("hello, world", "greeting"), ("bye", "farewell")]
+    (tmp_path / "b.jsonl").write_text('{"t": "hi", "y": 1}\n\n{"t": "yo", "y": 2}\n')
+    assert tasks.read_labelled(tmp_path / "b.jsonl", "t", "y") == [("hi", "1"), ("yo", "2")]
+    (tmp_path / "c.csv").write_text("ham\thi there\nspam\twin, now\n")  # tab-separated, named .csv
+    assert tasks.read_labelled(tmp_path / "c.csv", "1", "0") == [("hi there", "ham"), ("win, now", "spam")]
+    with pytest.raises(tasks.DataError, match="record 1 has no field 'y'"):
+        (tmp_path / "d.json").write_text('[{"t": "a", "y": 1}, {"t": "b"}]')
+        tasks.read_labelled(tmp_path / "d.json", "t", "y")
+    with pytest.raises(tasks.DataError, match="no data file at"):
+        tasks.read_labelled(tmp_path / "nope.csv")

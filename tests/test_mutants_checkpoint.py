@@ -109,6 +109,14 @@ def test_leftovers_of_killed_writes_are_swept_by_the_next_save(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000008"]
 
 
+def test_a_stale_temporary_folder_of_the_same_process_is_replaced(tmp_path):
+    stale = tmp_path / "checkpoints" / f".step-00000003.tmp{os.getpid()}"
+    stale.mkdir(parents=True)
+    (stale / "half.bin").write_bytes(b"from an earlier, failed attempt")
+    folder = ck.write_checkpoint(tmp_path, 3, _files(3))
+    assert sorted(p.name for p in folder.iterdir()) == ["a.bin", "b.json", "manifest.json"]
+
+
 def test_saving_the_same_step_again_replaces_it_whole(tmp_path):
     ck.write_checkpoint(tmp_path, 4, {"a.bin": b"first", "gone.txt": b"only in the first"})
     folder = ck.write_checkpoint(tmp_path, 4, {"a.bin": b"second"})
@@ -203,11 +211,15 @@ def test_save_model_defaults_to_step_0(tmp_path):
     assert folder.name == "step-00000000" and json.loads((folder / "config.json").read_text())["step"] == 0
 
 
-def test_save_model_keeps_two_checkpoints_by_default(tmp_path):
+def test_save_model_keeps_two_checkpoints_by_default_or_as_many_as_asked(tmp_path):
     model = _model()
     for step in (1, 2, 3):
-        ck.save_model(tmp_path, model, step)
-    assert [s for s, _ in ck._step_dirs(tmp_path / "checkpoints")] == [3, 2]
+        ck.save_model(tmp_path / "a", model, step)
+        ck.save_model(tmp_path / "b", model, step, keep=1)
+        ck.save_model(tmp_path / "c", model, step, keep=3)
+    assert [s for s, _ in ck._step_dirs(tmp_path / "a" / "checkpoints")] == [3, 2]
+    assert [s for s, _ in ck._step_dirs(tmp_path / "b" / "checkpoints")] == [3]
+    assert [s for s, _ in ck._step_dirs(tmp_path / "c" / "checkpoints")] == [3, 2, 1]
 
 
 def test_save_checkpoint_stores_the_trainer_state_for_resuming(tmp_path):
@@ -222,6 +234,8 @@ def test_save_checkpoint_stores_the_trainer_state_for_resuming(tmp_path):
     ck.save_checkpoint(tmp_path, model, opt, 4, {"tokens": 0, "elapsed": 0.0})
     ck.save_checkpoint(tmp_path, model, opt, 5, {"tokens": 0, "elapsed": 0.0})
     assert [s for s, _ in ck._step_dirs(tmp_path / "checkpoints")] == [5, 4]  # keep defaults to 2
+    ck.save_checkpoint(tmp_path, model, opt, 6, {"tokens": 0, "elapsed": 0.0}, keep=1)
+    assert [s for s, _ in ck._step_dirs(tmp_path / "checkpoints")] == [6]
 
 
 # ------------------------------------------------------------------------------------------ model state
@@ -384,6 +398,17 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning(tmp_path, capsy
     assert capsys.readouterr().err == ""  # once per process
 
 
+def test_the_warning_names_every_damaged_checkpoint_skipped(tmp_path, capsys):
+    ck.write_checkpoint(tmp_path / "r", 1, {"a.bin": b"one"}, keep=3)
+    for step in (2, 3):
+        folder = ck.write_checkpoint(tmp_path / "r", step, {"a.bin": b"two"}, keep=3)
+        (folder / "manifest.json").unlink()
+    assert ck.find_checkpoint(tmp_path / "r").name == "step-00000001"
+    assert capsys.readouterr().err == (f"lmforge: warning: skipped damaged checkpoint(s) of {tmp_path / 'r'}: step 3: "
+                                       "its manifest.json is missing or damaged; step 2: its manifest.json is missing "
+                                       "or damaged; using step 1\n")
+
+
 def test_when_every_checkpoint_is_damaged_each_is_named(tmp_path):
     for step in (1, 2):
         folder = ck.write_checkpoint(tmp_path, step, {"a.bin": b"data"})
@@ -474,7 +499,8 @@ def test_load_weights_refuses_missing_and_damaged_files(tmp_path):
     with pytest.raises(CheckpointError) as e:
         ck.load_weights(tmp_path / "bad.safetensors")
     msg = str(e.value)
-    assert msg.startswith(f"{tmp_path / 'bad.safetensors'} is truncated or corrupted (")
+    assert msg.startswith(f"{tmp_path / 'bad.safetensors'} is truncated or corrupted (Error while deserializing "
+                          "header: ")  # the first line of safetensors' own message
     assert msg.endswith("); restore it or train again") and "\n" not in msg
 
 
@@ -520,7 +546,7 @@ def test_load_state_into_copies_every_parameter():
     ck.load_state_into(target, ck.model_state(source), "src")
     for (name, p), q in zip(target.named_parameters(), source.parameters()):
         assert torch.equal(p, q), name
-    with pytest.raises(CheckpointError, match="lacks tensor"):
+    with pytest.raises(CheckpointError, match="^src lacks tensor"):
         ck.load_state_into(target, {}, "src")
 
 
@@ -614,6 +640,15 @@ def test_load_run_checks_the_tokenizer_belongs_to_the_run(tmp_path):
                             "(the run's data folder holds a copy)")
 
 
+def test_load_run_puts_the_model_on_the_device_asked_for(tmp_path):
+    run = tmp_path / "run"
+    ck.save_model(run, _model(), 1)
+    (run / "tokenizer.json").write_bytes(_tokenizer(tmp_path).read_bytes())
+    model, _ = ck.load_run(run, device="meta")
+    assert model.wte.weight.device.type == "meta"
+    assert ck.load_run(run)[0].wte.weight.device.type == "cpu"
+
+
 def test_load_run_without_a_recorded_fingerprint_takes_the_tokenizer(tmp_path):
     tok_path = _tokenizer(tmp_path)
     for i, data in enumerate(({"data": None}, {"data": "x"}, {"data": {}}, {})):
@@ -637,13 +672,14 @@ def test_load_trainer_state_refuses_missing_damaged_and_mismatched_states(tmp_pa
     assert str(e.value) == (f"{tmp_path / 'trainer_state.pt'} is missing: this checkpoint holds weights only and "
                             "cannot be resumed; start without --resume")
     (tmp_path / "trainer_state.pt").write_bytes(b"not a zip file")
-    with pytest.raises(CheckpointError, match=r"trainer_state.pt is truncated or corrupted \(\w+\); start the run "
-                                              r"again without --resume$"):
+    with pytest.raises(CheckpointError, match=r"trainer_state.pt is truncated or corrupted \(UnpicklingError\); start "
+                                              r"the run again without --resume$"):
         ck.load_trainer_state(tmp_path, 1)
     buf = io.BytesIO()
-    torch.save({"step": 4}, buf)
+    torch.save({"step": 4, "moments": torch.ones(2)}, buf)
     (tmp_path / "trainer_state.pt").write_bytes(buf.getvalue())
-    assert ck.load_trainer_state(tmp_path, 4) == {"step": 4}
+    state = ck.load_trainer_state(tmp_path, 4)
+    assert state["step"] == 4 and torch.equal(state["moments"], torch.ones(2))
     with pytest.raises(CheckpointError) as e:
         ck.load_trainer_state(tmp_path, 5)
     assert str(e.value) == (f"{tmp_path / 'trainer_state.pt'} is for step 4 but the weights are for step 5; start "

@@ -92,7 +92,7 @@ def _load_base(base: str, device: torch.device) -> tuple[GPT, object]:
 
     model, tok = load_any(base, device)
     merge_lora(model)
-    return model.float().to(device), tok
+    return model, tok
 
 
 def _steps(n_train: int, finetune: FinetuneConfig, train: TrainConfig) -> TrainConfig:

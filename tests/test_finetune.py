@@ -349,11 +349,11 @@ def test_instruction_tuning_lowers_the_validation_loss_and_writes_responses(base
     res = finetune_instruct(str(base), data, tmp_path / "run",
                             FinetuneConfig(trainable="all", epochs=10, split=(0.75, 0.125, 0.125)),
                             TrainConfig(lr=1e-2, batch_size=4, warmup_steps=0, dtype="float32"),
-                            mask_prompt=True, max_new_tokens=8, progress=False)
+                            mask_prompt=True, max_new_tokens=24, progress=False)
     assert res["after"]["val"]["loss"] < 0.5 * res["before"]["val"]["loss"]
-    assert res["after"]["rouge_l"] >= res["before"]["rouge_l"]
+    assert res["after"]["rouge_l"] > 0.5 > res["before"]["rouge_l"]  # it learnt to answer "The color is ..."
     responses = json.loads((tmp_path / "run" / "responses.json").read_text())
-    assert len(responses) == 3 and all("model_response" in r for r in responses)
+    assert len(responses) == 3 and all(r["model_response"].startswith("The co") for r in responses)
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["task"] == "instruct" and cfg["template"] == "alpaca" and cfg["weights"] == "full"
 

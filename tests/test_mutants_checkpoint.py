@@ -823,6 +823,22 @@ def test_load_model_lays_trained_only_weights_over_the_base(tmp_path):
     assert model.lm_head.weight.shape == (2, 8) and model.lm_head.weight.unique().tolist() == [0.5]
     assert torch.equal(model.wte.weight, base.wte.weight)  # the rest is the base's
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["lm_head.weight", "lm_head.bias"]
+    assert ck.load_model(tmp_path / "ft", device="meta")[0].lm_head.weight.device.type == "meta"
+
+
+def test_load_model_of_a_trained_only_run_names_the_run_and_its_weights_file(tmp_path):
+    run, identity = _base_run(tmp_path)
+    tuned = _freeze_all_but(_model(), "ln_f.weight")
+    folder = ck.save_model(tmp_path / "ft", tuned, 1, {"weights": "trained", "base": {**identity, "params": 1},
+                                                       "trained": ["ln_f.weight"]})
+    with pytest.raises(CheckpointError, match=f"is not the base model {folder} was fine-tuned from"):
+        ck.load_model(tmp_path / "ft")
+    folder = ck.save_model(tmp_path / "ft2", tuned, 1, {"weights": "trained", "base": identity,
+                                                        "trained": ["ln_f.weight", "ln_f.bias"]})
+    with pytest.raises(CheckpointError) as e:
+        ck.load_model(tmp_path / "ft2")
+    assert str(e.value) == (f"{folder / 'model.safetensors'} lacks tensor 'ln_f.bias'; it does not match this model "
+                            "config")
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -853,12 +869,34 @@ def test_load_model_of_a_full_run_with_a_head(tmp_path):
     assert torch.equal(model.lm_head.bias, tuned.lm_head.bias)
     idx = torch.tensor([[1, 2, 3]])
     assert torch.equal(model(idx), tuned.eval()(idx))
+    assert ck.load_model(tmp_path, device="meta")[0].lm_head.weight.device.type == "meta"
+
+
+def test_load_model_of_a_low_precision_run_with_a_head_is_float32(tmp_path):
+    tuned = _model()
+    tuned.replace_head(3)
+    ck.save_model(tmp_path, tuned.to(torch.bfloat16), 2, {"head": {"labels": ["a", "b", "c"]}})
+    model, _ = ck.load_model(tmp_path)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.equal(model.lm_head.weight, tuned.lm_head.weight.float())
 
 
 def test_load_model_of_a_run_with_a_head_checks_its_tensors(tmp_path):
     tuned = _model()
     tuned.replace_head(3)
-    ck.save_model(tmp_path, tuned, 2, {"head": {"labels": ["a", "b"]}})  # one label fewer than the head has
-    with pytest.raises(CheckpointError, match=r"tensor 'lm_head.weight' has shape \(3, 8\), the model config needs "
-                                              r"\(2, 8\)"):
+    folder = ck.save_model(tmp_path, tuned, 2, {"head": {"labels": ["a", "b"]}})  # one label fewer than the head has
+    with pytest.raises(CheckpointError) as e:
         ck.load_model(tmp_path)
+    assert str(e.value) == (f"{folder / 'model.safetensors'}: tensor 'lm_head.weight' has shape (3, 8), the model "
+                            "config needs (2, 8)")
+
+
+def test_load_model_names_the_weights_file_that_does_not_fit(tmp_path):
+    folder = ck.save_model(tmp_path, _model(), 1)
+    config = json.loads((folder / "config.json").read_text())
+    config["model"]["d_model"] = 16  # another model than the weights
+    ck.write_checkpoint(tmp_path, 2, {"config.json": json.dumps(config).encode(),
+                                      "model.safetensors": (folder / "model.safetensors").read_bytes()})
+    with pytest.raises(CheckpointError) as e:
+        ck.load_model(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'checkpoints' / 'step-00000002' / 'model.safetensors'}: tensor ")

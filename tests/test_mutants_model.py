@@ -200,3 +200,43 @@ def test_forward_on_the_meta_device_makes_everything_there(positions):
     idx = torch.zeros(2, 5, dtype=torch.long, device="meta")
     out = model(idx)
     assert out.device.type == "meta" and out.shape == (2, 5, 16)
+
+
+def test_output_weight_adds_a_lora_heads_change():
+    from lmforge.lora import LoRALinear
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=16, context_length=8, d_model=8, n_layer=1, n_head=2, tie_embeddings=False))
+    model.lm_head = LoRALinear(model.lm_head, 2, 4.0, 0.0)
+    with torch.no_grad():
+        model.lm_head.lora_B.fill_(0.5)
+    delta = model.lm_head.weight_delta()
+    assert delta.abs().max() > 0
+    torch.testing.assert_close(model.output_weight, model.lm_head.weight + delta)
+    x, y = torch.randint(0, 16, (2, 8)), torch.randint(0, 16, (2, 8))
+    want = nn.functional.cross_entropy(model(x).reshape(-1, 16), y.reshape(-1))
+    torch.testing.assert_close(model(x, targets=y), want)  # the loss sees the adapted head too
+
+
+def test_replace_head_makes_an_untied_initialised_head_with_a_bias():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=16, context_length=8, d_model=64, n_layer=4, n_head=2))
+    with torch.no_grad():
+        model.wte.weight.fill_(1.0)
+    model.replace_head(300)
+    head = model.lm_head
+    assert head.weight.shape == (300, 64) and head.bias is not None and head.bias.shape == (300,)
+    assert head.weight is not model.wte.weight and not model.config.tie_embeddings
+    assert head.bias.abs().max() == 0 and head.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.wte.weight.unique().tolist() == [1.0]  # the embedding is left as it was
+    assert model(torch.tensor([[1, 2]])).shape == (1, 2, 300)
+
+
+def test_replace_head_follows_the_old_heads_device_and_dtype():
+    with torch.device("meta"):
+        model = GPT(ModelConfig(vocab_size=16, context_length=8, d_model=8, n_layer=1, n_head=2))
+    model.replace_head(3)
+    assert model.lm_head.weight.device.type == "meta"
+    model = GPT(ModelConfig(vocab_size=16, context_length=8, d_model=8, n_layer=1, n_head=2)).to(torch.bfloat16)
+    model.replace_head(3)
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.lm_head.weight.device.type == "cpu"

@@ -283,15 +283,15 @@ def respond(model: GPT, tok, records: list[dict], template: str, max_new_tokens:
     model.eval()
     device = next(model.parameters()).device
     out = []
-    stop = tok.eos_id if template == "chat" else (tok.eot_id if tok.eot_id is not None else tok.eos_id)
+    end = tasks.response_end(template, tok)  # what ends a response in the training data
+    stop = end[0] if end else None
     for i, rec in enumerate(records):
         instruction, input_text, _ = tasks.instruction_of(rec, f"record {i}")
         prompt = tok.encode(tasks.format_prompt(instruction, input_text, template, tok), allowed_special="all")
         prompt = prompt[-(model.config.context_length - 1):]
         room = min(max_new_tokens, model.config.context_length - len(prompt))
-        x = torch.tensor([prompt], device=device)
-        ids = generate(model, x, SampleConfig(max_new_tokens=room, temperature=0.0, top_k=None, seed=0,
-                                              stop_at_eos=False))[0, len(prompt):].tolist()
+        ids = generate(model, torch.tensor([prompt], device=device),
+                       SampleConfig(max_new_tokens=room, temperature=0.0, top_k=None, seed=0), eos_id=stop)[0].tolist()
         if stop in ids:
             ids = ids[:ids.index(stop)]
         out.append(tok.decode(ids).strip())

@@ -89,8 +89,10 @@ def local_judge(model_spec: str, max_new_tokens: int = 8) -> Callable[[str], str
         ids = tok.encode(text, allowed_special="all")[-(model.config.context_length - max_new_tokens):]
         with torch.no_grad():
             out = generate(model, torch.tensor([ids]), SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0,
-                                                                  top_k=None, seed=0))
-        return tok.decode(out[0, len(ids):].tolist())
+                                                                  top_k=None, seed=0), eos_id=tok.eos_id)[0].tolist()
+        if tok.eos_id in out:
+            out = out[:out.index(tok.eos_id)]
+        return tok.decode(out)
 
     return ask
 

@@ -125,7 +125,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, prepared, capsys):
 
 def test_default_run_offline(tmp_path):
     """The main job as a user runs it (a subprocess), with its work fixed in steps: the time guard
-    fires and says so, the same command resumes and finishes, a third time is refused."""
+    fires and says so, the same command resumes and finishes, a third time is refused; a last stage
+    that could not run (no SmolLM2 offline) is tried again by the next run."""
     import re
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMFORGE_OFFLINE": "1", "LMFORGE_CACHE": str(tmp_path / "cache")}
@@ -135,6 +136,7 @@ def test_default_run_offline(tmp_path):
     first = subprocess.run([*cmd, "--max_minutes", "0.0001"], capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "guard fired at step 1 of 30" in first.stdout and "skipped:" in first.stdout
+    assert "== 6/6 four ways to solve a task" in first.stdout
     assert "[sample @ step 0] The" in first.stdout and "] 'The" not in first.stdout  # text, not repr strings
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
@@ -145,9 +147,12 @@ def test_default_run_offline(tmp_path):
     records = [json.loads(ln) for ln in (tmp_path / "r" / "model" / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r["step"] for r in records if "loss" in r) == [10, 20, 30]
     assert (tmp_path / "r" / "model" / "loss.png").is_file()
-    third = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "is pretrained; running its last stage" in again.stdout
+    assert "skipped:" in again.stdout and "== 3/6" not in again.stdout
+    third = subprocess.run([*cmd, "--fourway_limit", "0"], capture_output=True, text=True, env=env, timeout=600)
     assert third.returncode == 2 and "already holds a finished default run" in third.stderr
-    assert "Traceback" not in first.stderr + second.stderr + third.stderr
+    assert "Traceback" not in first.stderr + second.stderr + again.stderr + third.stderr
 
 
 LLAMA = [a if a != "gpt-nano" else "llama-micro" for a in TINY]

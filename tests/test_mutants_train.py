@@ -219,6 +219,11 @@ def test_resume_with_the_same_settings_says_nothing(tmp_path):
     assert tr._check_resume(tmp_path, stored, current, cfg, 5, False) == []
 
 
+def test_no_schedule_line_for_a_run_already_at_its_end(tmp_path):
+    stored, current, cfg = _configs(lr=1e-3)
+    assert tr._check_resume(tmp_path, stored, current, cfg, 10, True) == ["changed on resume: train.lr 0.0006 -> 0.001"]
+
+
 def test_no_schedule_line_past_the_end_or_when_the_schedule_is_the_same(tmp_path):
     stored, current, cfg = _configs(max_steps=20)
     assert len(tr._check_resume(tmp_path, stored, current, cfg, 20, False)) == 1  # start == max_steps
@@ -368,7 +373,7 @@ def test_fit_stops_at_the_time_cap_with_a_checkpoint(tmp_path, monkeypatch, caps
     monkeypatch.setattr(tr.time, "perf_counter", lambda: float(next(clock)))
     res = tr.fit(_model(), _batches, _loss, _cfg(max_minutes=1.5, save_interval=100), tmp_path,
                  evaluate=rec.evaluate, progress=False)
-    assert res.stopped_early and res.step == 2
+    assert res.stopped_early and res.step == 2 and res.seconds == 120.0  # elapsed counts from the start, 0
     assert [r["step"] for r in _records(tmp_path) if "val_loss" in r] == [0, 2]
     assert find_checkpoint(tmp_path).name == "step-00000002"
     out = capsys.readouterr()
@@ -437,8 +442,9 @@ def test_resume_of_a_weights_only_checkpoint_is_refused(tmp_path):
 
 def test_resume_refuses_another_model_as_a_settings_difference(tmp_path):
     tr.fit(_model(), _batches, _loss, _cfg(max_steps=2), tmp_path, progress=False)
-    with pytest.raises(LmforgeError, match=r"other settings \(model.d_model 8 -> 16\)"):
+    with pytest.raises(LmforgeError) as e:
         tr.fit(_model(d_model=16), _batches, _loss, _cfg(max_steps=4), tmp_path, resume=True, progress=False)
+    assert str(e.value).startswith(f"{tmp_path} was trained with other settings (model.d_model 8 -> 16)")
 
 
 def test_resume_with_allow_changes_takes_the_new_settings(tmp_path, capsys):
@@ -456,6 +462,18 @@ def test_fit_compiles_each_block_when_asked(tmp_path, monkeypatch):
     assert compiled == ["Block", "Block"]
     tr.fit(_model(), _batches, _loss, _cfg(max_steps=1), tmp_path / "plain", progress=False)
     assert compiled == ["Block", "Block"]
+
+
+def test_fit_makes_the_run_folder_and_its_parents(tmp_path):
+    tr.fit(_model(), _batches, _loss, _cfg(max_steps=1), tmp_path / "a" / "b", progress=False)
+    assert find_checkpoint(tmp_path / "a" / "b").name == "step-00000001"
+
+
+def test_fit_tunes_the_allocator_for_a_cpu_model(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tr, "tune_cpu_allocator", lambda: calls.append(1))
+    tr.fit(_model(), _batches, _loss, _cfg(max_steps=1), tmp_path, progress=False)
+    assert calls == [1]
 
 
 def test_fit_prepares_the_model_for_training(tmp_path):

@@ -158,3 +158,19 @@ def test_four_ways_on_one_split(base, tmp_path):
     assert list(res["ways"]) == ["zero-shot", "2-shot", "classifier fine-tuning", "instruction fine-tuning"]
     assert all(w["n"] == 8 and 0 <= w["accuracy"] <= 1 for w in res["ways"].values())
     assert json.loads((tmp_path / "out" / "four_ways.json").read_text()) == res
+
+
+@pytest.mark.parametrize("ctx_len", [3, 509, 600])
+def test_shared_prefix_scoring_equals_scoring_each_in_full(base, ctx_len):
+    """The context run once and shared (its keys and values copied per choice) gives what scoring
+    every choice with its whole context does; a context too long for the window is cut from the left."""
+    from lmforge.evaluate import _logprobs_in_full, continuation_logprobs
+    from lmforge.models import load_any
+
+    model, _ = load_any(str(base))
+    g = torch.Generator().manual_seed(ctx_len)
+    ctx = torch.randint(0, 300, (ctx_len,), generator=g).tolist()
+    choices = [[5], [7, 8, 9], [11, 12]]
+    got = continuation_logprobs(model, ctx, choices)
+    want = _logprobs_in_full(model, ctx, choices, torch.float32, torch.device("cpu"), 512)
+    assert got == pytest.approx(want, abs=2e-4)

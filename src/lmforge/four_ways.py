@@ -34,13 +34,16 @@ def _records(rows: list[tuple[str, str]], labels: list[str]) -> list[dict]:
 @torch.no_grad()
 def predict_by_template(model, tok, records: list[dict], labels: list[str], template: str) -> list[int]:
     """The label whose text (and end token) is the most likely response to each record's prompt."""
+    from .precision import resolve_dtype
+
     model.eval()
+    dtype = resolve_dtype("auto", next(model.parameters()).device)  # bf16 where it is fast
     end = tasks.response_end(template, tok)
     choices = [tasks.plain_ids(tok, label) + end for label in labels]
     preds = []
     for rec in records:
         prompt = tasks.format_prompt(rec["instruction"], rec["input"], template, tok)
-        scores = continuation_logprobs(model, tok.encode(prompt, allowed_special="all"), choices)
+        scores = continuation_logprobs(model, tok.encode(prompt, allowed_special="all"), choices, dtype)
         preds.append(max(range(len(labels)), key=lambda i: scores[i]))
     return preds
 

@@ -33,7 +33,7 @@ def _one_line(text: str) -> str:
 
 
 def predict_by_prompt(model, tokenizer, text: str, labels: list[str], shots: list[tuple[str, str]],
-                      chat: bool = False) -> tuple[int, list[float]]:
+                      chat: bool = False, dtype: torch.dtype = torch.float32) -> tuple[int, list[float]]:
     """(index of the most likely label, every label's log-probability)."""
     prompt = build_prompt(text, labels, shots)
     if chat:
@@ -42,7 +42,7 @@ def predict_by_prompt(model, tokenizer, text: str, labels: list[str], shots: lis
     else:
         choices = [tasks.plain_ids(tokenizer, " " + label) for label in labels]
     context = tokenizer.encode(prompt, allowed_special="all")
-    scores = continuation_logprobs(model, context, choices)
+    scores = continuation_logprobs(model, context, choices, dtype)
     return max(range(len(labels)), key=lambda i: scores[i]), scores
 
 
@@ -61,7 +61,7 @@ def _draw_shots(train_rows: list[tuple[str, str]], labels: list[str], k: int, rn
 def evaluate_prompting(model_spec: str, data: str | Path, text_column: str = "text", label_column: str = "label",
                        shots: int = 0, balance: bool = False, split: tuple[float, float, float] = (0.7, 0.1, 0.2),
                        seed: int = 123, limit: int | None = None, test_limit: int | None = None, chat: bool = False,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, dtype: str = "auto") -> dict:
     """Accuracy of zero-shot (``shots=0``) or k-shot prompting on the test split, split exactly as
     ``lmforge finetune classify`` splits the same file with the same seed."""
     from tqdm import tqdm
@@ -87,6 +87,9 @@ def evaluate_prompting(model_spec: str, data: str | Path, text_column: str = "te
     model.eval()
     if chat and not tok.chat_template:
         raise LmforgeError(f"{model_spec} has no chat template; leave out --chat")
+    from .precision import resolve_dtype
+
+    compute = resolve_dtype(dtype, next(model.parameters()).device)  # bf16 where it is fast
     rng = random.Random(seed)
     preds, truth = [], []
     t0 = time.perf_counter()
@@ -94,11 +97,13 @@ def evaluate_prompting(model_spec: str, data: str | Path, text_column: str = "te
         for text, label in tqdm(test_rows, desc=f"{shots}-shot", disable=not progress, dynamic_ncols=True):
             if label not in labels:
                 raise LmforgeError(f"label {label!r} of the test split does not occur in the training split")
-            best, _ = predict_by_prompt(model, tok, text, labels, _draw_shots(train_rows, labels, shots, rng), chat)
+            best, _ = predict_by_prompt(model, tok, text, labels, _draw_shots(train_rows, labels, shots, rng), chat,
+                                        compute)
             preds.append(best)
             truth.append(labels.index(label))
     metrics = classification_metrics(preds, truth, labels)
-    return {"task": "prompt", "model": model_spec, "shots": shots, "chat": chat, "seconds": time.perf_counter() - t0,
+    return {"task": "prompt", "model": model_spec, "shots": shots, "chat": chat, "dtype": str(compute).split(".")[-1],
+            "seconds": time.perf_counter() - t0,
             "test": metrics}
 
 

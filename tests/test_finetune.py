@@ -470,6 +470,18 @@ def test_cli_instruct_bad_input(base, tmp_path, what, content, args, message):
     assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_out_over_the_base_is_refused_even_with_overwrite(base, tmp_path):
+    from lmforge.config import LmforgeError
+    from lmforge.finetune import finetune_classify
+
+    data = _spam_file(tmp_path / "sms.tsv", n=20)
+    before = sorted(p.name for p in base.rglob("*"))
+    for out in (base, base / "sub"):
+        with pytest.raises(LmforgeError, match="and --base .* overlap"):
+            finetune_classify(str(base), data, out, text_column="1", label_column="0", overwrite=True, progress=False)
+    assert sorted(p.name for p in base.rglob("*")) == before
+
+
 def test_classify_a_run_that_is_not_a_classifier(base):
     from lmforge.config import LmforgeError
     from lmforge.finetune import classify_texts

@@ -121,11 +121,15 @@ def resolve_data(spec: str | Path, kind: str = "dataset") -> Path:
     return hub.fetch(str(spec))
 
 
-def _start(run: Path, data: Path, resume: bool, overwrite: bool) -> None:
+def _start(run: Path, data: Path, base: str, resume: bool, overwrite: bool) -> None:
+    from .outputs import inside
     from .pipeline import _prepare_run_dir
 
     if not data.is_file():
         raise LmforgeError(f"no data file at {data}")
+    if Path(base).exists() and (inside(run.resolve(), Path(base).resolve()) or inside(Path(base).resolve(),
+                                                                                 run.resolve())):
+        raise LmforgeError(f"--out {run} and --base {base} overlap; a fine-tuning run needs a folder of its own")
     _prepare_run_dir(run, data, resume, overwrite)
 
 
@@ -162,7 +166,7 @@ def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: Fi
     if (text_column, label_column) == ("text", "label") and str(data) in KNOWN_COLUMNS:
         text_column, label_column = KNOWN_COLUMNS[str(data)]
     run, data = Path(out), resolve_data(data)
-    _start(run, data, resume, overwrite)
+    _start(run, data, base, resume, overwrite)
     rows = tasks.read_labelled(data, text_column, label_column)
     if balance:
         rows = tasks.balance(rows, finetune.seed)
@@ -315,7 +319,7 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
     if template not in tasks.TEMPLATES:
         raise LmforgeError(f"unknown template {template!r}; known templates: {', '.join(tasks.TEMPLATES)}")
     run, data = Path(out), resolve_data(data)
-    _start(run, data, resume, overwrite)
+    _start(run, data, base, resume, overwrite)
     train_recs, val_recs, test_recs = _instruction_splits(data, finetune)
     dev = torch.device(device) if device else torch.device("cpu")
     model, tok = _load_base(base, dev)
@@ -405,7 +409,7 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
     if template not in tasks.TEMPLATES:
         raise LmforgeError(f"unknown template {template!r}; known templates: {', '.join(tasks.TEMPLATES)}")
     run, data = Path(out), resolve_data(data)
-    _start(run, data, resume, overwrite)
+    _start(run, data, base, resume, overwrite)
     train_recs, val_recs, _ = _instruction_splits(data, finetune)
     dev = torch.device(device) if device else torch.device("cpu")
     model, tok = _load_base(base, dev)

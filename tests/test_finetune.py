@@ -168,7 +168,8 @@ def test_a_trained_only_run_refuses_another_base(base, tmp_path):
     assert cfg["weights"] == "trained" and cfg["trained"] == ["lm_head.weight", "lm_head.bias"]
     other = tmp_path / "other"
     tok = Tokenizer.load(base / "tokenizer.json")
-    save_model(other, GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=256, d_model=32, n_layer=1,
+    torch.manual_seed(1)  # the same shape and tokenizer, other weights: only the digest tells them apart
+    save_model(other, GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=256, d_model=32, n_layer=2,
                                       n_head=2)), 0)
     tok.save(other / "tokenizer.json")
     cfg_path = tmp_path / "run" / "checkpoints" / "latest" / "config.json"
@@ -275,8 +276,12 @@ def test_encode_instructions_counts_truncation(base):
             {"instruction": "Say hi. " * 40, "input": "", "output": "Hi."}]    # a prompt that fills it: left out
     short = len(tasks.encode_instructions(recs[:1], tok, "alpaca", 10**6).ids[0])
     s = tasks.encode_instructions(recs, tok, "alpaca", short + 2)
-    assert (s.truncated, s.dropped) == (1, 1) and [len(x) for x in s.ids] == [short, short + 2]
+    assert (s.truncated, s.dropped) == (1, 1) and [len(x) for x in s.ids] == [short, short + 3]
     assert s.ids[0][-1] == tok.eot_id and s.prompt_lengths[0] < len(s.ids[0])
+    # The cut record's last target is its next real token, not an end-of-text that would teach it to stop there
+    x, y = tasks.collate_instructions(s.ids, tok.eot_id, max_length=short + 2)
+    assert x.shape == (2, short + 2) and y[1, -1].item() == s.ids[1][short + 2] != tok.eot_id
+    assert y[0, short - 1].item() == tok.eot_id  # the whole record ends with its end token
     with pytest.raises(tasks.DataError, match="every record's prompt fills the maximum length"):
         tasks.encode_instructions(recs, tok, "alpaca", 5)
 
@@ -289,8 +294,10 @@ def test_splits_balance_and_batches_are_seeded():
     tr, va, te = tasks.split(bal, (0.7, 0.1, 0.2), 123)
     assert (len(tr), len(va), len(te)) == (14, 2, 4) and sorted(tr + va + te) == sorted(bal)
     eb = tasks.EpochBatches(10, 4, 0, lambda idx: idx)
-    epoch = [i for k in range(3) for i in eb(k)]
-    assert sorted(epoch) == list(range(10)) and eb(3) != eb(0) or sorted(eb(3) + eb(4) + eb(5)) == list(range(10))
+    first, second = [i for k in range(3) for i in eb(k)], [i for k in range(3, 6) for i in eb(k)]
+    assert sorted(first) == sorted(second) == list(range(10))  # each epoch sees every item once
+    assert first != second and [len(eb(k)) for k in range(3)] == [4, 4, 2]  # reshuffled per epoch
+    assert tasks.EpochBatches(10, 4, 0, lambda idx: idx)(4) == eb(4)  # a pure function of k
 
 
 # ---------------------------------------------------------------- DPO and label scoring

@@ -422,6 +422,45 @@ def test_resume_continues_from_the_checkpoint_with_its_counters(tmp_path, capsys
     assert not (tmp_path / "run" / "metrics.jsonl.tmp77").exists()
 
 
+def test_resume_announces_the_schedule_at_the_checkpoints_step(tmp_path, capsys):
+    tr.fit(_model(), _batches, _loss, _cfg(max_steps=3), tmp_path, progress=False)
+    capsys.readouterr()
+    tr.fit(_model(), _batches, _loss, _cfg(max_steps=4), tmp_path, resume=True, progress=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:3] == ["changed on resume: train.max_steps 3 -> 4",
+                          f"the learning-rate schedule now spans 4 steps: at step 3 it is {lr_at(3, _cfg(max_steps=4)):.3g} "
+                          f"(was {lr_at(3, _cfg(max_steps=3)):.3g})"]
+
+
+def test_resume_of_a_run_that_saved_only_what_it_trained(tmp_path):
+    def frozen() -> GPT:
+        model = _model()
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("ln_f."))
+        return model
+
+    extra = {"weights": "trained"}
+    tr.fit(frozen(), _batches, _loss, _cfg(max_steps=2), tmp_path, extra_config=extra, progress=False)
+    model = frozen()
+    res = tr.fit(model, _batches, _loss, _cfg(max_steps=3), tmp_path, extra_config=extra, resume=True, progress=False)
+    assert res.step == 3
+
+
+def test_resume_names_a_weights_file_that_does_not_fit(tmp_path):
+    from lmforge import checkpoint as ck
+
+    tr.fit(_model(), _batches, _loss, _cfg(max_steps=2), tmp_path, progress=False)
+    folder = find_checkpoint(tmp_path)
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "manifest.json"}
+    other = tmp_path / "other"
+    ck.save_model(other, _model(d_model=16), 2)
+    files["model.safetensors"] = (find_checkpoint(other) / "model.safetensors").read_bytes()
+    folder = ck.write_checkpoint(tmp_path, 2, files)  # the run's config, another model's weights
+    with pytest.raises(LmforgeError) as e:
+        tr.fit(_model(), _batches, _loss, _cfg(max_steps=4), tmp_path, resume=True, progress=False)
+    assert str(e.value).startswith(f"{folder / 'model.safetensors'}: tensor ")
+
+
 def test_resume_of_a_finished_run_is_refused(tmp_path):
     tr.fit(_model(), _batches, _loss, _cfg(max_steps=2), tmp_path, progress=False)
     with pytest.raises(LmforgeError) as e:

@@ -154,23 +154,31 @@ def test_four_ways_on_one_split(base, tmp_path):
     data = tmp_path / "d.tsv"
     data.write_text("".join(f"{'spam' if i % 2 else 'ham'}\t{'WIN cash now' if i % 2 else 'lunch at noon'} {i}\n"
                             for i in range(40)))
-    res = four_ways(str(base), data, tmp_path / "out", "1", "0", shots=2, epochs=3, trainable="all", progress=False)
+    res = four_ways(str(base), data, tmp_path / "out", "1", "0", shots=2, epochs=6, trainable="all",
+                    lr=3e-3, progress=False)
     assert list(res["ways"]) == ["zero-shot", "2-shot", "classifier fine-tuning", "instruction fine-tuning"]
     assert all(w["n"] == 8 and 0 <= w["accuracy"] <= 1 for w in res["ways"].values())
+    assert res["ways"]["classifier fine-tuning"]["accuracy"] == 1.0  # two kinds of text, easily told apart
     assert json.loads((tmp_path / "out" / "four_ways.json").read_text()) == res
 
 
-@pytest.mark.parametrize("ctx_len", [3, 509, 600])
-def test_shared_prefix_scoring_equals_scoring_each_in_full(base, ctx_len):
-    """The context run once and shared (its keys and values copied per choice) gives what scoring
-    every choice with its whole context does; a context too long for the window is cut from the left."""
-    from lmforge.evaluate import _logprobs_in_full, continuation_logprobs
-    from lmforge.models import load_any
+@pytest.mark.parametrize("preset", ["gpt-nano", "llama-micro"])
+@pytest.mark.parametrize("ctx_len", [3, 61, 100])
+def test_shared_prefix_scoring_equals_scoring_each_sequence_alone(preset, ctx_len):
+    """The context run once and shared (its keys and values copied per choice) gives what one plain
+    forward pass over context + choice gives, for learned positions and for RoPE with grouped-query
+    heads; a context too long for the window is cut from the left."""
+    from lmforge.evaluate import continuation_logprobs
 
-    model, _ = load_any(str(base))
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset(preset, vocab_size=300, context_length=64)).eval()
     g = torch.Generator().manual_seed(ctx_len)
     ctx = torch.randint(0, 300, (ctx_len,), generator=g).tolist()
     choices = [[5], [7, 8, 9], [11, 12]]
     got = continuation_logprobs(model, ctx, choices)
-    want = _logprobs_in_full(model, ctx, choices, torch.float32, torch.device("cpu"), 512)
-    assert got == pytest.approx(want, abs=2e-4)
+    for cont, score in zip(choices, got):
+        seq = (ctx + cont)[-65:]  # the window holds 64 inputs; the last token is only a target
+        start = len(seq) - len(cont)
+        logp = torch.log_softmax(model(torch.tensor([seq[:-1]])), -1)[0]
+        want = sum(logp[start - 1 + j, c].item() for j, c in enumerate(cont))
+        assert score == pytest.approx(want, abs=2e-4)

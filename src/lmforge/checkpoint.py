@@ -62,6 +62,17 @@ def model_state(model: nn.Module, trained_only: bool = False) -> dict[str, torch
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of every tensor of the model (names and bytes): what a fine-tuning run records of its
+    base, so that loading it over changed weights (a base run trained further, a re-downloaded
+    folder) is caught, not silently accepted."""
+    h = hashlib.sha256()
+    for name, t in sorted(model_state(model).items()):
+        h.update(name.encode() + b"\0")
+        h.update(t.cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def _checkpoint_error(step: int, folder: Path, e: OSError) -> CheckpointError:
     where = e.filename or folder
     return CheckpointError(f"could not write the checkpoint of step {step} to {where}: {e.strerror or e} "
@@ -360,9 +371,10 @@ def load_base(cfg: dict, source: Path, device: str | torch.device = "cpu") -> tu
     except LmforgeError as e:
         raise CheckpointError(f"{source} holds only the fine-tuned weights; its base model {base['spec']!r} cannot "
                               f"be loaded ({e})") from None
-    if model.num_params() != base.get("params") or tok.fingerprint != base.get("tokenizer"):
-        raise CheckpointError(f"{base['spec']} is not the base model {source} was fine-tuned from (another size or "
-                              "tokenizer); restore that model there")
+    if model.num_params() != base.get("params") or tok.fingerprint != base.get("tokenizer") or (
+            "digest" in base and weights_digest(model) != base["digest"]):
+        raise CheckpointError(f"{base['spec']} is not the base model {source} was fine-tuned from (its weights or "
+                              "tokenizer differ); restore that model there")
     return model, tok
 
 

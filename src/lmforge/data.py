@@ -268,7 +268,9 @@ def is_shard_dir(path: Path) -> bool:
         return True
     names = {p.name for p in path.iterdir()} if path.is_dir() else set()
     ours = {n for n in names if n in SHARD_FILES or n.removesuffix(".tmp") in SHARD_FILES}
-    return bool(names) and names == ours and bool(names & {"train.bin", "val.bin"})
+    # A prepare killed before its renames leaves only train.bin.tmp / val.bin.tmp: still ours.
+    shards = {n.removesuffix(".tmp") for n in names} & {"train.bin", "val.bin"}
+    return bool(names) and names == ours and bool(shards)
 
 
 def prepare(paths: list[str], out_dir: str | os.PathLike, tokenizer: Tokenizer,

@@ -10,6 +10,7 @@ import torch
 
 from .config import LmforgeError
 from .data import eval_batches
+from .fused_ce import IGNORE_INDEX
 from .precision import autocast
 
 
@@ -25,8 +26,9 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             loss = model(x, targets=y)
-        total += loss.item() * y.numel()
-        count += y.numel()
+        n = int((y != IGNORE_INDEX).sum())  # the loss is a mean over the targets that count
+        total += loss.item() * n
+        count += n
     model.train(was_training)
     if count == 0:
         return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0}

@@ -55,6 +55,8 @@ def set_trainable(model: GPT, finetune: FinetuneConfig, lora: LoRAConfig, head_t
         for block in model.h[-finetune.last_blocks:]:
             block.requires_grad_(True)
         model.ln_f.requires_grad_(True)
+        if model.lm_head.weight is not model.wte.weight:
+            model.lm_head.requires_grad_(True)  # a head tied to the embedding stays frozen with it
     elif mode == "head" and not head_trains:
         raise LmforgeError("--finetune.trainable head trains only a new classes head; for this task choose "
                            "last, all or lora")
@@ -80,16 +82,21 @@ def _file_identity(path: Path) -> dict:
 
 
 def _base_identity(spec: str, model: GPT, tok) -> dict:
+    from .checkpoint import weights_digest
+
     path = Path(spec)
     return {"spec": str(path.resolve()) if path.exists() else spec, "params": model.num_params(),
-            "tokenizer": tok.fingerprint}
+            "tokenizer": tok.fingerprint, "digest": weights_digest(model)}
 
 
-def _load_base(base: str, device: torch.device) -> tuple[GPT, object]:
-    """The model to fine-tune; a fine-tuned run as base has its LoRA adapters folded in first."""
+def _load_base(base: str, device: torch.device, language_model: bool = True) -> tuple[GPT, object]:
+    """The model to fine-tune; a fine-tuned run as base has its LoRA adapters folded in first. A
+    classifier can be the base of another classifier (its head is replaced), not of a language task."""
     from .lora import merge_lora
-    from .models import load_any
+    from .models import load_any, load_language_model
 
+    if language_model:
+        return load_language_model(base, device)
     model, tok = load_any(base, device)
     merge_lora(model)
     return model, tok
@@ -130,7 +137,39 @@ def _start(run: Path, data: Path, base: str, resume: bool, overwrite: bool) -> N
     if Path(base).exists() and (inside(run.resolve(), Path(base).resolve()) or inside(Path(base).resolve(),
                                                                                  run.resolve())):
         raise LmforgeError(f"--out {run} and --base {base} overlap; a fine-tuning run needs a folder of its own")
-    _prepare_run_dir(run, data, resume, overwrite)
+    # Checks only: with --overwrite the old run is cleared later (_begin), once the data, labels and
+    # base have all been read without error, so a mistyped flag never costs the old run.
+    _prepare_run_dir(run, data, resume or overwrite, False)
+
+
+def _begin(run: Path, data: Path, tok, resume: bool, overwrite: bool) -> None:
+    """Clear an old run (--overwrite) and write the tokenizer: the first writes of a fine-tuning run."""
+    from .pipeline import _prepare_run_dir
+
+    if resume:
+        return
+    if overwrite:
+        _prepare_run_dir(run, data, False, True)
+        for name in (RESULTS, BEFORE, "responses.json", "confusion.png"):  # the old run's reports
+            (run / name).unlink(missing_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
+    tok.save(run / TOKENIZER)
+
+
+BEFORE = "before.json"
+
+
+def _write_before(run: Path, before: dict) -> None:
+    """The untuned model's scores, kept so that a resumed run still reports before and after."""
+    atomic.write_text(run / BEFORE, json.dumps(before, indent=2) + "\n")
+
+
+def _read_before(run: Path) -> dict | None:
+    try:
+        before = json.loads((run / BEFORE).read_text())
+    except (OSError, ValueError):
+        return None
+    return before if isinstance(before, dict) else None
 
 
 def _save_results(run: Path, results: dict) -> Path:
@@ -177,7 +216,7 @@ def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: Fi
         raise LmforgeError(f"the training split of {data} has only the label {labels[0]!r}; a classifier needs "
                            "at least two classes")
     dev = torch.device(device) if device else torch.device("cpu")
-    model, tok = _load_base(base, dev)
+    model, tok = _load_base(base, dev, language_model=False)
     ctx = model.config.context_length
     max_len = min(finetune.max_length or ctx, ctx)
     if pad_to is not None and not 1 <= pad_to <= ctx:
@@ -212,9 +251,7 @@ def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: Fi
              "trained": trained_names(model), "weights": "full" if finetune.trainable == "all" else "trained",
              "finetune": config_dict(finetune), "data": _file_identity(data), "data_path": str(data.resolve()),
              "columns": {"text": text_column, "label": label_column}, "balance": balance, "pad_to": pad_to}
-    if not resume:
-        run.mkdir(parents=True, exist_ok=True)
-        tok.save(run / TOKENIZER)
+    _begin(run, data, tok, resume, overwrite)
     result = fit(model, batches, classification_loss, train, run, evaluate=evaluate, resume=resume,
                  extra_config=extra, progress=progress, task="classify")
     dtype = resolve_dtype(train.dtype, dev)
@@ -345,12 +382,14 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
     identity = _base_identity(base, model, tok)
     tests = test_recs[:respond_test] if respond_test is not None else test_recs
     results: dict = {"task": "instruct", "template": template, "truncated": truncated, "dropped": dropped}
-    if not resume:
-        results["before"] = {"val": _lm_eval(model, val_batches, dtype)}
+    before = _read_before(run) if resume else None
+    if before is None:
+        before = {"val": _lm_eval(model, val_batches, dtype)}
         refs = [tasks.instruction_of(r, "test")[2] or "" for r in tests]
         if tests:
-            before = respond(model, tok, tests, template, max_new_tokens)
-            results["before"]["rouge_l"] = sum(map(rouge_l, before, refs)) / len(tests)
+            answers = respond(model, tok, tests, template, max_new_tokens)
+            before["rouge_l"] = sum(map(rouge_l, answers, refs)) / len(tests)
+    results["before"] = before
     torch.manual_seed(train.seed)
     set_trainable(model, finetune, lora, head_trains=False)
     print(_describe(model, finetune))
@@ -361,9 +400,8 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
              "weights": "full" if finetune.trainable == "all" else "trained", "finetune": config_dict(finetune),
              "template": template, "mask_prompt": mask_prompt, "data": _file_identity(data),
              "data_path": str(data.resolve())}
-    if not resume:
-        run.mkdir(parents=True, exist_ok=True)
-        tok.save(run / TOKENIZER)
+    _begin(run, data, tok, resume, overwrite)
+    _write_before(run, results["before"])
     result = fit(model, batches, next_token_loss, train, run, evaluate=lambda m, d: _lm_eval(m, val_batches, d),
                  resume=resume, extra_config=extra, progress=progress, task="instruct")
     results.update(steps=result.step, seconds=result.seconds)
@@ -382,7 +420,7 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
 
 @torch.no_grad()
 def _reference_logprobs(model: GPT, pairs: tasks.PreferenceSet, pad_id: int, batch_size: int,
-                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                        dtype: torch.dtype, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """log π_ref of every chosen and rejected answer, computed once with the starting model
     (the reference never changes, so it need not be kept or run again)."""
     model.eval()
@@ -391,7 +429,7 @@ def _reference_logprobs(model: GPT, pairs: tasks.PreferenceSet, pad_id: int, bat
     for idx in tasks.in_batches(len(pairs.chosen), batch_size):
         for key in out:
             x, y = tasks.collate_instructions([getattr(pairs, key)[i] for i in idx], pad_id,
-                                              [pairs.prompt_lengths[i] for i in idx])
+                                              [pairs.prompt_lengths[i] for i in idx], max_length)
             with autocast(device, dtype):
                 out[key].append(sequence_logprobs(model, x.to(device), y.to(device)).float().cpu())
     return torch.cat(out["chosen"]), torch.cat(out["rejected"])
@@ -420,7 +458,7 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
     pad_id = tok.eot_id if tok.eot_id is not None else (tok.eos_id or 0)
     dtype = resolve_dtype(train.dtype, dev)
     # With LoRA the adapters start at zero, so the starting model is the base either way.
-    refs = {name: _reference_logprobs(model, s, pad_id, train.batch_size, dtype) for name, s in sets.items()}
+    refs = {name: _reference_logprobs(model, s, pad_id, train.batch_size, dtype, max_len) for name, s in sets.items()}
     truncated = sum(s.truncated for s in sets.values())
     dropped = sum(s.dropped for s in sets.values())
     print(f"data: train {len(train_recs)}, val {len(val_recs)} preference pairs; template {template}, beta {beta}"
@@ -430,8 +468,9 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
 
     def collate(name: str, idx: list[int]):
         s, (rc, rr) = sets[name], refs[name]
-        cx, cy = tasks.collate_instructions([s.chosen[i] for i in idx], pad_id, [s.prompt_lengths[i] for i in idx])
-        rx, ry = tasks.collate_instructions([s.rejected[i] for i in idx], pad_id, [s.prompt_lengths[i] for i in idx])
+        lengths = [s.prompt_lengths[i] for i in idx]
+        cx, cy = tasks.collate_instructions([s.chosen[i] for i in idx], pad_id, lengths, max_len)
+        rx, ry = tasks.collate_instructions([s.rejected[i] for i in idx], pad_id, lengths, max_len)
         return cx, cy, rx, ry, rc[idx], rr[idx]
 
     @torch.no_grad()
@@ -454,8 +493,7 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
 
     identity = _base_identity(base, model, tok)
     results: dict = {"task": "dpo", "beta": beta, "truncated": truncated, "dropped": dropped}
-    if not resume:
-        results["before"] = evaluate(model, dtype)
+    results["before"] = (_read_before(run) if resume else None) or evaluate(model, dtype)
     torch.manual_seed(train.seed)
     set_trainable(model, finetune, lora, head_trains=False)
     print(_describe(model, finetune))
@@ -465,9 +503,8 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
     extra = {"base": identity, "lora": lora_config(model), "trained": trained_names(model),
              "weights": "full" if finetune.trainable == "all" else "trained", "finetune": config_dict(finetune),
              "template": template, "beta": beta, "data": _file_identity(data), "data_path": str(data.resolve())}
-    if not resume:
-        run.mkdir(parents=True, exist_ok=True)
-        tok.save(run / TOKENIZER)
+    _begin(run, data, tok, resume, overwrite)
+    _write_before(run, results["before"])
     result = fit(model, batches, loss_fn, train, run, evaluate=evaluate, resume=resume, extra_config=extra,
                  progress=progress, task="dpo")
     results.update(steps=result.step, seconds=result.seconds, after=evaluate(model, dtype))

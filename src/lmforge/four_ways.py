@@ -51,7 +51,7 @@ def predict_by_template(model, tok, records: list[dict], labels: list[str], temp
 def four_ways(base: str, data: str | Path, out: str | Path, text_column: str = "text", label_column: str = "label",
               balance: bool = True, limit: int | None = None, test_limit: int | None = None, shots: int = 4,
               epochs: float = 1.0, trainable: str = "lora", seed: int = 123, template: str = "alpaca",
-              progress: bool = True, overwrite: bool = False) -> dict:
+              lr: float | None = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Test accuracy and minutes of the four ways on ``data``; a results JSON and the runs in ``out``."""
     from .finetune import KNOWN_COLUMNS, finetune_classify, finetune_instruct, resolve_data
     from .checkpoint import load_model, load_tokenizer
@@ -87,17 +87,18 @@ def four_ways(base: str, data: str | Path, out: str | Path, text_column: str = "
                                  progress=progress)
         report(way, res["test"], time.perf_counter() - t0)
     ft = FinetuneConfig(trainable=trainable, epochs=epochs, split=split, seed=seed)
+    lr = lr or (5e-4 if trainable == "lora" else 5e-5)
     lora = LoRAConfig(rank=16, alpha=16)
     t0 = time.perf_counter()
     res = finetune_classify(base, table, out / "classifier", ft,
-                            TrainConfig(lr=5e-4 if trainable == "lora" else 5e-5, warmup_steps=0, batch_size=8),
+                            TrainConfig(lr=lr, warmup_steps=0, batch_size=8),
                             lora, "1", "0", progress=progress, overwrite=overwrite)
     report("classifier fine-tuning", res["test"], time.perf_counter() - t0)
     records = _records(rows, labels)
     atomic.write_text(out / "instructions.json", json.dumps(records, ensure_ascii=False))
     t0 = time.perf_counter()
     finetune_instruct(base, out / "instructions.json", out / "instruction", ft,
-                      TrainConfig(lr=5e-4 if trainable == "lora" else 5e-5, warmup_steps=0, batch_size=8), lora,
+                      TrainConfig(lr=lr, warmup_steps=0, batch_size=8), lora,
                       template=template, mask_prompt=True, respond_test=0, progress=progress, overwrite=overwrite)
     model, _ = load_model(out / "instruction")
     tok = load_tokenizer(out / "instruction")

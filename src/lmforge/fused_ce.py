@@ -129,6 +129,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     # 128 MB of logits per chunk: few enough chunks for efficient matmuls, yet bounded memory.
     itemsize = torch.empty((), dtype=compute_dtype).element_size()
     rows = chunk_rows or max(64, min(h2.size(0), (1 << 27) // (weight.size(0) * itemsize)))
+    if not torch.is_grad_enabled():  # evaluation: no gradient buffers (the Function would still see requires_grad)
+        h2, weight = h2.detach(), weight.detach()
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(h2, weight, t2, ignore_index, rows, compute_dtype)
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .attention import KVCache, MultiHeadAttention, RotaryEmbedding
 from .config import ModelConfig
-from .fused_ce import cross_entropy_reference, linear_cross_entropy
+from .fused_ce import IGNORE_INDEX, cross_entropy_reference, linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -170,8 +170,13 @@ class GPT(nn.Module):
         hidden = self.hidden_states(idx, kv_cache)
         if targets is None:
             return self.lm_head(hidden)
-        if fused:
+        head_dropout = getattr(self.lm_head, "lora_dropout", None)
+        if fused and not (self.training and head_dropout is not None and head_dropout.p > 0):
+            # (a LoRA head with dropout in training runs plainly: the fused kernel sees one weight, W + BA)
             return linear_cross_entropy(hidden, self.output_weight, targets)
+        if head_dropout is not None:
+            return F.cross_entropy(self.lm_head(hidden).flatten(0, -2).float(), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
         return cross_entropy_reference(hidden, self.output_weight, targets)
 
     @property

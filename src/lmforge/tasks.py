@@ -35,7 +35,7 @@ def read_records(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"no data file at {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the data
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it first") from None
     stripped = text.lstrip()
@@ -89,7 +89,7 @@ def read_labelled(path: str | Path, text_column: str = "text", label_column: str
     if not path.is_file():
         raise DataError(f"no data file at {path}")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             first = f.readline()
             f.seek(0)
             # By the suffix, unless the first line says otherwise (a tab-separated file named .csv).
@@ -212,8 +212,9 @@ def instruction_of(record: dict, where: str) -> tuple[str, str, str | None]:
     assistant message is the output, the user messages before it the instruction)."""
     if "messages" in record:
         msgs = record["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str)
+                                                 for m in msgs):
+            raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects with text content")
         output = msgs[-1]["content"] if msgs and msgs[-1]["role"] == "assistant" else None
         body = msgs[:-1] if output is not None else msgs
         users = [m["content"] for m in body if m["role"] == "user"]
@@ -285,10 +286,11 @@ def encode_instructions(records: Sequence[dict], tokenizer, template: str, max_l
             dropped += 1
             continue
         full = prompt + plain_ids(tokenizer, output) + end
-        # The collate function appends one padding token and shifts by one: a record of
-        # max_length ids fits a window of max_length inputs exactly.
-        if len(full) > max_length:
-            full, truncated = full[:max_length], truncated + 1
+        # Inputs are the first max_length ids and targets the next ones (the collate function
+        # cuts both to max_length), so a cut record keeps max_length + 1 ids: its last target is
+        # the next real token, never a padding/end target that would teach it to stop there.
+        if len(full) > max_length + 1:
+            full, truncated = full[:max_length + 1], truncated + 1
         ids.append(full)
         prompt_lengths.append(len(prompt))
     if records and not ids:
@@ -352,8 +354,8 @@ def encode_preferences(records: Sequence[dict], tokenizer, template: str, max_le
         pair = []
         for key in ("chosen", "rejected"):
             full = prompt + plain_ids(tokenizer, str(rec[key])) + end
-            if len(full) > max_length:
-                full, truncated = full[:max_length], truncated + 1
+            if len(full) > max_length + 1:  # as encode_instructions: the collate function cuts to max_length
+                full, truncated = full[:max_length + 1], truncated + 1
             pair.append(full)
         chosen.append(pair[0])
         rejected.append(pair[1])

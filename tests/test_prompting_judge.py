@@ -182,3 +182,24 @@ def test_shared_prefix_scoring_equals_scoring_each_sequence_alone(preset, ctx_le
         logp = torch.log_softmax(model(torch.tensor([seq[:-1]])), -1)[0]
         want = sum(logp[start - 1 + j, c].item() for j, c in enumerate(cont))
         assert score == pytest.approx(want, abs=2e-4)
+
+
+def test_bad_judge_and_prompt_settings_are_one_line_errors(base, tmp_path):
+    from lmforge.judge import http_judge
+    from lmforge.prompting import evaluate_prompting
+
+    with pytest.raises(LmforgeError, match="is not an http\\(s\\) address"):
+        http_judge("example.com/v1", "m")
+    data = tmp_path / "d.tsv"
+    data.write_text("".join(f"{'spam' if i % 2 else 'ham'}\ttext {i}\n" for i in range(20)))
+    for kw in ({"limit": -1}, {"test_limit": 0}):
+        with pytest.raises(LmforgeError, match="--limit must be at least 3 and --test_limit at least 1"):
+            evaluate_prompting(str(base), data, "1", "0", progress=False, **kw)
+
+
+def test_a_null_answer_from_the_judge_is_no_score(judge_server, tmp_path):
+    from lmforge.judge import http_judge, judge_responses
+
+    _Judge.script = [(200, None), (200, "90")]
+    res = judge_responses(_responses(tmp_path), http_judge(judge_server, "m", timeout=5, retries=0), progress=False)
+    assert res["scores"] == [None, 90] and res["mean"] == 90.0 and res["scored"] == 1

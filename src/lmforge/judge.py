@@ -40,6 +40,10 @@ def parse_score(text: str) -> int | None:
 def http_judge(url: str, model: str, timeout: float = 60.0, retries: int = 3, api_key: str | None = None
                ) -> Callable[[str], str]:
     """A function prompt -> answer through ``POST {url}/chat/completions`` (temperature 0)."""
+    from urllib.parse import urlparse
+
+    if urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc:
+        raise LmforgeError(f"--url {url!r} is not an http(s) address; give e.g. http://localhost:11434/v1")
     endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
 
     def ask(prompt: str) -> str:
@@ -55,7 +59,7 @@ def http_judge(url: str, model: str, timeout: float = 60.0, retries: int = 3, ap
                 req = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=timeout) as resp:
                     reply = json.loads(resp.read().decode())
-                return reply["choices"][0]["message"]["content"]
+                return str(reply["choices"][0]["message"]["content"] or "")  # a null answer reads as no score
             except urllib.error.HTTPError as e:
                 last = f"HTTP {e.code}"
                 if e.code < 500 and e.code != 429:

@@ -208,6 +208,10 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     ``evaluate(model, dtype)`` returns any metrics (logged as ``val_<name>``); ``task`` names the
     run in its config and on the progress bar.
 
+    On the CPU, ``fit`` sets the process's allocator to keep freed memory for reuse
+    (``precision.tune_cpu_allocator``): steps then fault in no new pages, and the process keeps
+    its peak memory until it exits.
+
     With ``resume``, the newest complete checkpoint of ``run_dir`` is loaded and training goes on
     from its step; settings that differ from the stored ones are announced, and those that would
     change the result (anything but RESUMABLE) are refused unless ``allow_changes``.

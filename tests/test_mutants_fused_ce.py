@@ -265,3 +265,17 @@ def test_independent_of_torchs_default_dtype():
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(h.grad, gh)
     torch.testing.assert_close(w.grad, gw)
+
+
+def test_every_chunk_writes_into_a_buffer_of_its_own_shape():
+    """The logits, log-probabilities and gradient buffers are made to the shapes the products write:
+    torch would silently resize a wrong one (and warn), costing a fresh allocation per chunk."""
+    import warnings
+
+    h, w, t = _inputs(1, n=40, d=16, v=41)  # vocabulary != width; a short last chunk (40 = 16 + 16 + 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = linear_cross_entropy(h, w, t, chunk_rows=16)
+        loss.backward()
+    ref = cross_entropy_reference(h.detach().requires_grad_(), w, t)
+    torch.testing.assert_close(loss, ref)

@@ -557,3 +557,24 @@ def test_reading_labelled_files(tmp_path):
         tasks.read_labelled(tmp_path / "d.json", "t", "y")
     with pytest.raises(tasks.DataError, match="no data file at"):
         tasks.read_labelled(tmp_path / "nope.csv")
+
+
+def test_classification_loss_and_accuracy_by_hand():
+    from lmforge.losses import classification_loss
+
+    class Fixed(torch.nn.Module):  # returns given logits (B, T, classes), whatever the input
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, x):
+            return self.logits
+
+    logits = torch.zeros(4, 3, 2)
+    logits[:, 1] = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])  # read at position 1
+    logits[:, 2] = torch.tensor([[0.0, 9.0]] * 4)  # position 2: padding, must not be read
+    lengths, labels = torch.tensor([2, 2, 2, 2]), torch.tensor([0, 1, 1, 1])
+    loss, metrics = classification_loss(Fixed(logits), (torch.zeros(4, 3, dtype=torch.long), lengths, labels))
+    assert metrics == {"accuracy": 0.75}
+    p = math.exp(2) / (math.exp(2) + 1)
+    assert loss.item() == pytest.approx(-(3 * math.log(p) + math.log(1 - p)) / 4, abs=1e-6)

@@ -578,3 +578,14 @@ def test_classification_loss_and_accuracy_by_hand():
     assert metrics == {"accuracy": 0.75}
     p = math.exp(2) / (math.exp(2) + 1)
     assert loss.item() == pytest.approx(-(3 * math.log(p) + math.log(1 - p)) / 4, abs=1e-6)
+
+
+def test_the_loss_through_forward_counts_a_heads_bias():
+    model = _tiny(tie=False)
+    model.replace_head(50)  # a head with a bias, of the vocabulary's size
+    with torch.no_grad():
+        model.lm_head.bias.normal_(0, 1.0)
+    x, y = torch.randint(0, 50, (2, 6)), torch.randint(0, 50, (2, 6))
+    want = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    for fused in (True, False):
+        torch.testing.assert_close(model(x, targets=y, fused=fused), want)

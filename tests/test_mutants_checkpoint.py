@@ -726,6 +726,14 @@ def test_model_state_trained_only_keeps_a_trained_untied_head():
     assert set(state) == {"lm_head.weight", "lm_head.bias"} and state["lm_head.weight"].shape == (3, 8)
 
 
+def test_model_state_trained_only_keeps_every_name_of_a_shared_tensor():
+    m = torch.nn.Module()
+    m.a, m.b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    m.b.weight = m.a.weight  # no config says it is tied: both names are part of the state
+    m.a.bias.requires_grad_(False)
+    assert set(ck.model_state(m, trained_only=True)) == {"a.weight", "b.weight", "b.bias"}
+
+
 def test_save_model_saves_only_trained_weights_when_the_config_says_so(tmp_path):
     model = _freeze_all_but(_model(), "ln_f.weight")
     folder = ck.save_model(tmp_path / "a", model, 1, {"weights": "trained"})
@@ -792,11 +800,64 @@ def test_load_base_loads_and_checks_the_base_model(tmp_path):
     run, identity = _base_run(tmp_path)
     model, tok = ck.load_base({"base": identity}, tmp_path / "ft")
     assert model.num_params() == identity["params"] and tok.fingerprint == identity["tokenizer"]
-    for wrong in ({"params": identity["params"] + 1}, {"tokenizer": "0" * 16}, {"params": None}):
+    digest = ck.weights_digest(model)
+    assert ck.load_base({"base": {**identity, "digest": digest}}, tmp_path / "ft")[0].num_params() == model.num_params()
+    for wrong in ({"params": identity["params"] + 1}, {"tokenizer": "0" * 16}, {"params": None}, {"digest": "0" * 64}):
         with pytest.raises(CheckpointError) as e:
             ck.load_base({"base": {**identity, **wrong}}, tmp_path / "ft")
-        assert str(e.value) == (f"{run} is not the base model {tmp_path / 'ft'} was fine-tuned from (another size or "
-                                "tokenizer); restore that model there")
+        assert str(e.value) == (f"{run} is not the base model {tmp_path / 'ft'} was fine-tuned from (its weights or "
+                                "tokenizer differ); restore that model there")
+
+
+def test_a_fine_tuned_base_is_loaded_with_its_adapters_merged(tmp_path):
+    from lmforge.lora import LoRALinear, apply_lora, lora_config
+    from lmforge.tokenizer import Tokenizer
+
+    tuned = _model()
+    apply_lora(tuned, rank=2, alpha=4.0)
+    with torch.no_grad():
+        for n, p in tuned.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    run = tmp_path / "lora-run"
+    ck.save_model(run, tuned, 1, {"weights": "full", "lora": lora_config(tuned)})
+    tok = Tokenizer.load(_tokenizer(tmp_path))
+    tok.save(run / "tokenizer.json")
+    merged = _model()
+    identity = {"spec": str(run), "params": merged.num_params(), "tokenizer": tok.fingerprint}
+    model, _ = ck.load_base({"base": identity}, tmp_path / "ft")
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    idx = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(model(idx), tuned.eval()(idx))
+
+
+def test_weights_digest_known_answer():
+    """The digest is stored in fine-tuned runs' configs: its recipe (sorted names, each name, a zero
+    byte, then the tensor's bytes) must not change, or every earlier run's base check fails."""
+    lin = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        lin.bias.fill_(-1.0)
+    h = hashlib.sha256()
+    for name, values in (("bias", [-1.0]), ("weight", [1.0, 2.0])):
+        h.update(name.encode() + b"\0")
+        h.update(torch.tensor(values).numpy().tobytes())
+    assert ck.weights_digest(lin) == h.hexdigest()
+
+
+def test_weights_digest_covers_every_tensor_by_name_and_bytes():
+    a, b = _model(), _model()
+    assert ck.weights_digest(a) == ck.weights_digest(b) and len(ck.weights_digest(a)) == 64
+    with torch.no_grad():
+        b.h[0].ln_1.bias[3] += 1e-3
+    assert ck.weights_digest(a) != ck.weights_digest(b)
+    assert ck.weights_digest(a) != ck.weights_digest(a.to(torch.bfloat16))
+    lin1, lin2 = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    lin2.load_state_dict(lin1.state_dict())
+    assert ck.weights_digest(lin1) == ck.weights_digest(lin2)
+    renamed = torch.nn.Module()  # the same bytes under other names: the names are part of the digest
+    renamed.w, renamed.b = torch.nn.Parameter(lin1.weight.detach().clone()), torch.nn.Parameter(lin1.bias.detach().clone())
+    assert ck.weights_digest(renamed) != ck.weights_digest(lin1)
 
 
 def test_load_base_that_cannot_be_loaded_says_why(tmp_path):

@@ -214,6 +214,9 @@ def test_tokenizer_is_saved_only_when_asked_also_on_reuse(tmp_path, tok, capsys)
     prepare([str(corpus)], out, tok, save_tokenizer=True)
     assert "reusing" in capsys.readouterr().out
     assert Tokenizer.load(out / "tokenizer.json").fingerprint == tok.fingerprint
+    inode = (out / "tokenizer.json").stat().st_ino
+    prepare([str(corpus)], out, tok, save_tokenizer=True, quiet=True)  # already there: left alone
+    assert (out / "tokenizer.json").stat().st_ino == inode
     other = tmp_path / "other"
     prepare([str(corpus)], other, tok, save_tokenizer=True, quiet=True)
     assert (other / "tokenizer.json").read_text() == tok.to_json()
@@ -324,6 +327,7 @@ def test_prepare_reports_counts_unless_quiet(tmp_path, tok, capsys):
     ({"index.json": '{"format": "lmforge-shards"}', "notes.txt": "mine"}, True),  # the index says so
     # A prepare killed before its renames leaves only .tmp files: running it again must be allowed.
     ({"train.bin.tmp": ""}, True),
+    ({"val.bin.tmp": ""}, True),
     ({"train.bin.tmp": "", "val.bin.tmp": "", "index.json.tmp": "{"}, True),
     ({"tokenizer.json.tmp": "{}"}, False),
     ({"train.bin": "", "tokenizer.json": "{}"}, True),

@@ -209,7 +209,7 @@ def test_output_weight_adds_a_lora_heads_change():
     model = GPT(ModelConfig(vocab_size=16, context_length=8, d_model=8, n_layer=1, n_head=2, tie_embeddings=False))
     model.lm_head = LoRALinear(model.lm_head, 2, 4.0, 0.0)
     with torch.no_grad():
-        model.lm_head.lora_B.fill_(0.5)
+        model.lm_head.lora_B.normal_()  # rows that differ: a change the softmax sees
     delta = model.lm_head.weight_delta()
     assert delta.abs().max() > 0
     torch.testing.assert_close(model.output_weight, model.lm_head.weight + delta)
@@ -240,3 +240,94 @@ def test_replace_head_follows_the_old_heads_device_and_dtype():
     model = GPT(ModelConfig(vocab_size=16, context_length=8, d_model=8, n_layer=1, n_head=2)).to(torch.bfloat16)
     model.replace_head(3)
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.lm_head.weight.device.type == "cpu"
+
+
+def _lora_head_model(dropout: float) -> GPT:
+    from lmforge.lora import LoRALinear
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=16, context_length=8, d_model=8, n_layer=1, n_head=2))
+    model.lm_head = LoRALinear(model.lm_head, 2, 4.0, dropout)
+    with torch.no_grad():
+        model.lm_head.lora_B.normal_()  # B starts at zero; rows that differ change the softmax
+    return model
+
+
+def _kernel_calls(monkeypatch) -> list[str]:
+    """Which loss path forward takes: the fused kernel or the plain reference (values are equal)."""
+    from lmforge import model as model_module
+
+    calls: list[str] = []
+    fused, plain = model_module.linear_cross_entropy, model_module.cross_entropy_reference
+    monkeypatch.setattr(model_module, "linear_cross_entropy", lambda *a, **k: calls.append("fused") or fused(*a, **k))
+    monkeypatch.setattr(model_module, "cross_entropy_reference",
+                        lambda *a, **k: calls.append("plain") or plain(*a, **k))
+    return calls
+
+
+def test_forward_with_targets_runs_the_fused_kernel_unless_told_not_to(monkeypatch):
+    calls = _kernel_calls(monkeypatch)
+    model = GPT(ModelConfig(vocab_size=16, context_length=8, d_model=8, n_layer=1, n_head=2))
+    x = torch.randint(0, 16, (2, 8))
+    model(x, targets=x)
+    model(x, targets=x, fused=False)
+    assert calls == ["fused", "plain"]
+
+
+def _masked_targets() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 16, (2, 8), generator=g), torch.randint(0, 16, (2, 8), generator=g)
+    y[0, :3] = -100  # IGNORE_INDEX: left out of the mean
+    return x, y
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_lora_head_with_dropout_in_training_takes_the_plain_loss_with_dropout(monkeypatch, fused):
+    calls = _kernel_calls(monkeypatch)
+    model = _lora_head_model(0.5).train()
+    x, y = _masked_targets()
+    torch.manual_seed(3)
+    loss = model(x, targets=y, fused=fused)
+    torch.manual_seed(3)
+    logits = model.lm_head(model.hidden_states(x))  # the same dropout masks, drawn in the same order
+    want = nn.functional.cross_entropy(logits.reshape(-1, 16), y.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, want)
+    assert calls == []  # neither kernel: they see one weight, W + BA, and no dropout
+    model.eval()
+    no_dropout = nn.functional.cross_entropy(model(x).reshape(-1, 16), y.reshape(-1), ignore_index=-100)
+    assert not torch.allclose(loss, no_dropout)
+
+
+def test_a_lora_head_runs_fused_in_eval_mode_or_without_dropout(monkeypatch):
+    calls = _kernel_calls(monkeypatch)
+    x, y = _masked_targets()
+    for model in (_lora_head_model(0.5).eval(), _lora_head_model(0.0).train()):
+        want = nn.functional.cross_entropy(model(x).reshape(-1, 16), y.reshape(-1), ignore_index=-100)
+        torch.testing.assert_close(model(x, targets=y), want)
+    assert calls == ["fused", "fused"]
+
+
+def test_replace_head_records_an_untied_head_in_the_config():
+    model = GPT(ModelConfig(vocab_size=16, context_length=8, d_model=8, n_layer=1, n_head=2))
+    model.replace_head(3)
+    assert model.config.tie_embeddings is False and model.config.to_dict()["tie_embeddings"] is False
+
+
+def test_rotary_angles_use_the_configured_theta_and_cover_the_context():
+    cfg = ModelConfig(vocab_size=16, context_length=12, d_model=8, n_layer=1, n_head=2, positions="rope",
+                      rope_theta=500.0)
+    model = GPT(cfg)
+    cos, sin = model.rotary(0, 12, torch.device("cpu"))
+    inv_freq = 1.0 / (500.0 ** (torch.arange(0, 4, 2).float() / 4))
+    angles = torch.outer(torch.arange(12).float(), inv_freq)
+    torch.testing.assert_close(cos, torch.cat([angles, angles], -1).cos())
+    assert model.rotary.cos.shape == (12, 4)  # a table for the context, not more
+
+
+def test_a_layer_sharing_its_weight_still_has_its_own_bias_zeroed():
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight  # initialised by its first owner; the bias is second's own
+    with torch.no_grad():
+        second.bias.fill_(2.0)
+    init_module_weights(nn.Sequential(first, second), n_layer=1, seed=0)
+    assert second.bias.tolist() == [0.0] * 4

@@ -129,6 +129,20 @@ def test_train_step_stops_on_a_non_finite_loss(bad):
     assert str(e.value) == (f"loss became {bad} at step 4; lower --train.lr or use --train.dtype float32")
 
 
+def test_train_step_moves_each_batch_to_the_device_given():
+    devices = []
+
+    def loss_fn(model, batch):
+        devices.append(batch.device.type)
+        return (model.w * torch.ones(2)).sum(), {}
+
+    model = Probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tr.train_step(model, opt, lambda k: torch.ones(2), loss_fn, 0, TrainConfig(grad_accum=2), torch.device("meta"),
+                  torch.float32)
+    assert devices == ["meta", "meta"]
+
+
 def test_train_step_runs_the_loss_under_autocast_for_bfloat16():
     dtypes = []
 
@@ -303,7 +317,7 @@ class Recorder:
 
     def evaluate(self, model, dtype):
         self.evals.append((model.training, dtype))
-        return {"loss": 2.5, "tokens": 7}
+        return {"loss": 2.5, "tokens": 7, "accuracy": 0.125}
 
     def sample(self, model, step):
         self.samples.append((step, model.training))
@@ -336,7 +350,25 @@ def test_fit_logs_evaluates_samples_and_saves_on_their_intervals(tmp_path, capsy
     state = load_trainer_state(find_checkpoint(tmp_path), 6)
     assert state["tokens"] == 96 and 0 < state["elapsed"] <= res.seconds
     out = capsys.readouterr()
-    assert "step 3: val loss 2.5\n" in out.out + out.err and "val tokens" not in out.out + out.err
+    assert "step 3: val loss 2.5, val accuracy 0.125\n" in out.out + out.err and "val tokens" not in out.out + out.err
+
+
+def test_fit_logs_throughput_and_elapsed_time_by_the_clock(tmp_path, monkeypatch):
+    # Every reading of the clock is 0.25 s later: the run starts at 0, the first window at 0.5,
+    # step n ends at 0.5 + 0.25 n; each log covers 2 steps of 16 tokens in 0.5 s.
+    clock = iter(range(0, 10_000))
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: next(clock) / 4)
+    res = tr.fit(_model(), _batches, _loss, _cfg(), tmp_path, progress=False)
+    train = [r for r in _records(tmp_path) if "loss" in r]
+    assert [(r["step"], r["tokens_per_s"], r["elapsed_s"]) for r in train] == [(2, 64.0, 1.0), (4, 64.0, 1.5),
+                                                                               (6, 64.0, 2.0)]
+    assert res.seconds == 2.0
+
+
+def test_a_fresh_run_drops_the_metrics_of_an_earlier_start(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "val_loss": 9.0}\n')
+    tr.fit(_model(), _batches, _loss, _cfg(max_steps=2), tmp_path, progress=False)
+    assert all(r.get("val_loss") != 9.0 for r in _records(tmp_path))
 
 
 def test_fit_keeps_the_configured_number_of_checkpoints(tmp_path):
@@ -359,11 +391,18 @@ def test_fit_runs_no_eval_when_none_is_given_and_logs_the_last_step(tmp_path):
     assert [r["step"] for r in _records(tmp_path)] == [5]
 
 
-def test_fit_resolves_the_dtype_for_evaluation(tmp_path):
-    rec = Recorder()
-    tr.fit(_model(), _batches, _loss, _cfg(max_steps=1, dtype="bfloat16"), tmp_path, evaluate=rec.evaluate,
+def test_fit_resolves_the_dtype_for_evaluation_and_training(tmp_path):
+    rec, autocast = Recorder(), []
+
+    def loss_fn(model, batch):
+        autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return _loss(model, batch)
+
+    tr.fit(_model(), _batches, loss_fn, _cfg(max_steps=1, dtype="bfloat16"), tmp_path, evaluate=rec.evaluate,
            progress=False)
-    assert rec.evals == [(True, torch.bfloat16)] * 2
+    assert rec.evals == [(True, torch.bfloat16)] * 2 and autocast == [torch.bfloat16]
+    tr.fit(_model(), _batches, loss_fn, _cfg(max_steps=1, dtype="float32"), tmp_path / "fp32", progress=False)
+    assert autocast == [torch.bfloat16, False]
 
 
 def test_fit_stops_at_the_time_cap_with_a_checkpoint(tmp_path, monkeypatch, capsys):
@@ -401,6 +440,48 @@ def test_an_interrupt_saves_the_completed_steps_and_propagates(tmp_path):
     assert load_trainer_state(find_checkpoint(tmp_path), 3)["tokens"] == 48
 
 
+def _interrupt_at(n: int):
+    """A loss function that raises KeyboardInterrupt at its n-th call (0-based)."""
+    calls = []
+
+    def loss_fn(model, batch):
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return _loss(model, batch)
+
+    return loss_fn
+
+
+def _count_saves(monkeypatch) -> list[int]:
+    saved: list[int] = []
+    real = tr.save_checkpoint
+    monkeypatch.setattr(tr, "save_checkpoint", lambda run, m, o, step, *a, **k: saved.append(step) or real(
+        run, m, o, step, *a, **k))
+    return saved
+
+
+def test_an_interrupt_before_the_first_step_saves_step_0(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(_model(), _batches, _interrupt_at(0), _cfg(), tmp_path, progress=False)
+    assert find_checkpoint(tmp_path).name == "step-00000000"
+
+
+def test_an_interrupt_right_after_a_save_does_not_save_again(tmp_path, monkeypatch):
+    saved = _count_saves(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(_model(), _batches, _interrupt_at(4), _cfg(), tmp_path, progress=False)  # saved at 4, stopped in 5
+    assert saved == [4]
+
+
+def test_an_interrupt_right_after_resuming_does_not_save_again(tmp_path, monkeypatch):
+    tr.fit(_model(), _batches, _loss, _cfg(max_steps=2), tmp_path, progress=False)
+    saved = _count_saves(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit(_model(), _batches, _interrupt_at(0), _cfg(max_steps=4), tmp_path, resume=True, progress=False)
+    assert saved == []
+
+
 def test_resume_continues_from_the_checkpoint_with_its_counters(tmp_path, capsys):
     # A constant schedule: the 4-step run takes the same steps as the first 4 of the 6-step one.
     full = tr.fit(_model(), _batches, _loss, _cfg(schedule="constant"), tmp_path / "full", progress=False)
@@ -414,7 +495,7 @@ def test_resume_continues_from_the_checkpoint_with_its_counters(tmp_path, capsys
                  resume=True, progress=False)
     out = capsys.readouterr().out
     assert out.startswith(f"resuming {tmp_path / 'run'} from step 4 of 6 (step-00000004)\n"
-                          "changed on resume: train.max_steps 4 -> 6\nstep 6: val loss 2.5\n")
+                          "changed on resume: train.max_steps 4 -> 6\nstep 6: val loss 2.5, val accuracy 0.125\n")
     assert res.step == 6 and res.tokens == 96 and res.seconds > first.seconds
     assert res.last_loss == pytest.approx(full.last_loss, rel=1e-6)  # optimizer state and weights restored
     assert [r["step"] for r in _records(tmp_path / "run") if "loss" in r] == [2, 4, 6]
@@ -522,8 +603,15 @@ def test_fit_prepares_the_model_for_training(tmp_path):
 
 
 def test_fit_shows_a_progress_bar_named_after_the_task(tmp_path, capsys):
+    import re
+
     tr.fit(_model(), _batches, _loss, _cfg(max_steps=2), tmp_path, task="chat-tune")
     err = capsys.readouterr().err
-    assert "chat-tune" in err and "2/2" in err
+    last = err.strip().split("\r")[-1]  # the bar as it was left
+    assert last.startswith("chat-tune") and "| 2/2 " in last and re.search(r"(step/s|s/step)", last)
+    assert re.search(r"loss=\d+\.\d\d\d, tok_s=[\d,]+\]", err)
+    tr.fit(_model(), _batches, _loss, _cfg(max_steps=4), tmp_path, resume=True, task="chat-tune")
+    err = capsys.readouterr().err
+    assert "| 2/4" in err and "| 4/4 " in err.strip().split("\r")[-1] and "| 0/4" not in err  # from the checkpoint
     tr.fit(_model(), _batches, _loss, _cfg(max_steps=2), tmp_path / "quiet", progress=False)
     assert capsys.readouterr().err == ""

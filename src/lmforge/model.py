@@ -171,10 +171,12 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(hidden)
         head_dropout = getattr(self.lm_head, "lora_dropout", None)
-        if fused and not (self.training and head_dropout is not None and head_dropout.p > 0):
-            # (a LoRA head with dropout in training runs plainly: the fused kernel sees one weight, W + BA)
+        # The fused kernel sees one weight (W, or W + BA with LoRA): a head with a bias, or a LoRA
+        # head with dropout in training, runs the plain path.
+        plain_head = self.lm_head.bias is not None or (self.training and head_dropout is not None and head_dropout.p > 0)
+        if fused and not plain_head:
             return linear_cross_entropy(hidden, self.output_weight, targets)
-        if head_dropout is not None:
+        if plain_head or head_dropout is not None:
             return F.cross_entropy(self.lm_head(hidden).flatten(0, -2).float(), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
         return cross_entropy_reference(hidden, self.output_weight, targets)

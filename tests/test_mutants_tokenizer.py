@@ -324,9 +324,9 @@ def test_two_tokens_with_one_id_are_refused_exactly():
 
 
 def test_bytes_missing_from_the_vocabulary_are_dropped_on_both_paths():
-    ranks = {bytes([b]): b for b in range(256) if b != 1}  # byte 1 never occurs in text
+    ranks = {bytes([b]): b for b in range(256) if b > 1}  # bytes 0 and 1 never occur in text
     tok = Tokenizer(ranks)
-    assert tok.encode("a\x01b") == tok.encode_reference("a\x01b") == [97, 98]
+    assert tok.encode("a\x01b\x00") == tok.encode_reference("a\x01b\x00") == [97, 98]
 
 
 def test_training_keeps_the_configured_pattern_and_names_its_config_in_errors():
@@ -380,3 +380,45 @@ def test_a_file_lists_one_entry_per_id_with_nulls_for_gaps(tok):
     tokens = _state(gappy)["tokens"]
     assert len(tokens) == 256 and tokens[7] is None
     assert Tokenizer.from_json(gappy.to_json()).fingerprint == gappy.fingerprint
+
+
+def test_a_saved_chat_tokenizer_keeps_its_template_and_eos_id(tmp_path):
+    chat = Tokenizer(BYTES, {EOT: 256, "<|im_end|>": 257}, chat_template="{{ messages }}", eos_id=257)
+    loaded = Tokenizer.load(chat.save(tmp_path / "chat.json"))
+    assert (loaded.chat_template, loaded.eos_id) == ("{{ messages }}", 257)
+
+
+def test_decoding_a_cut_character_gives_a_replacement_character(tok):
+    assert tok.decode(tok.encode("é")[:1]) == "\ufffd"  # the first of its two UTF-8 bytes
+
+
+def test_decoding_an_unknown_id_is_named_exactly(tok):
+    with pytest.raises(TokenizerError) as e:
+        tok.decode([1_000_000])
+    assert str(e.value) == "token id 1000000 is outside this tokenizer's vocabulary (0..299)"
+
+
+def test_allowing_an_unknown_special_is_named_exactly(tok):
+    for encode in (tok.encode, tok.encode_reference):
+        with pytest.raises(TokenizerError) as e:
+            encode("x", allowed_special={"<|nope|>", EOT})
+        assert str(e.value) == "allowed_special names tokens this tokenizer lacks: ['<|nope|>']"
+
+
+def test_a_disallowed_special_in_text_is_named_exactly(tok):
+    with pytest.raises(TokenizerError) as e:
+        tok.encode(f"a{EOT}")
+    assert str(e.value) == ("text contains the special token '<|endoftext|>'; pass allowed_special={'<|endoftext|>'} "
+                            "(or 'all') to encode it as a special token, or disallowed_special=() to encode it as "
+                            "plain text")
+
+
+def test_the_longest_special_wins_where_one_begins_with_another():
+    tok = Tokenizer(BYTES, {"<|s|>": 256, "<|s|>!": 257})
+    for encode in (tok.encode, tok.encode_reference):
+        assert encode("<|s|>!<|s|>", allowed_special="all") == [257, 256]
+
+
+def test_a_chat_template_without_an_end_token_renders_it_empty():
+    tok = Tokenizer(BYTES, chat_template="[{{ eos_token }}]")
+    assert tok.apply_chat_template([]) == "[]"

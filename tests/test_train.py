@@ -36,7 +36,10 @@ def test_resume_after_a_kill_reproduces_losses(prepared, sig):
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "lmforge", "pretrain", "--data", str(data), "--out", str(killed), *ARGS]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # As from a terminal: Ctrl-C's default action, even if something earlier in this test process left
+    # SIGINT ignored (a child inherits an ignored signal, and Python then installs no KeyboardInterrupt).
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline:
         metrics = killed / "metrics.jsonl"

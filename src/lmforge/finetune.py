@@ -293,9 +293,20 @@ def classify_texts(run: str | Path, texts: list[str], device: str = "cpu") -> li
 
 # ---------------------------------------------------------------- instruction following
 
-def _instruction_splits(data: Path, finetune: FinetuneConfig) -> tuple[list, list, list]:
+def _language_task(base: str, data: str | Path, out: str | Path, finetune: FinetuneConfig, template: str,
+                   resume: bool, overwrite: bool, device: str | None) -> tuple:
+    """What instruction and preference tuning start alike with: the checked template and paths, the
+    record splits, the device and the base model: (run, data, device, model, tokenizer, splits)."""
+    tasks.check_template(template)
+    run, data = Path(out), resolve_data(data)
+    _start(run, data, base, resume, overwrite)
     records = tasks.subsample(tasks.read_records(data), finetune.limit, finetune.seed)
-    return tasks.split(records, finetune.split, finetune.seed)
+    splits = tasks.split(records, finetune.split, finetune.seed)
+    dev = torch.device(device) if device else torch.device("cpu")
+    model, tok = _load_base(base, dev)
+    if template == "chat" and not tok.chat_template:
+        raise LmforgeError(f"{base} has no chat template; use --template alpaca or phi3")
+    return run, data, dev, model, tok, splits
 
 
 def rouge_l(candidate: str, reference: str) -> float:
@@ -353,15 +364,8 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
         resume: bool = False, overwrite: bool = False, progress: bool = True, device: str | None = None) -> dict:
     """Instruction-tune ``base`` on Alpaca / chat records; returns validation loss and test ROUGE-L,
     before and after, and writes the test responses to ``responses.json``."""
-    if template not in tasks.TEMPLATES:
-        raise LmforgeError(f"unknown template {template!r}; known templates: {', '.join(tasks.TEMPLATES)}")
-    run, data = Path(out), resolve_data(data)
-    _start(run, data, base, resume, overwrite)
-    train_recs, val_recs, test_recs = _instruction_splits(data, finetune)
-    dev = torch.device(device) if device else torch.device("cpu")
-    model, tok = _load_base(base, dev)
-    if template == "chat" and not tok.chat_template:
-        raise LmforgeError(f"{base} has no chat template; use --template alpaca or phi3")
+    run, data, dev, model, tok, (train_recs, val_recs, test_recs) = _language_task(
+        base, data, out, finetune, template, resume, overwrite, device)
     ctx = model.config.context_length
     max_len = min(finetune.max_length or ctx, ctx)
     sets = {name: tasks.encode_instructions(r, tok, template, max_len, str(data))
@@ -444,13 +448,8 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
     validation loss, rewards and reward margin before and after."""
     if beta <= 0:
         raise LmforgeError(f"--beta must be > 0, got {beta}")
-    if template not in tasks.TEMPLATES:
-        raise LmforgeError(f"unknown template {template!r}; known templates: {', '.join(tasks.TEMPLATES)}")
-    run, data = Path(out), resolve_data(data)
-    _start(run, data, base, resume, overwrite)
-    train_recs, val_recs, _ = _instruction_splits(data, finetune)
-    dev = torch.device(device) if device else torch.device("cpu")
-    model, tok = _load_base(base, dev)
+    run, data, dev, model, tok, (train_recs, val_recs, _) = _language_task(
+        base, data, out, finetune, template, resume, overwrite, device)
     ctx = model.config.context_length
     max_len = min(finetune.max_length or ctx, ctx)
     sets = {name: tasks.encode_preferences(r, tok, template, max_len, str(data))

@@ -228,6 +228,11 @@ def instruction_of(record: dict, where: str) -> tuple[str, str, str | None]:
     return str(record["instruction"]), str(record.get("input") or ""), None if output is None else str(output)
 
 
+def check_template(template: str) -> None:
+    if template not in TEMPLATES:
+        raise DataError(f"unknown template {template!r}; known templates: {', '.join(TEMPLATES)}")
+
+
 def format_prompt(instruction: str, input_text: str = "", template: str = "alpaca", tokenizer=None) -> str:
     """The prompt text for an instruction under ``template``; the response follows it directly.
 
@@ -245,7 +250,8 @@ def format_prompt(instruction: str, input_text: str = "", template: str = "alpac
             raise DataError("the chat template needs the model's tokenizer")
         content = instruction + (f"\n\n{input_text}" if input_text else "")
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    raise DataError(f"unknown template {template!r}; known templates: {', '.join(TEMPLATES)}")
+    check_template(template)
+    raise AssertionError(template)  # every known template is handled above
 
 
 def response_end(template: str, tokenizer) -> list[int]:
@@ -393,6 +399,6 @@ def in_batches(n: int, batch_size: int) -> list[list[int]]:
 
 
 __all__ = ["ALPACA_HEADER", "DataError", "EpochBatches", "InstructionSet", "LabelledSet", "PreferenceSet", "TEMPLATES",
-           "balance", "collate_classification", "collate_instructions", "encode_instructions", "encode_labelled",
+           "balance", "check_template", "collate_classification", "collate_instructions", "encode_instructions", "encode_labelled",
            "encode_preferences", "format_prompt", "in_batches", "instruction_of", "plain_ids", "read_labelled", "read_records",
            "response_end", "split", "subsample"]

@@ -144,7 +144,7 @@ def test_module_calls_the_chosen_path_with_its_dropout(monkeypatch):
     calls = []
 
     def spy(name):
-        def run(q, k, v, dropout_p=0.0, training=False):
+        def run(q, k, v, dropout_p=0.0, training=False, mask=None):
             calls.append((name, dropout_p, training))
             return attention_reference(q, k, v)
         return run

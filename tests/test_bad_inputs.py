@@ -585,7 +585,7 @@ def test_closed_pipe_ends_quietly(w):
 
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "generate", str(w / "run"), "--sample.max_new_tokens",
                              "3000", "--sample.stop_at_eos", "false"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.stdout.read(1)
     proc.stdout.close()
     err = proc.stderr.read().decode()

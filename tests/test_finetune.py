@@ -408,8 +408,9 @@ def _cli(*args, stdin=None):
     import subprocess
     import sys
 
+    feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
     return subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], capture_output=True, text=True,
-                          input=stdin, timeout=300)
+                          timeout=300, **feed)
 
 
 @pytest.mark.slow

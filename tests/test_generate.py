@@ -55,21 +55,33 @@ def test_stops_at_eos():
     assert out[0].tolist() == greedy[:j + 1]
 
 
-def _greedy_by_hand(model, idx, n):
-    """Greedy decoding written out: the full forward of the last context_length tokens, no cache."""
+def _greedy_sliding_by_hand(model, idx, n):
+    """Greedy decoding past the context written out with full forwards and no cache: the window
+    starts where the decoder last re-ran its cache (a full context of 16 drops its oldest 4
+    columns and re-runs the last 12), and grows one token per step until it is full again."""
     seq = idx.clone()
     ctx = model.config.context_length
+    start = max(0, seq.size(1) - ctx)
     for _ in range(n):
-        seq = torch.cat([seq, model(seq[:, -ctx:])[:, -1].argmax(-1, keepdim=True)], dim=1)
+        if seq.size(1) - start > ctx:
+            start = seq.size(1) - (ctx - ctx // 4)
+        seq = torch.cat([seq, model(seq[:, start:])[:, -1].argmax(-1, keepdim=True)], dim=1)
     return seq[:, idx.size(1):]
 
 
-def test_generation_past_the_context_slides_the_window():
+def test_generation_past_the_context_slides_the_window(monkeypatch):
     model = _model()  # context 16
     idx = torch.randint(0, 64, (2, 5))
     with torch.no_grad():
-        expected = _greedy_by_hand(model, idx, 30)
+        expected = _greedy_sliding_by_hand(model, idx, 30)
+    calls = _record_forwards(model, monkeypatch)
     assert torch.equal(generate(model, idx, SampleConfig(max_new_tokens=30, temperature=0)), expected)
+    # 5 prompt tokens and 29 fed back through a context of 16: one prompt prefill, then a re-run of
+    # 12 columns each time the cache is full (at the 17th, 22nd, 27th and 32nd column fed), and one
+    # cached token per step otherwise.
+    prefills = [c for c in calls if c[0] > 1]
+    assert prefills == [(5, True)] + [(12, True)] * 4
+    assert len(calls) == 30  # one forward per generated token after the prompt, never more
     long_prompt = torch.randint(0, 64, (1, 20))  # a prompt longer than the context keeps its last 16 tokens
     cfg = SampleConfig(max_new_tokens=4, temperature=0)
     assert torch.equal(generate(model, long_prompt, cfg), generate(model, long_prompt[:, -16:], cfg))
@@ -125,32 +137,33 @@ def test_generate_text_strips_the_end_token():
 
 
 def test_generate_text_prompt_ids_and_end_handling(monkeypatch):
-    """generate_text's own work, with the decoding loop replaced by a recorder: the prompt is
-    encoded with special tokens allowed, an empty prompt starts from <|endoftext|>, the end id
-    is passed on, and the output stops before the first end token."""
+    """generate_text's own work, with the decoder replaced by a recorder: the prompt is encoded
+    with special tokens allowed, an empty prompt starts from <|endoftext|>, the end ids are passed
+    on, and the output stops before the first end token."""
     import lmforge.generate as gen_mod
     from lmforge.config import TokenizerConfig
-    from lmforge.generate import generate_text
+    from lmforge.generate import Token, generate_text
     from lmforge.tokenizer import Tokenizer
 
     tok = Tokenizer.train(["hello world " * 20], TokenizerConfig(vocab_size=260))
     eot = tok.eot_id
     seen = []
 
-    def fake_generate(model, idx, config, eos_id=None, use_cache=True):
-        seen.append((idx.tolist(), eos_id))
-        return torch.tensor([tok.encode(" world") + [eot] + tok.encode("junk")])
+    def fake_decoder(answer):
+        def make(model, prompts, config, stop_ids=()):
+            seen.append((prompts, set(stop_ids)))
+            return iter([[Token(t, stop=t in stop_ids)] for t in answer])
+        return make
 
-    monkeypatch.setattr(gen_mod, "generate", fake_generate)
+    monkeypatch.setattr(gen_mod, "Decoder", fake_decoder(tok.encode(" world") + [eot] + tok.encode("junk")))
     assert generate_text(None, tok, "hello<|endoftext|>") == " world"
-    assert seen[-1] == ([tok.encode("hello") + [eot]], eot)
+    assert seen[-1] == ([tok.encode("hello") + [eot]], {eot})
     assert generate_text(None, tok, "") == " world"
-    assert seen[-1] == ([[eot]], eot)
-    no_specials = Tokenizer(tok.ranks)  # no <|endoftext|>: an empty prompt starts from id 0
-    monkeypatch.setattr(gen_mod, "generate", lambda m, idx, c, e=None: seen.append((idx.tolist(), e))
-                        or torch.tensor([[104, 105]]))
+    assert seen[-1] == ([[eot]], {eot})
+    no_specials = Tokenizer(tok.ranks)  # no <|endoftext|>: an empty prompt starts from id 0, nothing ends it
+    monkeypatch.setattr(gen_mod, "Decoder", fake_decoder([104, 105]))
     assert generate_text(None, no_specials, "") == "hi"
-    assert seen[-1] == ([[0]], None)
+    assert seen[-1] == ([[0]], set())
 
 
 def _record_forwards(model, monkeypatch) -> list[tuple[int, bool]]:

@@ -41,12 +41,14 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-                        training: bool = False) -> torch.Tensor:
-    """Causal attention spelled out. q: (B, nh, Tq, hs); k, v: (B, nkv, Tk, hs) -> (B, nh, Tq, hs)."""
+                        training: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention spelled out. q: (B, nh, Tq, hs); k, v: (B, nkv, Tk, hs) -> (B, nh, Tq, hs).
+    ``mask`` (B, 1, Tq, Tk), True where allowed, replaces the causal mask (padded rows)."""
     n_rep = q.size(1) // k.size(1)
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))            # (B, nh, Tq, Tk)
-    mask = causal_mask(q.size(-2), k.size(-2), q.device)
+    if mask is None:
+        mask = causal_mask(q.size(-2), k.size(-2), q.device)
     scores = scores.masked_fill(~mask, float("-inf"))                    # no peeking at the future
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     weights = F.dropout(weights, p=dropout_p, training=training)
@@ -54,17 +56,30 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropo
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-              training: bool = False) -> torch.Tensor:
-    """The same as ``attention_reference``, through the fused kernel."""
-    n_rep = q.size(1) // k.size(1)
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+              training: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The same as ``attention_reference``, through the fused kernel. Grouped-query heads are
+    shared inside the kernel (``enable_gqa``): no repeated copy of the keys and values."""
     t_q, t_k = q.size(-2), k.size(-2)
     p = dropout_p if training else 0.0
+    gqa = q.size(1) != k.size(1)
+    if mask is not None:  # padded rows: the mask holds causality and padding together
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
     if t_q == t_k:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
     if t_q == 1:  # one new token sees every cached key
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t_q, t_k, q.device), dropout_p=p)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t_q, t_k, q.device), dropout_p=p,
+                                          enable_gqa=gqa)
+
+
+def padded_mask(pad: torch.Tensor, start: int, t: int) -> torch.Tensor:
+    """Boolean (B, 1, t, start + t) mask for left-padded rows: query column ``start + i`` sees the
+    keys at or before it that are not padding (column >= pad[b]). A padding query sees itself, so
+    that no softmax row is empty; what it computes is never used."""
+    q = torch.arange(start, start + t, device=pad.device)[:, None]      # (t, 1) query columns
+    k = torch.arange(start + t, device=pad.device)[None, :]             # (1, Tk) key columns
+    allowed = (k <= q) & ((k >= pad[:, None, None]) | (k == q))         # (B, t, Tk)
+    return allowed[:, None]
 
 
 class RotaryEmbedding(nn.Module):
@@ -89,9 +104,15 @@ class RotaryEmbedding(nn.Module):
             self._build(device)  # built lazily: also right after a meta-device model is materialised
         return self.cos[start:start + t], self.sin[start:start + t]
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, T, hs) for per-row positions (B, T): rows of a left-padded batch."""
+        if self.cos.numel() == 0 or self.cos.device != positions.device:
+            self._build(positions.device)
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, nh, T, hs); cos, sin: (T, hs)."""
+    """x: (B, nh, T, hs); cos, sin: (T, hs), or (B, 1, T, hs) for per-row positions."""
     half = x.size(-1) // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -101,15 +122,24 @@ class KVCache:
     """Keys and values of past positions, per layer, so generation feeds one token at a time.
 
     The model is stateless: the cache is created by the caller and passed into ``forward``.
+    It is allocated once (grouped-query models store only their KV heads) and written in place.
+    Rows of different lengths share it left-padded: ``pad[b]`` columns at the start of row b are
+    padding, so its positions are its columns minus ``pad[b]`` and attention skips those columns.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 pad: torch.Tensor | None = None) -> None:
         self.max_len = max_len or config.context_length
         shape = (batch_size, config.kv_heads, self.max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = 0  # number of positions already stored
+        self.pos = 0  # number of columns already stored
+        self.pad = pad  # (B,) left-padding per row, or None when no row is padded
+
+    def reset(self, pad: torch.Tensor | None = None) -> None:
+        """Empty the cache (keeping its memory) for a new prefill."""
+        self.pos, self.pad = 0, pad
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's k, v for ``layer``; return all keys and values so far."""
@@ -141,7 +171,7 @@ class MultiHeadAttention(nn.Module):
         self.fast = True  # False runs attention_reference: same numbers, slower
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.c_attn(x).split([self.n_head * self.hs, self.n_kv * self.hs, self.n_kv * self.hs], dim=-1)
         q = q.view(b, t, self.n_head, self.hs).transpose(1, 2)                # (B, nh, T, hs)
@@ -153,6 +183,6 @@ class MultiHeadAttention(nn.Module):
             k, v = kv_cache.update(self.layer, k.to(kv_cache.k[0].dtype), v.to(kv_cache.v[0].dtype))
             k, v = k.to(q.dtype), v.to(q.dtype)
         attend = attention if self.fast else attention_reference
-        y = attend(q, k, v, dropout_p=self.dropout, training=self.training)  # (B, nh, T, hs)
+        y = attend(q, k, v, dropout_p=self.dropout, training=self.training, mask=mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(b, t, self.n_head * self.hs)
         return self.resid_drop(self.c_proj(y))

@@ -174,7 +174,8 @@ def _parser():  # built once per process: building it parses every config docstr
 
     p = sub_parser("Generate text from a model.")
     p.add_argument("run", type=str, help=MODEL_HELP)
-    p.add_argument("--prompt", type=str, default="", help="text to continue")
+    p.add_argument("--prompt", type=str | None, default=None, help="text to continue (default: standard input "
+                   "when it is a pipe or a file, else an empty prompt: a new document)")
     p.add_argument("--chat", type=bool, default=False, help="wrap the prompt in the model's chat template")
     p.add_class_arguments(SampleConfig, "sample")
     # Like most sampling tools, a fresh seed each time; --sample.seed N reproduces a sample.
@@ -466,30 +467,41 @@ def _tokenizer(a) -> None:
 
 
 def _generate(a) -> None:
-    import torch
-
-    from .generate import stream
+    from .generate import stream_text
     from .models import load_language_model
     from .precision import default_device
 
     model, tok = load_language_model(a.run, default_device())
     cfg = _config(SampleConfig, a.sample)
-    prompt = _chat_prompt(tok, a.prompt, a.run) if a.chat else a.prompt
-    ids = tok.encode(prompt, allowed_special="all") if prompt else [tok.eot_id or 0]
-    sys.stdout.write(a.prompt if not a.chat else "")
-    out: list[int] = []
-    shown = ""
-    for nxt in stream(model, torch.tensor([ids]), cfg, tok.eos_id):
-        t = int(nxt[0])
-        if t == tok.eos_id:
-            break
-        out.append(t)
-        text = tok.decode(out)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-    sys.stdout.write(tok.decode(out)[len(shown):] + "\n")
+    prompt = a.prompt if a.prompt is not None else _stdin_prompt()
+    text = _chat_prompt(tok, prompt, a.run) if a.chat else prompt
+    sys.stdout.write(prompt if not a.chat else "")
+    for delta in stream_text(model, tok, text, cfg):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _stdin_prompt() -> str:
+    """The prompt from standard input (`echo "Once upon" | lmforge generate gpt2`); with none (a
+    terminal, or no standard input at all) the empty prompt, which starts a new document."""
+    import io
+
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        return ""
+    if os.isatty(fd):
+        return ""
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        return raw.decode("utf-8").rstrip("\n")
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"the prompt on standard input is not UTF-8 text (byte {e.start}); "
+                           "convert it to UTF-8") from None
 
 
 def _chat_prompt(tok, prompt: str, source: str) -> str:

@@ -283,10 +283,16 @@ class SampleConfig:
     """Seed of the sampler; None draws a fresh one (what `lmforge generate` does unless given a seed)."""
     stop_at_eos: bool = True
     """Stop a sequence when it produces the end-of-text token."""
+    repetition_penalty: float = 1.0
+    """CTRL's penalty on tokens already in the prompt or the output (1 = none, 1.1-1.3 typical)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the generation (not included in the text)."""
 
     def __post_init__(self) -> None:
         p: list[str] = []
+        object.__setattr__(self, "stop", tuple(self.stop))  # a list from the command line or JSON
         _check(p, self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        _check(p, self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         _check(p, self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         _check(p, self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or None, got {self.top_k}")
         _check(p, self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1] or None, got {self.top_p}")

@@ -1,13 +1,20 @@
-"""Text generation: a pure sampling function and a decoding loop with a KV cache.
+"""Text generation: a pure sampling function, a batched decoding loop with a KV cache, and text
+streaming.
 
-The engine knows nothing about tokenization: it maps token ids to token ids. The
-prompt is run once (prefill), then one token at a time reuses the cached keys and values.
+The engine (``Decoder``) knows nothing about tokenization: it maps token ids to token ids. The
+prompts run once (prefill), then one token per row per step reuses the cached keys and values.
+Prompts of different lengths share one batch left-padded: each row keeps its own positions and
+attention skips its padding, so a row gets the ids it would get alone. ``TextStream`` turns one
+row's ids into text deltas (never half a UTF-8 character, never the start of a stop string);
+``stream_text`` and ``generate_text`` put the two together for one prompt.
 """
 
 from __future__ import annotations
 
+import codecs
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,10 +27,29 @@ def fresh_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1  # torch seeds are < 2**63
 
 
+def seeded_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator of its own for one generation: a fresh seed from the OS when ``seed`` is None,
+    never torch.seed(), which would reseed the global generator that training draws from."""
+    return torch.Generator(device=device).manual_seed(seed if seed is not None else fresh_seed())
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty: a token already seen (``seen`` (B, V) bool) has its positive logit
+    divided by ``penalty`` and its negative logit multiplied by it (both make it less likely)."""
+    if penalty == 1.0:
+        return logits
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V). temperature 0 is greedy."""
+                top_p: float | None = None, generator: torch.Generator | None = None,
+                repetition_penalty: float = 1.0, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V). temperature 0 is greedy.
+
+    A pure function of its arguments: the only randomness is ``generator``'s."""
     logits = logits.float()
+    if seen is not None:
+        logits = penalize_repeats(logits, seen, repetition_penalty)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -40,54 +66,234 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def stream(model: torch.nn.Module, idx: torch.Tensor, config: SampleConfig = SampleConfig(),
-           eos_id: int | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield the next token ids (B,) one step at a time. Rows that produced ``eos_id`` keep
-    yielding it; the loop ends when every row has, or after ``max_new_tokens``."""
-    model.eval()
-    device = next(model.parameters()).device
-    ctx = model.config.context_length
-    gen = torch.Generator(device=device)
-    # A fresh seed from the OS, not torch.seed(): that would reseed the global generator as a side
-    # effect and change what training (dropout, initialisation) draws next.
-    gen.manual_seed(config.seed if config.seed is not None else fresh_seed())
-    idx = idx.to(device)[:, -ctx:]  # a prompt longer than the context keeps its end
-    done = torch.zeros(idx.size(0), dtype=torch.bool, device=device)
-    cache = KVCache(model.config, idx.size(0), device=device) if use_cache else None
-    logits = model(idx, cache)[:, -1]
-    for _ in range(config.max_new_tokens):
-        nxt = sample_next(logits, config.temperature, config.top_k, config.top_p, gen)
-        if eos_id is not None and config.stop_at_eos:
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-            done |= nxt == eos_id
-        yield nxt
-        if bool(done.all()):
+@dataclass
+class Token:
+    """One generated token of one row: its id, its log-probability under the model (before
+    temperature and filtering) when asked for, the ``top`` most likely alternatives, and whether
+    it is a stop id (which ends the row and is not part of the text)."""
+
+    id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+    stop: bool = False
+
+
+class Decoder:
+    """Generates for a batch of prompts, one step per iteration: each step yields, per row, the
+    new ``Token`` or None for a row that has finished (``finish_reason[row]``: "stop" after a stop
+    id, "length" after its ``max_new_tokens``, or what ``finish`` was told).
+
+    ``config`` is one SampleConfig for every row or one per row; ``generator`` likewise (rows
+    with their own generators sample exactly as they would alone; by default one generator
+    seeded from the first config serves the whole batch). A prompt longer than the context keeps
+    its end. When the cache is full the window slides: the oldest quarter of the context is
+    dropped and the rest is run once more into the cache, so past the context a token costs one
+    cached step, plus one prefill every context/4 tokens (not a full forward per token).
+    """
+
+    def __init__(self, model: torch.nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
+                 config: SampleConfig | Sequence[SampleConfig] = SampleConfig(), stop_ids: Iterable[int] = (),
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None, use_cache: bool = True,
+                 logprobs: int | None = None) -> None:
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.ctx = model.config.context_length
+        rows = [[int(t) for t in p][-self.ctx:] for p in (prompts.tolist() if torch.is_tensor(prompts) else prompts)]
+        if any(not r for r in rows):
+            raise ValueError("every prompt needs at least one token (start an empty one with the end-of-text id)")
+        self.n = len(rows)
+        self.configs = [config] * self.n if isinstance(config, SampleConfig) else list(config)
+        if len(self.configs) != self.n:
+            raise ValueError(f"{len(self.configs)} sample configs for {self.n} prompts")
+        if generator is None:
+            generator = seeded_generator(self.configs[0].seed if self.n else None, self.device)
+        self.generators = generator if isinstance(generator, Sequence) else None
+        self.generator = None if self.generators is not None else generator
+        self.stop_ids = set(stop_ids)
+        self.use_cache, self.logprobs = use_cache, logprobs
+        self.finish_reason: list[str | None] = [None] * self.n
+        self.n_new = [0] * self.n
+        width = max((len(r) for r in rows), default=0)
+        pad = [width - len(r) for r in rows]
+        self.tokens = torch.tensor([[0] * p + r for p, r in zip(pad, rows)], dtype=torch.long, device=self.device)
+        self.pad = torch.tensor(pad, device=self.device) if any(pad) else None
+        self.seen = None  # (B, V) tokens each row has seen, for the repetition penalty
+        if any(c.repetition_penalty != 1.0 for c in self.configs):
+            self.seen = torch.zeros(self.n, model.config.vocab_size, dtype=torch.bool, device=self.device)
+            for i, r in enumerate(rows):
+                self.seen[i, r] = True
+        longest = width + max((c.max_new_tokens for c in self.configs), default=0)
+        self.cache = None
+        if use_cache and self.n:
+            dtype = next(model.parameters()).dtype
+            self.cache = KVCache(model.config, self.n, min(self.ctx, longest), self.device,
+                                 dtype if dtype.is_floating_point else torch.float32, self.pad)
+
+    def finish(self, row: int, reason: str = "stop") -> None:
+        """End a row from outside (a stop string was found, a client went away)."""
+        if self.finish_reason[row] is None:
+            self.finish_reason[row] = reason
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self.finish_reason)
+
+    def _forward(self, tokens: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        """Last-position logits (B, V) of ``tokens``, into the cache when there is one."""
+        if self.cache is not None:
+            self.cache.reset(pad)
+            return self.model(tokens, self.cache)[:, -1]
+        return (self.model(tokens) if pad is None else self.model(tokens, pad=pad))[:, -1]
+
+    def _window(self, keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last ``keep`` columns of every row, with each row's padding inside them."""
+        cut = self.tokens.size(1) - keep
+        if cut <= 0:
+            return self.tokens, self.pad
+        pad = None if self.pad is None else (self.pad - cut).clamp(min=0)
+        return self.tokens[:, cut:], pad if pad is not None and bool(pad.any()) else None
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.generators is None and all(c == self.configs[0] for c in self.configs):
+            c = self.configs[0]  # one configuration and one generator: the whole batch at once
+            return sample_next(logits, c.temperature, c.top_k, c.top_p, self.generator, c.repetition_penalty, self.seen)
+        out = torch.zeros(self.n, dtype=torch.long, device=logits.device)
+        for i, c in enumerate(self.configs):
+            if self.finish_reason[i] is None:
+                g = self.generators[i] if self.generators is not None else self.generator
+                out[i] = sample_next(logits[i:i + 1], c.temperature, c.top_k, c.top_p, g, c.repetition_penalty,
+                                     None if self.seen is None else self.seen[i:i + 1])[0]
+        return out
+
+    def _tokens(self, logits: torch.Tensor, nxt: torch.Tensor) -> list[Token | None]:
+        ids = nxt.tolist()
+        chosen = top = None
+        if self.logprobs is not None:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            chosen = logp.gather(1, nxt[:, None])[:, 0].tolist()
+            if self.logprobs > 0:
+                top = torch.topk(logp, min(self.logprobs, logp.size(-1)), dim=-1)
+        step: list[Token | None] = []
+        for i, t in enumerate(ids):
+            if self.finish_reason[i] is not None:
+                step.append(None)
+                continue
+            tok = Token(t, None if chosen is None else chosen[i],
+                        [] if top is None else list(zip(top.indices[i].tolist(), top.values[i].tolist())))
+            self.n_new[i] += 1
+            if t in self.stop_ids and self.configs[i].stop_at_eos:
+                tok.stop = True
+                self.finish_reason[i] = "stop"
+            elif self.n_new[i] >= self.configs[i].max_new_tokens:
+                self.finish_reason[i] = "length"
+            step.append(tok)
+        return step
+
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[list[Token | None]]:
+        for i, c in enumerate(self.configs):
+            if c.max_new_tokens == 0:
+                self.finish_reason[i] = "length"
+        if self.done:
             return
-        idx = torch.cat([idx, nxt[:, None]], dim=1)
-        if cache is not None and cache.pos < ctx:
-            logits = model(nxt[:, None], cache)[:, -1]
-        else:  # context full: slide the window and recompute (positions are absolute)
-            idx = idx[:, -ctx:]
-            cache = None
-            logits = model(idx)[:, -1]
+        logits = self._forward(*self._window(self.ctx))
+        while True:
+            nxt = self._sample(logits)
+            step = self._tokens(logits, nxt)
+            yield step
+            if self.done:
+                return
+            self.tokens = torch.cat([self.tokens, nxt[:, None]], dim=1)
+            if self.seen is not None:
+                self.seen.scatter_(1, nxt[:, None], True)
+            if self.cache is None:
+                logits = self._forward(*self._window(self.ctx))
+            elif self.cache.pos < self.cache.max_len:
+                logits = self.model(nxt[:, None], self.cache)[:, -1]
+            else:  # the context is full: drop its oldest quarter and run the rest into the cache again
+                logits = self._forward(*self._window(self.cache.max_len - max(1, self.cache.max_len // 4)))
 
 
 def generate(model: torch.nn.Module, idx: torch.Tensor, config: SampleConfig = SampleConfig(),
              eos_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
-    """Prompt ids (B, T) -> generated ids (B, n) (the prompt not included)."""
-    steps = list(stream(model, idx, config, eos_id, use_cache))
+    """Prompt ids (B, T) -> generated ids (B, n) (the prompt not included). A row that produced
+    ``eos_id`` holds it until the longest row ends."""
+    decoder = Decoder(model, idx, config, () if eos_id is None else (eos_id,), use_cache=use_cache)
+    steps = [[eos_id if t is None else t.id for t in step] for step in decoder]
     if not steps:
         return torch.zeros(idx.size(0), 0, dtype=torch.long)
-    return torch.stack(steps, dim=1).cpu()
+    return torch.tensor(steps, dtype=torch.long).T.contiguous()
+
+
+class TextStream:
+    """One row's token ids in, text deltas out. Bytes are decoded incrementally, so a multi-byte
+    character split across tokens comes out whole; text that could be the start of a stop string
+    is held back until it is known not to be one, and a stop string ends the stream (``stopped``)
+    with nothing of it emitted."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""
+        self.text = ""  # everything emitted so far
+        self.stopped = False
+
+    def _emit(self, final: bool) -> str:
+        hits = [i for i in (self._held.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self._held, self.stopped = self._held[:min(hits)], "", True
+        elif final:
+            out, self._held = self._held, ""
+        else:  # hold back the longest tail that a stop string starts with
+            keep = max((k for s in self.stop for k in range(min(len(s) - 1, len(self._held)), 0, -1)
+                        if self._held.endswith(s[:k])), default=0)
+            out, self._held = self._held[:len(self._held) - keep], self._held[len(self._held) - keep:]
+        self.text += out
+        return out
+
+    def push(self, token_id: int) -> str:
+        """The text this token completes ('' while a character or a possible stop string is pending)."""
+        if self.stopped:
+            return ""
+        self._held += self._utf8.decode(self.tokenizer.decode_bytes([token_id]))
+        return self._emit(final=False)
+
+    def close(self) -> str:
+        """What is still held back, at the end of the generation."""
+        if self.stopped:
+            return ""
+        self._held += self._utf8.decode(b"", final=True)
+        return self._emit(final=True)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A prompt's ids (special tokens allowed); an empty prompt starts a new document."""
+    ids = tokenizer.encode(prompt, allowed_special="all") if prompt else []
+    return ids or [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
+
+
+def stream_text(model: torch.nn.Module, tokenizer, prompt: str | Sequence[int],
+                config: SampleConfig = SampleConfig()) -> Iterator[str]:
+    """Text deltas of one generation, as they are decided. It ends at the tokenizer's end id, a
+    stop string of ``config.stop`` (not included) or after ``config.max_new_tokens``."""
+    ids = prompt_ids(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+    ends = {i for i in (tokenizer.eos_id, tokenizer.eot_id) if i is not None}
+    text = TextStream(tokenizer, config.stop)
+    for step in Decoder(model, [ids], config, ends):
+        tok = step[0]
+        if tok is None or tok.stop:
+            break
+        delta = text.push(tok.id)
+        if delta:
+            yield delta
+        if text.stopped:
+            return
+    tail = text.close()
+    if tail:
+        yield tail
 
 
 def generate_text(model: torch.nn.Module, tokenizer, prompt: str, config: SampleConfig = SampleConfig()) -> str:
-    """Prompt text -> continuation text (stops at <|endoftext|>, which is not included)."""
-    ids = tokenizer.encode(prompt, allowed_special="all") if prompt else []
-    if not ids:
-        ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]  # an empty prompt starts a new document
-    out = generate(model, torch.tensor([ids]), config, tokenizer.eot_id)[0].tolist()
-    if tokenizer.eot_id in out:
-        out = out[:out.index(tokenizer.eot_id)]
-    return tokenizer.decode(out)
+    """Prompt text -> continuation text (stops at the end token, which is not included)."""
+    return "".join(stream_text(model, tokenizer, prompt, config))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import KVCache, MultiHeadAttention, RotaryEmbedding
+from .attention import KVCache, MultiHeadAttention, RotaryEmbedding, padded_mask
 from .config import ModelConfig
 from .fused_ce import IGNORE_INDEX, cross_entropy_reference, linear_cross_entropy
 
@@ -82,8 +82,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, rope)
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, rope, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -141,33 +141,46 @@ class GPT(nn.Module):
         Any module added later (a classification head, LoRA layers) is initialised by what it is."""
         init_module_weights(self, self.config.n_layer, seed)
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, d_model): everything but the output layer."""
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
+                      pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d_model): everything but the output layer. ``pad`` (B,)
+        counts the padding columns at the start of each row of a left-padded batch (a cache
+        carries its own)."""
         b, t = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + t > self.config.context_length:
             raise ValueError(f"sequence of {start + t} tokens is longer than the model's context length "
                              f"({self.config.context_length}); crop the input")
+        if pad is None and kv_cache is not None:
+            pad = kv_cache.pad
         x = self.wte(idx)                                                 # (B, T, d)
-        rope = None
-        if self.config.positions == "learned":
-            x = x + self.wpe(torch.arange(start, start + t, device=idx.device))
-        else:
-            rope = self.rotary(start, t, idx.device)
+        rope = mask = None
+        if pad is None:  # every row starts at column 0: positions are the columns
+            if self.config.positions == "learned":
+                x = x + self.wpe(torch.arange(start, start + t, device=idx.device))
+            else:
+                rope = self.rotary(start, t, idx.device)
+        else:  # left-padded rows: each row's positions start at its first real token
+            positions = (torch.arange(start, start + t, device=idx.device)[None] - pad[:, None]).clamp(min=0)
+            if self.config.positions == "learned":
+                x = x + self.wpe(positions)
+            else:
+                rope = self.rotary.at(positions)
+            mask = padded_mask(pad, start, t)
         x = self.drop(x)
         for block in self.h:
-            x = block(x, kv_cache, rope)
+            x = block(x, kv_cache, rope, mask)
         if kv_cache is not None:
             kv_cache.advance(t)
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None, targets: torch.Tensor | None = None,
-                fused: bool = True) -> torch.Tensor:
+                fused: bool = True, pad: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size); with ``targets`` (B, T), the mean
         cross-entropy instead (positions marked IGNORE_INDEX left out). The loss path never builds
         the whole logits tensor: the output layer and the loss run fused, chunk by chunk
-        (``fused=False`` computes the plain reference)."""
-        hidden = self.hidden_states(idx, kv_cache)
+        (``fused=False`` computes the plain reference). ``pad``: see ``hidden_states``."""
+        hidden = self.hidden_states(idx, kv_cache, pad)
         if targets is None:
             return self.lm_head(hidden)
         head_dropout = getattr(self.lm_head, "lora_dropout", None)

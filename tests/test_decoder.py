@@ -7,7 +7,13 @@ import torch
 
 from lmforge.attention import KVCache
 from lmforge.config import ModelConfig, SampleConfig
-from lmforge.generate import Decoder, TextStream, generate, penalize_repeats, stream_text
+from lmforge.generate import (
+    Decoder,
+    TextStream,
+    generate,
+    penalize_repeats,
+    stream_text,
+)
 from lmforge.model import GPT
 
 LLAMA = dict(n_kv_head=2, norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)

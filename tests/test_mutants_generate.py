@@ -7,9 +7,8 @@ cost nothing when they would filter nothing (a full sort of the vocabulary per t
 import pytest
 import torch
 
-import lmforge.generate as gen_mod
 from lmforge.config import ModelConfig
-from lmforge.generate import fresh_seed, generate_text, sample_next
+from lmforge.generate import fresh_seed, sample_next
 from lmforge.model import GPT
 
 

@@ -26,8 +26,8 @@ from .config import (
     TrainConfig,
 )
 
-COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "finetune", "classify", "merge-lora", "generate", "eval", "export",
-            "download")
+COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "finetune", "classify", "merge-lora", "generate", "chat", "eval",
+            "export", "download")
 OVERWRITE_HELP = "write even where --out holds something that is not this command's own output"
 MODEL_HELP = "a run directory, a Hugging Face folder, a .gguf file or a known model name (see `lmforge download`)"
 
@@ -182,6 +182,16 @@ def _parser():  # built once per process: building it parses every config docstr
     p.set_defaults({"sample.seed": None})
     cmds.add_subcommand("generate", p, help="sample text from a model")
 
+    p = sub_parser("Chat with a model in the terminal: streamed answers, the conversation kept within the context "
+                   "(oldest turns dropped with a notice), /reset, /system TEXT, /exit, Ctrl-C stops an answer.")
+    p.add_argument("run", type=str, help=MODEL_HELP)
+    p.add_argument("--template", type=str | None, default=None, help="chat, alpaca or phi3 (default: the template "
+                   "the model was tuned on, else its own chat template, else alpaca)")
+    p.add_argument("--system", type=str | None, default=None, help="a system message")
+    p.add_class_arguments(SampleConfig, "sample")
+    p.set_defaults({"sample.seed": None, "sample.max_new_tokens": 256, "sample.temperature": 0.7})
+    cmds.add_subcommand("chat", p, help="chat with a model in the terminal")
+
     p = sub_parser("Loss and perplexity of a model on a prepared shard set, or bits per byte on text files. "
                    "See also `lmforge eval prompt` (zero-/few-shot classification) and `lmforge eval judge` "
                    "(score instruction responses with a judge model).")
@@ -321,6 +331,15 @@ def _run(argv: list[str]) -> int:
         print(f"wrote {merge_run(a.run, a.out)}")
     elif cmd == "generate":
         _generate(a)
+    elif cmd == "chat":
+        from .chat import Assistant, run_terminal
+        from .precision import default_device
+
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        run_terminal(Assistant.load(a.run, default_device(), a.template), _config(SampleConfig, a.sample), a.system)
     elif cmd == "eval":
         if a.text:
             res = pipeline.evaluate_text(a.run, a.text, a.dtype)

@@ -275,8 +275,11 @@ def classify_texts(run: str | Path, texts: list[str], device: str = "cpu") -> li
     if cfg.get("task") != "classify" or not cfg.get("head"):
         raise LmforgeError(f"{run} is not a classification run (its task is {cfg.get('task', 'pretrain')!r}); "
                            "give a run of `lmforge finetune classify`")
-    tok = load_tokenizer(run)
-    labels = cfg["head"]["labels"]
+    return label_texts(model, load_tokenizer(run), cfg["head"]["labels"], texts)
+
+
+def label_texts(model: GPT, tok, labels: list[str], texts: list[str]) -> list[tuple[str, float, dict]]:
+    """(label, its probability, every label's probability) for each text, by a loaded classifier."""
     ctx = model.config.context_length
     ids = []
     for t in texts:

@@ -1,0 +1,269 @@
+"""Conversations: the model behind `lmforge chat` and `lmforge serve`, and one way to turn a list
+of messages into a prompt.
+
+A conversation is OpenAI's list of ``{"role": "system" | "user" | "assistant", "content": str}``.
+``render`` writes it in the template the model knows: its own chat template (ChatML for SmolLM2),
+or the book's Alpaca template (or Phi-3's) for a model instruction-tuned on it; the single-turn
+case is exactly ``tasks.format_prompt``, what fine-tuning trained on, so the two cannot drift.
+A classification run is an ``Assistant`` too: it answers with its label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import tasks
+from .config import LmforgeError
+from .model import GPT
+
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages: object) -> list[dict[str, str]]:
+    """The messages as a clean list, or an error that names the bad one."""
+    if not isinstance(messages, list) or not messages:
+        raise LmforgeError("messages must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise LmforgeError(f"message {i} must be an object with a role ({', '.join(ROLES)}) and a text content")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user":
+        raise LmforgeError("the last message must be the user's (the model answers it)")
+    return out
+
+
+def render(messages: Sequence[dict[str, str]], template: str, tokenizer=None) -> str:
+    """The prompt text for ``messages`` under ``template``; the assistant's answer follows it."""
+    if template == "chat":
+        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+    tasks.check_template(template)
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    parts = []
+    for m in turns:
+        if m["role"] == "user":
+            parts.append(tasks.format_prompt(m["content"], "", template).removeprefix(_header(template)))
+        else:  # the next user turn starts with its own separator ("\n\n### Instruction:" in Alpaca)
+            parts.append(m["content"] + ("\n" if template == "phi3" else ""))
+    body = "".join(parts)
+    if template == "alpaca":  # a system message takes the place of the Alpaca preamble
+        return ("\n\n".join(system) if system else tasks.ALPACA_HEADER) + body
+    return "".join(f"<|system|>\n{s}\n" for s in system) + body
+
+
+def _header(template: str) -> str:
+    """What format_prompt puts before the first instruction (the Alpaca preamble)."""
+    return tasks.ALPACA_HEADER if template == "alpaca" else ""
+
+
+def stop_strings(template: str) -> tuple[str, ...]:
+    """Text that starts the user's next turn: the model must stop before writing it."""
+    return {"alpaca": ("### Instruction:",), "phi3": ("<|user|>", "<|end|>")}.get(template, ())
+
+
+@dataclass
+class Assistant:
+    """A loaded model ready to answer: a language model with its template, or a classifier with
+    its labels (``template == "classify"``)."""
+
+    name: str
+    model: GPT
+    tokenizer: object
+    template: str
+    labels: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, spec: str, device: str | torch.device = "cpu", template: str | None = None) -> "Assistant":
+        from .checkpoint import is_run_dir, read_run_config
+        from .lora import merge_lora
+        from .models import load_any
+
+        model, tok = load_any(spec, device)
+        cfg = read_run_config(spec) if Path(spec).is_dir() and is_run_dir(Path(spec)) else {}
+        name = Path(spec).name if Path(spec).exists() else spec
+        if model.lm_head.out_features != model.config.vocab_size:
+            labels = (cfg.get("head") or {}).get("labels") or [str(i) for i in range(model.lm_head.out_features)]
+            return cls(name, model.eval(), tok, "classify", list(labels))
+        merge_lora(model)
+        if template is None:  # the template it was tuned on, else its own chat template, else the book's
+            template = cfg.get("template") or ("chat" if getattr(tok, "chat_template", None) else "alpaca")
+        if template == "chat" and not getattr(tok, "chat_template", None):
+            raise LmforgeError(f"{spec} has no chat template; use --template alpaca or phi3")
+        tasks.check_template(template)
+        return cls(name, model.eval(), tok, template)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.context_length
+
+    @property
+    def stop_ids(self) -> set[int]:
+        return {i for i in (self.tokenizer.eos_id, self.tokenizer.eot_id) if i is not None}
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return stop_strings(self.template)
+
+    def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        return self.tokenizer.encode(render(messages, self.template, self.tokenizer), allowed_special="all")
+
+    def fit(self, messages: list[dict[str, str]], reserve: int) -> tuple[list[dict[str, str]], int]:
+        """The newest messages whose prompt leaves ``reserve`` tokens for the answer: the oldest
+        turns (never the system message or the last question) are dropped; returns how many."""
+        kept, dropped = list(messages), 0
+        while len(self.prompt_ids(kept)) + reserve > self.context_length:
+            turns = [i for i, m in enumerate(kept[:-1]) if m["role"] != "system"]
+            if not turns:
+                break  # only the question is left: the caller reports it as too long
+            del kept[turns[0]]  # a question goes with its answer
+            dropped += 1
+            if turns[0] < len(kept) - 1 and kept[turns[0]]["role"] == "assistant":
+                del kept[turns[0]]
+                dropped += 1
+        return kept, dropped
+
+    def classify(self, text: str) -> tuple[str, float, dict[str, float]]:
+        """A classification run's label for ``text``, its probability and every label's."""
+        from .finetune import label_texts
+
+        return label_texts(self.model, self.tokenizer, self.labels, [text])[0]
+
+
+# ---------------------------------------------------------------- the terminal chat
+
+HELP = ("/reset clears the conversation, /system TEXT sets the system message, /exit leaves (or Ctrl-D); "
+        "end a line with \\ to continue it, or write a block between two lines of \"\"\"; Ctrl-C stops an answer")
+
+
+class Conversation:
+    """The messages so far, kept within the context window, and the next answer streamed."""
+
+    def __init__(self, assistant: Assistant, config, system: str | None = None) -> None:
+        self.assistant, self.config = assistant, config
+        self.system = system
+        self.messages: list[dict[str, str]] = []
+
+    def reset(self) -> None:
+        self.messages = []
+
+    def _with_system(self) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def reply(self, text: str, notice=print):
+        """Stream the answer to ``text`` as text deltas; the answer (or what was written of it
+        before a Ctrl-C) joins the conversation. Oldest turns that no longer fit are dropped
+        with a notice; a question too long on its own is an error."""
+        from .generate import Decoder, TextStream
+
+        a = self.assistant
+        if a.template == "classify":
+            label, prob, _ = a.classify(text)
+            yield f"{label} ({prob:.1%})"
+            return
+        question = {"role": "user", "content": text}
+        alone = len(a.prompt_ids(([{"role": "system", "content": self.system}] if self.system else []) + [question]))
+        if alone >= a.context_length:  # refused before the conversation is touched
+            raise LmforgeError(f"that message is {alone} tokens with its template; the model's context is "
+                               f"{a.context_length}: write a shorter one")
+        self.messages.append(question)
+        reserve = min(self.config.max_new_tokens, a.context_length // 4)  # room kept for the answer
+        kept, dropped = a.fit(self._with_system(), reserve)
+        if dropped:
+            self.messages = [m for m in kept if m["role"] != "system"]
+            notice(f"[the oldest {dropped} message{'s' if dropped > 1 else ''} no longer fit in the context and "
+                   "were dropped]")
+        ids = a.prompt_ids(kept)
+        stream = TextStream(a.tokenizer, tuple(self.config.stop) + a.stop)
+        answer = []
+        try:
+            for step in Decoder(a.model, [ids], self.config, a.stop_ids):
+                tok = step[0]
+                if tok is None or tok.stop:
+                    break
+                delta = stream.push(tok.id)
+                if delta:
+                    answer.append(delta)
+                    yield delta
+                if stream.stopped:
+                    break
+            else:
+                tail = stream.close()
+                if tail:
+                    answer.append(tail)
+                    yield tail
+        finally:  # also on Ctrl-C: what was written stays in the conversation
+            self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
+
+
+def read_message(read_line, prompt: str = ">>> ", more: str = "... ") -> str:
+    """One message from the user: a line; a line ending in a backslash continues on the next;
+    a line of three double quotes starts a block that the next such line ends."""
+    first = read_line(prompt)
+    if first.strip() == '"""':
+        lines = []
+        while (line := read_line(more)).strip() != '"""':
+            lines.append(line)
+        return "\n".join(lines)
+    lines = [first]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(read_line(more))
+    return "\n".join(lines)
+
+
+def run_terminal(assistant: Assistant, config, system: str | None = None, read_line=input, write=None) -> None:
+    """The interactive chat loop: read a message, stream the answer, until /exit or end of input."""
+    import sys
+
+    def out(text: str) -> None:
+        (write or sys.stdout.write)(text)
+        if write is None:
+            sys.stdout.flush()
+
+    conv = Conversation(assistant, config, system)
+    what = "labels texts" if assistant.template == "classify" else f"template {assistant.template}"
+    out(f"chatting with {assistant.name} ({what}, context {assistant.context_length} tokens). {HELP}\n")
+    while True:
+        try:
+            text = read_message(read_line)
+        except EOFError:
+            out("\n")
+            return
+        except KeyboardInterrupt:
+            out("\n(to leave: /exit or Ctrl-D)\n")
+            continue
+        command = text.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
+            conv.reset()
+            out("[conversation cleared]\n")
+            continue
+        if command.startswith("/system"):
+            conv.system = command[len("/system"):].strip() or None
+            conv.reset()
+            out(f"[system message {'set' if conv.system else 'removed'}; conversation cleared]\n")
+            continue
+        if command.startswith("/") and command.split()[0] not in ("/exit", "/quit", "/reset", "/system"):
+            out(f"[unknown command {command.split()[0]}; {HELP}]\n")
+            continue
+        answer = None
+        try:
+            answer = conv.reply(text, notice=lambda m: out(m + "\n"))
+            for delta in answer:
+                out(delta)
+            out("\n")
+        except KeyboardInterrupt:
+            out("\n[stopped]\n")
+        except LmforgeError as e:
+            out(f"[{e}]\n")
+        finally:
+            if answer is not None:
+                answer.close()  # the partial answer joins the conversation now, not whenever it is collected

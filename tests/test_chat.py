@@ -1,0 +1,153 @@
+"""The terminal chat: prompts rendered in the template fine-tuning used, history kept within the
+context, the commands, multi-line input, and the real program driven through a pseudo-terminal."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+from lmforge import tasks
+from lmforge.chat import Assistant, Conversation, check_messages, read_message, render, run_terminal
+from lmforge.checkpoint import save_model
+from lmforge.config import LmforgeError, ModelConfig, SampleConfig, TokenizerConfig
+from lmforge.generate import generate_text
+from lmforge.model import GPT
+from lmforge.tokenizer import Tokenizer
+
+from conftest import TEXT
+
+GREEDY = SampleConfig(max_new_tokens=12, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train([TEXT * 5], TokenizerConfig(vocab_size=300))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp("chat-run")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=128, d_model=32, n_layer=2, n_head=2))
+    save_model(root, model, 0, {"task": "pretrain"})
+    tok.save(root / "tokenizer.json")
+    return root
+
+
+def test_one_turn_renders_exactly_what_fine_tuning_trained_on(tok):
+    for template in ("alpaca", "phi3"):
+        assert render([{"role": "user", "content": "Name a colour."}], template) == \
+            tasks.format_prompt("Name a colour.", "", template)
+
+
+def test_turns_and_the_system_message_in_the_alpaca_template():
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    assert render(msgs, "alpaca") == ("Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello."
+                                      "\n\n### Instruction:\nBye\n\n### Response:\n")
+    assert render(msgs, "phi3") == ("<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>:\nHello.\n"
+                                    "<|user|>\nBye\n<|assistant|>:\n")
+
+
+def test_bad_messages_are_named():
+    with pytest.raises(LmforgeError, match="non-empty list"):
+        check_messages([])
+    with pytest.raises(LmforgeError, match="message 1 must be an object with a role"):
+        check_messages([{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}])
+    with pytest.raises(LmforgeError, match="last message must be the user's"):
+        check_messages([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+
+
+def test_the_answer_is_the_greedy_continuation_of_the_rendered_conversation(run, tok):
+    a = Assistant.load(str(run))
+    assert a.template == "alpaca"  # no chat template and not instruction-tuned: the book's template
+    conv = Conversation(a, GREEDY)
+    answer = "".join(conv.reply("What is a model?"))
+    expected = generate_text(a.model, tok, render([{"role": "user", "content": "What is a model?"}], "alpaca"),
+                             SampleConfig(max_new_tokens=12, temperature=0, stop=a.stop))
+    assert answer == expected
+    assert conv.messages == [{"role": "user", "content": "What is a model?"},
+                             {"role": "assistant", "content": expected.strip()}]
+
+
+def test_old_turns_are_dropped_with_a_notice_and_a_too_long_question_is_refused(run):
+    a = Assistant.load(str(run))
+    conv = Conversation(a, SampleConfig(max_new_tokens=8, temperature=0), system="Short answers.")
+    notices = []
+    for i in range(6):
+        "".join(conv.reply(f"question {i} " + "word " * 12, notice=notices.append))
+    assert notices and "no longer fit in the context" in notices[0]
+    assert len(a.prompt_ids([{"role": "system", "content": "Short answers."}, *conv.messages])) <= 128
+    assert conv.messages[-2]["content"].startswith("question 5")  # the newest turns are kept
+    with pytest.raises(LmforgeError, match="write a shorter one"):
+        "".join(conv.reply("word " * 200))
+    assert conv.messages[-1]["role"] == "assistant"  # the refused question did not join the conversation
+
+
+def test_multi_line_input():
+    lines = iter(["first \\", "second", '"""', "a", "", "b", '"""'])
+    read = lambda prompt: next(lines)  # noqa: E731
+    assert read_message(read) == "first \nsecond"
+    assert read_message(read) == "a\n\nb"
+
+
+def test_the_loop_streams_answers_and_obeys_its_commands(run):
+    a = Assistant.load(str(run))
+    inputs = iter(["hello", "/reset", "/system Be kind.", "/nope", "again", "/exit", "never read"])
+    written = []
+    run_terminal(a, GREEDY, read_line=lambda p: next(inputs), write=written.append)
+    out = "".join(written)
+    assert "[conversation cleared]" in out and "[system message set; conversation cleared]" in out
+    assert "[unknown command /nope" in out
+    first = "".join(Conversation(a, GREEDY).reply("hello"))
+    assert first in out
+    assert next(inputs) == "never read"  # /exit left the loop
+
+
+def test_end_of_input_leaves_the_loop(run):
+    a = Assistant.load(str(run))
+
+    def read(prompt):
+        raise EOFError
+
+    run_terminal(a, GREEDY, read_line=read, write=lambda t: None)  # returns, no error
+
+
+@pytest.mark.slow
+def test_the_chat_command_through_a_pseudo_terminal(run):
+    pexpect = pytest.importorskip("pexpect")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    child = pexpect.spawn(sys.executable, ["-m", "lmforge", "chat", str(run), "--sample.temperature", "0",
+                                           "--sample.max_new_tokens", "12"], env=env, encoding="utf-8", timeout=60)
+    try:
+        child.expect("chatting with")
+        child.expect(">>> ")
+        child.sendline("What is a model?")
+        child.expect(">>> ")
+        a = Assistant.load(str(run))
+        expected = "".join(Conversation(a, GREEDY).reply("What is a model?"))
+        assert expected.strip() in child.before.replace("\r\n", "\n")
+        child.sendline("/reset")
+        child.expect(r"\[conversation cleared\]")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    # Ctrl-C stops an answer that would go on for a million tokens, and the chat goes on.
+    child = pexpect.spawn(sys.executable, ["-m", "lmforge", "chat", str(run), "--sample.max_new_tokens", "1000000",
+                                           "--sample.stop_at_eos", "false"], env=env, encoding="utf-8", timeout=60)
+    try:
+        child.expect(">>> ")
+        child.sendline("tell me everything")
+        child.expect("tell me everything\r\n")  # the terminal's echo of the question
+        child.expect(r"\S", timeout=60)  # the answer has started streaming
+        child.sendintr()
+        child.expect(r"\[stopped\]")
+        child.expect(">>> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0

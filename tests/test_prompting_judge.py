@@ -6,12 +6,11 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
+from conftest import TEXT
 
 from lmforge.config import LmforgeError, ModelConfig, TokenizerConfig
 from lmforge.model import GPT
 from lmforge.tokenizer import Tokenizer
-
-from conftest import TEXT
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +159,29 @@ def test_four_ways_on_one_split(base, tmp_path):
     assert all(w["n"] == 8 and 0 <= w["accuracy"] <= 1 for w in res["ways"].values())
     assert res["ways"]["classifier fine-tuning"]["accuracy"] == 1.0  # two kinds of text, easily told apart
     assert json.loads((tmp_path / "out" / "four_ways.json").read_text()) == res
+
+
+def test_the_default_run_ends_with_a_streamed_chat_answer(base, tmp_path, capsys):
+    """The main job's last words: the instruction-tuned run of the four ways answers a chat
+    message (its greedy answer, as `lmforge chat` would give it) and the serve command is shown."""
+    from lmforge.chat import Assistant, Conversation
+    from lmforge.config import FinetuneConfig, SampleConfig, TrainConfig
+    from lmforge.finetune import finetune_instruct
+    from lmforge.pipeline import CHAT_QUESTION, _ask
+
+    data = tmp_path / "i.json"
+    data.write_text(json.dumps([{"instruction": "Label it.", "input": f"text {i}", "output": "ham"} for i in range(20)]))
+    run = tmp_path / "instruction"
+    finetune_instruct(str(base), data, run, FinetuneConfig(epochs=1), TrainConfig(batch_size=4), respond_test=0,
+                      progress=False)
+    capsys.readouterr()
+    _ask(run, ["ham", "spam"])
+    out = capsys.readouterr().out
+    conv = Conversation(Assistant.load(str(run)), SampleConfig(max_new_tokens=16, temperature=0))
+    question = "Classify the text message as one of: ham, spam. Answer with the label only.\n\n" + CHAT_QUESTION
+    answer = "".join(conv.reply(question))
+    assert f"answer: {answer}\n" in out
+    assert f"lmforge serve {run}" in out and f"lmforge chat {run}" in out
 
 
 @pytest.mark.parametrize("preset", ["gpt-nano", "llama-micro"])

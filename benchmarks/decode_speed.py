@@ -1,0 +1,226 @@
+"""Generation speed: lmforge against Hugging Face transformers and llama.cpp, side by side in one run.
+
+Every contender decodes greedily from the same weights (lmforge's model, exported by lmforge to a
+Hugging Face folder for transformers and to GGUF files for llama.cpp), batch 1, with the same
+thread count, each in its own fresh subprocess. Printed per case: decode tokens/s (after the
+first token), time to first token, the fraction of the memory-bandwidth bound (one decode step
+reads every weight once: bound = copy bandwidth / weight bytes), and lmforge's ratios.
+
+    cases   gpt2-short   gpt2-124m shape, 32-token prompt + 200 new tokens (random weights)
+            gpt2-long    gpt2-124m shape, 1,000-token prompt + 100 new tokens
+            smollm2      SmolLM2-135M (the real weights when cached, else its shape), 7-token prompt + 128
+            batch        lmforge: 8 prompts decoded together vs one alone (aggregate tokens/s)
+
+    pip install -e ".[bench]"              # transformers; llama.cpp: pip install llama-cpp-python (compiles ~15 min)
+    python benchmarks/decode_speed.py                          # every case, every contender installed
+    python benchmarks/decode_speed.py --cases smollm2 --dtypes bfloat16
+A peer that is not installed is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CASES = {"gpt2-short": ("gpt2-124m", 32, 200), "gpt2-long": ("gpt2-124m", 1000, 100),
+         "smollm2": ("smollm2-135m", 7, 128)}
+
+
+def _model(preset: str):
+    """The case's lmforge model and a tokenizer for the exports (speed does not depend on either's
+    values: prompts are random ids): SmolLM2's real weights and tokenizer when cached."""
+    import torch
+
+    from lmforge.config import ModelConfig, TokenizerConfig
+    from lmforge.model import GPT
+    from lmforge.tokenizer import Tokenizer
+
+    if preset == "smollm2-135m":
+        try:
+            from lmforge.models import load_any
+
+            return load_any("smollm2-135m-instruct")
+        except Exception:  # noqa: BLE001  (not cached, no internet: its shape with random weights)
+            pass
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset(preset, context_length=2048 if preset != "gpt2-124m" else 1024)).eval()
+    return model, Tokenizer.train(["a b c d e f g " * 50], TokenizerConfig(vocab_size=260))
+
+
+def prepare(folder: Path, case: str) -> None:
+    """Write the case's weights once for every contender: lmforge run, HF folder, GGUF f32 and f16."""
+    import torch
+
+    from lmforge.checkpoint import save_model
+    from lmforge.convert import export_hf
+    from lmforge.gguf_io import export_gguf
+
+    model, tok = _model(CASES[case][0] if case in CASES else "smollm2-135m")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(folder / "run", model, 0, {"task": "pretrain"})
+    tok.save(folder / "run" / "tokenizer.json")
+    try:
+        export_hf(model, folder / "hf", tok)
+    except Exception as e:  # noqa: BLE001
+        print(f"  ({case}: no Hugging Face folder for transformers: {e})")
+    for t in ("f32", "f16"):
+        try:
+            export_gguf(model, tok, folder / f"model-{t}.gguf", t)
+        except Exception as e:  # noqa: BLE001
+            print(f"  ({case}: no GGUF {t} file for llama.cpp: {e})")
+    torch.save({"vocab": model.config.vocab_size}, folder / "meta.pt")
+
+
+def worker(contender: str, folder: str, case: str, dtype: str, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    preset, prompt_len, new = CASES[case] if case in CASES else ("smollm2-135m", 7, 64)
+    folder = Path(folder)
+    g = torch.Generator().manual_seed(0)
+    vocab = torch.load(folder / "meta.pt")["vocab"]
+    prompt = torch.randint(0, min(vocab, 5000), (prompt_len,), generator=g).tolist()
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if contender == "lmforge":
+        from lmforge.checkpoint import load_model
+        from lmforge.config import SampleConfig
+        from lmforge.generate import Decoder
+
+        model, _ = load_model(folder / "run")
+        model = model.to(dt).eval()
+        rows = 8 if case == "batch" else 1
+
+        def run(n_rows: int) -> tuple[float, float, int]:
+            cfg = SampleConfig(max_new_tokens=new, temperature=0, stop_at_eos=False)
+            t0 = time.perf_counter()
+            first = None
+            n = 0
+            for step in Decoder(model, [prompt] * n_rows, cfg):
+                n += sum(t is not None for t in step)
+                if first is None:
+                    first = time.perf_counter() - t0
+            return first, time.perf_counter() - t0, n
+
+        run(1)  # warm-up
+        if case == "batch":
+            _, t1, n1 = run(1)
+            _, t8, n8 = run(rows)
+            return {"single_tok_s": n1 / t1, "batch_tok_s": n8 / t8}
+        first, total, n = run(1)
+        return {"ttft": first, "tok_s": (n - 1) / (total - first), "bytes": _weight_bytes(model)}
+    if contender == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder / "hf", torch_dtype=dt).eval()
+        ids = torch.tensor([prompt])
+
+        def gen(n: int) -> float:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)
+            return time.perf_counter() - t0
+
+        gen(4)  # warm-up
+        first = gen(1)
+        total = gen(new)
+        return {"ttft": first, "tok_s": (new - 1) / (total - first), "bytes": _weight_bytes(model)}
+    if contender == "llama.cpp":
+        from llama_cpp import Llama
+
+        gguf = folder / ("model-f16.gguf" if dtype == "bfloat16" else "model-f32.gguf")
+        llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=2048, verbose=False)
+        t0 = time.perf_counter()
+        first, n = None, 0
+        for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            n += 1
+            if first is None:
+                first = time.perf_counter() - t0
+            if n == new:
+                break
+        total = time.perf_counter() - t0
+        return {"ttft": first, "tok_s": (n - 1) / (total - first), "bytes": gguf.stat().st_size}
+    raise ValueError(contender)
+
+
+def _weight_bytes(model) -> int:
+    """Bytes one decode step reads: every parameter once (a tied matrix counted once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def copy_bandwidth() -> float:
+    """Measured copy bandwidth, bytes/s (read + write of a 256 MB buffer)."""
+    import torch
+
+    a = torch.empty(64 * 2**20, dtype=torch.float32).fill_(1)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        b.copy_(a)
+    return 2 * a.numel() * 4 * 5 / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="*", default=[*CASES, "batch"])
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+    ap.add_argument("--contenders", nargs="*", default=["lmforge", "transformers", "llama.cpp"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--worker", nargs=4, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", nargs=2, default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.prepare:
+        prepare(Path(a.prepare[0]), a.prepare[1])
+        return
+    if a.worker:
+        print(json.dumps(worker(a.worker[0], a.worker[1], a.worker[2], a.worker[3], a.threads)))
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s, {a.threads} threads")
+    missing = {}
+    for name, module in (("transformers", "transformers"), ("llama.cpp", "llama_cpp")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing[name] = f"{module} is not installed"
+    for c in missing:
+        if c in a.contenders:
+            print(f"skipped {c}: {missing[c]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in a.cases:
+            folder = Path(tmp) / case
+            subprocess.run([sys.executable, __file__, "--prepare", str(folder), case], check=True, env=env)
+            for dtype in a.dtypes:
+                res = {}
+                for c in a.contenders:
+                    if c in missing or (case == "batch" and c != "lmforge"):
+                        continue
+                    proc = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--worker", c,
+                                           str(folder), case, dtype], capture_output=True, text=True, env=env)
+                    if proc.returncode != 0:
+                        print(f"  {case} {dtype} {c}: failed: {proc.stderr.strip().splitlines()[-1:]}")
+                        continue
+                    res[c] = json.loads(proc.stdout.strip().splitlines()[-1])
+                if case == "batch" and "lmforge" in res:
+                    r = res["lmforge"]
+                    print(f"{case:<11} {dtype:<9} 1 stream {r['single_tok_s']:6.1f} tok/s, 8 streams "
+                          f"{r['batch_tok_s']:6.1f} tok/s aggregate: {r['batch_tok_s'] / r['single_tok_s']:.2f}x")
+                    continue
+                for c, r in res.items():
+                    bound = bw / 2 / r["bytes"]  # copy bandwidth counts read + write; a step only reads
+                    ratios = "" if c == "lmforge" or "lmforge" not in res else \
+                        f"   lmforge / {c}: {res['lmforge']['tok_s'] / r['tok_s']:.2f}x"
+                    print(f"{case:<11} {dtype:<9} {c:<12} {r['tok_s']:6.1f} tok/s  first token {r['ttft'] * 1e3:7.0f} ms"
+                          f"  {r['tok_s'] / bound:5.1%} of the bandwidth bound{ratios}")
+
+
+if __name__ == "__main__":
+    main()

@@ -102,7 +102,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # loss.backward() (grad_out 1): hand autograd the saved gradients themselves, no fresh
         # tensors. Autograd never changes a gradient it did not make in place while anything else
         # holds it (a retained graph does), so a second backward still finds them as they were.
-        unit = grad_out.device.type != "meta" and float(grad_out) == 1.0
+        # Only on the CPU: reading a GPU scalar would stall the device (and break a compiled graph).
+        unit = grad_out.device.type == "cpu" and float(grad_out) == 1.0
         gh = gw = None
         if ctx.has[0]:
             g = saved.pop(0)

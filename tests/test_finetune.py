@@ -590,3 +590,67 @@ def test_the_loss_through_forward_counts_a_heads_bias():
     want = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
     for fused in (True, False):
         torch.testing.assert_close(model(x, targets=y, fused=fused), want)
+
+
+def test_rouge_l_known_answers():
+    """Hand-computed: LCS "the cat on the mat" = 5 of 6 words each way -> F = 5/6; word order
+    matters ("police killed the gunman" vs "the gunman killed police": LCS 2 of 4 -> 0.5);
+    case and punctuation do not (rouge-score's tokenisation); nothing in common or an empty text -> 0."""
+    from lmforge.finetune import rouge_l
+
+    assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    assert rouge_l("police killed the gunman", "the gunman killed police") == pytest.approx(0.5)
+    assert rouge_l("The Cat, sat.", "the cat sat") == pytest.approx(1.0)
+    # unequal lengths: LCS 2 ("a c"), precision 2/2, recall 2/4 -> F = 2 * 1 * 0.5 / 1.5
+    assert rouge_l("a c", "a b c d") == pytest.approx(2 / 3)
+    assert rouge_l("x y", "a b") == 0.0 and rouge_l("", "a") == 0.0 and rouge_l("!!", "a") == 0.0
+
+
+def test_a_full_disk_while_fine_tuning_is_one_line_and_the_run_starts_again(base, tmp_path, monkeypatch, capsys):
+    """The disk fills while the run writes: exit 2 with one line that says so, and once there is
+    room the same command runs to the end (nothing half-written is left in the way)."""
+    from lmforge.cli import main
+    from test_bad_inputs import full_disk
+
+    data = _spam_file(tmp_path / "sms.tsv")
+    args = ["finetune", "classify", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "run"),
+            "--text_column", "1", "--label_column", "0", "--finetune.epochs", "1", "--train.dtype", "float32"]
+    with monkeypatch.context() as m:
+        full_disk(m)
+        code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and ("disk is full" in err or "No space left" in err), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert main(args) == 0, capsys.readouterr().err
+    assert "test accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_killed_fine_tuning_run_resumes_to_the_end(base, tmp_path):
+    """SIGKILL in the middle of fine-tuning (after a checkpoint), then --resume: the run finishes
+    and its classifier works; the interrupted run's checkpoint is never left half-written."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = _spam_file(tmp_path / "sms.tsv", n=80)
+    run = tmp_path / "run"
+    args = ["finetune", "classify", "--base", str(base), "--data", str(data), "--out", str(run),
+            "--text_column", "1", "--label_column", "0", "--finetune.trainable", "all", "--finetune.epochs", "40",
+            "--train.lr", "3e-3", "--train.dtype", "float32", "--train.save_interval", "5"]
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoints" / "latest").exists():
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (run / "checkpoints" / "latest").exists(), "no checkpoint before the kill: the test did not kill mid-run"
+    assert not (run / "results.json").exists()  # it really was stopped before the end
+    r = _cli(*args, "--resume", "true")
+    assert r.returncode == 0, r.stderr
+    assert "resum" in r.stdout.lower() and "test accuracy" in r.stdout
+    r = _cli("classify", run, "WIN a FREE prize now call 5555 txt WIN")
+    assert r.returncode == 0 and r.stdout.split("\t")[0] in ("spam", "ham"), r.stderr

@@ -313,8 +313,10 @@ def _language_task(base: str, data: str | Path, out: str | Path, finetune: Finet
 
 
 def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F-measure over whitespace tokens (longest common subsequence), lower-cased."""
-    a, b = candidate.lower().split(), reference.lower().split()
+    """ROUGE-L F-measure (Lin, 2004): the longest common subsequence of the two texts' words, as
+    precision and recall, combined. Words as Google's rouge-score package makes them by default:
+    lower-cased runs of letters and digits (punctuation separates words and is not one)."""
+    a, b = _rouge_words(candidate), _rouge_words(reference)
     if not a or not b:
         return 0.0
     prev = [0] * (len(b) + 1)
@@ -328,6 +330,12 @@ def rouge_l(candidate: str, reference: str) -> float:
         return 0.0
     p, r = lcs / len(a), lcs / len(b)
     return 2 * p * r / (p + r)
+
+
+def _rouge_words(text: str) -> list[str]:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
 
 
 @torch.no_grad()

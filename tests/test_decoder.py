@@ -199,3 +199,32 @@ def test_stream_text_stops_at_a_stop_string_and_at_the_end_token():
     stop = full[1:3]
     cut = "".join(stream_text(model, tok, "hello", SampleConfig(max_new_tokens=30, temperature=0, stop=(stop,))))
     assert cut == full[:full.index(stop)]
+
+
+@pytest.mark.parametrize("llama", [False, True], ids=["gpt2", "llama"])
+def test_static_cache_steps_equal_the_growing_cache(llama):
+    """The static mode a compiled decode step uses (a column tensor, attention over the whole
+    cache, masked) gives the logits of the ordinary cache, padded rows included."""
+    model = _model(llama)
+    pad = torch.tensor([0, 3])  # rows [1..5] and [6, 7], the second left-padded
+    batch = torch.tensor([[1, 2, 3, 4, 5], [0, 0, 0, 6, 7]])
+    with torch.no_grad():
+        a, b = KVCache(model.config, 2, 16, pad=pad), KVCache(model.config, 2, 16, pad=pad)
+        model(batch, a)
+        model(batch, b)
+        b.make_static()
+        for tok in ([8, 9], [10, 11], [12, 13]):
+            x = torch.tensor(tok)[:, None]
+            la = model(x, a)
+            lb = model(x, b)
+            b.advance(1)
+            torch.testing.assert_close(lb, la, atol=1e-5, rtol=1e-5)
+    assert b.pos == a.pos == 8 and int(b.col) == 8
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_eager_ids():
+    model = _model(True, ctx=64)
+    cfg = SampleConfig(max_new_tokens=70, temperature=0, stop_at_eos=False)  # past the context: a slide too
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    assert _ids(Decoder(model, prompts, cfg, compile=True)) == _ids(Decoder(model, prompts, cfg))

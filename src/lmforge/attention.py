@@ -136,13 +136,39 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0  # number of columns already stored
         self.pad = pad  # (B,) left-padding per row, or None when no row is padded
+        # Static mode (for a compiled decode step): the column to write is a tensor and attention
+        # always spans the whole cache, masked, so every step has the same shapes and no Python
+        # number that changes (which a compiled graph would have to be rebuilt for).
+        self.static = False
+        self.col = torch.zeros(1, dtype=torch.long, device=device)
 
     def reset(self, pad: torch.Tensor | None = None) -> None:
         """Empty the cache (keeping its memory) for a new prefill."""
-        self.pos, self.pad = 0, pad
+        self.pos, self.pad, self.static = 0, pad, False
+
+    def make_static(self) -> None:
+        """Switch to static mode after a prefill; ``advance`` then moves ``col`` in place."""
+        self.static = True
+        self.col.fill_(self.pos)
+
+    def static_positions_and_mask(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row positions (B, t) and the attention mask (B, 1, t, max_len) of the next ``t``
+        columns in static mode: each query sees the filled columns up to itself, minus padding."""
+        b = self.k[0].size(0)
+        q = self.col + torch.arange(t, device=self.col.device)                        # (t,) query columns
+        pad = self.pad if self.pad is not None else torch.zeros(b, dtype=torch.long, device=q.device)
+        keys = torch.arange(self.max_len, device=q.device)
+        allowed = (keys <= q[:, None]) & ((keys >= pad[:, None, None]) | (keys == q[:, None]))
+        return (q[None] - pad[:, None]).clamp(min=0), allowed[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this step's k, v for ``layer``; return all keys and values so far."""
+        """Append this step's k, v for ``layer``; return all keys and values so far (in static
+        mode: the whole cache, which the mask limits)."""
+        if self.static:
+            cols = self.col + torch.arange(k.size(2), device=self.col.device)
+            self.k[layer].index_copy_(2, cols, k)
+            self.v[layer].index_copy_(2, cols, v)
+            return self.k[layer], self.v[layer]
         t = k.size(2)
         end = self.pos + t
         if end > self.max_len:
@@ -153,6 +179,8 @@ class KVCache:
 
     def advance(self, t: int) -> None:
         self.pos += t
+        if self.static:
+            self.col.add_(t)
 
 
 class MultiHeadAttention(nn.Module):

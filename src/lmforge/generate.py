@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -89,13 +90,18 @@ class Decoder:
     its end. When the cache is full the window slides: the oldest quarter of the context is
     dropped and the rest is run once more into the cache, so past the context a token costs one
     cached step, plus one prefill every context/4 tokens (not a full forward per token).
+
+    ``compile=True`` runs each decode step through ``torch.compile`` over a static cache (fixed
+    shapes: the cache length is rounded up to a power of two, so a few graphs serve every
+    request); the prefill stays eager. The first generation of a shape pays the compilation.
     """
 
     def __init__(self, model: torch.nn.Module, prompts: torch.Tensor | Sequence[Sequence[int]],
                  config: SampleConfig | Sequence[SampleConfig] = SampleConfig(), stop_ids: Iterable[int] = (),
                  generator: torch.Generator | Sequence[torch.Generator] | None = None, use_cache: bool = True,
-                 logprobs: int | None = None) -> None:
+                 logprobs: int | None = None, compile: bool = False) -> None:
         self.model = model.eval()
+        self.step_model = compiled(model) if compile and use_cache else None
         self.device = next(model.parameters()).device
         self.ctx = model.config.context_length
         rows = [[int(t) for t in p][-self.ctx:] for p in (prompts.tolist() if torch.is_tensor(prompts) else prompts)]
@@ -123,6 +129,8 @@ class Decoder:
             for i, r in enumerate(rows):
                 self.seen[i, r] = True
         longest = width + max((c.max_new_tokens for c in self.configs), default=0)
+        if self.step_model is not None:  # a few static shapes, not one per request
+            longest = 1 << max(6, (longest - 1).bit_length())
         self.cache = None
         if use_cache and self.n:
             dtype = next(model.parameters()).dtype
@@ -142,8 +150,19 @@ class Decoder:
         """Last-position logits (B, V) of ``tokens``, into the cache when there is one."""
         if self.cache is not None:
             self.cache.reset(pad)
-            return self.model(tokens, self.cache)[:, -1]
+            logits = self.model(tokens, self.cache)[:, -1]
+            if self.step_model is not None:
+                self.cache.make_static()
+            return logits
         return (self.model(tokens) if pad is None else self.model(tokens, pad=pad))[:, -1]
+
+    def _step(self, nxt: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) after one more token per row, through the cache."""
+        if self.step_model is None:
+            return self.model(nxt[:, None], self.cache)[:, -1]
+        logits = self.step_model(nxt[:, None], self.cache)[:, -1]
+        self.cache.advance(1)  # outside the compiled graph: the column tensor moves in place
+        return logits
 
     def _window(self, keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The last ``keep`` columns of every row, with each row's padding inside them."""
@@ -209,9 +228,19 @@ class Decoder:
             if self.cache is None:
                 logits = self._forward(*self._window(self.ctx))
             elif self.cache.pos < self.cache.max_len:
-                logits = self.model(nxt[:, None], self.cache)[:, -1]
+                logits = self._step(nxt)
             else:  # the context is full: drop its oldest quarter and run the rest into the cache again
                 logits = self._forward(*self._window(self.cache.max_len - max(1, self.cache.max_len // 4)))
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's forward through torch.compile, made once per model and reused."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, dynamic=False)
+    return _COMPILED[model]
 
 
 def generate(model: torch.nn.Module, idx: torch.Tensor, config: SampleConfig = SampleConfig(),

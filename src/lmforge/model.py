@@ -147,7 +147,8 @@ class GPT(nn.Module):
         counts the padding columns at the start of each row of a left-padded batch (a cache
         carries its own)."""
         b, t = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
+        static = kv_cache is not None and kv_cache.static
+        start = kv_cache.pos if kv_cache is not None and not static else 0
         if start + t > self.config.context_length:
             raise ValueError(f"sequence of {start + t} tokens is longer than the model's context length "
                              f"({self.config.context_length}); crop the input")
@@ -155,7 +156,13 @@ class GPT(nn.Module):
             pad = kv_cache.pad
         x = self.wte(idx)                                                 # (B, T, d)
         rope = mask = None
-        if pad is None:  # every row starts at column 0: positions are the columns
+        if static:  # a compiled decode step: positions and mask from the cache's column tensor
+            positions, mask = kv_cache.static_positions_and_mask(t)
+            if self.config.positions == "learned":
+                x = x + self.wpe(positions)
+            else:
+                rope = self.rotary.at(positions)
+        elif pad is None:  # every row starts at column 0: positions are the columns
             if self.config.positions == "learned":
                 x = x + self.wpe(torch.arange(start, start + t, device=idx.device))
             else:
@@ -170,7 +177,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.h:
             x = block(x, kv_cache, rope, mask)
-        if kv_cache is not None:
+        if kv_cache is not None and not static:  # a static cache is advanced by its caller, outside the graph
             kv_cache.advance(t)
         return self.ln_f(x)
 

@@ -368,6 +368,11 @@ CASES = [
     ("gen-chat-no-template", ["generate", f"{R}/run", "--chat", "true"], "no chat template", None),
     ("gen-chat-sandbox", ["generate", f"{R}/chat.gguf", "--chat", "true"], "chat template of", None),
     ("gen-no-run", ["generate"], "run", None),
+    ("gen-dtype", ["generate", f"{R}/run", "--dtype", "float8"], "dtype must be float32, bfloat16 or auto", None),
+    ("chat-missing", ["chat", f"{B}/nope"], "not a known model", None),
+    ("chat-template", ["chat", f"{R}/run", "--template", "vicuna"], "unknown template 'vicuna'", None),
+    ("chat-no-chat-template", ["chat", f"{R}/run", "--template", "chat"], "has no chat template", None),
+    ("chat-dtype", ["chat", f"{R}/run", "--dtype", "half"], "dtype must be float32, bfloat16 or auto", None),
     # eval
     ("eval-nothing", ["eval", f"{R}/run"], "give --data", None),
     ("eval-batch-zero", ["eval", f"{R}/run", "--data", f"{R}/data", "--batch_size", "0"], "--batch_size must be", None),

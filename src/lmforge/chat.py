@@ -76,26 +76,32 @@ class Assistant:
     tokenizer: object
     template: str
     labels: list[str] = field(default_factory=list)
+    compile: bool = False  # decode steps through torch.compile (see generate.Decoder)
 
     @classmethod
-    def load(cls, spec: str, device: str | torch.device = "cpu", template: str | None = None) -> "Assistant":
+    def load(cls, spec: str, device: str | torch.device = "cpu", template: str | None = None,
+             dtype: str = "float32", compile: bool = False) -> "Assistant":
+        """``dtype``: float32, bfloat16 or auto (bf16 where the hardware is fast at it)."""
         from .checkpoint import is_run_dir, read_run_config
         from .lora import merge_lora
         from .models import load_any
+        from .precision import resolve_dtype
 
         model, tok = load_any(spec, device)
+        model.to(resolve_dtype(dtype, device))
         cfg = read_run_config(spec) if Path(spec).is_dir() and is_run_dir(Path(spec)) else {}
         name = Path(spec).name if Path(spec).exists() else spec
         if model.lm_head.out_features != model.config.vocab_size:
             labels = (cfg.get("head") or {}).get("labels") or [str(i) for i in range(model.lm_head.out_features)]
             return cls(name, model.eval(), tok, "classify", list(labels))
         merge_lora(model)
+        model.to(resolve_dtype(dtype, device))  # the merged weights too
         if template is None:  # the template it was tuned on, else its own chat template, else the book's
             template = cfg.get("template") or ("chat" if getattr(tok, "chat_template", None) else "alpaca")
         if template == "chat" and not getattr(tok, "chat_template", None):
             raise LmforgeError(f"{spec} has no chat template; use --template alpaca or phi3")
         tasks.check_template(template)
-        return cls(name, model.eval(), tok, template)
+        return cls(name, model.eval(), tok, template, compile=compile)
 
     @property
     def context_length(self) -> int:
@@ -181,7 +187,7 @@ class Conversation:
         stream = TextStream(a.tokenizer, tuple(self.config.stop) + a.stop)
         answer = []
         try:
-            for step in Decoder(a.model, [ids], self.config, a.stop_ids):
+            for step in Decoder(a.model, [ids], self.config, a.stop_ids, compile=a.compile):
                 tok = step[0]
                 if tok is None or tok.stop:
                     break

@@ -27,7 +27,7 @@ from .config import (
 )
 
 COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "finetune", "classify", "merge-lora", "generate", "chat", "eval",
-            "export", "download")
+            "export", "download", "serve")
 OVERWRITE_HELP = "write even where --out holds something that is not this command's own output"
 MODEL_HELP = "a run directory, a Hugging Face folder, a .gguf file or a known model name (see `lmforge download`)"
 
@@ -177,6 +177,10 @@ def _parser():  # built once per process: building it parses every config docstr
     p.add_argument("--prompt", type=str | None, default=None, help="text to continue (default: standard input "
                    "when it is a pipe or a file, else an empty prompt: a new document)")
     p.add_argument("--chat", type=bool, default=False, help="wrap the prompt in the model's chat template")
+    p.add_argument("--dtype", type=str, default="float32", help="float32, bfloat16 or auto (bf16 where the "
+                   "hardware is fast at it)")
+    p.add_argument("--compile", type=bool, default=False, help="decode through torch.compile (the first answer "
+                   "pays the compilation)")
     p.add_class_arguments(SampleConfig, "sample")
     # Like most sampling tools, a fresh seed each time; --sample.seed N reproduces a sample.
     p.set_defaults({"sample.seed": None})
@@ -188,9 +192,27 @@ def _parser():  # built once per process: building it parses every config docstr
     p.add_argument("--template", type=str | None, default=None, help="chat, alpaca or phi3 (default: the template "
                    "the model was tuned on, else its own chat template, else alpaca)")
     p.add_argument("--system", type=str | None, default=None, help="a system message")
+    p.add_argument("--dtype", type=str, default="float32", help="float32, bfloat16 or auto (bf16 where the "
+                   "hardware is fast at it)")
+    p.add_argument("--compile", type=bool, default=False, help="decode through torch.compile (the first answer "
+                   "pays the compilation)")
     p.add_class_arguments(SampleConfig, "sample")
     p.set_defaults({"sample.seed": None, "sample.max_new_tokens": 256, "sample.temperature": 0.7})
     cmds.add_subcommand("chat", p, help="chat with a model in the terminal")
+
+    p = sub_parser("Serve a model over HTTP: an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
+                   "/v1/models, streamed or not) and a chat page at /. Concurrent requests are decoded together "
+                   "in batches.")
+    p.add_argument("run", type=str, help=MODEL_HELP)
+    p.add_argument("--host", type=str, default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; "
+                   "give --api_key then)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
+    p.add_argument("--api_key", type=str | None, default=None,
+                   help="require this key from clients (header Authorization: Bearer KEY)")
+    p.add_argument("--max_batch", type=int, default=8, help="most answers decoded together in one batch")
+    p.add_argument("--template", type=str | None, default=None, help="chat, alpaca or phi3 (default: the template "
+                   "the model was tuned on, else its own chat template, else alpaca)")
+    cmds.add_subcommand("serve", p, help="OpenAI-compatible HTTP API and chat page")
 
     p = sub_parser("Loss and perplexity of a model on a prepared shard set, or bits per byte on text files. "
                    "See also `lmforge eval prompt` (zero-/few-shot classification) and `lmforge eval judge` "
@@ -339,7 +361,12 @@ def _run(argv: list[str]) -> int:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-        run_terminal(Assistant.load(a.run, default_device(), a.template), _config(SampleConfig, a.sample), a.system)
+        run_terminal(Assistant.load(a.run, default_device(), a.template, a.dtype, a.compile),
+                     _config(SampleConfig, a.sample), a.system)
+    elif cmd == "serve":
+        from .serve import serve
+
+        serve(a.run, a.host, a.port, a.api_key, a.max_batch, a.template)
     elif cmd == "eval":
         if a.text:
             res = pipeline.evaluate_text(a.run, a.text, a.dtype)
@@ -490,12 +517,16 @@ def _generate(a) -> None:
     from .models import load_language_model
     from .precision import default_device
 
-    model, tok = load_language_model(a.run, default_device())
+    from .precision import resolve_dtype
+
+    device = default_device()
+    model, tok = load_language_model(a.run, device)
+    model.to(resolve_dtype(a.dtype, device))
     cfg = _config(SampleConfig, a.sample)
     prompt = a.prompt if a.prompt is not None else _stdin_prompt()
     text = _chat_prompt(tok, prompt, a.run) if a.chat else prompt
     sys.stdout.write(prompt if not a.chat else "")
-    for delta in stream_text(model, tok, text, cfg):
+    for delta in stream_text(model, tok, text, cfg, compile=a.compile):
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -303,13 +303,13 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 def stream_text(model: torch.nn.Module, tokenizer, prompt: str | Sequence[int],
-                config: SampleConfig = SampleConfig()) -> Iterator[str]:
+                config: SampleConfig = SampleConfig(), compile: bool = False) -> Iterator[str]:
     """Text deltas of one generation, as they are decided. It ends at the tokenizer's end id, a
     stop string of ``config.stop`` (not included) or after ``config.max_new_tokens``."""
     ids = prompt_ids(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     ends = {i for i in (tokenizer.eos_id, tokenizer.eot_id) if i is not None}
     text = TextStream(tokenizer, config.stop)
-    for step in Decoder(model, [ids], config, ends):
+    for step in Decoder(model, [ids], config, ends, compile=compile):
         tok = step[0]
         if tok is None or tok.stop:
             break

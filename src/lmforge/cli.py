@@ -212,6 +212,10 @@ def _parser():  # built once per process: building it parses every config docstr
     p.add_argument("--max_batch", type=int, default=8, help="most answers decoded together in one batch")
     p.add_argument("--template", type=str | None, default=None, help="chat, alpaca or phi3 (default: the template "
                    "the model was tuned on, else its own chat template, else alpaca)")
+    p.add_argument("--dtype", type=str, default="float32", help="float32, bfloat16 or auto (bf16 where the "
+                   "hardware is fast at it)")
+    p.add_argument("--compile", type=bool, default=False, help="decode through torch.compile (the first batch of "
+                   "each size pays the compilation)")
     cmds.add_subcommand("serve", p, help="OpenAI-compatible HTTP API and chat page")
 
     p = sub_parser("Loss and perplexity of a model on a prepared shard set, or bits per byte on text files. "
@@ -366,7 +370,7 @@ def _run(argv: list[str]) -> int:
     elif cmd == "serve":
         from .serve import serve
 
-        serve(a.run, a.host, a.port, a.api_key, a.max_batch, a.template)
+        serve(a.run, a.host, a.port, a.api_key, a.max_batch, a.template, dtype=a.dtype, compile=a.compile)
     elif cmd == "eval":
         if a.text:
             res = pipeline.evaluate_text(a.run, a.text, a.dtype)

@@ -1,0 +1,156 @@
+"""The chat page of `lmforge serve` (src/lmforge/static/chat.html) in a real headless Chromium,
+driven by Selenium against the tiny model of test_serve.py. Needs Debian's `chromium` and
+`chromium-driver` packages and `pip install selenium`; skipped, saying which is missing, without them.
+A screenshot is kept in tmp_path, and copied to $LMFORGE_ARTIFACTS when that is set."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from test_serve import KEY, QA, chat, one_thread, running, tiny_assistant  # noqa: F401  (one_thread: a fixture)
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+IDS = ("input", "send", "stop", "reset", "messages", "temperature", "max-tokens", "api-key", "error")
+
+
+@pytest.fixture(scope="module")
+def page_server(one_thread):  # noqa: F811
+    import openai
+
+    from lmforge.serve import make_app
+
+    app = make_app(tiny_assistant(), api_key=KEY, max_batch=4)
+    with running(app) as url:
+        yield SimpleNamespace(url=url, app=app, assistant=app.state.worker.assistant,
+                              client=openai.OpenAI(api_key=KEY, base_url=url + "/v1", max_retries=0, timeout=60))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed: apt-get install -y chromium chromium-driver")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed: pip install selenium")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)  # explicit paths: Selenium Manager never runs (it would download)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "the page"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def answers(driver) -> list[dict]:
+    """Each assistant message on the page: its exact text and whether it has finished."""
+    return driver.execute_script("""return [...document.querySelectorAll('.message[data-role=assistant]')].map(
+        m => ({text: m.querySelector('.content').textContent, done: m.dataset.done === 'true'}));""")
+
+
+def open_page(driver, url: str, key: str = KEY) -> None:
+    driver.get(url + "/")
+    wait_for(lambda: driver.execute_script("return document.body.dataset.ready === 'true'"), what="the page to start")
+    box = driver.find_element("id", "api-key")
+    assert box.is_displayed()  # this server wants a key: the page asks for it
+    box.clear()
+    box.send_keys(key)
+    for field, value in (("temperature", "0"), ("max-tokens", "")):
+        el = driver.find_element("id", field)
+        el.clear()
+        el.send_keys(value)
+
+
+def say(driver, text: str) -> str:
+    """Type a message, send it, and wait for the streamed answer to finish; returns it."""
+    before = len(answers(driver))
+    driver.find_element("id", "input").send_keys(text)
+    driver.find_element("id", "send").click()
+
+    def finished() -> tuple[str] | None:
+        now = answers(driver)  # one snapshot: the page changes between two calls
+        error = driver.find_element("id", "error").text
+        assert not error, f"the page showed an error: {error}"
+        return (now[-1]["text"],) if len(now) > before and now[-1]["done"] else None
+
+    return wait_for(finished, what="the answer")[0]
+
+
+def test_the_page_is_served_with_its_controls_and_nothing_from_elsewhere(page_server):
+    import urllib.request
+
+    with urllib.request.urlopen(page_server.url + "/") as r:
+        html = r.read().decode()
+        assert r.headers["Content-Type"].startswith("text/html")
+        assert "default-src 'self'" in r.headers["Content-Security-Policy"]
+    assert all(f'id="{i}"' in html for i in IDS)
+    assert "http://" not in html and "https://" not in html and "//cdn" not in html  # works offline
+
+
+def test_a_typed_message_streams_in_and_equals_the_servers_greedy_answer(page_server, browser, tmp_path):
+    model = page_server.assistant.model
+    open_page(browser, page_server.url)
+    slow = model.register_forward_hook(lambda *_: time.sleep(0.03))  # slow enough to watch the text grow
+    try:
+        browser.find_element("id", "input").send_keys("hi")
+        browser.find_element("id", "send").click()
+        seen, now = set(), []
+        while not (now and now[-1]["done"]):
+            now = answers(browser)
+            seen.add(now[-1]["text"] if now else "")
+            time.sleep(0.01)
+    finally:
+        slow.remove()
+    first = now[-1]["text"]
+    assert first == chat(page_server.client, "hi", temperature=0).choices[0].message.content == QA["hi"]
+    assert len([s for s in seen if s and s != first]) >= 2  # it came in pieces, not all at the end
+
+    second = say(browser, "tell me a saying")  # the page sends the whole conversation
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "tell me a saying"}]
+    assert second == chat(page_server.client, history, temperature=0).choices[0].message.content
+    assert second == QA["tell me a saying"]  # what the model learned to answer after that first turn
+
+    shot = tmp_path / "chat_page.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 5000
+    if os.environ.get("LMFORGE_ARTIFACTS"):
+        out = Path(os.environ["LMFORGE_ARTIFACTS"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, out / shot.name)
+
+    browser.find_element("id", "reset").click()
+    assert answers(browser) == []
+    # A fresh conversation: the question alone, not after the two turns before it.
+    assert say(browser, "what glitters?") == QA["what glitters?"]
+
+
+def test_a_wrong_key_shows_the_servers_error_and_takes_the_question_back(page_server, browser):
+    open_page(browser, page_server.url, key="wrong")
+    browser.find_element("id", "input").send_keys("hi")
+    browser.find_element("id", "send").click()
+    error = wait_for(lambda: browser.find_element("id", "error").text, what="the error")
+    assert "API key" in error
+    assert answers(browser) == [] and browser.find_element("id", "send").is_enabled()
+    assert browser.find_element("id", "input").get_attribute("value") == "hi"  # ready to send again
+    box = browser.find_element("id", "api-key")
+    box.clear()
+    box.send_keys(KEY)
+    assert say(browser, "") == QA["hi"]
+    assert browser.find_element("id", "error").text == ""

@@ -369,6 +369,7 @@ CASES = [
     ("gen-chat-sandbox", ["generate", f"{R}/chat.gguf", "--chat", "true"], "chat template of", None),
     ("gen-no-run", ["generate"], "run", None),
     ("gen-dtype", ["generate", f"{R}/run", "--dtype", "float8"], "dtype must be float32, bfloat16 or auto", None),
+    ("gen-quantize", ["generate", f"{R}/run", "--quantize", "int4"], "--quantize must be one of int8", None),
     ("chat-missing", ["chat", f"{B}/nope"], "not a known model", None),
     ("chat-template", ["chat", f"{R}/run", "--template", "vicuna"], "unknown template 'vicuna'", None),
     ("chat-no-chat-template", ["chat", f"{R}/run", "--template", "chat"], "has no chat template", None),

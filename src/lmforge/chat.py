@@ -80,8 +80,9 @@ class Assistant:
 
     @classmethod
     def load(cls, spec: str, device: str | torch.device = "cpu", template: str | None = None,
-             dtype: str = "float32", compile: bool = False) -> "Assistant":
-        """``dtype``: float32, bfloat16 or auto (bf16 where the hardware is fast at it)."""
+             dtype: str = "float32", compile: bool = False, quantize: str | None = None) -> "Assistant":
+        """``dtype``: float32, bfloat16 or auto (bf16 where the hardware is fast at it);
+        ``quantize``: None or "int8" (weight-only, see quantize.py)."""
         from .checkpoint import is_run_dir, read_run_config
         from .lora import merge_lora
         from .models import load_any
@@ -96,6 +97,10 @@ class Assistant:
             return cls(name, model.eval(), tok, "classify", list(labels))
         merge_lora(model)
         model.to(resolve_dtype(dtype, device))  # the merged weights too
+        if quantize:
+            from .quantize import quantize_model
+
+            quantize_model(model, quantize)
         if template is None:  # the template it was tuned on, else its own chat template, else the book's
             template = cfg.get("template") or ("chat" if getattr(tok, "chat_template", None) else "alpaca")
         if template == "chat" and not getattr(tok, "chat_template", None):

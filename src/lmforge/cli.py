@@ -43,6 +43,14 @@ def _parser():  # built once per process: building it parses every config docstr
         p.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options")
         return p
 
+    def decoding_flags(p: ArgumentParser) -> None:  # generate, chat and serve run the model alike
+        p.add_argument("--dtype", type=str, default="float32", help="float32, bfloat16 or auto (bf16 where the "
+                       "hardware is fast at it)")
+        p.add_argument("--quantize", type=str | None, default=None, help="int8: weight-only int8 matrices (a "
+                       "quarter of fp32's bytes per token; lossy, see quantize.py)")
+        p.add_argument("--compile", type=bool, default=False, help="decode through torch.compile (the first "
+                       "generation of each shape pays the compilation)")
+
     root = ArgumentParser(prog="lmforge", exit_on_error=False,
                           description="Build a large language model from scratch. Without a command, runs `run`.")
     cmds = root.add_subcommands(dest="command", required=True)
@@ -177,10 +185,7 @@ def _parser():  # built once per process: building it parses every config docstr
     p.add_argument("--prompt", type=str | None, default=None, help="text to continue (default: standard input "
                    "when it is a pipe or a file, else an empty prompt: a new document)")
     p.add_argument("--chat", type=bool, default=False, help="wrap the prompt in the model's chat template")
-    p.add_argument("--dtype", type=str, default="float32", help="float32, bfloat16 or auto (bf16 where the "
-                   "hardware is fast at it)")
-    p.add_argument("--compile", type=bool, default=False, help="decode through torch.compile (the first answer "
-                   "pays the compilation)")
+    decoding_flags(p)
     p.add_class_arguments(SampleConfig, "sample")
     # Like most sampling tools, a fresh seed each time; --sample.seed N reproduces a sample.
     p.set_defaults({"sample.seed": None})
@@ -192,10 +197,7 @@ def _parser():  # built once per process: building it parses every config docstr
     p.add_argument("--template", type=str | None, default=None, help="chat, alpaca or phi3 (default: the template "
                    "the model was tuned on, else its own chat template, else alpaca)")
     p.add_argument("--system", type=str | None, default=None, help="a system message")
-    p.add_argument("--dtype", type=str, default="float32", help="float32, bfloat16 or auto (bf16 where the "
-                   "hardware is fast at it)")
-    p.add_argument("--compile", type=bool, default=False, help="decode through torch.compile (the first answer "
-                   "pays the compilation)")
+    decoding_flags(p)
     p.add_class_arguments(SampleConfig, "sample")
     p.set_defaults({"sample.seed": None, "sample.max_new_tokens": 256, "sample.temperature": 0.7})
     cmds.add_subcommand("chat", p, help="chat with a model in the terminal")
@@ -212,10 +214,7 @@ def _parser():  # built once per process: building it parses every config docstr
     p.add_argument("--max_batch", type=int, default=8, help="most answers decoded together in one batch")
     p.add_argument("--template", type=str | None, default=None, help="chat, alpaca or phi3 (default: the template "
                    "the model was tuned on, else its own chat template, else alpaca)")
-    p.add_argument("--dtype", type=str, default="float32", help="float32, bfloat16 or auto (bf16 where the "
-                   "hardware is fast at it)")
-    p.add_argument("--compile", type=bool, default=False, help="decode through torch.compile (the first batch of "
-                   "each size pays the compilation)")
+    decoding_flags(p)
     cmds.add_subcommand("serve", p, help="OpenAI-compatible HTTP API and chat page")
 
     p = sub_parser("Loss and perplexity of a model on a prepared shard set, or bits per byte on text files. "
@@ -365,12 +364,13 @@ def _run(argv: list[str]) -> int:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-        run_terminal(Assistant.load(a.run, default_device(), a.template, a.dtype, a.compile),
+        run_terminal(Assistant.load(a.run, default_device(), a.template, a.dtype, a.compile, a.quantize),
                      _config(SampleConfig, a.sample), a.system)
     elif cmd == "serve":
         from .serve import serve
 
-        serve(a.run, a.host, a.port, a.api_key, a.max_batch, a.template, dtype=a.dtype, compile=a.compile)
+        serve(a.run, a.host, a.port, a.api_key, a.max_batch, a.template, dtype=a.dtype, compile=a.compile,
+              quantize=a.quantize)
     elif cmd == "eval":
         if a.text:
             res = pipeline.evaluate_text(a.run, a.text, a.dtype)
@@ -526,6 +526,10 @@ def _generate(a) -> None:
     device = default_device()
     model, tok = load_language_model(a.run, device)
     model.to(resolve_dtype(a.dtype, device))
+    if a.quantize:
+        from .quantize import quantize_model
+
+        quantize_model(model, a.quantize)
     cfg = _config(SampleConfig, a.sample)
     prompt = a.prompt if a.prompt is not None else _stdin_prompt()
     text = _chat_prompt(tok, prompt, a.run) if a.chat else prompt

@@ -752,7 +752,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
-          template: str | None = None, device: str | None = None, dtype: str = "float32", compile: bool = False) -> None:
+          template: str | None = None, device: str | None = None, dtype: str = "float32", compile: bool = False,
+          quantize: str | None = None) -> None:
     """Load ``spec`` (a run directory, a known name, an HF folder, a GGUF file) and serve it until
     interrupted. Binds 127.0.0.1 unless ``host`` says otherwise. ``dtype`` and ``compile``: as for
     `lmforge chat` (see ``Assistant.load``)."""
@@ -763,7 +764,7 @@ def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
     if max_batch < 1:
         raise LmforgeError(f"--max_batch must be >= 1, got {max_batch}")
     sock = bind(host, port)
-    assistant = Assistant.load(spec, device or default_device(), template, dtype, compile)
+    assistant = Assistant.load(spec, device or default_device(), template, dtype, compile, quantize)
     app = make_app(assistant, api_key=api_key, max_batch=max_batch)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {assistant.name} ({assistant.template}) at http://{shown}:{sock.getsockname()[1]}/ "

@@ -6,16 +6,22 @@ import sys
 
 import pytest
 import torch
+from conftest import TEXT
 
 from lmforge import tasks
-from lmforge.chat import Assistant, Conversation, check_messages, read_message, render, run_terminal
+from lmforge.chat import (
+    Assistant,
+    Conversation,
+    check_messages,
+    read_message,
+    render,
+    run_terminal,
+)
 from lmforge.checkpoint import save_model
 from lmforge.config import LmforgeError, ModelConfig, SampleConfig, TokenizerConfig
 from lmforge.generate import generate_text
 from lmforge.model import GPT
 from lmforge.tokenizer import Tokenizer
-
-from conftest import TEXT
 
 GREEDY = SampleConfig(max_new_tokens=12, temperature=0)
 
@@ -87,7 +93,7 @@ def test_old_turns_are_dropped_with_a_notice_and_a_too_long_question_is_refused(
 
 def test_multi_line_input():
     lines = iter(["first \\", "second", '"""', "a", "", "b", '"""'])
-    read = lambda prompt: next(lines)  # noqa: E731
+    read = lambda prompt: next(lines)
     assert read_message(read) == "first \nsecond"
     assert read_message(read) == "a\n\nb"
 

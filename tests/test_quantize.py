@@ -53,13 +53,13 @@ def test_a_quantized_model_predicts_what_the_float_model_predicts():
 
 
 def test_generate_and_chat_run_quantized(tmp_path, capsys):
+    from conftest import TEXT
+
     from lmforge.chat import Assistant
     from lmforge.checkpoint import save_model
     from lmforge.cli import main
     from lmforge.config import TokenizerConfig
     from lmforge.tokenizer import Tokenizer
-
-    from conftest import TEXT
 
     tok = Tokenizer.train([TEXT * 3], TokenizerConfig(vocab_size=280))
     torch.manual_seed(0)

@@ -157,3 +157,38 @@ def test_the_chat_command_through_a_pseudo_terminal(run):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+class _ByteTok:
+    eos_id, eot_id = 300, None
+
+    def encode(self, text, allowed_special=()):
+        return list(text.encode())
+
+    def decode_bytes(self, ids):
+        return bytes(i for i in ids if i < 256)
+
+
+def test_an_answer_ending_on_a_held_back_character_keeps_it(monkeypatch):
+    """"C#" then the end token: "#" may start the Alpaca stop string "### Instruction:" and is held
+    back, then released when the answer ends."""
+    import lmforge.generate as gen
+    from lmforge.generate import Token
+
+    monkeypatch.setattr(gen, "Decoder", lambda *a, **k: iter([[Token(ord("C"))], [Token(ord("#"))],
+                                                               [Token(300, stop=True)]]))
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=SimpleNamespace(context_length=4096))  # the decoder is scripted above
+    a = Assistant("fake", model, _ByteTok(), "alpaca")
+    conv = Conversation(a, GREEDY)
+    assert "".join(conv.reply("Which language?")) == "C#"
+    assert conv.messages[-1] == {"role": "assistant", "content": "C#"}
+
+
+def test_a_word_that_starts_like_a_command_is_not_that_command(run):
+    a = Assistant.load(str(run))
+    inputs = iter(["/systematic", "/exit"])
+    written = []
+    run_terminal(a, GREEDY, read_line=lambda p: next(inputs), write=written.append)
+    assert "[unknown command /systematic" in "".join(written)

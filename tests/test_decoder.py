@@ -228,3 +228,43 @@ def test_compiled_decoding_gives_the_eager_ids():
     cfg = SampleConfig(max_new_tokens=70, temperature=0, stop_at_eos=False)  # past the context: a slide too
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
     assert _ids(Decoder(model, prompts, cfg, compile=True)) == _ids(Decoder(model, prompts, cfg))
+
+
+def test_a_tiny_temperature_is_greedy_not_a_crash():
+    from lmforge.generate import sample_next
+
+    logits = torch.randn(3, 10)
+    for t in (1e-39, 1e-300, 1e-6):
+        assert torch.equal(sample_next(logits, t), logits.argmax(-1))
+
+
+def test_a_padded_row_keeps_its_own_context_when_the_batch_slides():
+    """A short row sharing a batch with a row that fills the context is not cut with it: it gets
+    the ids and log-probabilities it gets alone (where it never slides)."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("gpt-nano", vocab_size=64, context_length=64)).eval()
+    short, long = [1, 2, 3, 4], list(range(1, 64))
+    cfgs = [SampleConfig(max_new_tokens=60, temperature=0, stop_at_eos=False),
+            SampleConfig(max_new_tokens=40, temperature=0, stop_at_eos=False)]
+    together = list(Decoder(model, [short, long], cfgs, logprobs=0))
+    alone = list(Decoder(model, [short], cfgs[0], logprobs=0))
+    a = [s[0] for s in together]
+    assert [t.id for t in a] == [s[0].id for s in alone]
+    assert [t.logprob for t in a] == pytest.approx([s[0].logprob for s in alone], abs=1e-4)
+
+
+def test_the_cache_grows_with_the_answer_and_decodes_as_without_it():
+    model = _model(True, ctx=512)
+    cfg = SampleConfig(max_new_tokens=300, temperature=0, stop_at_eos=False)
+    dec = Decoder(model, [[1, 2, 3]], cfg)
+    assert dec.cache.max_len == 128  # room for the prompt and some answer, not all 303 columns
+    ids = _ids(dec)
+    assert dec.cache.max_len == 303 and ids == _ids(Decoder(model, [[1, 2, 3]], cfg, use_cache=False))
+
+
+def test_the_compiled_forward_is_kept_on_the_model_outside_its_state():
+    from lmforge.generate import compiled
+
+    model = _model(False)
+    keys = set(model.state_dict())
+    assert compiled(model) is compiled(model) and set(model.state_dict()) == keys

@@ -150,7 +150,7 @@ def test_generate_text_prompt_ids_and_end_handling(monkeypatch):
     seen = []
 
     def fake_decoder(answer):
-        def make(model, prompts, config, stop_ids=()):
+        def make(model, prompts, config, stop_ids=(), compile=False):
             seen.append((prompts, set(stop_ids)))
             return iter([[Token(t, stop=t in stop_ids)] for t in answer])
         return make

@@ -146,6 +146,15 @@ class KVCache:
         """Empty the cache (keeping its memory) for a new prefill."""
         self.pos, self.pad, self.static = 0, pad, False
 
+    def grow(self, max_len: int) -> None:
+        """A longer cache holding what this one holds (the columns written so far are copied)."""
+        for store in (self.k, self.v):
+            for i, old in enumerate(store):
+                new = old.new_zeros(*old.shape[:2], max_len, old.size(3))
+                new[:, :, :self.pos] = old[:, :, :self.pos]
+                store[i] = new
+        self.max_len = max_len
+
     def make_static(self) -> None:
         """Switch to static mode after a prefill; ``advance`` then moves ``col`` in place."""
         self.static = True

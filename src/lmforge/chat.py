@@ -202,11 +202,10 @@ class Conversation:
                     yield delta
                 if stream.stopped:
                     break
-            else:
-                tail = stream.close()
-                if tail:
-                    answer.append(tail)
-                    yield tail
+            tail = stream.close()  # what was held back as a possible stop string ("C#" before "###")
+            if tail:
+                answer.append(tail)
+                yield tail
         finally:  # also on Ctrl-C: what was written stays in the conversation
             self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
 
@@ -257,7 +256,7 @@ def run_terminal(assistant: Assistant, config, system: str | None = None, read_l
             conv.reset()
             out("[conversation cleared]\n")
             continue
-        if command.startswith("/system"):
+        if command == "/system" or command.startswith("/system "):
             conv.system = command[len("/system"):].strip() or None
             conv.reset()
             out(f"[system message {'set' if conv.system else 'removed'}; conversation cleared]\n")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import codecs
 import os
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +33,9 @@ def seeded_generator(seed: int | None, device: torch.device | str = "cpu") -> to
     return torch.Generator(device=device).manual_seed(seed if seed is not None else fresh_seed())
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
+
+
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's repetition penalty: a token already seen (``seen`` (B, V) bool) has its positive logit
     divided by ``penalty`` and its negative logit multiplied by it (both make it less likely)."""
@@ -51,7 +53,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     logits = logits.float()
     if seen is not None:
         logits = penalize_repeats(logits, seen, repetition_penalty)
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:  # the limit of T -> 0 (and logits / 1e-39 would overflow to inf)
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
@@ -128,13 +130,16 @@ class Decoder:
             self.seen = torch.zeros(self.n, model.config.vocab_size, dtype=torch.bool, device=self.device)
             for i, r in enumerate(rows):
                 self.seen[i, r] = True
+        # The cache starts with room for the prompts and some answer, and doubles while the answers
+        # grow (a request allowed the whole context rarely uses it); its length is a power of two,
+        # so a compiled decode step sees few shapes.
         longest = width + max((c.max_new_tokens for c in self.configs), default=0)
-        if self.step_model is not None:  # a few static shapes, not one per request
-            longest = 1 << max(6, (longest - 1).bit_length())
+        self.cache_limit = min(self.ctx, longest)
         self.cache = None
         if use_cache and self.n:
             dtype = next(model.parameters()).dtype
-            self.cache = KVCache(model.config, self.n, min(self.ctx, longest), self.device,
+            start = min(self.cache_limit, 1 << max(6, (width + 63).bit_length()))
+            self.cache = KVCache(model.config, self.n, start, self.device,
                                  dtype if dtype.is_floating_point else torch.float32, self.pad)
 
     def finish(self, row: int, reason: str = "stop") -> None:
@@ -164,13 +169,18 @@ class Decoder:
         self.cache.advance(1)  # outside the compiled graph: the column tensor moves in place
         return logits
 
-    def _window(self, keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The last ``keep`` columns of every row, with each row's padding inside them."""
-        cut = self.tokens.size(1) - keep
-        if cut <= 0:
-            return self.tokens, self.pad
-        pad = None if self.pad is None else (self.pad - cut).clamp(min=0)
-        return self.tokens[:, cut:], pad if pad is not None and bool(pad.any()) else None
+    def _repack(self, limit: int, keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch again, each row's padding dropped first: a row of more than ``limit`` real
+        tokens keeps its last ``keep``, a shorter one all of them, so that sharing a batch never
+        costs a row its own context (a row is cut when it would be cut alone)."""
+        pad = [0] * self.n if self.pad is None else self.pad.tolist()
+        rows = [self.tokens[i, p:] for i, p in enumerate(pad)]
+        rows = [r[-keep:] if r.numel() > limit else r for r in rows]
+        width = max(r.numel() for r in rows)
+        new_pad = [width - r.numel() for r in rows]
+        self.tokens = torch.stack([torch.cat([r.new_zeros(p), r]) for p, r in zip(new_pad, rows)])
+        self.pad = torch.tensor(new_pad, device=self.device) if any(new_pad) else None
+        return self.tokens, self.pad
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         if self.generators is None and all(c == self.configs[0] for c in self.configs):
@@ -215,7 +225,7 @@ class Decoder:
                 self.finish_reason[i] = "length"
         if self.done:
             return
-        logits = self._forward(*self._window(self.ctx))
+        logits = self._forward(*self._repack(self.ctx, self.ctx))
         while True:
             nxt = self._sample(logits)
             step = self._tokens(logits, nxt)
@@ -226,21 +236,24 @@ class Decoder:
             if self.seen is not None:
                 self.seen.scatter_(1, nxt[:, None], True)
             if self.cache is None:
-                logits = self._forward(*self._window(self.ctx))
+                logits = self._forward(*self._repack(self.ctx, self.ctx))
             elif self.cache.pos < self.cache.max_len:
                 logits = self._step(nxt)
-            else:  # the context is full: drop its oldest quarter and run the rest into the cache again
-                logits = self._forward(*self._window(self.cache.max_len - max(1, self.cache.max_len // 4)))
-
-
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+            elif self.cache.max_len < self.cache_limit:  # room left in the context: a longer cache
+                self.cache.grow(min(self.cache_limit, 2 * self.cache.max_len))
+                logits = self._step(nxt)
+            else:  # the context is full: the rows that filled it drop their oldest quarter, and the
+                # batch runs into the cache again
+                n = self.cache.max_len
+                logits = self._forward(*self._repack(n, n - max(1, n // 4)))
 
 
 def compiled(model: torch.nn.Module) -> torch.nn.Module:
-    """The model's forward through torch.compile, made once per model and reused."""
-    if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model, dynamic=False)
-    return _COMPILED[model]
+    """The model's forward through torch.compile, made once per model and kept on it (in its
+    __dict__, so it is neither a submodule nor in the state dict, and goes when the model goes)."""
+    if "_compiled_forward" not in model.__dict__:
+        model.__dict__["_compiled_forward"] = torch.compile(model, dynamic=False)
+    return model.__dict__["_compiled_forward"]
 
 
 def generate(model: torch.nn.Module, idx: torch.Tensor, config: SampleConfig = SampleConfig(),
@@ -275,8 +288,8 @@ class TextStream:
         elif final:
             out, self._held = self._held, ""
         else:  # hold back the longest tail that a stop string starts with
-            keep = max((k for s in self.stop for k in range(min(len(s) - 1, len(self._held)), 0, -1)
-                        if self._held.endswith(s[:k])), default=0)
+            keep = max((next((k for k in range(min(len(s) - 1, len(self._held)), 0, -1)
+                              if self._held.endswith(s[:k])), 0) for s in self.stop), default=0)
             out, self._held = self._held[:len(self._held) - keep], self._held[len(self._held) - keep:]
         self.text += out
         return out
@@ -285,7 +298,11 @@ class TextStream:
         """The text this token completes ('' while a character or a possible stop string is pending)."""
         if self.stopped:
             return ""
-        self._held += self._utf8.decode(self.tokenizer.decode_bytes([token_id]))
+        try:
+            raw = self.tokenizer.decode_bytes([token_id])
+        except ValueError:  # an id of the model's padded vocabulary that no token has: no text
+            raw = b""
+        self._held += self._utf8.decode(raw)
         return self._emit(final=False)
 
     def close(self) -> str:

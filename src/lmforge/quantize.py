@@ -72,4 +72,6 @@ def quantize_model(model: nn.Module, scheme: str) -> int:
     """Quantize ``model`` by ``scheme`` (one of SCHEMES) for generation."""
     if scheme not in SCHEMES:
         raise LmforgeError(f"--quantize must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    if next(model.parameters()).device.type != "cpu":  # no fused kernel there: it would read more, not less
+        raise LmforgeError("--quantize int8 is for CPU decoding; on a GPU use --dtype bfloat16")
     return quantize_int8(model)

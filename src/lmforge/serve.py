@@ -206,7 +206,8 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-Stop = str | Annotated[list[str], Field(max_length=4)] | None
+StopText = Annotated[str, Field(max_length=256)]  # each is searched for after every token: keep it short
+Stop = StopText | Annotated[list[StopText], Field(max_length=4)] | None
 
 
 class _Sampling(BaseModel):
@@ -509,8 +510,8 @@ async def _respond(worker: Worker, plan: Plan, request: Request) -> JSONResponse
     answers = Answers(plan, worker.assistant.name, worker.assistant.tokenizer)
     worker.submit(plan.rows)
     if plan.stream:
-        return StreamingResponse(_stream(job, answers), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _JobStream(job, _stream(job, answers), media_type="text/event-stream",
+                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     pieces: list[list[Piece]] = [[] for _ in plan.rows]
     try:
         async for p in _pieces(job, len(plan.rows), request):
@@ -520,6 +521,21 @@ async def _respond(worker: Worker, plan: Plan, request: Request) -> JSONResponse
     if any(not ps for ps in pieces):  # the client went away: nobody reads this
         return JSONResponse({}, status_code=499)
     return JSONResponse(answers.whole(pieces))
+
+
+class _JobStream(StreamingResponse):
+    """A stream that frees its job's rows however it ends: also when the client leaves before the
+    first chunk, when the generator below never starts and so never reaches its finally."""
+
+    def __init__(self, job: Job, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancelled = True
 
 
 async def _stream(job: Job, answers: Answers) -> AsyncIterator[str]:

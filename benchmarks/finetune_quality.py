@@ -32,8 +32,9 @@ def sms(args) -> None:
     for mode, lr in (("last", 5e-5), ("lora", 5e-4)):
         if args.modes and mode not in args.modes:
             continue
+        lr = args.lr or lr
         t0 = time.perf_counter()
-        res = finetune_classify(MODEL, "sms-spam", Path(args.out) / f"sms-{mode}",
+        res = finetune_classify(MODEL, "sms-spam", Path(args.out) / (f"sms-{mode}" + (f"-lr{lr:g}" if args.lr else "")),
                                 FinetuneConfig(trainable=mode, epochs=args.epochs or 5.0, limit=args.limit),
                                 TrainConfig(lr=lr, warmup_steps=0, batch_size=8), LoRAConfig(rank=16, alpha=16),
                                 balance=True, overwrite=True, progress=not args.quiet)
@@ -104,6 +105,7 @@ def main() -> None:
     ap.add_argument("--respond_test", type=int, default=None)
     ap.add_argument("--judge_url", default=None)
     ap.add_argument("--judge_model", default="llama3")
+    ap.add_argument("--lr", type=float, default=None, help="sms: learning rate (default 5e-5 last, 5e-4 lora)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     {"sms": sms, "fourways": fourways, "instruct": instruct, "dpo": dpo}[args.part](args)

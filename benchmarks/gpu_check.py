@@ -212,14 +212,19 @@ def decode(new: int) -> None:
     prompt = torch.randint(0, 49152, (32,)).tolist()
     cfg = SampleConfig(max_new_tokens=new, temperature=0, stop_at_eos=False)
 
-    def ours(rows: int) -> float:
+    def ours(rows: int, compile: bool = False) -> float:
         _sync()
         t0 = time.perf_counter()
-        n = sum(sum(t is not None for t in step) for step in Decoder(model, [prompt] * rows, cfg))
+        n = sum(sum(t is not None for t in step) for step in Decoder(model, [prompt] * rows, cfg, compile=compile))
         _sync()
         return n / (time.perf_counter() - t0)
     ours(1)
     one, eight = ours(1), ours(8)
+    t0 = time.perf_counter()
+    ours(1, True)
+    ours(8, True)
+    print(f"  (compiling the decode step for batch 1 and 8: {time.perf_counter() - t0:.0f} s)")
+    c1, c8 = ours(1, True), ours(8, True)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -238,9 +243,10 @@ def decode(new: int) -> None:
         return rows * new / (time.perf_counter() - t0)
     theirs(1)
     h1, h8 = theirs(1), theirs(8)
-    print(f"  batch 1: lmforge {one:6.1f} tok/s, transformers {h1:6.1f} tok/s: {one / h1:.2f}x")
-    print(f"  8 streams: lmforge {eight:6.1f} tok/s aggregate ({eight / one:.1f}x one stream), "
-          f"transformers {h8:6.1f} tok/s: {eight / h8:.2f}x")
+    print(f"  batch 1: lmforge {one:6.1f} tok/s (compiled {c1:6.1f}), transformers {h1:6.1f} tok/s: "
+          f"{one / h1:.2f}x ({c1 / h1:.2f}x compiled)")
+    print(f"  8 streams: lmforge {eight:6.1f} tok/s aggregate ({eight / one:.1f}x one stream; compiled {c8:6.1f}, "
+          f"{c8 / c1:.1f}x), transformers {h8:6.1f} tok/s: {eight / h8:.2f}x ({c8 / h8:.2f}x compiled)")
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ def sms(args) -> None:
     from lmforge.config import FinetuneConfig, LoRAConfig, TrainConfig
     from lmforge.finetune import finetune_classify
 
-    for mode, lr in (("last", 5e-5), ("lora", 5e-4)):
+    for mode, lr in (("last", 1e-4), ("lora", 5e-4)):
         if args.modes and mode not in args.modes:
             continue
         lr = args.lr or lr
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--respond_test", type=int, default=None)
     ap.add_argument("--judge_url", default=None)
     ap.add_argument("--judge_model", default="llama3")
-    ap.add_argument("--lr", type=float, default=None, help="sms: learning rate (default 5e-5 last, 5e-4 lora)")
+    ap.add_argument("--lr", type=float, default=None, help="sms: learning rate (default 1e-4 last, 5e-4 lora)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     {"sms": sms, "fourways": fourways, "instruct": instruct, "dpo": dpo}[args.part](args)

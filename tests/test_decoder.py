@@ -268,3 +268,17 @@ def test_the_compiled_forward_is_kept_on_the_model_outside_its_state():
     model = _model(False)
     keys = set(model.state_dict())
     assert compiled(model) is compiled(model) and set(model.state_dict()) == keys
+
+
+def test_the_prefill_computes_logits_for_the_last_position_only(monkeypatch):
+    model = _model(True)
+    shapes = []
+    head = model.lm_head.forward
+    monkeypatch.setattr(model.lm_head, "forward", lambda x: shapes.append(tuple(x.shape)) or head(x))
+    with torch.no_grad():
+        full = model(torch.tensor([[1, 2, 3, 4, 5]]))
+        last = model(torch.tensor([[1, 2, 3, 4, 5]]), last_only=True)
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+    shapes.clear()
+    _ids(Decoder(model, [[1, 2, 3, 4, 5, 6, 7]], SampleConfig(max_new_tokens=3, temperature=0)))
+    assert shapes and all(s[1] == 1 for s in shapes)  # the 7-token prompt, then one token at a time

@@ -170,8 +170,8 @@ def _record_forwards(model, monkeypatch) -> list[tuple[int, bool]]:
     """(tokens fed, cache given) of every forward call the model gets."""
     calls = []
     forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda idx, kv_cache=None: calls.append(
-        (idx.size(1), kv_cache is not None)) or forward(idx, kv_cache))
+    monkeypatch.setattr(model, "forward", lambda idx, kv_cache=None, **kw: calls.append(
+        (idx.size(1), kv_cache is not None)) or forward(idx, kv_cache, **kw))
     return calls
 
 

@@ -155,11 +155,11 @@ class Decoder:
         """Last-position logits (B, V) of ``tokens``, into the cache when there is one."""
         if self.cache is not None:
             self.cache.reset(pad)
-            logits = self.model(tokens, self.cache)[:, -1]
+            logits = self.model(tokens, self.cache, last_only=True)[:, -1]
             if self.step_model is not None:
                 self.cache.make_static()
             return logits
-        return (self.model(tokens) if pad is None else self.model(tokens, pad=pad))[:, -1]
+        return self.model(tokens, pad=pad, last_only=True)[:, -1]
 
     def _step(self, nxt: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) after one more token per row, through the cache."""

@@ -182,14 +182,16 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, kv_cache: KVCache | None = None, targets: torch.Tensor | None = None,
-                fused: bool = True, pad: torch.Tensor | None = None) -> torch.Tensor:
+                fused: bool = True, pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size); with ``targets`` (B, T), the mean
         cross-entropy instead (positions marked IGNORE_INDEX left out). The loss path never builds
         the whole logits tensor: the output layer and the loss run fused, chunk by chunk
-        (``fused=False`` computes the plain reference). ``pad``: see ``hidden_states``."""
+        (``fused=False`` computes the plain reference). ``pad``: see ``hidden_states``.
+        ``last_only``: logits (B, 1, V) of the last position alone (generation needs no others; for a
+        long prompt the output layer over every position would be most of the prefill)."""
         hidden = self.hidden_states(idx, kv_cache, pad)
         if targets is None:
-            return self.lm_head(hidden)
+            return self.lm_head(hidden[:, -1:] if last_only else hidden)
         head_dropout = getattr(self.lm_head, "lora_dropout", None)
         # The fused kernel sees one weight (W, or W + BA with LoRA): a head with a bias, or a LoRA
         # head with dropout in training, runs the plain path.

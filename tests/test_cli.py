@@ -243,7 +243,7 @@ def test_help_says_where_model_values_come_from(capsys):
 
 
 def test_unknown_command_names_the_known_ones(capsys):
-    assert main(["chat"]) == 2
-    assert capsys.readouterr().err == ("lmforge: error: unknown command 'chat'; known commands: run, tokenizer, "
-                                       "prepare, pretrain, finetune, classify, merge-lora, generate, eval, export, download "
-                                       "(see `lmforge --help`)\n")
+    assert main(["talk"]) == 2
+    assert capsys.readouterr().err == ("lmforge: error: unknown command 'talk'; known commands: run, tokenizer, "
+                                       "prepare, pretrain, finetune, classify, merge-lora, generate, chat, serve, eval, "
+                                       "export, download (see `lmforge --help`)\n")

@@ -26,8 +26,8 @@ from .config import (
     TrainConfig,
 )
 
-COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "finetune", "classify", "merge-lora", "generate", "chat", "eval",
-            "export", "download", "serve")
+COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "finetune", "classify", "merge-lora", "generate", "chat",
+            "serve", "eval", "export", "download")
 OVERWRITE_HELP = "write even where --out holds something that is not this command's own output"
 MODEL_HELP = "a run directory, a Hugging Face folder, a .gguf file or a known model name (see `lmforge download`)"
 

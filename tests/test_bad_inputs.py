@@ -175,7 +175,7 @@ FAULTS = {"full_disk": full_disk, "read_only": read_only}
 R, B, C = "{root}", "{root}/bad", "{root}/configs"
 CASES = [
     # unknown commands and flags
-    ("unknown-command", ["chat"], "unknown command 'chat'; known commands: run, tokenizer", None),
+    ("unknown-command", ["talk"], "unknown command 'talk'; known commands: run, tokenizer", None),
     ("typo-command", ["pretrian", "--data", "x"], "unknown command 'pretrian'", None),
     ("unknown-flag", ["--bogus"], "unrecognized arguments: --bogus", None),
     ("tokenizer-no-action", ["tokenizer"], "tokenizer.action", None),

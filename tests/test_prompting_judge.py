@@ -178,9 +178,16 @@ def test_the_default_run_ends_with_a_streamed_chat_answer(base, tmp_path, capsys
     _ask(run, ["ham", "spam"])
     out = capsys.readouterr().out
     conv = Conversation(Assistant.load(str(run)), SampleConfig(max_new_tokens=16, temperature=0))
-    question = "Classify the text message as one of: ham, spam. Answer with the label only.\n\n" + CHAT_QUESTION
+    question = "Classify the text message as one of: ham, spam. Answer with the label only.\n\n### Input:\n" + CHAT_QUESTION
     answer = "".join(conv.reply(question))
     assert f"answer: {answer}\n" in out
+    # The chat message renders exactly as the Alpaca records it was tuned on (instruction + input).
+    from lmforge import tasks
+    from lmforge.chat import render
+    from lmforge.four_ways import INSTRUCTION
+
+    assert render([{"role": "user", "content": question}], "alpaca") == tasks.format_prompt(
+        INSTRUCTION.format(labels="ham, spam"), CHAT_QUESTION, "alpaca")
     assert f"lmforge serve {run}" in out and f"lmforge chat {run}" in out
 
 

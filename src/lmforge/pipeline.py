@@ -304,24 +304,28 @@ def _four_ways(out: Path, limit: int, name: str = "smollm2-135m-instruct") -> di
     width = max(len(w) for w in res["ways"])
     for way, r in res["ways"].items():
         print(f"  {way:<{width}}  test accuracy {r['accuracy']:.3f}  ({r['n']} texts, {r['minutes']:.1f} min)")
-    _ask(out / FOUR_WAYS / "instruction", res["labels"])
+    _ask(out / FOUR_WAYS / "instruction", res["labels"], res["ways"]["instruction fine-tuning"]["accuracy"])
     return res["ways"]
 
 
 CHAT_QUESTION = "Congratulations! You have won a free holiday. Text WIN to 80082 now to claim your prize."
+CHAT_ANSWER = "spam"  # what a person would answer
 
 
-def _ask(run: Path, labels: list[str]) -> None:
+def _ask(run: Path, labels: list[str], accuracy: float | None = None) -> None:
     """The instruction-tuned run answers one chat message, streamed, and the command that serves it."""
     from .chat import Assistant, Conversation
     from .four_ways import INSTRUCTION
 
-    question = f"{INSTRUCTION.format(labels=', '.join(labels))}\n\n{CHAT_QUESTION}"
+    # Written as the Alpaca records it was tuned on were: the instruction, then the text as its input.
+    question = f"{INSTRUCTION.format(labels=', '.join(labels))}\n\n### Input:\n{CHAT_QUESTION}"
     print(f"the instruction-tuned model, asked in a chat: {question!r}\n  answer: ", end="", flush=True)
     conv = Conversation(Assistant.load(str(run), default_device()), SampleConfig(max_new_tokens=16, temperature=0))
     for delta in conv.reply(question):
         print(delta, end="", flush=True)
-    print(f"\n  chat with it: lmforge chat {run}   serve it (OpenAI API and a chat page): lmforge serve {run}")
+    known = f"; this model labels {accuracy:.0%} of its test texts right" if accuracy is not None else ""
+    print(f"\n  (a person would answer {CHAT_ANSWER!r}{known})")
+    print(f"  chat with it: lmforge chat {run}   serve it (OpenAI API and a chat page): lmforge serve {run}")
 
 
 def evaluate_text(model_spec: str, paths: list[str], dtype: str = "float32") -> dict:

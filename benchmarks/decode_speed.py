@@ -86,7 +86,7 @@ def worker(contender: str, folder: str, case: str, dtype: str, threads: int) -> 
     g = torch.Generator().manual_seed(0)
     vocab = torch.load(folder / "meta.pt")["vocab"]
     prompt = torch.randint(0, min(vocab, 5000), (prompt_len,), generator=g).tolist()
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}[dtype]
     if contender == "lmforge":
         from lmforge.checkpoint import load_model
         from lmforge.config import SampleConfig
@@ -94,6 +94,10 @@ def worker(contender: str, folder: str, case: str, dtype: str, threads: int) -> 
 
         model, _ = load_model(folder / "run")
         model = model.to(dt).eval()
+        if dtype == "int8":  # weight-only int8 matrices, fp32 activations (lmforge --quantize int8)
+            from lmforge.quantize import quantize_model
+
+            quantize_model(model, "int8")
         rows = 8 if case == "batch" else 1
 
         def run(n_rows: int) -> tuple[float, float, int]:
@@ -150,8 +154,13 @@ def worker(contender: str, folder: str, case: str, dtype: str, threads: int) -> 
 
 
 def _weight_bytes(model) -> int:
-    """Bytes one decode step reads: every parameter once (a tied matrix counted once)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes one decode step reads: every matrix once (a tied matrix counted once; int8 buffers too)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen and t.dim() == 2:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
 
 
 def copy_bandwidth() -> float:
@@ -170,7 +179,8 @@ def copy_bandwidth() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="*", default=[*CASES, "batch"])
-    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16", "int8"],
+                    help="int8: lmforge's weight-only int8 (the peers run their best precision, bf16, beside it)")
     ap.add_argument("--contenders", nargs="*", default=["lmforge", "transformers", "llama.cpp"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--worker", nargs=4, default=None, help=argparse.SUPPRESS)
@@ -201,7 +211,7 @@ def main() -> None:
             for dtype in a.dtypes:
                 res = {}
                 for c in a.contenders:
-                    if c in missing or (case == "batch" and c != "lmforge"):
+                    if c in missing or (case == "batch" and c != "lmforge") or (dtype == "int8" and c != "lmforge"):
                         continue
                     proc = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--worker", c,
                                            str(folder), case, dtype], capture_output=True, text=True, env=env)

@@ -77,7 +77,7 @@ def prepare(folder: Path, case: str) -> None:
     torch.save({"vocab": model.config.vocab_size}, folder / "meta.pt")
 
 
-def worker(contender: str, folder: str, case: str, dtype: str, threads: int) -> dict:
+def worker(contender: str, folder: str, case: str, dtype: str, threads: int, compile: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -105,7 +105,7 @@ def worker(contender: str, folder: str, case: str, dtype: str, threads: int) -> 
             t0 = time.perf_counter()
             first = None
             n = 0
-            for step in Decoder(model, [prompt] * n_rows, cfg):
+            for step in Decoder(model, [prompt] * n_rows, cfg, compile=compile):
                 n += sum(t is not None for t in step)
                 if first is None:
                     first = time.perf_counter() - t0
@@ -183,6 +183,7 @@ def main() -> None:
                     help="int8: lmforge's weight-only int8 (the peers run their best precision, bf16, beside it)")
     ap.add_argument("--contenders", nargs="*", default=["lmforge", "transformers", "llama.cpp"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also lmforge with --compile true (decode step compiled)")
     ap.add_argument("--worker", nargs=4, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prepare", nargs=2, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -190,7 +191,9 @@ def main() -> None:
         prepare(Path(a.prepare[0]), a.prepare[1])
         return
     if a.worker:
-        print(json.dumps(worker(a.worker[0], a.worker[1], a.worker[2], a.worker[3], a.threads)))
+        name = a.worker[0]
+        print(json.dumps(worker(name.split("+")[0], a.worker[1], a.worker[2], a.worker[3], a.threads,
+                                compile=name.endswith("+compile"))))
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     bw = copy_bandwidth()
@@ -210,8 +213,8 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, "--prepare", str(folder), case], check=True, env=env)
             for dtype in a.dtypes:
                 res = {}
-                for c in a.contenders:
-                    if c in missing or (case == "batch" and c != "lmforge") or (dtype == "int8" and c != "lmforge"):
+                for c in [*a.contenders, *(["lmforge+compile"] if a.compile else [])]:
+                    if c in missing or (case == "batch" and c != "lmforge") or (dtype == "int8" and not c.startswith("lmforge")):
                         continue
                     proc = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--worker", c,
                                            str(folder), case, dtype], capture_output=True, text=True, env=env)
@@ -226,8 +229,12 @@ def main() -> None:
                     continue
                 for c, r in res.items():
                     bound = bw / 2 / r["bytes"]  # copy bandwidth counts read + write; a step only reads
-                    ratios = "" if c == "lmforge" or "lmforge" not in res else \
-                        f"   lmforge / {c}: {res['lmforge']['tok_s'] / r['tok_s']:.2f}x"
+                    if c.startswith("lmforge"):  # an lmforge row: its ratio to transformers, when measured
+                        ratios = "" if "transformers" not in res else \
+                            f"   {c} / transformers: {r['tok_s'] / res['transformers']['tok_s']:.2f}x"
+                    else:
+                        ratios = "" if "lmforge" not in res else \
+                            f"   lmforge / {c}: {res['lmforge']['tok_s'] / r['tok_s']:.2f}x"
                     print(f"{case:<11} {dtype:<9} {c:<12} {r['tok_s']:6.1f} tok/s  first token {r['ttft'] * 1e3:7.0f} ms"
                           f"  {r['tok_s'] / bound:5.1%} of the bandwidth bound{ratios}")
 

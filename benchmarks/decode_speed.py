@@ -7,7 +7,7 @@ first token), time to first token, the fraction of the memory-bandwidth bound (o
 reads every weight once: bound = copy bandwidth / weight bytes), and lmforge's ratios.
 
     cases   gpt2-short   gpt2-124m shape, 32-token prompt + 200 new tokens (random weights)
-            gpt2-long    gpt2-124m shape, 1,000-token prompt + 100 new tokens
+            gpt2-long    gpt2-124m shape, 920-token prompt + 100 new tokens (within GPT-2's 1,024 positions)
             smollm2      SmolLM2-135M (the real weights when cached, else its shape), 7-token prompt + 128
             batch        lmforge: 8 prompts decoded together vs one alone (aggregate tokens/s)
 
@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CASES = {"gpt2-short": ("gpt2-124m", 32, 200), "gpt2-long": ("gpt2-124m", 1000, 100),
+CASES = {"gpt2-short": ("gpt2-124m", 32, 200), "gpt2-long": ("gpt2-124m", 920, 100),
          "smollm2": ("smollm2-135m", 7, 128)}
 
 

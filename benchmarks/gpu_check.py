@@ -44,6 +44,17 @@ def _timed(fn, steps: int, warmup: int = 2) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def _train_step(loss_of, opt):
+    """One training step under bf16 autocast: forward, backward, optimizer."""
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_of()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def correctness() -> None:
     from lmforge.config import ModelConfig, SampleConfig
     from lmforge.generate import Decoder
@@ -127,12 +138,7 @@ def pretrain(steps: int) -> None:
                 logits = model(input_ids=x).logits
                 return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = loss_of()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = _train_step(loss_of, opt)
         t0 = time.perf_counter()
         step()
         _sync()
@@ -188,14 +194,7 @@ def finetune(steps: int) -> None:
                     logits = model(input_ids=x).logits
                     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             model.train()
-
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = loss_of()
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            times[who] = _timed(step, steps)
+            times[who] = _timed(_train_step(loss_of, opt), steps)
             del model, opt
             torch.cuda.empty_cache()
         print(f"  {mode:<5} lmforge {times['lmforge'] * 1e3:6.1f} ms/step, transformers{' + peft' if mode == 'lora' else ''}"

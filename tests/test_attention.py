@@ -190,3 +190,19 @@ def test_fast_attention_mask_on_the_query_device():
     q = torch.empty(1, 2, 3, 4, device="meta")
     k = v = torch.empty(1, 2, 5, 4, device="meta")
     assert attention(q, k, v).shape == (1, 2, 3, 4)
+
+
+def test_padded_positions_and_mask_by_hand():
+    """Two rows, the second with two padding columns, three queries over three keys: the padded row
+    counts positions from its first real token and never attends to its padding (a padding query
+    sees only itself)."""
+    from lmforge.attention import padded_positions_and_mask
+
+    pos, mask = padded_positions_and_mask(torch.tensor([0, 2]), torch.arange(3), 3)
+    assert pos.tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert mask.shape == (2, 1, 3, 3)
+    assert mask[0, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    assert mask[1, 0].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    # a later step (static cache of 5 columns, query column 3): the padded row sees columns 2 and 3
+    pos, mask = padded_positions_and_mask(torch.tensor([0, 2]), torch.tensor([3]), 5)
+    assert pos.tolist() == [[3], [1]] and mask[1, 0].int().tolist() == [[0, 0, 1, 1, 0]]

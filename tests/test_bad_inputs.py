@@ -636,3 +636,20 @@ def test_any_os_error_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err == "lmforge: error: Permission denied: /srv/models/x (no permission: choose a folder you can write " \
                   "to, or change its permissions)\n"
+
+
+@pytest.mark.slow
+def test_generate_reads_its_prompt_from_standard_input(w):
+    """`echo PROMPT | lmforge generate RUN`: the piped text is the prompt (echoed first); bytes that
+    are not UTF-8 are one line, exit code 2."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "lmforge", "generate", str(w / "run"), "--sample.max_new_tokens", "4",
+           "--sample.seed", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, input=b"Document 3.\n", capture_output=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.decode().startswith("Document 3."), r.stderr
+    r = subprocess.run(cmd, input=b"caf\xe9", capture_output=True, env=env, timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "not UTF-8 text (byte 3)" in err and len(err.strip().splitlines()) == 1, err

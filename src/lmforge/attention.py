@@ -72,14 +72,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
                                           enable_gqa=gqa)
 
 
-def padded_mask(pad: torch.Tensor, start: int, t: int) -> torch.Tensor:
-    """Boolean (B, 1, t, start + t) mask for left-padded rows: query column ``start + i`` sees the
-    keys at or before it that are not padding (column >= pad[b]). A padding query sees itself, so
-    that no softmax row is empty; what it computes is never used."""
-    q = torch.arange(start, start + t, device=pad.device)[:, None]      # (t, 1) query columns
-    k = torch.arange(start + t, device=pad.device)[None, :]             # (1, Tk) key columns
+def padded_positions_and_mask(pad: torch.Tensor, cols: torch.Tensor, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, t) and the attention mask (B, 1, t, n_keys) of the query columns ``cols`` (t,)
+    of left-padded rows, ``pad[b]`` padding columns at the start of row b: a row's positions count
+    from its first real token, and a query sees the keys at or before it that are not padding. A
+    padding query sees itself, so that no softmax row is empty; what it computes is never used."""
+    q = cols[:, None]                                                   # (t, 1) query columns
+    k = torch.arange(n_keys, device=cols.device)[None, :]               # (1, Tk) key columns
     allowed = (k <= q) & ((k >= pad[:, None, None]) | (k == q))         # (B, t, Tk)
-    return allowed[:, None]
+    return (cols[None] - pad[:, None]).clamp(min=0), allowed[:, None]
 
 
 class RotaryEmbedding(nn.Module):
@@ -159,16 +160,6 @@ class KVCache:
         """Switch to static mode after a prefill; ``advance`` then moves ``col`` in place."""
         self.static = True
         self.col.fill_(self.pos)
-
-    def static_positions_and_mask(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row positions (B, t) and the attention mask (B, 1, t, max_len) of the next ``t``
-        columns in static mode: each query sees the filled columns up to itself, minus padding."""
-        b = self.k[0].size(0)
-        q = self.col + torch.arange(t, device=self.col.device)                        # (t,) query columns
-        pad = self.pad if self.pad is not None else torch.zeros(b, dtype=torch.long, device=q.device)
-        keys = torch.arange(self.max_len, device=q.device)
-        allowed = (keys <= q[:, None]) & ((keys >= pad[:, None, None]) | (keys == q[:, None]))
-        return (q[None] - pad[:, None]).clamp(min=0), allowed[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's k, v for ``layer``; return all keys and values so far (in static

@@ -10,6 +10,7 @@ A classification run is an ``Assistant`` too: it answers with its label.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,7 @@ class Assistant:
 
     @classmethod
     def load(cls, spec: str, device: str | torch.device = "cpu", template: str | None = None,
-             dtype: str = "float32", compile: bool = False, quantize: str | None = None) -> "Assistant":
+             dtype: str = "float32", compile: bool = False, quantize: str | None = None) -> Assistant:
         """``dtype``: float32, bfloat16 or auto (bf16 where the hardware is fast at it);
         ``quantize``: None or "int8" (weight-only, see quantize.py)."""
         from .checkpoint import is_run_dir, read_run_config
@@ -169,7 +170,7 @@ class Conversation:
         """Stream the answer to ``text`` as text deltas; the answer (or what was written of it
         before a Ctrl-C) joins the conversation. Oldest turns that no longer fit are dropped
         with a notice; a question too long on its own is an error."""
-        from .generate import Decoder, TextStream
+        from .generate import stream_text
 
         a = self.assistant
         if a.template == "classify":
@@ -189,23 +190,12 @@ class Conversation:
             notice(f"[the oldest {dropped} message{'s' if dropped > 1 else ''} no longer fit in the context and "
                    "were dropped]")
         ids = a.prompt_ids(kept)
-        stream = TextStream(a.tokenizer, tuple(self.config.stop) + a.stop)
+        config = dataclasses.replace(self.config, stop=tuple(self.config.stop) + a.stop)  # and the template's
         answer = []
         try:
-            for step in Decoder(a.model, [ids], self.config, a.stop_ids, compile=a.compile):
-                tok = step[0]
-                if tok is None or tok.stop:
-                    break
-                delta = stream.push(tok.id)
-                if delta:
-                    answer.append(delta)
-                    yield delta
-                if stream.stopped:
-                    break
-            tail = stream.close()  # what was held back as a possible stop string ("C#" before "###")
-            if tail:
-                answer.append(tail)
-                yield tail
+            for delta in stream_text(a.model, a.tokenizer, ids, config, compile=a.compile):
+                answer.append(delta)
+                yield delta
         finally:  # also on Ctrl-C: what was written stays in the conversation
             self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
 

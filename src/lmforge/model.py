@@ -19,7 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import KVCache, MultiHeadAttention, RotaryEmbedding, padded_mask
+from .attention import (
+    KVCache,
+    MultiHeadAttention,
+    RotaryEmbedding,
+    padded_positions_and_mask,
+)
 from .config import ModelConfig
 from .fused_ce import IGNORE_INDEX, cross_entropy_reference, linear_cross_entropy
 
@@ -156,24 +161,23 @@ class GPT(nn.Module):
             pad = kv_cache.pad
         x = self.wte(idx)                                                 # (B, T, d)
         rope = mask = None
-        if static:  # a compiled decode step: positions and mask from the cache's column tensor
-            positions, mask = kv_cache.static_positions_and_mask(t)
+        if static or pad is not None:
+            # Per-row positions and a mask: left-padded rows, or a compiled decode step, whose
+            # columns come from the cache's column tensor and whose keys span the whole cache.
+            if static:
+                cols, n_keys = kv_cache.col + torch.arange(t, device=idx.device), kv_cache.max_len
+                pad = pad if pad is not None else torch.zeros(b, dtype=torch.long, device=idx.device)
+            else:
+                cols, n_keys = torch.arange(start, start + t, device=idx.device), start + t
+            positions, mask = padded_positions_and_mask(pad, cols, n_keys)
             if self.config.positions == "learned":
                 x = x + self.wpe(positions)
             else:
                 rope = self.rotary.at(positions)
-        elif pad is None:  # every row starts at column 0: positions are the columns
-            if self.config.positions == "learned":
-                x = x + self.wpe(torch.arange(start, start + t, device=idx.device))
-            else:
-                rope = self.rotary(start, t, idx.device)
-        else:  # left-padded rows: each row's positions start at its first real token
-            positions = (torch.arange(start, start + t, device=idx.device)[None] - pad[:, None]).clamp(min=0)
-            if self.config.positions == "learned":
-                x = x + self.wpe(positions)
-            else:
-                rope = self.rotary.at(positions)
-            mask = padded_mask(pad, start, t)
+        elif self.config.positions == "learned":  # every row starts at column 0: positions are the columns
+            x = x + self.wpe(torch.arange(start, start + t, device=idx.device))
+        else:
+            rope = self.rotary(start, t, idx.device)
         x = self.drop(x)
         for block in self.h:
             x = block(x, kv_cache, rope, mask)

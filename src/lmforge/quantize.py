@@ -60,7 +60,7 @@ def quantize_int8(model: nn.Module) -> int:
     embedding, which keeps its float table for lookups) for an Int8Linear; returns how many."""
     model.eval()
     swapped = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:  # exactly Linear: a LoRA layer is merged first (merge_lora)
                 setattr(module, child_name, Int8Linear(child))

@@ -268,6 +268,22 @@ def test_the_compiled_forward_is_kept_on_the_model_outside_its_state():
     model = _model(False)
     keys = set(model.state_dict())
     assert compiled(model) is compiled(model) and set(model.state_dict()) == keys
+    first = compiled(model)
+    with torch.no_grad():  # a graph with frozen weights must not outlive a change to them
+        next(model.parameters()).add_(1.0)
+    assert compiled(model) is not first and compiled(model) is compiled(model)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_follows_a_change_of_weights():
+    model = _model(True, ctx=64)
+    cfg = SampleConfig(max_new_tokens=6, temperature=0, stop_at_eos=False)
+    before = _ids(Decoder(model, [[1, 2, 3]], cfg, compile=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.5)
+    after = _ids(Decoder(model, [[1, 2, 3]], cfg, compile=True))
+    assert after == _ids(Decoder(model, [[1, 2, 3]], cfg)) and after != before
 
 
 def test_the_prefill_computes_logits_for_the_last_position_only(monkeypatch):

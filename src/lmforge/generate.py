@@ -248,12 +248,31 @@ class Decoder:
                 logits = self._forward(*self._repack(n, n - max(1, n // 4)))
 
 
+def _weights_key(model: torch.nn.Module) -> tuple:
+    """Which tensors the model holds and how often each was written in place: a frozen graph
+    (below) must be rebuilt when a weight is replaced (quantize, a LoRA merge) or updated
+    (training, load_state_dict)."""
+    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
 def compiled(model: torch.nn.Module) -> torch.nn.Module:
     """The model's forward through torch.compile, made once per model and kept on it (in its
-    __dict__, so it is neither a submodule nor in the state dict, and goes when the model goes)."""
-    if "_compiled_forward" not in model.__dict__:
-        model.__dict__["_compiled_forward"] = torch.compile(model, dynamic=False)
-    return model.__dict__["_compiled_forward"]
+    __dict__, so it is neither a submodule nor in the state dict, and goes when the model goes).
+
+    On the CPU the graph is frozen and wrapped in C++: freezing makes the weights constants, so
+    Inductor folds them and lays the matrices out once for the CPU's matmul kernels (a copy of
+    the weights, kept beside the model's), and the C++ wrapper calls the graph's kernels without
+    a Python line per operation. A decode step is hundreds of small operations, so this is what
+    turns per-operation overhead into time spent reading weights (benchmarks/decode_speed.py).
+    Because frozen weights are copies, a changed weight makes a new graph (``_weights_key``)."""
+    key = _weights_key(model)
+    entry = model.__dict__.get("_compiled_forward")
+    if entry is None or entry[0] != key:
+        cpu = next(model.parameters()).device.type == "cpu"
+        options = {"freezing": True, "cpp_wrapper": True} if cpu else None
+        entry = (key, torch.compile(model, dynamic=False, options=options))
+        model.__dict__["_compiled_forward"] = entry
+    return entry[1]
 
 
 def generate(model: torch.nn.Module, idx: torch.Tensor, config: SampleConfig = SampleConfig(),

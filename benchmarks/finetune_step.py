@@ -8,11 +8,14 @@ forward, next-token loss, backward, AdamW, on the same token batch, in the same 
     lora: rank-16 adapters (alpha 16) on the attention and MLP projections; the rest frozen
           (peft: q, k, v, o, gate, up, down; lmforge: the fused qkv, o, gate, up, down)
 
-Each contender runs in its own fresh subprocess with the same thread count.
+Each contender runs in its own fresh subprocess with the same thread count. ``--compile`` adds
+both compiled: lmforge as ``--train.compile true`` does it (each block through torch.compile), and
+transformers through ``model.compile()`` (what its Trainer's ``torch_compile=True`` does).
 
     pip install -e ".[bench]"
     python benchmarks/finetune_step.py                       # full and lora, fp32 and bf16
     python benchmarks/finetune_step.py --modes lora --dtypes bfloat16 --steps 3
+    python benchmarks/finetune_step.py --device cuda --dtypes bfloat16 --compile
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import time
 BATCH, CTX = 4, 256
 
 
-def worker(contender: str, mode: str, dtype_name: str, steps: int, threads: int) -> dict:
+def worker(contender: str, mode: str, dtype_name: str, steps: int, threads: int, device: str = "cpu",
+           compile: bool = False) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -47,6 +51,10 @@ def worker(contender: str, mode: str, dtype_name: str, steps: int, threads: int)
         set_trainable(model, FinetuneConfig(trainable="all" if mode == "full" else "lora"), LoRAConfig(rank=16,
                       alpha=16), head_trains=False)
         prepare_for_training(model)
+        model.to(device)
+        if compile:  # as fit() does with --train.compile true
+            for block in model.h:
+                block.compile()
         opt = make_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.0))
 
         def loss_of(x, y):
@@ -65,7 +73,11 @@ def worker(contender: str, mode: str, dtype_name: str, steps: int, threads: int)
 
             model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=[
                 "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+        model.to(device)
+        if compile:
+            model.compile()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0,
+                                fused=device == "cuda")
 
         def loss_of(x, y):
             logits = model(input_ids=x).logits
@@ -74,18 +86,18 @@ def worker(contender: str, mode: str, dtype_name: str, steps: int, threads: int)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 49152, (BATCH, CTX), generator=gen)
-    y = torch.randint(0, 49152, (BATCH, CTX), generator=gen)
+    x = torch.randint(0, 49152, (BATCH, CTX), generator=gen).to(device)
+    y = torch.randint(0, 49152, (BATCH, CTX), generator=gen).to(device)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype_name == "bfloat16"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype_name == "bfloat16"):
             loss = loss_of(x, y)
         loss.backward()
         opt.step()
         zero()
         return loss.item()
 
-    for _ in range(2):
+    for _ in range(3 if compile else 2):
         step()
     times = []
     for _ in range(steps):
@@ -97,36 +109,48 @@ def worker(contender: str, mode: str, dtype_name: str, steps: int, threads: int)
 
 
 def main() -> None:
+    global BATCH, CTX
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=BATCH, help="rows per step")
+    ap.add_argument("--ctx", type=int, default=CTX, help="tokens per row")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--compile", action="store_true", help="also both contenders compiled")
     ap.add_argument("--worker", nargs=3, metavar=("CONTENDER", "MODE", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    BATCH, CTX = args.batch, args.ctx
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.steps, args.threads)))
+        contender, compile = args.worker[0].removesuffix("+compile"), args.worker[0].endswith("+compile")
+        print(json.dumps(worker(contender, *args.worker[1:], args.steps, args.threads, args.device, compile)))
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    print(f"SmolLM2-135M shape, batch {BATCH} x {CTX} tokens, {args.threads} threads, median of {args.steps} steps")
-    print(f"{'contender':<24}{'mode':<6}{'dtype':<10}{'trainable':>12}{'step (s)':>10}{'tokens/s':>10}")
+    print(f"SmolLM2-135M shape, batch {BATCH} x {CTX} tokens, {args.device}, {args.threads} threads, "
+          f"median of {args.steps} steps")
+    print(f"{'contender':<27}{'mode':<6}{'dtype':<10}{'trainable':>12}{'step (s)':>10}{'tokens/s':>10}")
     for dtype in args.dtypes:
         for mode in args.modes:
             got = {}
-            for c in ("lmforge", "transformers+peft" if mode == "lora" else "transformers"):
-                out = subprocess.run([sys.executable, __file__, "--worker", c.split("+")[0], mode, dtype,
-                                      "--steps", str(args.steps), "--threads", str(args.threads)],
+            peer = "transformers+peft" if mode == "lora" else "transformers"
+            for c in ("lmforge", peer, *(("lmforge+compile", peer + "+compile") if args.compile else ())):
+                worker_name = c.split("+")[0] + ("+compile" if c.endswith("+compile") else "")
+                out = subprocess.run([sys.executable, __file__, "--worker", worker_name, mode, dtype,
+                                      "--steps", str(args.steps), "--threads", str(args.threads),
+                                      "--device", args.device, "--batch", str(BATCH), "--ctx", str(CTX)],
                                      capture_output=True, text=True, env=env)
                 if out.returncode != 0:
-                    print(f"{c:<24}{mode:<6}{dtype:<10} failed: {out.stderr.strip().splitlines()[-1:]}")
+                    print(f"{c:<27}{mode:<6}{dtype:<10} failed: {out.stderr.strip().splitlines()[-1:]}")
                     continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 got[c] = r["median_s"]
-                print(f"{c:<24}{mode:<6}{dtype:<10}{r['trainable']:>12,}{r['median_s']:>10.3f}"
+                print(f"{c:<27}{mode:<6}{dtype:<10}{r['trainable']:>12,}{r['median_s']:>10.3f}"
                       f"{BATCH * CTX / r['median_s']:>10,.0f}")
-            if len(got) == 2:
-                ours, peer = got["lmforge"], next(v for k, v in got.items() if k != "lmforge")
-                print(f"ratio lmforge / peer ({mode}, {dtype}): {peer / ours:.2f}x faster")
+            for suffix in ("", "+compile"):
+                if "lmforge" + suffix in got and peer + suffix in got:
+                    print(f"ratio lmforge{suffix} / {peer}{suffix} ({mode}, {dtype}): "
+                          f"{got[peer + suffix] / got['lmforge' + suffix]:.2f}x faster")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,723 @@
+"""Multiple choice by log-likelihood, scored the way lm-evaluation-harness scores it.
+
+An item is a context, a few choices and the index of the right one. Each choice follows the
+context after one space (the harness's ``target_delimiter``); its score is the summed
+log-probability of its tokens given the context. The prediction is the best score (``acc``),
+or the best score per character of the choice (``acc_norm``, which takes away the advantage
+of short choices). A k-shot prompt puts k solved items, drawn with a seed, before the context.
+
+Readers (``read_task``): HellaSwag JSONL, BIG-bench ``task.json`` and a plain JSONL of
+``{"context", "choices", "label"}``.
+
+Scoring (``loglikelihoods``) runs each distinct context once and shares its keys and values
+with all of its continuations; many contexts go into one left-padded batch, sorted by length
+so that little of it is padding. ``loglikelihood_reference`` scores one request with a plain
+forward pass over the whole sequence: the two agree (a test holds them to 1e-4 in fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import LmforgeError
+from .precision import autocast
+
+TARGET_DELIMITER = " "  # between a context and a choice (the harness's default)
+FEWSHOT_DELIMITER = "\n\n"  # between the solved examples of a k-shot prompt
+RESULTS_FORMAT = "lmforge-eval-choice"
+SUITE_FORMAT = "lmforge-eval-suite"
+SUITE_FILES = ("suite.md", "suite.json")
+
+
+@dataclass
+class ChoiceItem:
+    """One question: the context, the choices (without the space that joins them to the context)
+    and the index of the right choice."""
+
+    context: str
+    choices: list[str]
+    label: int
+
+
+# ---------------------------------------------------------------------------- readers
+
+def read_task(path: str | Path) -> list[ChoiceItem]:
+    """The items of a task file, its layout recognised from its content: a BIG-bench ``task.json``
+    (a JSON object with ``examples``; a folder holding one is accepted too), HellaSwag JSONL
+    (records with ``endings``) or plain JSONL ``{"context", "choices", "label"}``. Any problem
+    raises LmforgeError naming the file, the line and the fix. Items skipped on purpose (BIG-bench
+    examples with no single best answer) are reported as a warning."""
+    items, _, notes = _read_task(path)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return items
+
+
+def _read_task(path: str | Path) -> tuple[list[ChoiceItem], str, list[str]]:
+    """(items, layout name, notes about skipped items)."""
+    path = Path(path)
+    if path.is_dir() and (path / "task.json").is_file():
+        path = path / "task.json"
+    text = _read_text(path)
+    if not text.strip():
+        raise LmforgeError(f"{path} is empty: it holds no items; give a task file with at least one item")
+    records = _json_records(path, text)
+    if isinstance(records, dict):
+        items, notes = _bigbench_items(path, records)
+        return items, "bigbench", notes
+    if not records:
+        raise LmforgeError(f"{path} holds no items; give a task file with at least one item")
+    first = records[0][1]
+    if isinstance(first, dict) and ("endings" in first or "ctx_a" in first or "activity_label" in first):
+        return [_hellaswag_item(path, where, rec) for where, rec in records], "hellaswag", []
+    return [_plain_item(path, where, rec) for where, rec in records], "plain", []
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise LmforgeError(f"task file {path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise LmforgeError(f"{path} is a folder without a task.json; give a task file") from None
+    except OSError as e:
+        raise LmforgeError(f"cannot read task file {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the data
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise LmforgeError(f"{path} is not UTF-8 text (byte {e.start}, line {line}); save it as UTF-8") from None
+
+
+def _json_records(path: Path, text: str) -> dict | list[tuple[str, object]]:
+    """A BIG-bench task object, or (where, record) pairs from JSON lines (or a JSON array)."""
+    stripped = text.lstrip()
+    if stripped[:1] in "{[":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as e:
+            # 'Extra data' after a first complete value: JSON lines, read below line by line.
+            if e.msg != "Extra data" and path.suffix == ".json" and "\n" in stripped.strip():
+                raise LmforgeError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                                   "fix the file") from None
+        else:
+            if isinstance(whole, dict) and "examples" in whole:
+                return whole
+            if isinstance(whole, dict) and path.name == "task.json":
+                raise LmforgeError(f"{path} has no 'examples' (a BIG-bench task with subtasks keeps them in its "
+                                   "subfolders); give one subtask's task.json")
+            if isinstance(whole, list):
+                return [(f"record {i + 1}", rec) for i, rec in enumerate(whole)]
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"line {n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path}: line {n} is not valid JSON ({e.msg}, column {e.colno}); each line must be "
+                               "one JSON object") from None
+    return records
+
+
+def _json_type(value: object) -> str:
+    names = {str: "a string", list: "an array", dict: "an object", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _field(path: Path, where: str, rec: object, name: str, layout: str, fields: str):
+    if not isinstance(rec, dict):
+        raise LmforgeError(f"{path}: {where} is {_json_type(rec)}, not an object; {layout} records are "
+                           f"objects with {fields}")
+    if name not in rec or rec[name] is None:
+        raise LmforgeError(f"{path}: {where} has no {name!r} field; {layout} records need {fields}")
+    return rec[name]
+
+
+def _string(path: Path, where: str, value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise LmforgeError(f"{path}: {where}: {name} is {_json_type(value)}, not a string; give text")
+    return value
+
+
+def _label(path: Path, where: str, value: object, n_choices: int) -> int:
+    """An index into the choices: an integer, or a string of digits (HellaSwag on the HF hub)."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LmforgeError(f"{path}: {where}: label {value!r} is not an integer; give the index of the right "
+                           "choice (0 for the first)")
+    if not 0 <= value < n_choices:
+        raise LmforgeError(f"{path}: {where}: label {value} is out of range for {n_choices} choices; give an index "
+                           f"from 0 to {n_choices - 1}")
+    return value
+
+
+def _checked_choices(path: Path, where: str, choices: object) -> list[str]:
+    if not isinstance(choices, list):
+        raise LmforgeError(f"{path}: {where}: the choices are {_json_type(choices)}, not a list; give a list "
+                           "of strings")
+    if not choices:
+        raise LmforgeError(f"{path}: {where}: the choice list is empty; give at least one choice")
+    seen: set[str] = set()
+    for i, c in enumerate(choices):
+        c = _string(path, where, c, f"choice {i}")
+        if not c:
+            # acc_norm divides by the choice's length, and an empty choice has no tokens to score
+            raise LmforgeError(f"{path}: {where}: choice {i} is empty; give every choice some text")
+        if c in seen:
+            raise LmforgeError(f"{path}: {where}: the choice {c!r} appears twice; choices must differ")
+        seen.add(c)
+    return list(choices)
+
+
+PLAIN_FIELDS = "'context' (text), 'choices' (a list of texts) and 'label' (the index of the right choice)"
+
+
+def _plain_item(path: Path, where: str, rec: object) -> ChoiceItem:
+    context = _string(path, where, _field(path, where, rec, "context", "plain", PLAIN_FIELDS), "context")
+    choices = _checked_choices(path, where, _field(path, where, rec, "choices", "plain", PLAIN_FIELDS))
+    label = _label(path, where, _field(path, where, rec, "label", "plain", PLAIN_FIELDS), len(choices))
+    return ChoiceItem(context, choices, label)
+
+
+HELLASWAG_FIELDS = "'activity_label', 'ctx_a' and 'ctx_b' (or 'ctx'), 'endings' and 'label'"
+
+
+def hellaswag_preprocess(text: str) -> str:
+    """lm-evaluation-harness' clean-up of HellaSwag text: WikiHow's '[title]' becomes a sentence
+    end, other bracketed markers go, double spaces become one."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _hellaswag_item(path: Path, where: str, rec: object) -> ChoiceItem:
+    def field(name: str):
+        return _field(path, where, rec, name, "HellaSwag", HELLASWAG_FIELDS)
+
+    activity = _string(path, where, field("activity_label"), "activity_label")
+    if isinstance(rec, dict) and ("ctx_a" in rec or "ctx_b" in rec or "ctx" not in rec):
+        ctx_a = _string(path, where, field("ctx_a"), "ctx_a")
+        ctx_b = _string(path, where, field("ctx_b"), "ctx_b")
+        ctx = ctx_a + " " + ctx_b.capitalize()  # str.capitalize lowers the rest too, as the harness does
+    else:
+        ctx = _string(path, where, field("ctx"), "ctx")
+    endings = field("endings")
+    if isinstance(endings, list):
+        endings = [hellaswag_preprocess(_string(path, where, e, f"ending {i}")) for i, e in enumerate(endings)]
+    choices = _checked_choices(path, where, endings)
+    label = _label(path, where, field("label"), len(choices))
+    return ChoiceItem(hellaswag_preprocess(activity + ": " + ctx), choices, label)
+
+
+BIGBENCH_FIELDS = "'input' (text) and 'target_scores' (an object: choice -> score)"
+
+
+def _bigbench_items(path: Path, task: dict) -> tuple[list[ChoiceItem], list[str]]:
+    """Items of a BIG-bench JSON task, formatted as BIG-bench (and the harness' BIG-bench JSON task)
+    format them: input prefix, the input, the choices listed in BIG-bench's fixed shuffled order,
+    output prefix (its trailing space is the delimiter). The label is the choice with the highest
+    target score; an example whose top score is shared has no single right answer and is skipped
+    (and reported), since accuracy against any one of them would be wrong."""
+    import numpy as np
+
+    examples = task["examples"]
+    if not isinstance(examples, list) or not examples:
+        raise LmforgeError(f"{path}: 'examples' is empty or not a list; a BIG-bench task needs a list of examples")
+    input_prefix = str(task.get("example_input_prefix", "\nQ: "))
+    output_prefix = str(task.get("example_output_prefix", "\nA: "))
+    choice_prefix = str(task.get("choice_prefix", "\n  choice: "))
+    append_choices = bool(task.get("append_choices_to_input", True))
+    items, tied = [], []
+    for i, ex in enumerate(examples):
+        where = f"example {i + 1}"
+        text = _string(path, where, _field(path, where, ex, "input", "BIG-bench", BIGBENCH_FIELDS), "input")
+        if isinstance(ex, dict) and "target_scores" not in ex and "target" in ex:
+            raise LmforgeError(f"{path}: {where} has a 'target' but no 'target_scores': a generative task; lmforge "
+                               "scores multiple-choice tasks (examples with target_scores)")
+        scores = _field(path, where, ex, "target_scores", "BIG-bench", BIGBENCH_FIELDS)
+        if not isinstance(scores, dict):
+            raise LmforgeError(f"{path}: {where}: target_scores is {_json_type(scores)}, not an object; give "
+                               "choice -> score")
+        choices = _checked_choices(path, where, list(scores))
+        values = list(scores.values())
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            raise LmforgeError(f"{path}: {where}: every target score must be a number; give e.g. 1 for the right "
+                               "choice and 0 for the others")
+        best = max(values)
+        if values.count(best) > 1:
+            tied.append(i + 1)
+            continue
+        if append_choices:  # BIG-bench's order: the sorted choices permuted by a generator seeded 42
+            shown = np.random.RandomState(seed=42).permutation(sorted(choices))
+            text = text + choice_prefix + choice_prefix.join(shown)
+        context = (input_prefix + text + output_prefix).rstrip(" ")
+        items.append(ChoiceItem(context, choices, values.index(best)))
+    notes = []
+    if tied:
+        shown = ", ".join(map(str, tied[:10])) + (", ..." if len(tied) > 10 else "")
+        notes.append(f"{path}: skipped {len(tied)} of {len(examples)} examples whose highest target score is "
+                     f"shared by several choices (no single right answer): examples {shown}")
+    if not items:
+        raise LmforgeError(f"{path}: no example has a single best choice; nothing to score")
+    return items, notes
+
+
+# ---------------------------------------------------------------------------- requests to tokens
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, disallowed_special=())  # '<|endoftext|>' in data is text, not a token
+
+
+def encode_request(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as the harness makes them: trailing whitespace of the context
+    moves onto the continuation; the context and the whole are encoded, and the continuation is the
+    whole's ids after the context's (so a token that spans the join is the continuation's). An empty
+    context becomes the tokenizer's ``eos_id`` (its end-of-text token, or a chat model's own end
+    token: what the harness's ``prefix_token_id`` is, the HF tokenizer's eos)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if not context:
+        eos = tokenizer.eos_id
+        if eos is None:
+            raise LmforgeError("an item has an empty context and the tokenizer has no end-of-text token to stand "
+                               "for it; give every item a context")
+        return [eos], _encode(tokenizer, continuation)
+    ctx = _encode(tokenizer, context)
+    return ctx, _encode(tokenizer, context + continuation)[len(ctx):]
+
+
+@dataclass
+class _Request:
+    index: int
+    context: list[int]  # cut from the left so that context + continuation fit the window (+1, see below)
+    continuation: list[int]
+    truncated: int
+
+
+def _requests(tokenizer, pairs: Sequence[tuple[str, str]], window: int) -> list[_Request]:
+    out = []
+    memo: dict[str, list[int]] = {}  # a context shared by four choices is encoded once
+    for i, (context, continuation) in enumerate(pairs):
+        if not isinstance(context, str) or not isinstance(continuation, str):
+            raise LmforgeError(f"request {i}: the context and the continuation must be strings")
+        if context.rstrip() == context and context:
+            ctx = memo.get(context)
+            if ctx is None:
+                ctx = memo[context] = _encode(tokenizer, context)
+            cont = _encode(tokenizer, context + continuation)[len(ctx):]
+        else:
+            ctx, cont = encode_request(tokenizer, context, continuation)
+        if not cont:
+            raise LmforgeError(f"request {i}: the continuation {continuation!r} encodes to no tokens; give every "
+                               "choice some text")
+        if len(cont) > window:
+            raise LmforgeError(f"request {i}: the continuation is {len(cont)} tokens, longer than the model's window "
+                               f"({window}); shorten the choice or use a model with a longer context")
+        # The first token is never predicted, so window + 1 tokens fit one pass (as in the harness).
+        cut = max(0, len(ctx) + len(cont) - (window + 1))
+        out.append(_Request(i, ctx[cut:], cont, cut))
+    return out
+
+
+# ---------------------------------------------------------------------------- scoring
+
+@torch.no_grad()
+def loglikelihood_reference(model: torch.nn.Module, tokenizer, context: str, continuation: str,
+                            dtype: torch.dtype = torch.float32) -> tuple[float, bool, int]:
+    """One request scored the plain way: one forward pass over its last window + 1 tokens
+    (the harness's method). The reference that ``loglikelihoods`` is tested against."""
+    window = model.config.context_length
+    (req,) = _requests(tokenizer, [(context, continuation)], window)
+    seq = req.context + req.continuation
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(device, dtype):
+            logits = model(torch.tensor([seq[:-1]], device=device))[0].float()
+    finally:
+        model.train(was_training)
+    n = len(req.continuation)
+    picked = logits[len(seq) - 1 - n:]                                  # (n, V): predict each continuation token
+    target = torch.tensor(req.continuation, device=device)
+    logp = torch.log_softmax(picked, -1)[torch.arange(n, device=device), target]
+    return float(logp.sum()), bool((picked.argmax(-1) == target).all()), n
+
+
+@torch.no_grad()
+def loglikelihoods(model: torch.nn.Module, tokenizer, requests: list[tuple[str, str]], batch_size: int = 16,
+                   dtype: torch.dtype = torch.float32, progress: bool = False,
+                   stats: dict | None = None) -> list[tuple[float, bool, int]]:
+    """For each (context, continuation): (summed log p of the continuation's tokens given the context,
+    whether each of them is the model's greedy choice, how many there are), in the order given.
+
+    Contexts longer than the window lose tokens from the left; pass a dict as ``stats`` to get
+    ``truncated`` (how many requests were cut) and ``truncated_tokens`` (per request, in order).
+    ``batch_size`` counts continuations scored together."""
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise LmforgeError(f"batch_size must be >= 1, got {batch_size}")
+    window = model.config.context_length
+    reqs = _requests(tokenizer, requests, window)
+    if stats is not None:
+        stats["truncated_tokens"] = [r.truncated for r in reqs]
+        stats["truncated"] = sum(1 for r in reqs if r.truncated)
+    results: list[tuple[float, bool, int] | None] = [None] * len(reqs)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=len(reqs), desc="scoring", unit="choice", disable=not progress, dynamic_ncols=True) as bar:
+            for batch in _batches(reqs, batch_size, window):
+                for r, (logp, greedy) in zip((r for group in batch for r in group),
+                                             _score_batch(model, batch, dtype, device)):
+                    results[r.index] = (logp, greedy, len(r.continuation))
+                bar.update(sum(len(g) for g in batch))
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def _batches(reqs: list[_Request], batch_size: int, window: int) -> list[list[list[_Request]]]:
+    """Batches of groups: a group is requests with the same context (at most ``batch_size`` of
+    them), a batch is groups with at most ``batch_size`` requests in all. Longest first, so that
+    neighbours in a batch have similar lengths (little padding) and memory runs out, if it does,
+    at the start. In a batch the longest context and the longest continuation must fit the
+    window together: every row is as wide as both."""
+    by_context: dict[tuple[int, ...], list[_Request]] = {}
+    for r in reqs:
+        by_context.setdefault(tuple(r.context), []).append(r)
+    groups = [g[i:i + batch_size] for g in by_context.values() for i in range(0, len(g), batch_size)]
+    groups.sort(key=lambda g: (len(g[0].context) + max(len(r.continuation) for r in g), len(g[0].context)),
+                reverse=True)
+    batches: list[list[list[_Request]]] = []
+    rows = ctx = cont = 0
+    for g in groups:
+        g_ctx, g_cont = len(g[0].context), max(len(r.continuation) for r in g)
+        if not batches or rows + len(g) > batch_size or max(ctx, g_ctx) + max(cont, g_cont) - 1 > window:
+            batches.append([])
+            rows = ctx = cont = 0
+        batches[-1].append(g)
+        rows, ctx, cont = rows + len(g), max(ctx, g_ctx), max(cont, g_cont)
+    return batches
+
+
+def _score_batch(model, groups: list[list[_Request]], dtype: torch.dtype, device) -> list[tuple[float, bool]]:
+    """Two passes: the groups' contexts, left-padded, fill a KV cache; the cache is copied to one
+    row per continuation and the continuations (all tokens but the last, right-padded) run on it.
+    Row r's logits for its continuation are the last context position's, then its own."""
+    from .attention import KVCache
+
+    cfg = model.config
+    lengths = [len(g[0].context) for g in groups]
+    width = max(lengths)
+    x = torch.zeros((len(groups), width), dtype=torch.long)
+    for i, g in enumerate(groups):
+        x[i, width - lengths[i]:] = torch.tensor(g[0].context)
+    pad = torch.tensor([width - n for n in lengths], device=device)
+    pad = pad if bool(pad.any()) else None  # an unpadded batch takes the plain causal path
+    cache_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
+    cache = KVCache(cfg, len(groups), width, device, cache_dtype, pad)
+    with autocast(device, dtype):
+        last = model(x.to(device), cache, last_only=True)[:, -1].float()            # (G, V)
+
+    rows = [r for g in groups for r in g]
+    owner = torch.tensor([i for i, g in enumerate(groups) for _ in g], device=device)
+    longest = max(len(r.continuation) for r in rows)
+    target = torch.zeros((len(rows), longest), dtype=torch.long)
+    for j, r in enumerate(rows):
+        target[j, :len(r.continuation)] = torch.tensor(r.continuation)
+    target = target.to(device)
+    logits = last.index_select(0, owner)[:, None]                                   # (R, 1, V)
+    if longest > 1:
+        shared = KVCache(cfg, len(rows), width + longest - 1, device, cache_dtype,
+                         None if pad is None else pad.index_select(0, owner))
+        for layer in range(cfg.n_layer):
+            shared.k[layer][:, :, :width] = cache.k[layer].index_select(0, owner)
+            shared.v[layer][:, :, :width] = cache.v[layer].index_select(0, owner)
+        shared.pos = width
+        with autocast(device, dtype):
+            rest = model(target[:, :-1], shared).float()                            # (R, longest - 1, V)
+        logits = torch.cat([logits, rest], 1)                                       # (R, longest, V)
+    lens = torch.tensor([len(r.continuation) for r in rows], device=device)
+    valid = torch.arange(longest, device=device)[None] < lens[:, None]              # (R, longest)
+    logp = logits.gather(-1, target[..., None])[..., 0] - logits.logsumexp(-1)
+    greedy = (logits.argmax(-1) == target) | ~valid
+    sums = (logp * valid).sum(1)
+    return [(float(s), bool(g)) for s, g in zip(sums.tolist(), greedy.all(1).tolist())]
+
+
+# ---------------------------------------------------------------------------- multiple-choice evaluation
+
+def _key(item: ChoiceItem) -> tuple:
+    return item.context, tuple(item.choices), item.label
+
+
+def build_contexts(items: list[ChoiceItem], shots: int = 0, seed: int = 1234,
+                   fewshot_items: list[ChoiceItem] | None = None) -> list[str]:
+    """Each item's prompt: ``shots`` solved examples (context, space, right choice) joined by blank
+    lines, a blank line, then the item's context. Examples are drawn as the harness draws them: one
+    generator seeded once, items in order, ``shots + 1`` drawn when the pool holds the item (which
+    is then dropped: an item is never its own example), else ``shots``. The pool is
+    ``fewshot_items``, else the items themselves."""
+    if shots < 0:
+        raise LmforgeError(f"--shots must be >= 0, got {shots}")
+    if shots == 0:
+        return [item.context for item in items]
+    pool = items if fewshot_items is None else fewshot_items
+    pool_keys = {_key(p) for p in pool}
+    rng = random.Random(seed)
+    contexts = []
+    for item in items:
+        key = _key(item)
+        own = key in pool_keys
+        if len(pool) < shots + own:
+            raise LmforgeError(f"{shots}-shot needs at least {shots + own} items to draw examples from "
+                               f"{'besides the item itself ' if own else ''}but there are {len(pool)}; "
+                               "give fewer --shots or more items")
+        drawn = [p for p in rng.sample(pool, shots + own) if _key(p) != key][:shots]
+        solved = [p.context + TARGET_DELIMITER + p.choices[p.label] for p in drawn]
+        contexts.append(FEWSHOT_DELIMITER.join(solved) + FEWSHOT_DELIMITER + item.context)
+    return contexts
+
+
+def _stderr(hits: list[bool]) -> float | None:
+    """Standard error of a mean of 0/1 scores (sample standard deviation, as the harness reports);
+    None for a single item (JSON has no NaN)."""
+    n = len(hits)
+    if n < 2:
+        return None
+    p = sum(hits) / n
+    return math.sqrt(p * (1 - p) * n / (n - 1) / n)
+
+
+def _first_max(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: values[i])  # ties: the first, as numpy's argmax
+
+
+def evaluate_choice(model: torch.nn.Module, tokenizer, items: list[ChoiceItem], shots: int = 0, seed: int = 1234,
+                    batch_size: int = 16, dtype: torch.dtype = torch.float32,
+                    fewshot_items: list[ChoiceItem] | None = None, progress: bool = False) -> dict:
+    """Accuracy (``acc``) and length-normalised accuracy (``acc_norm``: summed log-probability
+    divided by the choice's length in characters) over the items, with every item's scores."""
+    if not items:
+        raise LmforgeError("no items to evaluate; give a task with at least one item")
+    contexts = build_contexts(items, shots, seed, fewshot_items)
+    requests = [(ctx, TARGET_DELIMITER + c) for ctx, item in zip(contexts, items) for c in item.choices]
+    stats: dict = {}
+    t0 = time.perf_counter()
+    scores = loglikelihoods(model, tokenizer, requests, batch_size, dtype, progress, stats=stats)
+    seconds = time.perf_counter() - t0
+    per_item, at = [], 0
+    for i, item in enumerate(items):
+        k = len(item.choices)
+        mine, cut = scores[at:at + k], stats["truncated_tokens"][at:at + k]
+        at += k
+        logprobs = [s[0] for s in mine]
+        normed = [lp / len(c) for lp, c in zip(logprobs, item.choices)]
+        pred, pred_norm = _first_max(logprobs), _first_max(normed)
+        per_item.append({"index": i, "label": item.label, "pred": pred, "pred_norm": pred_norm,
+                         "correct": pred == item.label, "correct_norm": pred_norm == item.label,
+                         "logprobs": logprobs, "logprobs_norm": normed, "tokens": [s[2] for s in mine],
+                         "greedy": [s[1] for s in mine], "truncated_tokens": max(cut)})
+    hits = [r["correct"] for r in per_item]
+    hits_norm = [r["correct_norm"] for r in per_item]
+    return {"settings": {"shots": shots, "seed": seed, "fewshot_pool": "items" if fewshot_items is None
+                         else f"{len(fewshot_items)} separate items", "target_delimiter": TARGET_DELIMITER,
+                         "fewshot_delimiter": FEWSHOT_DELIMITER, "acc_norm": "log-probability / characters",
+                         "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch.")},
+            "acc": sum(hits) / len(hits), "acc_stderr": _stderr(hits),
+            "acc_norm": sum(hits_norm) / len(hits_norm), "acc_norm_stderr": _stderr(hits_norm),
+            "n": len(items), "truncated": sum(1 for r in per_item if r["truncated_tokens"]),
+            "requests": len(requests), "seconds": seconds, "items": per_item}
+
+
+# ---------------------------------------------------------------------------- commands
+
+def _is_results_file(path: Path) -> bool:
+    """A results JSON this command wrote (it may be replaced without --overwrite)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(200)
+    except OSError:
+        return False
+    return f'"format": "{RESULTS_FORMAT}"'.encode() in head
+
+
+def _check_args(shots: int, batch_size: int, limit: int | None, dtype: str) -> torch.dtype:
+    from .precision import default_device, resolve_dtype
+
+    if shots < 0:
+        raise LmforgeError(f"--shots must be >= 0, got {shots}")
+    if batch_size < 1:
+        raise LmforgeError(f"--batch_size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise LmforgeError(f"--limit must be >= 1 (or left out: every item), got {limit}")
+    return resolve_dtype(dtype, default_device())
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _task_name(path: Path) -> str:
+    return path.parent.name if path.name == "task.json" else path.stem
+
+
+def run_choice_eval(model_spec: str, task_path: str, shots: int = 0, seed: int = 1234, batch_size: int = 16,
+                    dtype: str = "float32", limit: int | None = None, out: str | None = None,
+                    overwrite: bool = False, progress: bool = True) -> dict:
+    """``lmforge eval choice``: one model on one task file; prints a summary and, with ``out``,
+    writes the results JSON (settings, every item's scores, the task file's sha256). The output
+    is checked before any work: never an input, never someone else's file unless ``overwrite``.
+    ``limit`` scores the first N items; k-shot examples are still drawn from all of them."""
+    from . import __version__, atomic
+    from .models import load_language_model
+    from .outputs import check_output
+    from .precision import default_device
+
+    compute = _check_args(shots, batch_size, limit, dtype)
+    if out is not None:
+        check_output(out, kind="file", what="a results file of `lmforge eval choice`", own_kind=_is_results_file,
+                     inputs=[model_spec, task_path], overwrite=overwrite)
+    items, layout, notes = _read_task(task_path)
+    for note in notes:
+        print(f"lmforge: warning: {note}", file=sys.stderr)
+    chosen = items[:limit] if limit is not None else items
+    model, tok = load_language_model(model_spec, default_device())
+    res = evaluate_choice(model, tok, chosen, shots, seed, batch_size, compute,
+                          fewshot_items=items if len(chosen) < len(items) else None, progress=progress)
+    path = Path(task_path)
+    result = {"format": RESULTS_FORMAT, "model": model_spec,
+              "task": {"path": str(path), "name": _task_name(path), "layout": layout,
+                       "sha256": atomic.sha256_file(path / "task.json" if path.is_dir() else path),
+                       "items": len(items), "limit": limit},
+              **res, "warnings": notes, "lmforge_version": __version__, "time": _now()}
+    print(f"{_task_name(path)}: acc {res['acc']:.4f}  acc_norm {res['acc_norm']:.4f}  ({res['n']} items, "
+          f"{shots}-shot, {res['truncated']} truncated, {res['seconds']:.1f} s)")
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        print(f"wrote {atomic.write_json(out, result)}")
+    return result
+
+
+def _is_suite_dir(path: Path) -> bool:
+    from .outputs import read_json_head
+
+    head = read_json_head(path / "suite.json")
+    return head is not None and head.get("format") == SUITE_FORMAT
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    names: list[str] = []
+    for p in paths:
+        name, n = _task_name(p), 2
+        while name in names:
+            name, n = f"{_task_name(p)}-{n}", n + 1
+        names.append(name)
+    return names
+
+
+def suite_table(result: dict) -> str:
+    """The suite as a Markdown table: a row per model, acc and acc_norm per task, bits per byte."""
+    tasks = [t["name"] for t in result["tasks"]]
+    header = ["model", *(f"{t} {m}" for t in tasks for m in ("acc", "acc_norm"))]
+    if result["text"] is not None:
+        header.append("bits/byte")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model in result["models"]:
+        row = result["results"][model]
+        cells = [model, *(f"{row['tasks'][t][m]:.4f}" for t in tasks for m in ("acc", "acc_norm"))]
+        if result["text"] is not None:
+            cells.append(f"{row['bits_per_byte']:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    s = result["settings"]
+    notes = [f"{t['name']}: {t['path']}, {t['n']} items" + (f" (of {t['items']})" if t["n"] != t["items"] else "")
+             + (f", {t['truncated']} truncated in some model" if t["truncated"] else "") for t in result["tasks"]]
+    if result["text"] is not None:
+        notes.append(f"bits per byte on {', '.join(result['text']['paths'])} ({result['text']['bytes']:,} bytes)")
+    return ("\n".join(lines) + f"\n\n{s['shots']}-shot, seed {s['seed']}, {s['dtype']}. acc_norm: log-probability per "
+            "character of the choice.\n" + "".join(f"\n- {n}" for n in notes) + "\n")
+
+
+def run_suite(models: list[str], tasks: list[str], text: list[str] | None = None, out: str = "suite",
+              shots: int = 0, seed: int = 1234, batch_size: int = 16, dtype: str = "float32",
+              limit: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """``lmforge eval suite``: every model on every task, plus bits per byte on ``text`` (files
+    joined by blank lines), as one table printed in Markdown and written as ``suite.md`` and
+    ``suite.json`` into the folder ``out``. Tasks and text are read, and the output checked,
+    before any model is loaded."""
+    from . import __version__, atomic
+    from .data import read_documents
+    from .evaluate import bits_per_byte
+    from .models import load_language_model
+    from .outputs import check_output, staged_folder
+    from .precision import default_device
+
+    if not models:
+        raise LmforgeError("give at least one model")
+    if not tasks:
+        raise LmforgeError("give at least one task file with --tasks")
+    compute = _check_args(shots, batch_size, limit, dtype)
+    out_dir = check_output(out, kind="folder", what="a folder written by `lmforge eval suite`", own_kind=_is_suite_dir,
+                           inputs=[*models, *tasks, *(text or [])], writes=SUITE_FILES, overwrite=overwrite)
+    paths = [Path(t) for t in tasks]
+    loaded = [_read_task(p) for p in paths]
+    for _, _, notes in loaded:
+        for note in notes:
+            print(f"lmforge: warning: {note}", file=sys.stderr)
+    corpus = "\n\n".join(read_documents(list(text))) if text else None
+    names = _unique_names(paths)
+    task_info = [{"name": name, "path": str(p), "layout": layout, "items": len(items),
+                  "n": len(items[:limit] if limit is not None else items), "truncated": 0,
+                  "sha256": atomic.sha256_file(p / "task.json" if p.is_dir() else p)}
+                 for name, p, (items, layout, _) in zip(names, paths, loaded)]
+    results: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    for spec in models:
+        model, tok = load_language_model(spec, default_device())
+        row: dict = {"tasks": {}}
+        for info, (items, _, _) in zip(task_info, loaded):
+            chosen = items[:limit] if limit is not None else items
+            res = evaluate_choice(model, tok, chosen, shots, seed, batch_size, compute,
+                                  fewshot_items=items if len(chosen) < len(items) else None, progress=progress)
+            row["tasks"][info["name"]] = {k: res[k] for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n",
+                                                              "truncated", "seconds")}
+            info["truncated"] = max(info["truncated"], res["truncated"])
+        if corpus is not None:
+            row.update(bits_per_byte(model, tok, corpus, dtype=compute))
+        results[spec] = row
+        del model
+    result = {"format": SUITE_FORMAT, "models": list(models), "tasks": task_info,
+              "text": None if corpus is None else {"paths": list(text), "bytes": len(corpus.encode("utf-8"))},
+              "settings": {"shots": shots, "seed": seed, "batch_size": batch_size, "limit": limit,
+                           "dtype": str(compute).removeprefix("torch.")},
+              "results": results, "seconds": time.perf_counter() - t0, "lmforge_version": __version__, "time": _now()}
+    table = suite_table(result)
+    print(table, end="")
+    with staged_folder(out_dir) as stage:
+        atomic.write_text(stage / "suite.md", table)
+        atomic.write_json(stage / "suite.json", result)
+    print(f"wrote {out_dir / 'suite.md'} and {out_dir / 'suite.json'}")
+    return result
+
+
+__all__ = ["ChoiceItem", "build_contexts", "encode_request", "evaluate_choice", "hellaswag_preprocess",
+           "loglikelihood_reference", "loglikelihoods", "read_task", "run_choice_eval", "run_suite", "suite_table"]

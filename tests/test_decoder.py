@@ -278,7 +278,12 @@ def test_the_compiled_forward_is_kept_on_the_model_outside_its_state():
 def test_compiled_decoding_follows_a_change_of_weights():
     model = _model(True, ctx=64)
     cfg = SampleConfig(max_new_tokens=6, temperature=0, stop_at_eos=False)
+    from lmforge.generate import compiled
+
     before = _ids(Decoder(model, [[1, 2, 3]], cfg, compile=True))
+    graph = compiled(model)
+    assert _ids(Decoder(model, [[1, 2, 3]], cfg, compile=True)) == before
+    assert compiled(model) is graph  # decoding (which builds the rotary tables) changes no weight: no new graph
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(-1.5)

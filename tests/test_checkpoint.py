@@ -28,8 +28,9 @@ OPS = ("write_file", "replace", "fsync_dir", "symlink", "remove_tree")
 
 def _records(run: Path) -> list[dict]:
     recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "samples" not in r]  # texts of the prompts each invocation was given
     for r in recs:  # wall-clock fields differ between any two runs
-        r.pop("tokens_per_s", None), r.pop("elapsed_s", None)
+        r.pop("tokens_per_s", None), r.pop("elapsed_s", None), r.pop("mfu", None)
     return recs
 
 

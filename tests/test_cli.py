@@ -246,4 +246,4 @@ def test_unknown_command_names_the_known_ones(capsys):
     assert main(["talk"]) == 2
     assert capsys.readouterr().err == ("lmforge: error: unknown command 'talk'; known commands: run, tokenizer, "
                                        "prepare, pretrain, finetune, classify, merge-lora, generate, chat, serve, eval, "
-                                       "export, download (see `lmforge --help`)\n")
+                                       "export, download, report (see `lmforge --help`)\n")

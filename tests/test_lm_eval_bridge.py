@@ -178,9 +178,9 @@ def test_lm_eval_command_line_runs_model_lmforge_on_a_local_task(run_dir, task_d
 
 
 @pytest.mark.slow
-def test_lm_eval_command_line_reports_a_bad_model_in_one_line_and_exit_code_2(tmp_path, task_dir):
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmforge.lm_eval_bridge", "--model", "lmforge",
+def test_lmforge_eval_harness_reports_a_bad_model_in_one_line_and_exit_code_2(tmp_path, task_dir):
+    proc = subprocess.run(  # `lmforge eval harness` is the harness' command line through lmforge's
+        [sys.executable, "-m", "lmforge", "eval", "harness", "--model", "lmforge",
          "--model_args", f"pretrained={tmp_path / 'no-such-run'}", "--tasks", TASK,
          "--include_path", str(task_dir / "yaml"), "--device", "cpu"],
         capture_output=True, text=True, env={**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}, timeout=300)

@@ -256,7 +256,8 @@ def test_a_stored_train_config_of_another_version_gives_no_schedule_line(tmp_pat
 def test_only_extending_or_observing_settings_are_resumable():
     assert tr.RESUMABLE == {"train.max_steps", "train.max_minutes", "train.eval_interval", "train.eval_batches",
                             "train.sample_interval", "train.save_interval", "train.log_interval",
-                            "train.keep_checkpoints", "train.compile", "data_path"}
+                            "train.keep_checkpoints", "train.compile", "train.tensorboard", "train.wandb",
+                            "train.wandb_project", "train.peak_flops", "data_path"}
 
 
 def test_stale_temp_files_of_the_run_are_removed(tmp_path):

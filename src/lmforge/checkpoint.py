@@ -196,7 +196,9 @@ def verify_checkpoint(folder: Path) -> str | None:
     return None
 
 
-RUN_FILES = frozenset({CONFIG, WEIGHTS, STATE, TOKENIZER, METRICS, CHECKPOINTS, "loss.png"})
+# What lmforge writes at the top of a run: training's files, the loggers' folders and the report.
+RUN_FILES = frozenset({CONFIG, WEIGHTS, STATE, TOKENIZER, METRICS, CHECKPOINTS, "loss.png", "tensorboard", "wandb",
+                       "report.html", "report-plots", "evaluations.json"})
 
 
 def is_own_temp_file(name: str) -> bool:

@@ -27,8 +27,9 @@ from .config import (
 )
 
 COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "finetune", "classify", "merge-lora", "generate", "chat",
-            "serve", "eval", "export", "download")
+            "serve", "eval", "export", "download", "report")
 OVERWRITE_HELP = "write even where --out holds something that is not this command's own output"
+EVAL_COMMANDS = ("eval-prompt", "eval-judge", "eval-choice", "eval-suite")  # `lmforge eval prompt` etc.
 MODEL_HELP = "a run directory, a Hugging Face folder, a .gguf file or a known model name (see `lmforge download`)"
 
 
@@ -218,8 +219,9 @@ def _parser():  # built once per process: building it parses every config docstr
     cmds.add_subcommand("serve", p, help="OpenAI-compatible HTTP API and chat page")
 
     p = sub_parser("Loss and perplexity of a model on a prepared shard set, or bits per byte on text files. "
-                   "See also `lmforge eval prompt` (zero-/few-shot classification) and `lmforge eval judge` "
-                   "(score instruction responses with a judge model).")
+                   "See also `lmforge eval prompt` (zero-/few-shot classification), `lmforge eval judge` "
+                   "(score instruction responses with a judge model), `lmforge eval choice` (multiple choice by "
+                   "log-likelihood) and `lmforge eval suite` (models x tasks, one table).")
     p.add_argument("run", type=str, help=MODEL_HELP)
     p.add_argument("--data", type=str | None, default=None, help="directory written by `lmforge prepare`")
     p.add_argument("--text", type=str, nargs="+", default=None,
@@ -258,6 +260,33 @@ def _parser():  # built once per process: building it parses every config docstr
     p.add_argument("--out", type=str | None, default=None, help="write the scores JSON here")
     cmds.add_subcommand("eval-judge", p, help="`lmforge eval judge`: score responses with a judge model")
 
+    def choice_flags(p: ArgumentParser) -> None:  # eval choice and eval suite score tasks alike
+        p.add_argument("--shots", type=int, default=0, help="solved items shown before each context (k-shot)")
+        p.add_argument("--seed", type=int, default=1234, help="seed of the k-shot examples drawn")
+        p.add_argument("--batch_size", type=int, default=16, help="choices scored together")
+        p.add_argument("--dtype", type=str, default="float32", help="float32, bfloat16 or auto (bf16 where it is "
+                       "fast)")
+        p.add_argument("--limit", type=int | None, default=None, help="score only the first N items of each task")
+        p.add_argument("--overwrite", type=bool, default=False, help=OVERWRITE_HELP)
+
+    p = sub_parser("Multiple choice by log-likelihood, as lm-evaluation-harness scores it: each choice's summed "
+                   "log-probability after the context; acc (the best sum) and acc_norm (the best per character). "
+                   "Task files: HellaSwag JSONL, BIG-bench task.json, or JSONL {context, choices, label}.")
+    p.add_argument("run", type=str, help=MODEL_HELP)
+    p.add_argument("--task", type=str, required=True, help="the task file")
+    choice_flags(p)
+    p.add_argument("--out", type=str | None, default=None, help="write the results JSON here")
+    cmds.add_subcommand("eval-choice", p, help="`lmforge eval choice`: multiple choice by log-likelihood")
+
+    p = sub_parser("Several models on several multiple-choice tasks (and bits per byte on --text): one table, "
+                   "printed in Markdown and written as suite.md and suite.json into --out.")
+    p.add_argument("models", type=str, nargs="+", help="models: " + MODEL_HELP)
+    p.add_argument("--tasks", type=str, nargs="+", required=True, help="task files (as for `lmforge eval choice`)")
+    p.add_argument("--text", type=str, nargs="+", default=None, help="text files to score in bits per byte")
+    p.add_argument("--out", type=str, required=True, help="folder for suite.md and suite.json")
+    choice_flags(p)
+    cmds.add_subcommand("eval-suite", p, help="`lmforge eval suite`: models x tasks, one table")
+
     p = sub_parser("Write a model for the rest of the ecosystem: Hugging Face folder or GGUF file.")
     p.add_argument("run", type=str, help=MODEL_HELP)
     p.add_argument("--to", type=str, default="hf", help="'hf' (config.json + model.safetensors + tokenizer) or 'gguf'")
@@ -267,6 +296,15 @@ def _parser():  # built once per process: building it parses every config docstr
                         "a Hugging Face export is float32")
     p.add_argument("--overwrite", type=bool, default=False, help=OVERWRITE_HELP + " (never a run directory)")
     cmds.add_subcommand("export", p, help="export to Hugging Face or GGUF")
+
+    p = sub_parser("Write a run's report: one self-contained HTML page (loss curves, learning rate, throughput and "
+                   "MFU, gradient norm, evaluations, samples, config, hardware, timings; a fine-tuning run's own "
+                   "panels), viewable offline, with its plots as PNG files in a folder beside it.")
+    p.add_argument("run", type=str, help="a run directory of `lmforge pretrain` or `lmforge finetune`")
+    p.add_argument("--out", type=str | None, default=None, help="the HTML file (default: RUN/report.html)")
+    p.add_argument("--overwrite", type=bool, default=False, help="replace an existing --out that is not an "
+                   "lmforge report (never a file of the run itself)")
+    cmds.add_subcommand("report", p, help="the HTML report of a run")
 
     p = sub_parser("Fetch a known model or data set into the cache (sources tried in order, checksums verified).")
     p.add_argument("name", type=str | None, nargs="?", default=None, help="a known name; without one, list them")
@@ -305,12 +343,23 @@ def _config(cls, ns):
 def _run(argv: list[str]) -> int:
     from . import pipeline
 
-    if len(argv) > 1 and argv[0] == "eval" and argv[1] in ("prompt", "judge"):
-        argv = [f"eval-{argv[1]}", *argv[2:]]  # `lmforge eval prompt|judge`: commands of their own
-    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS + ("eval-prompt", "eval-judge"):
+    if argv[:2] == ["eval", "harness"]:  # lm-evaluation-harness' own command line, model `lmforge` registered
+        try:
+            from .lm_eval_bridge import main as harness_main
+        except ImportError as e:
+            raise LmforgeError(f"`lmforge eval harness` needs lm-evaluation-harness ({e}); "
+                               "pip install 'lmforge[eval]'") from None
+        try:
+            harness_main(argv[2:])
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        return 0
+    if len(argv) > 1 and argv[0] == "eval" and argv[1] in ("prompt", "judge", "choice", "suite"):
+        argv = [f"eval-{argv[1]}", *argv[2:]]  # `lmforge eval prompt|judge|choice|suite`: commands of their own
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS + EVAL_COMMANDS:
         raise LmforgeError(f"unknown command {argv[0]!r}; known commands: {', '.join(COMMANDS)} "
                            "(see `lmforge --help`)")
-    if not argv or argv[0] not in COMMANDS + ("eval-prompt", "eval-judge", "-h", "--help"):
+    if not argv or argv[0] not in COMMANDS + EVAL_COMMANDS + ("-h", "--help"):
         argv = ["run", *argv]
     root = _parser()
     try:
@@ -402,10 +451,23 @@ def _run(argv: list[str]) -> int:
         mean = "none could be read" if res["mean"] is None else f"{res['mean']:.2f}"
         print(f"judge score (0-100): {mean} over {res['scored']} of {res['n']} responses")
         _write_json(a.out, res)
+    elif cmd == "eval-choice":
+        from .choice_eval import run_choice_eval
+
+        run_choice_eval(a.run, a.task, a.shots, a.seed, a.batch_size, a.dtype, a.limit, a.out, a.overwrite)
+    elif cmd == "eval-suite":
+        from .choice_eval import run_suite
+
+        run_suite(a.models, a.tasks, a.text, a.out, a.shots, a.seed, a.batch_size, a.dtype, a.limit, a.overwrite)
     elif cmd == "export":
         print(f"wrote {pipeline.export(a.run, a.to, a.out, a.dtype, overwrite=a.overwrite)}")
     elif cmd == "download":
         _download(a.name)
+    elif cmd == "report":
+        from .report import write_report
+
+        out = write_report(a.run, a.out, a.overwrite)
+        print(f"wrote {out} (plots in {out.with_name(out.stem + '-plots')})")
     return 0
 
 

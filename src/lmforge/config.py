@@ -244,6 +244,14 @@ class TrainConfig:
     """Complete checkpoints kept in the run's checkpoints/ folder (the newest ones)."""
     log_interval: int = 10
     """Steps between metrics.jsonl records."""
+    tensorboard: bool = False
+    """Also log to TensorBoard, in RUN/tensorboard (pip install 'lmforge[tensorboard]')."""
+    wandb: bool = False
+    """Also log to Weights & Biases (pip install 'lmforge[wandb]'; WANDB_MODE=offline logs locally, in RUN/wandb)."""
+    wandb_project: str = "lmforge"
+    """The W&B project the run is logged to."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of the hardware, for MFU; None: a known GPU's data-sheet peak, else a matmul timed here."""
     seed: int = 1337
     """Seed of model initialisation, batch order and dropout."""
 
@@ -264,6 +272,10 @@ class TrainConfig:
         _check(p, self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 or None")
         _check(p, self.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto, float32 or bfloat16")
         _check(p, self.sample_interval >= 0, "sample_interval must be >= 0")
+        _check(p, self.peak_flops is None or self.peak_flops > 0,
+               f"peak_flops must be > 0 or None, got {self.peak_flops}")
+        _check(p, isinstance(self.wandb_project, str) and self.wandb_project.strip() != "",
+               "wandb_project must be a project name")
         _raise_all("train config", p)
 
 

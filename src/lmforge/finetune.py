@@ -404,11 +404,12 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
     tests = test_recs[:respond_test] if respond_test is not None else test_recs
     results: dict = {"task": "instruct", "template": template, "truncated": truncated, "dropped": dropped}
     before = _read_before(run) if resume else None
+    before_answers: list[str] = []  # the untuned model's answers, shown beside the tuned ones (not kept on resume)
     if before is None:
         before = {"val": _lm_eval(model, val_batches, dtype)}
         refs = [tasks.instruction_of(r, "test")[2] or "" for r in tests]
         if tests:
-            answers = respond(model, tok, tests, template, max_new_tokens)
+            answers = before_answers = respond(model, tok, tests, template, max_new_tokens)
             before["rouge_l"] = sum(map(rouge_l, answers, refs)) / len(tests)
     results["before"] = before
     torch.manual_seed(train.seed)
@@ -432,6 +433,8 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
         refs = [tasks.instruction_of(r, "test")[2] or "" for r in tests]
         results["after"]["rouge_l"] = sum(map(rouge_l, answers, refs)) / len(tests)
         records = [{**r, "model_response": a} for r, a in zip(tests, answers)]
+        for record, answer in zip(records, before_answers):
+            record["response_before"] = answer
         atomic.write_text(run / "responses.json", json.dumps(records, indent=1, ensure_ascii=False) + "\n")
     _save_results(run, results)
     return results

@@ -101,12 +101,15 @@ def prepare_shards(paths: list[str], tokenizer_path: str | Path, out: str | Path
 
 
 def _sampler(tokenizer: Tokenizer, prompts: tuple[str, ...], config: SampleConfig):
-    def sample(model: GPT, step: int) -> None:
+    def sample(model: GPT, step: int) -> list[dict]:
         from tqdm import tqdm
 
+        samples = []
         for prompt in prompts:
             text = generate_text(model, tokenizer, prompt, config)
             tqdm.write(f"[sample @ step {step}] {_as_text(prompt + text)}")
+            samples.append({"prompt": prompt, "text": text})
+        return samples  # fit keeps them in metrics.jsonl, for the run report
     return sample
 
 
@@ -366,6 +369,24 @@ def export(model_spec: str, to: str, out: str | Path, dtype: str | None = None, 
     return export_gguf(model, tokenizer, out, dtype)
 
 
+def _default_run_report(out: Path, summary: dict) -> Path:
+    """The pretrained model's report, with the default run's evaluations (stages 5 and 6) as its tables."""
+    from .report import add_evaluations, write_report
+
+    tables = {}
+    if "bpb_ours" in summary:
+        tables["bits per byte on the held-out text (lower is better)"] = [
+            {"model": "trained here", "bits per byte": summary["bpb_ours"]},
+            {"model": "smollm2-135m-instruct", "bits per byte": summary.get("bpb_pretrained")}]
+    if summary.get("four_ways"):
+        tables["four ways to solve SMS spam with SmolLM2-135M"] = [
+            {"way": way, "test accuracy": r.get("accuracy"), "texts": r.get("n"), "minutes": r.get("minutes")}
+            for way, r in summary["four_ways"].items()]
+    if tables:
+        add_evaluations(out / "model", tables)
+    return write_report(out / "model")
+
+
 def main_job(data: list[str] | None = None, out: str | Path = "runs/default", steps: int = 1000,
              max_minutes: float = 15.0, vocab_size: int = 4096, preset: str = "gpt-micro",
              train: TrainConfig | None = None, progress: bool = True, fourway_limit: int = 300) -> dict:
@@ -394,7 +415,10 @@ def main_job(data: list[str] | None = None, out: str | Path = "runs/default", st
                 raise LmforgeError(f"{out} already holds a finished default run; choose another --out, or use it: "
                                    f"lmforge generate {out / 'model'} --prompt 'The'")
             print(f"== the default run in {out} is pretrained; running its last stage")
-            return {"four_ways": _four_ways(out, fourway_limit)}
+            summary = {"four_ways": _four_ways(out, fourway_limit)}
+            summary["report"] = str(_default_run_report(out, summary))
+            print(f"report: {summary['report']} (open it in a browser)")
+            return summary
         print(f"== resuming the default run in {out} from step {done} of {train.max_steps} (stages 1 and 2 are done)")
     else:
         print(f"== 1/6 tokenizer: byte-level BPE, vocabulary {vocab_size}, corpus: "
@@ -422,7 +446,9 @@ def main_job(data: list[str] | None = None, out: str | Path = "runs/default", st
     summary.update(_compare_with_pretrained(out / "model", paths))
     if fourway_limit:
         summary["four_ways"] = _four_ways(out, fourway_limit)
+    summary["report"] = str(_default_run_report(out, summary))
     print(f"run directory: {out / 'model'} (weights, config, tokenizer, metrics.jsonl, loss curve {summary['plot']})")
+    print(f"report: {summary['report']} (open it in a browser: curves, evaluations, samples, hardware, timings)")
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} minutes. Next: lmforge generate {out / 'model'} "
           "--prompt 'The'")
     return summary

@@ -4,8 +4,9 @@
 structure of tensors, a pure function of k) and a loss function (``loss_fn(model, batch) ->
 (loss, metrics)``, metrics a dict of floats to log beside the loss), so pretraining and every
 fine-tuning task share it. It owns the optimiser step, gradient accumulation and clipping,
-the learning-rate schedule, mixed precision, periodic evaluation and samples,
-``metrics.jsonl``, checkpoints and resuming. ``train_step`` is one optimiser step of it.
+the learning-rate schedule, mixed precision, periodic evaluation and samples, the run's
+logs (``metrics.jsonl``, and TensorBoard / W&B when asked: ``logger.RunLogger``), checkpoints
+and resuming. ``train_step`` is one optimiser step of it.
 
 Resuming is exact: batches depend only on the micro-batch index, dropout is seeded by
 it, and the optimiser state is restored, so a resumed run — also one killed with
@@ -14,7 +15,6 @@ SIGKILL between checkpoints — reproduces the losses of an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
-from . import atomic
-from .checkpoint import METRICS, STATE, WEIGHTS, find_checkpoint, is_own_temp_file, load_state_into, load_trainer_state, load_weights, \
+from .checkpoint import STATE, WEIGHTS, find_checkpoint, is_own_temp_file, load_state_into, load_trainer_state, load_weights, \
     read_run_config, save_checkpoint
 from .config import LmforgeError, TrainConfig, config_dict
+# MetricsLog and _step_of are imported for the callers and tests that reach them here.
+from .logger import MetricsLog, RunLogger, _step_of, describe_hardware, mfu  # noqa: F401
 from .model import GPT
 from .optim import lr_at, make_optimizer
 from .precision import autocast, resolve_dtype, tune_cpu_allocator
@@ -41,7 +42,8 @@ LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]
 # an uninterrupted run, so it is refused unless asked for with allow_changes.
 RESUMABLE = frozenset({"train.max_steps", "train.max_minutes", "train.eval_interval", "train.eval_batches",
                        "train.sample_interval", "train.save_interval", "train.log_interval",
-                       "train.keep_checkpoints", "train.compile", "data_path"})
+                       "train.keep_checkpoints", "train.compile", "train.tensorboard", "train.wandb",
+                       "train.wandb_project", "train.peak_flops", "data_path"})
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -113,31 +115,6 @@ class FitResult:
     stopped_early: bool
 
 
-def _step_of(line: str) -> int | None:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None  # a line torn by a kill mid-write
-
-
-class MetricsLog:
-    """Append-only JSONL of training events. On resume, the events after the checkpoint are
-    dropped (those steps run again) and every event up to it is kept; the file is rewritten
-    atomically, so a kill during the rewrite loses nothing."""
-
-    def __init__(self, path: Path, resume_step: int | None) -> None:
-        self.path = path
-        keep: list[str] = []
-        if resume_step is not None and path.exists():
-            keep = [ln for ln in path.read_text().splitlines()
-                    if (s := _step_of(ln)) is not None and s <= resume_step]
-        atomic.write_text(path, "".join(ln + "\n" for ln in keep))
-
-    def write(self, **record) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}
     for k, v in d.items():
@@ -200,13 +177,16 @@ def prepare_for_training(model: GPT) -> None:
 
 def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_dir: str | Path,
         evaluate: Callable[[GPT, torch.dtype], dict[str, float]] | None = None,
-        sample: Callable[[GPT, int], None] | None = None, resume: bool = False,
+        sample: Callable[[GPT, int], list[dict] | None] | None = None, resume: bool = False,
         extra_config: dict | None = None, progress: bool = True, allow_changes: bool = False,
         task: str = "pretrain") -> FitResult:
     """Train ``model`` in place for ``config.max_steps`` optimiser steps, writing to ``run_dir``.
 
-    ``evaluate(model, dtype)`` returns any metrics (logged as ``val_<name>``); ``task`` names the
-    run in its config and on the progress bar.
+    ``evaluate(model, dtype)`` returns any metrics (logged as ``val_<name>``); ``sample(model, step)``
+    may return its texts (``[{"prompt", "text"}]``, logged as one ``samples`` record); ``task`` names
+    the run in its config and on the progress bar. Each log record holds the loss, the task's
+    metrics, learning rate, gradient norm (when clipping is on), tokens seen, tokens/s, MFU and the
+    elapsed time; the run's config records the hardware and the peak FLOP/s of its MFU.
 
     On the CPU, ``fit`` sets the process's allocator to keep freed memory for reuse
     (``precision.tune_cpu_allocator``): steps then fault in no new pages, and the process keeps
@@ -248,7 +228,14 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
         print(f"resuming {run} from step {start} of {config.max_steps} ({folder.name})")
         for line in changes:
             print(line)
-    log = MetricsLog(run / METRICS, start if resume else None)
+    # What the run trains on, recorded in its config (after the resume check: another machine is no
+    # settings change) and the peak its MFU is measured against. flops_per_token: 6N + attention (PaLM).
+    hardware = describe_hardware(device, dtype, config.peak_flops)
+    flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else None
+    extra_config["hardware"] = {**hardware, "flops_per_token": flops_per_token}
+    log = RunLogger(run, start if resume else None, tensorboard=config.tensorboard,
+                    wandb_project=config.wandb_project if config.wandb else None,
+                    config={"model": model.config.to_dict(), **extra_config})
     prepare_for_training(model)
     if config.compile:
         # Compile each block in place (regional compilation): parameter names stay unprefixed for
@@ -267,7 +254,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     def run_eval(step: int) -> None:
         if evaluate is not None:
             res = evaluate(model, dtype)
-            log.write(step=step, **{f"val_{k}": v for k, v in res.items()}, tokens=tokens)
+            log.log(step, **{f"val_{k}": v for k, v in res.items()}, tokens=tokens)
             bar.write(f"step {step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in res.items() if k != "tokens"))
 
     model.train()
@@ -276,8 +263,12 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
 
     def run_sample(step: int) -> None:
         if sample is not None:
-            sample(model, step)  # generation switches to eval mode
+            log_samples(step, sample(model, step))  # generation switches to eval mode
             model.train()
+
+    def log_samples(step: int, samples: list[dict] | None) -> None:
+        if samples:  # a sampler that returns its texts has them kept in metrics.jsonl (for the report)
+            log.log_samples(step, samples)
 
     if start == 0:  # the untrained model: the curves start where learning starts
         run_eval(0)
@@ -298,8 +289,10 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             if done % config.log_interval == 0 or done == config.max_steps:
                 tps = window_tokens / max(now - window_t, 1e-9)
                 window_t, window_tokens = now, 0
-                log.write(step=done, loss=loss_value, **result.metrics, lr=lr_at(step, config),
-                          grad_norm=result.grad_norm, tokens=tokens, tokens_per_s=tps, elapsed_s=elapsed)
+                utilisation = mfu(tps, flops_per_token, hardware["peak_flops"])
+                log.log(done, loss=loss_value, **result.metrics, lr=lr_at(step, config), grad_norm=result.grad_norm,
+                        tokens=tokens, tokens_per_s=tps, **({} if utilisation is None else {"mfu": utilisation}),
+                        elapsed_s=elapsed)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
             bar.update(1)
             last = done == config.max_steps
@@ -315,15 +308,16 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
                           f"{config.max_steps}; checkpoint saved")
                 stopped_early = True
                 break
+        model.eval()
+        if sample is not None:
+            log_samples(done, sample(model, done))
     except KeyboardInterrupt:
         bar.write(f"interrupted: saving a checkpoint at step {done}")
         checkpoint(done)  # weights after `done` steps; a half-accumulated step is simply redone on resume
         raise
     finally:
         bar.close()
-    model.eval()
-    if sample is not None:
-        sample(model, done)
+        log.close()  # TensorBoard and W&B flush what they hold, also when training stops on an error
     return FitResult(step=done, last_loss=loss_value, tokens=tokens, seconds=elapsed, stopped_early=stopped_early)
 
 

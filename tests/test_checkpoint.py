@@ -217,11 +217,31 @@ def test_outputs_that_would_destroy_work_are_refused(reference, tmp_path, capsys
                                      capsys)
     assert _tree(data) == data_before and _tree(run) == run_before
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine" and (tmp_path / "afile").read_text() == "mine"
-    # --overwrite starts the run over: no stale checkpoint or record is left.
+    # --overwrite starts the run over: no stale checkpoint, record, logger folder or report is left
+    # (an old W&B run id would make the new run log into the old run).
+    for folder in ("wandb", "tensorboard", "report-plots"):
+        (run / folder).mkdir()
+        (run / folder / "old").write_text("old run")
+    (run / "report.html").write_text("old report")
     assert main(["pretrain", "--data", str(data), "--out", str(run), *ARGS, "--train.max_steps", "4",
                  "--overwrite", "true"]) == 0
+    assert not any((run / name).exists() for name in ("wandb", "tensorboard", "report-plots", "report.html"))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000004"]
     assert sorted(_losses(run)) == [1, 2, 3, 4] and max(r["step"] for r in _records(run)) == 4
+
+
+def test_overwrite_with_a_logger_that_is_not_installed_keeps_the_old_run(reference, tmp_path, monkeypatch, capsys):
+    import shutil
+    import sys
+
+    data, full, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(full, run, symlinks=True)
+    before = _tree(run)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails as if it were not installed
+    err = _error(["pretrain", "--data", str(data), "--out", str(run), *ARGS, "--overwrite", "true",
+                  "--train.wandb", "true"], capsys)
+    assert "pip install 'lmforge[wandb]'" in err and _tree(run) == before
 
 
 def test_time_cap_counts_only_this_invocation(reference, tmp_path, monkeypatch, capsys):

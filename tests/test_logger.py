@@ -261,7 +261,7 @@ TINY = dict(vocab_size=16, context_length=8, d_model=8, n_layer=1, n_head=2)
 DATA = torch.randint(0, 16, (64, 9), generator=torch.Generator().manual_seed(0))
 
 
-def _fit(run: Path, resume: bool = False, **train) -> GPT:
+def _fit(run: Path, resume: bool = False, width: int = 8, **train) -> GPT:
     from lmforge.losses import next_token_loss
 
     torch.manual_seed(0)
@@ -270,7 +270,7 @@ def _fit(run: Path, resume: bool = False, **train) -> GPT:
                                 save_interval=4, dtype="float32"), **train})
 
     def batches(k: int):
-        rows = DATA[(2 * k) % 64:(2 * k) % 64 + 2]
+        rows = DATA[(2 * k) % 64:(2 * k) % 64 + 2, :width + 1]
         return rows[:, :-1], rows[:, 1:]
 
     def sample(m, step):
@@ -282,13 +282,15 @@ def _fit(run: Path, resume: bool = False, **train) -> GPT:
 
 
 def test_fit_logs_what_people_look_at_with_mfu_against_the_peak(tmp_path):
-    model = _fit(tmp_path, peak_flops=1e9)
+    model = _fit(tmp_path, peak_flops=1e9, width=5)  # batches shorter than the context of 8
     records = _jsonl(tmp_path)
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [2, 4]
+    assert model.flops_per_token(5) < model.flops_per_token()
     for r in train:
         assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed_s"} <= set(r)
-        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * model.flops_per_token() / 1e9)
+        # attention's FLOPs counted at the batches' length, not the context's
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * model.flops_per_token(5) / 1e9)
     hardware = json.loads((tmp_path / "config.json").read_text())["hardware"]
     assert hardware["peak_flops"] == 1e9 and hardware["flops_per_token"] == model.flops_per_token()
     assert hardware["device"] == "cpu" and hardware["dtype"] == "float32"

@@ -268,6 +268,17 @@ def test_a_run_still_training_gets_a_page_with_a_warning_and_its_metrics_untouch
     assert page.count('<img alt="') == len(CURVES)
 
 
+def test_a_sample_with_undecodable_bytes_still_gets_a_page(pretrain_run, tmp_path):
+    from lmforge.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrain_run, run, symlinks=True)
+    with open(run / "metrics.jsonl", "a") as f:  # a prompt from argv bytes that were not UTF-8 (a lone surrogate)
+        f.write('{"step": 99, "samples": [{"prompt": "caf\\udce9", "text": " ok"}]}\n')
+    page = write_report(run).read_text(encoding="utf-8")
+    assert "caf?" in page
+
+
 def test_a_run_with_no_metrics_yet_gets_a_page_that_says_so(tmp_path, browser):
     from lmforge.report import write_report
 

@@ -353,6 +353,10 @@ def _run(argv: list[str]) -> int:
             harness_main(argv[2:])
         except SystemExit as e:
             return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        except (LmforgeError, OSError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # the harness' own refusals (an unknown task, a bad option): one line
+            raise LmforgeError(f"lm-evaluation-harness: {type(e).__name__}: {e}") from None
         return 0
     if len(argv) > 1 and argv[0] == "eval" and argv[1] in ("prompt", "judge", "choice", "suite"):
         argv = [f"eval-{argv[1]}", *argv[2:]]  # `lmforge eval prompt|judge|choice|suite`: commands of their own

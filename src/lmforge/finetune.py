@@ -142,10 +142,12 @@ def _start(run: Path, data: Path, base: str, resume: bool, overwrite: bool) -> N
     _prepare_run_dir(run, data, resume or overwrite, False)
 
 
-def _begin(run: Path, data: Path, tok, resume: bool, overwrite: bool) -> None:
+def _begin(run: Path, data: Path, tok, resume: bool, overwrite: bool, train: TrainConfig) -> None:
     """Clear an old run (--overwrite) and write the tokenizer: the first writes of a fine-tuning run."""
+    from .logger import check_loggers
     from .pipeline import _prepare_run_dir
 
+    check_loggers(train.tensorboard, train.wandb)
     if resume:
         return
     if overwrite:
@@ -251,7 +253,7 @@ def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: Fi
              "trained": trained_names(model), "weights": "full" if finetune.trainable == "all" else "trained",
              "finetune": config_dict(finetune), "data": _file_identity(data), "data_path": str(data.resolve()),
              "columns": {"text": text_column, "label": label_column}, "balance": balance, "pad_to": pad_to}
-    _begin(run, data, tok, resume, overwrite)
+    _begin(run, data, tok, resume, overwrite, train)
     result = fit(model, batches, classification_loss, train, run, evaluate=evaluate, resume=resume,
                  extra_config=extra, progress=progress, task="classify")
     dtype = resolve_dtype(train.dtype, dev)
@@ -422,7 +424,7 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
              "weights": "full" if finetune.trainable == "all" else "trained", "finetune": config_dict(finetune),
              "template": template, "mask_prompt": mask_prompt, "data": _file_identity(data),
              "data_path": str(data.resolve())}
-    _begin(run, data, tok, resume, overwrite)
+    _begin(run, data, tok, resume, overwrite, train)
     _write_before(run, results["before"])
     result = fit(model, batches, next_token_loss, train, run, evaluate=lambda m, d: _lm_eval(m, val_batches, d),
                  resume=resume, extra_config=extra, progress=progress, task="instruct")
@@ -522,7 +524,7 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
     extra = {"base": identity, "lora": lora_config(model), "trained": trained_names(model),
              "weights": "full" if finetune.trainable == "all" else "trained", "finetune": config_dict(finetune),
              "template": template, "beta": beta, "data": _file_identity(data), "data_path": str(data.resolve())}
-    _begin(run, data, tok, resume, overwrite)
+    _begin(run, data, tok, resume, overwrite, train)
     _write_before(run, results["before"])
     result = fit(model, batches, loss_fn, train, run, evaluate=evaluate, resume=resume, extra_config=extra,
                  progress=progress, task="dpo")

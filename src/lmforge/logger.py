@@ -92,6 +92,15 @@ def _import_wandb():
     return wandb
 
 
+def check_loggers(tensorboard: bool, wandb: bool) -> None:
+    """The optional loggers asked for can be imported: checked before a command clears or writes
+    anything (--overwrite must not cost an old run for a missing package)."""
+    if tensorboard:
+        _import_summary_writer()
+    if wandb:
+        _import_wandb()
+
+
 class RunLogger:
     """Writes each event of a run to ``metrics.jsonl`` and, when asked, to TensorBoard
     (``RUN/tensorboard``) and Weights & Biases (project ``wandb_project``, local files in ``RUN/wandb``).

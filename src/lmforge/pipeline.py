@@ -146,6 +146,8 @@ def _prepare_run_dir(run: Path, data_dir: Path, resume: bool, overwrite: bool) -
         for name in RUN_FILES - {CHECKPOINTS, TOKENIZER}:  # the tokenizer is written again right after
             if (run / name).is_symlink() or (run / name).is_file():
                 (run / name).unlink()
+            elif (run / name).is_dir():  # the loggers' folders and the report's plots: a new run has its own
+                atomic.remove_tree(run / name)
 
 
 def resume_configs(out: str | Path, model_overrides: dict, train_overrides: dict,
@@ -184,6 +186,9 @@ def pretrain(data_dir: str | Path, out: str | Path, model_config: ModelConfig, t
     # The tokenizer defines the id space: the embedding and output layer cover exactly its ids.
     model_config = model_config.replace(vocab_size=tokenizer.vocab_size)
     run = Path(out)
+    from .logger import check_loggers
+
+    check_loggers(train.tensorboard, train.wandb)  # before --overwrite clears anything
     _prepare_run_dir(run, Path(data_dir), resume, overwrite)
     dev = torch.device(device) if device else default_device()
     torch.manual_seed(train.seed)

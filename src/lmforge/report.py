@@ -313,7 +313,9 @@ _CONTROL = {c: 0x2400 + c for c in range(32) if chr(c) not in "\t\n\r"} | {0x7F:
 
 
 def _esc(value) -> str:
-    return html.escape(str(value).translate(_CONTROL), quote=True)
+    # A lone surrogate (from undecodable bytes kept by json or argv) cannot be written as UTF-8: shown as "?".
+    text = str(value).encode("utf-8", "replace").decode("utf-8")
+    return html.escape(text.translate(_CONTROL), quote=True)
 
 
 def _fmt(v) -> str:

@@ -69,12 +69,25 @@ def batch_tokens(batch: Batch) -> int:
     return 0
 
 
+def batch_width(batch: Batch) -> int:
+    """Sequence length of a batch: the last dimension of its first tensor (the input ids)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.size(-1) if batch.dim() else 0
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    for v in values:
+        n = batch_width(v)
+        if n:
+            return n
+    return 0
+
+
 @dataclass
 class StepResult:
     loss: float
     metrics: dict[str, float] = field(default_factory=dict)
     grad_norm: float | None = None
     tokens: int = 0
+    seq_len: int = 0  # the longest micro-batch's sequence length (attention's FLOPs depend on it)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, loss_fn: LossFn,
@@ -83,7 +96,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     lr = lr_at(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss_sum, tokens, sums = 0.0, 0, {}
+    loss_sum, tokens, width, sums = 0.0, 0, 0, {}
     for micro in range(config.grad_accum):
         k = step * config.grad_accum + micro
         batch = to_device(batches(k), device)
@@ -93,6 +106,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
         (loss / config.grad_accum).backward()
         loss_sum += loss.item()
         tokens += batch_tokens(batch)
+        width = max(width, batch_width(batch))
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + float(value)
     if not math.isfinite(loss_sum):
@@ -102,7 +116,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: no re-allocation per step
-    return StepResult(loss=loss_sum / config.grad_accum, grad_norm=grad_norm, tokens=tokens,
+    return StepResult(loss=loss_sum / config.grad_accum, grad_norm=grad_norm, tokens=tokens, seq_len=width,
                       metrics={name: v / config.grad_accum for name, v in sums.items()})
 
 
@@ -289,7 +303,9 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             if done % config.log_interval == 0 or done == config.max_steps:
                 tps = window_tokens / max(now - window_t, 1e-9)
                 window_t, window_tokens = now, 0
-                utilisation = mfu(tps, flops_per_token, hardware["peak_flops"])
+                # attention's FLOPs at this batch's length: fine-tuning batches are far shorter than the context
+                step_flops = model.flops_per_token(result.seq_len or None) if flops_per_token else None
+                utilisation = mfu(tps, step_flops, hardware["peak_flops"])
                 log.log(done, loss=loss_value, **result.metrics, lr=lr_at(step, config), grad_norm=result.grad_norm,
                         tokens=tokens, tokens_per_s=tps, **({} if utilisation is None else {"mfu": utilisation}),
                         elapsed_s=elapsed)
@@ -321,5 +337,5 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     return FitResult(step=done, last_loss=loss_value, tokens=tokens, seconds=elapsed, stopped_early=stopped_early)
 
 
-__all__ = ["FitResult", "RESUMABLE", "StepResult", "batch_tokens", "fit", "prepare_for_training", "settings_diff",
+__all__ = ["FitResult", "RESUMABLE", "StepResult", "batch_tokens", "batch_width", "fit", "prepare_for_training", "settings_diff",
            "to_device", "train_step"]

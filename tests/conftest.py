@@ -85,3 +85,28 @@ def prepared(tmp_path, corpus_dir):
     data = tmp_path / "data"
     assert main(["prepare", "--data", str(corpus_dir), "--tokenizer", str(tok), "--out", str(data)]) == 0
     return tmp_path, tok, data
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def headless_chromium(window: str):
+    """Debian's chromium driven by selenium, for a module-scoped ``browser`` fixture (a generator:
+    yields the driver, quits it after); skips with the reason when it is not installed or cannot start."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed: apt-get install -y chromium chromium-driver")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed: pip install selenium")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)  # explicit paths: Selenium Manager never runs (it would download)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={window}"):
+        options.add_argument(flag)
+    try:
+        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    except Exception as e:  # noqa: BLE001  (any failure to start the browser is a reason to skip, said)
+        pytest.skip(f"chromium could not start: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()

@@ -12,9 +12,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import headless_chromium
 from test_serve import KEY, QA, chat, one_thread, running, tiny_assistant  # noqa: F401  (one_thread: a fixture)
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 IDS = ("input", "send", "stop", "reset", "messages", "temperature", "max-tokens", "api-key", "error")
 
 
@@ -32,20 +32,7 @@ def page_server(one_thread):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def browser():
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
-    if missing:
-        pytest.skip(f"{' and '.join(missing)} not installed: apt-get install -y chromium chromium-driver")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed: pip install selenium")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)  # explicit paths: Selenium Manager never runs (it would download)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,800"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+    yield from headless_chromium("1000,800")
 
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "the page"):

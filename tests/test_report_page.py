@@ -11,13 +11,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import TEXT, headless_chromium
 
 from lmforge.cli import main
-from lmforge.config import FinetuneConfig, ModelConfig, SampleConfig, TokenizerConfig, TrainConfig
+from lmforge.config import (
+    FinetuneConfig,
+    ModelConfig,
+    SampleConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
 
-from conftest import TEXT
-
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 EVIL = "<script>document.title='pwned'; window.pwned = 1</script>"
 CURVES = ["gradient-norm.png", "learning-rate.png", "loss-by-step.png", "loss-by-tokens.png", "throughput-mfu.png"]
 
@@ -66,23 +70,7 @@ def classify_run(tmp_path_factory, pretrain_run) -> Path:
 
 @pytest.fixture(scope="module")
 def browser():
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
-    if missing:
-        pytest.skip(f"{' and '.join(missing)} not installed: apt-get install -y chromium chromium-driver")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed: pip install selenium")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)  # explicit paths: Selenium Manager never runs (it would download)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
-        options.add_argument(flag)
-    try:
-        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    except Exception as e:  # noqa: BLE001  (any failure to start the browser is a reason to skip, said)
-        pytest.skip(f"chromium could not start: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+    yield from headless_chromium("1200,900")
 
 
 def _open(driver, page: Path) -> dict:

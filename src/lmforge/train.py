@@ -24,9 +24,19 @@ from typing import Any
 
 import torch
 
-from .checkpoint import STATE, WEIGHTS, find_checkpoint, is_own_temp_file, load_state_into, load_trainer_state, load_weights, \
-    read_run_config, save_checkpoint
+from .checkpoint import (
+    STATE,
+    WEIGHTS,
+    find_checkpoint,
+    is_own_temp_file,
+    load_state_into,
+    load_trainer_state,
+    load_weights,
+    read_run_config,
+    save_checkpoint,
+)
 from .config import LmforgeError, TrainConfig, config_dict
+
 # MetricsLog and _step_of are imported for the callers and tests that reach them here.
 from .logger import MetricsLog, RunLogger, _step_of, describe_hardware, mfu  # noqa: F401
 from .model import GPT
@@ -57,28 +67,27 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return batch
 
 
-def batch_tokens(batch: Batch) -> int:
-    """Tokens in a batch, for throughput: the size of its first tensor (the input ids)."""
+def _first_tensor(batch: Batch) -> torch.Tensor | None:
+    """A batch's first non-empty tensor (the input ids), searched through tuples, lists and dicts."""
     if isinstance(batch, torch.Tensor):
-        return batch.numel()
+        return batch if batch.numel() else None
     values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
     for v in values:
-        n = batch_tokens(v)
-        if n:
-            return n
-    return 0
+        if (t := _first_tensor(v)) is not None:
+            return t
+    return None
+
+
+def batch_tokens(batch: Batch) -> int:
+    """Tokens in a batch, for throughput: the size of its first tensor (the input ids)."""
+    t = _first_tensor(batch)
+    return 0 if t is None else t.numel()
 
 
 def batch_width(batch: Batch) -> int:
     """Sequence length of a batch: the last dimension of its first tensor (the input ids)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.size(-1) if batch.dim() else 0
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
-    for v in values:
-        n = batch_width(v)
-        if n:
-            return n
-    return 0
+    t = _first_tensor(batch)
+    return 0 if t is None or not t.dim() else t.size(-1)
 
 
 @dataclass
@@ -337,5 +346,15 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     return FitResult(step=done, last_loss=loss_value, tokens=tokens, seconds=elapsed, stopped_early=stopped_early)
 
 
-__all__ = ["FitResult", "RESUMABLE", "StepResult", "batch_tokens", "batch_width", "fit", "prepare_for_training", "settings_diff",
-           "to_device", "train_step"]
+__all__ = [
+    "RESUMABLE",
+    "FitResult",
+    "StepResult",
+    "batch_tokens",
+    "batch_width",
+    "fit",
+    "prepare_for_training",
+    "settings_diff",
+    "to_device",
+    "train_step",
+]

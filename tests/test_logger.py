@@ -310,6 +310,23 @@ def test_fit_with_tensorboard_writes_the_scalars_of_its_jsonl_and_resumes_them(t
     assert tb == _approx(_scalars_by_tag(_jsonl(tmp_path)))
 
 
+def test_the_loggers_are_closed_when_training_fails_before_its_first_step(tmp_path, monkeypatch):
+    from lmforge.losses import next_token_loss
+
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+
+    def broken_eval(m, d):
+        raise RuntimeError("evaluation broke")
+
+    cfg = TrainConfig(max_steps=2, batch_size=2, log_interval=1, dtype="float32", wandb=True)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        tr.fit(GPT(ModelConfig(**TINY)), lambda k: (DATA[:2, :-1], DATA[:2, 1:]), next_token_loss, cfg, tmp_path,
+               evaluate=broken_eval, progress=False)
+    (run,) = fake.runs
+    assert run.finished  # W&B finished (and TensorBoard flushed) also when the step-0 evaluation fails
+
+
 def test_fit_with_wandb_hands_it_the_run_config_and_every_scalar(tmp_path, monkeypatch):
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)

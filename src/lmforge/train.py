@@ -256,9 +256,6 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     hardware = describe_hardware(device, dtype, config.peak_flops)
     flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else None
     extra_config["hardware"] = {**hardware, "flops_per_token": flops_per_token}
-    log = RunLogger(run, start if resume else None, tensorboard=config.tensorboard,
-                    wandb_project=config.wandb_project if config.wandb else None,
-                    config={"model": model.config.to_dict(), **extra_config})
     prepare_for_training(model)
     if config.compile:
         # Compile each block in place (regional compilation): parameter names stay unprefixed for
@@ -293,15 +290,18 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
         if samples:  # a sampler that returns its texts has them kept in metrics.jsonl (for the report)
             log.log_samples(step, samples)
 
-    if start == 0:  # the untrained model: the curves start where learning starts
-        run_eval(0)
-        run_sample(0)
-    t_start = time.perf_counter() - elapsed  # elapsed counts every invocation of this run
-    t_invocation = time.perf_counter()  # the time cap counts only this one
     # done: optimiser steps completed; tokens counts only completed steps (a step is added whole)
     done, loss_value, stopped_early = start, float("nan"), False
-    window_t, window_tokens = time.perf_counter(), 0
-    try:
+    log = RunLogger(run, start if resume else None, tensorboard=config.tensorboard,
+                    wandb_project=config.wandb_project if config.wandb else None,
+                    config={"model": model.config.to_dict(), **extra_config})
+    try:  # from here on, the loggers are closed (flushed) however training ends
+        if start == 0:  # the untrained model: the curves start where learning starts
+            run_eval(0)
+            run_sample(0)
+        t_start = time.perf_counter() - elapsed  # elapsed counts every invocation of this run
+        t_invocation = time.perf_counter()  # the time cap counts only this one
+        window_t, window_tokens = time.perf_counter(), 0
         for step in range(start, config.max_steps):
             result = train_step(model, optimizer, batches, loss_fn, step, config, device, dtype)
             done, loss_value = step + 1, result.loss

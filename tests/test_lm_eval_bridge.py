@@ -358,3 +358,12 @@ def test_the_harness_finds_lmforge_and_its_own_backends_by_name():
             "print(r.get_model('lmforge') is b.LmforgeLM, r.get_model('dummy').__name__)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["True", "DummyLM"], proc.stderr[-2000:]
+
+
+def test_the_bridge_without_lm_eval_is_one_line_also_run_as_a_module():
+    script = ("import runpy, sys; sys.modules['lm_eval'] = None; sys.argv = ['x', '--help']; "
+              "runpy.run_module('lmforge.lm_eval_bridge', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("lmforge: error: lm-evaluation-harness is not installed; pip install "
+                                   "'lmforge[eval]' (or: pip install lm-eval==0.4.13)")

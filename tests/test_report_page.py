@@ -114,7 +114,7 @@ def test_pretrain_report_renders_its_sections_plots_tables_and_samples(pretrain_
     out = tmp_path / "pretrain.html"
     assert main(["report", str(pretrain_run), "--out", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "pretrain-plots").iterdir()) == CURVES
+    assert sorted(p.name for p in (tmp_path / "pretrain-plots").glob("*.png")) == CURVES
     seen = _open(browser, out)
     assert seen["h1"] == ["Run report: run"] and seen["title"] == "lmforge report: run"
     assert seen["h2"] == ["Summary", "Training curves", "Evaluation", "Samples", "Configuration", "Hardware", "Timings"]
@@ -138,7 +138,7 @@ def test_classification_report_adds_accuracy_per_epoch_scores_and_the_confusion_
     assert main(["report", str(classify_run)]) == 0
     page = classify_run / "report.html"
     results = json.loads((classify_run / "results.json").read_text())
-    assert sorted(p.name for p in (classify_run / "report-plots").iterdir()) == sorted(
+    assert sorted(p.name for p in (classify_run / "report-plots").glob("*.png")) == sorted(
         [*CURVES, "accuracy.png", "confusion.png"])
     seen = _open(browser, page)
     assert "Fine-tuning: classify" in seen["h2"]
@@ -228,6 +228,15 @@ def test_the_report_replaces_only_its_own_page_and_never_a_file_of_the_run(pretr
     assert json.loads((run / "config.json").read_text())["format"] == "lmforge-run"
     assert main(["report", str(run), "--out", str(other), "--overwrite", "true"]) == 0
     assert other.read_text().startswith("<!DOCTYPE html>")
+    # a plots folder of someone else's files is not written into; the report's own is renewed
+    mine = tmp_path / "mine-plots"
+    mine.mkdir()
+    (mine / "loss-by-step.png").write_bytes(b"my picture")
+    assert main(["report", str(run), "--out", str(tmp_path / "mine.html")]) == 2
+    assert "holds files that are not a report's" in capsys.readouterr().err
+    assert (mine / "loss-by-step.png").read_bytes() == b"my picture" and not (tmp_path / "mine.html").exists()
+    (run / "report-plots" / "stale.png").write_bytes(b"from an older report")
+    assert main(["report", str(run)]) == 0 and not (run / "report-plots" / "stale.png").exists()
 
 
 @pytest.mark.parametrize("where, message", [("nowhere", "no run directory at"), ("file", "is a file"),

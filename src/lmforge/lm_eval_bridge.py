@@ -38,8 +38,12 @@ from .config import LmforgeError, SampleConfig
 try:
     from lm_eval.api.model import LM
 except ImportError:  # a one-line message instead of a traceback into a missing package
-    raise LmforgeError("lm-evaluation-harness is not installed; pip install 'lmforge[eval]' "
-                       "(or: pip install lm-eval==0.4.13)") from None
+    _MISSING = ("lm-evaluation-harness is not installed; pip install 'lmforge[eval]' "
+                "(or: pip install lm-eval==0.4.13)")
+    if __name__ == "__main__":  # `python -m lmforge.lm_eval_bridge`: no handler above us to print it
+        print(f"lmforge: error: {_MISSING}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise LmforgeError(_MISSING) from None
 
 log = logging.getLogger(__name__)
 

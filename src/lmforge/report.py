@@ -30,6 +30,7 @@ from pathlib import Path
 from .config import LmforgeError
 
 REPORT = "report.html"
+PLOTS_MARK = ".lmforge-report-plots"  # in a report's plots folder: the folder is the report's own
 EVALUATIONS = "evaluations.json"  # extra evaluation tables a recipe records for the report (add_evaluations)
 GENERATOR = '<meta name="generator" content="lmforge report">'  # marks a page this module wrote
 RESPONSES_SHOWN = 20
@@ -659,6 +660,9 @@ def _check_out(run: Path, out: Path, plots_dir: Path, overwrite: bool) -> None:
     if plots_dir.exists() and not plots_dir.is_dir():
         raise OutputError(f"{plots_dir} (where the report's PNG plots go) is a file; move it away or choose "
                           "another --out")
+    if plots_dir.is_dir() and any(plots_dir.iterdir()) and not (plots_dir / PLOTS_MARK).is_file() and not overwrite:
+        raise OutputError(f"{plots_dir} (where the report's PNG plots go) holds files that are not a report's; "
+                          "choose another --out, or pass --overwrite true to write the plots among them")
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Path:
@@ -687,6 +691,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, overwrite: 
     page = render_report(run, plots, plots_dir.name, records, config, results, responses, evaluations, warnings, task)
     try:
         plots_dir.mkdir(parents=True, exist_ok=True)
+        if (plots_dir / PLOTS_MARK).is_file():  # our own folder: plots of an earlier report go
+            for old in plots_dir.glob("*.png"):
+                old.unlink()
+        (plots_dir / PLOTS_MARK).touch()
         for name, _, png in plots:
             atomic.write_bytes(plots_dir / name, png)
         atomic.write_text(out, page)  # last: the page appears whole, after its plots

@@ -356,14 +356,35 @@ def test_fit_logs_evaluates_samples_and_saves_on_their_intervals(tmp_path, capsy
 
 def test_fit_logs_throughput_and_elapsed_time_by_the_clock(tmp_path, monkeypatch):
     # Every reading of the clock is 0.25 s later: the run starts at 0, the first window at 0.5,
-    # step n ends at 0.5 + 0.25 n; each log covers 2 steps of 16 tokens in 0.5 s.
+    # step n ends at 0.5 + 0.25 n; each log covers 2 steps of 16 tokens in 0.5 s. The checkpoint
+    # after step 4 is a pause: the window starts again after it (one more reading, at 1.75), so
+    # step 6 ends at 2.25 and its log covers steps 5 and 6 (32 tokens) in 0.5 s.
     clock = iter(range(0, 10_000))
     monkeypatch.setattr(tr.time, "perf_counter", lambda: next(clock) / 4)
     res = tr.fit(_model(), _batches, _loss, _cfg(), tmp_path, progress=False)
     train = [r for r in _records(tmp_path) if "loss" in r]
     assert [(r["step"], r["tokens_per_s"], r["elapsed_s"]) for r in train] == [(2, 64.0, 1.0), (4, 64.0, 1.5),
-                                                                               (6, 64.0, 2.0)]
-    assert res.seconds == 2.0
+                                                                               (6, 64.0, 2.25)]
+    assert res.seconds == 2.25
+
+
+def test_throughput_leaves_out_the_time_of_an_evaluation(tmp_path, monkeypatch):
+    # An evaluation that takes 10 s (the clock jumps) between logs must not lower tokens/s.
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 0.25
+        return now[0]
+
+    def slow_eval(model, dtype):
+        now[0] += 10.0
+        return {"loss": 1.0}
+
+    monkeypatch.setattr(tr.time, "perf_counter", clock)
+    tr.fit(_model(), _batches, _loss, _cfg(eval_interval=1, save_interval=100), tmp_path, evaluate=slow_eval,
+           progress=False)
+    train = [r for r in _records(tmp_path) if "loss" in r]
+    assert all(r["tokens_per_s"] == 64.0 for r in train), train
 
 
 def test_a_fresh_run_drops_the_metrics_of_an_earlier_start(tmp_path):

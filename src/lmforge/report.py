@@ -384,7 +384,7 @@ def _params(config: dict | None) -> int | None:
         with torch.device("meta"):
             model = GPT(ModelConfig.from_dict(config["model"]))
         return model.num_params()
-    except Exception:  # a config of another version: the count is only shown, never needed
+    except Exception:  # noqa: BLE001  a config of another version: the count is only shown, never needed
         return None
 
 

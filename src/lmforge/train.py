@@ -322,12 +322,18 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             bar.update(1)
             last = done == config.max_steps
             out_of_time = config.max_minutes is not None and now - t_invocation >= config.max_minutes * 60
+            paused = False  # evaluation, samples and checkpoints are not training: tokens/s leaves them out
             if done % config.eval_interval == 0 or last or out_of_time:
                 run_eval(done)
+                paused = evaluate is not None
             if config.sample_interval and done % config.sample_interval == 0 and not last:
                 run_sample(done)
+                paused = paused or sample is not None
             if done % config.save_interval == 0 or last or out_of_time:
                 checkpoint(done)
+                paused = True
+            if paused and not last:  # the throughput window starts again after the pause
+                window_t, window_tokens = time.perf_counter(), 0
             if out_of_time and not last:
                 bar.write(f"stopped by the time cap ({config.max_minutes:g} min) at step {done} of "
                           f"{config.max_steps}; checkpoint saved")

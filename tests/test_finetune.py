@@ -5,14 +5,19 @@ import math
 
 import pytest
 import torch
+from conftest import TEXT
 
 from lmforge import tasks
 from lmforge.checkpoint import load_model, save_model
-from lmforge.config import FinetuneConfig, LoRAConfig, ModelConfig, TokenizerConfig, TrainConfig
+from lmforge.config import (
+    FinetuneConfig,
+    LoRAConfig,
+    ModelConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
 from lmforge.model import GPT
 from lmforge.tokenizer import Tokenizer
-
-from conftest import TEXT
 
 SPECIALS = ("<|endoftext|>",)
 
@@ -336,12 +341,14 @@ def test_continuation_logprobs_score_each_choice_as_alone():
 
 # ---------------------------------------------------------------- end to end: instruct, DPO, CLI
 
-def _instruction_file(path, n=24, preference=False):
+def _instruction_file(path, n=24, preference=False, suffix=""):
+    """n Alpaca records naming colours (with chosen / rejected answers when ``preference``);
+    ``suffix`` is appended to each instruction."""
     colors = ["red", "blue", "green", "gold"]
     recs = []
     for i in range(n):
         c = colors[i % 4]
-        rec = {"instruction": f"Name the color {c}.", "input": "", "output": f"The color is {c}."}
+        rec = {"instruction": f"Name the color {c}.{suffix}", "input": "", "output": f"The color is {c}."}
         if preference:
             rec.update(chosen=f"The color is {c}.", rejected="I do not know.")
         recs.append(rec)
@@ -609,8 +616,9 @@ def test_rouge_l_known_answers():
 def test_a_full_disk_while_fine_tuning_is_one_line_and_the_run_starts_again(base, tmp_path, monkeypatch, capsys):
     """The disk fills while the run writes: exit 2 with one line that says so, and once there is
     room the same command runs to the end (nothing half-written is left in the way)."""
-    from lmforge.cli import main
     from test_bad_inputs import full_disk
+
+    from lmforge.cli import main
 
     data = _spam_file(tmp_path / "sms.tsv")
     args = ["finetune", "classify", "--base", str(base), "--data", str(data), "--out", str(tmp_path / "run"),

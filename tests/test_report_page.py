@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TEXT, headless_chromium
+from test_finetune import _instruction_file as instruction_records
 
 from lmforge.cli import main
 from lmforge.config import (
@@ -154,15 +155,7 @@ def test_classification_report_adds_accuracy_per_epoch_scores_and_the_confusion_
 
 
 def _instruction_file(path: Path, preference: bool = False) -> Path:
-    recs = []
-    for i in range(16):
-        c = ["red", "blue", "green", "gold"][i % 4]
-        rec = {"instruction": f"Name the color {c}. {EVIL}", "input": "", "output": f"The color is {c}."}
-        if preference:
-            rec.update(chosen=f"The color is {c}.", rejected="I do not know.")
-        recs.append(rec)
-    path.write_text(json.dumps(recs))
-    return path
+    return instruction_records(path, n=16, preference=preference, suffix=f" {EVIL}")
 
 
 @pytest.fixture(scope="module")

@@ -127,11 +127,11 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
+def _png(fig, dpi: float | str = 100) -> bytes:
     plt = _pyplot()
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     return buf.getvalue()
 
@@ -290,13 +290,10 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path, title: str = "lmf
         tokens_per_step = (train[-1][2] - train[0][2]) / (train[-1][0] - train[0][0])
         top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step))
         top.set_xlabel("tokens seen")
-    fig.tight_layout()
     from . import atomic
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic.write_bytes(out_png, buf.getvalue())  # a full disk leaves the old plot, never half of one
+    # a full disk leaves the old plot, never half of one
+    return atomic.write_bytes(out_png, _png(fig, dpi="figure"))
 
 
 def plot_confusion(confusion: list[list[int]], labels: list[str], out_png: str | Path,

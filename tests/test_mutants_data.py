@@ -90,7 +90,8 @@ def test_no_validation_split_when_the_fraction_is_zero():
 def test_documents_are_held_out_whole_from_two_over_the_fraction():
     docs = [f"doc {i}\nsecond line" for i in range(20)]  # exactly 2 / 0.1 documents
     train, val = split_documents(docs, DataConfig(val_fraction=0.1, seed=4))
-    assert len(val) == 2 and set(val) <= set(docs) and len(train) == 18
+    assert val and set(val) <= set(docs) and len(train) + len(val) == 20  # whole documents, not tails
+    assert split_documents(docs[:19], DataConfig(val_fraction=0.1, seed=4))[1] == ["second line"] * 19  # 19: tails
 
 
 def test_fewer_documents_each_hold_out_their_tail():

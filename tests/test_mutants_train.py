@@ -257,7 +257,8 @@ def test_only_extending_or_observing_settings_are_resumable():
     assert tr.RESUMABLE == {"train.max_steps", "train.max_minutes", "train.eval_interval", "train.eval_batches",
                             "train.sample_interval", "train.save_interval", "train.log_interval",
                             "train.keep_checkpoints", "train.compile", "train.tensorboard", "train.wandb",
-                            "train.wandb_project", "train.peak_flops", "data_path"}
+                            "train.wandb_project", "train.peak_flops", "train.strategy", "train.dist_timeout",
+                            "data_path"}
 
 
 def test_stale_temp_files_of_the_run_are_removed(tmp_path):

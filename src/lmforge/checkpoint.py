@@ -48,12 +48,14 @@ class CheckpointError(LmforgeError, ValueError):
     """A run directory or weights file that cannot be used."""
 
 
-def model_state(model: nn.Module, trained_only: bool = False) -> dict[str, torch.Tensor]:
+def model_state(model: nn.Module, trained_only: bool = False,
+                state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The state dict with a tied output weight dropped (safetensors stores each tensor once);
     with ``trained_only``, only the parameters that train (a fine-tuned head, LoRA adapters,
-    the last blocks): the rest is the base model's, named in the run's config."""
+    the last blocks): the rest is the base model's, named in the run's config. ``state``: the
+    model's full state gathered from its shards (FSDP), instead of its own state dict."""
     model = getattr(model, "_orig_mod", model)  # save the model, not a torch.compile wrapper
-    sd = model.state_dict()
+    sd = dict(model.state_dict() if state is None else state)
     if getattr(model, "config", None) is not None and model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)
     if trained_only:
@@ -155,24 +157,28 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def save_model(run_dir: str | os.PathLike, model: GPT, step: int = 0, extra_config: dict | None = None,
-               extra_files: dict[str, bytes] | None = None, keep: int = 2) -> Path:
-    """Weights and config (and any ``extra_files``) as the checkpoint of ``step``."""
+               extra_files: dict[str, bytes] | None = None, keep: int = 2,
+               state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Weights and config (and any ``extra_files``) as the checkpoint of ``step``; ``state``: see model_state."""
     from safetensors.torch import save
 
     config = {"format": "lmforge-run", "version": CONFIG_FORMAT_VERSION, "step": step,
               "model": model.config.to_dict(), **(extra_config or {})}
     trained_only = config.get("weights") == "trained"
-    files = {WEIGHTS: save(model_state(model, trained_only), metadata={"format": "pt", "step": str(step)}),
+    files = {WEIGHTS: save(model_state(model, trained_only, state), metadata={"format": "pt", "step": str(step)}),
              CONFIG: (json.dumps(config, indent=2) + "\n").encode(), **(extra_files or {})}
     return write_checkpoint(run_dir, step, files, keep)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, model: GPT, optimizer: torch.optim.Optimizer, step: int,
-                    state: dict, extra_config: dict | None = None, keep: int = 2) -> Path:
-    """Weights, config and trainer state for resuming at ``step`` (the next step to run), as one unit."""
+def save_checkpoint(run_dir: str | os.PathLike, model: GPT, optimizer: torch.optim.Optimizer | dict, step: int,
+                    state: dict, extra_config: dict | None = None, keep: int = 2,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Weights, config and trainer state for resuming at ``step`` (the next step to run), as one unit.
+    ``optimizer``: the optimiser or its state dict; ``weights``: the gathered full state of a sharded model."""
     buf = io.BytesIO()
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), **state}, buf)
-    return save_model(run_dir, model, step, extra_config, {STATE: buf.getvalue()}, keep)
+    opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    torch.save({"step": step, "optimizer": opt_state, **state}, buf)
+    return save_model(run_dir, model, step, extra_config, {STATE: buf.getvalue()}, keep, weights)
 
 
 def verify_checkpoint(folder: Path) -> str | None:

@@ -52,6 +52,16 @@ def _parser():  # built once per process: building it parses every config docstr
         p.add_argument("--compile", type=bool, default=False, help="decode through torch.compile (the first "
                        "generation of each shape pays the compilation)")
 
+    def launch_flags(p: ArgumentParser) -> None:  # pretrain and finetune: the same command on many processes
+        p.add_argument("--devices", type=int | None, default=None,
+                       help="processes per machine (one per GPU; on CPUs, each gets its share of the cores): "
+                            "relaunches this command under torchrun; --train.batch_size stays the global batch")
+        p.add_argument("--nnodes", type=int, default=1, help="machines in the job (each runs the same command)")
+        p.add_argument("--node_rank", type=int | None, default=None, help="this machine's index, 0..nnodes-1 "
+                       "(optional: the rendezvous assigns one)")
+        p.add_argument("--rdzv_endpoint", type=str | None, default=None,
+                       help="HOST:PORT where the machines meet (with --nnodes > 1), the same on all of them")
+
     root = ArgumentParser(prog="lmforge", exit_on_error=False,
                           description="Build a large language model from scratch. Without a command, runs `run`.")
     cmds = root.add_subcommands(dest="command", required=True)
@@ -119,6 +129,7 @@ def _parser():  # built once per process: building it parses every config docstr
     p.add_argument("--prompts", type=list[str], default=["The"], help="prompts sampled at the start and the end")
     _model_overrides(p)
     p.add_class_arguments(TrainConfig, "train")
+    launch_flags(p)
     cmds.add_subcommand("pretrain", p, help="pretrain a GPT")
 
     ft = ArgumentParser(description="Fine-tune a pretrained model on a task (the one training loop underneath).",
@@ -136,6 +147,7 @@ def _parser():  # built once per process: building it parses every config docstr
         p.add_class_arguments(FinetuneConfig, "finetune")
         p.add_class_arguments(LoRAConfig, "lora")
         p.add_class_arguments(TrainConfig, "train")
+        launch_flags(p)
         p.set_defaults({**{f"finetune.{k}": v for k, v in finetune.items()},
                         **{f"train.{k}": v for k, v in train.items()}})
         return p
@@ -373,6 +385,16 @@ def _run(argv: list[str]) -> int:
                            "file") from None
     cmd = cfg.command
     a = cfg[cmd]
+    if cmd in ("pretrain", "finetune"):
+        from . import distributed
+
+        launch = a if cmd == "pretrain" else a[a.task]
+        world = (launch.devices or 1) * launch.nnodes
+        if world > 1 and not distributed.launched():
+            if not launch.resume:  # checked here, before any process starts (a resumed run's batch is its own)
+                distributed.check_batch(_config(TrainConfig, launch.train).batch_size, distributed.Group(world_size=world))
+            # The same command line again, in every process torchrun starts (they see that they were launched).
+            return distributed.launch(argv, launch.devices or 1, launch.nnodes, launch.node_rank, launch.rdzv_endpoint)
     if cmd == "run":
         pipeline.main_job(a.data, a.out, a.steps, a.max_minutes, a.vocab_size, a.preset, fourway_limit=a.fourway_limit)
     elif cmd == "tokenizer":
@@ -476,6 +498,15 @@ def _run(argv: list[str]) -> int:
 
 
 def _finetune(a) -> None:
+    from . import distributed
+
+    try:
+        _finetune_task(a)
+    finally:
+        distributed.close()  # under torchrun: the job's process group, joined by the task
+
+
+def _finetune_task(a) -> None:
     from . import finetune
 
     task = a.task

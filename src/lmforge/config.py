@@ -254,6 +254,11 @@ class TrainConfig:
     """Peak FLOP/s of the hardware, for MFU; None: a known GPU's data-sheet peak, else a matmul timed here."""
     seed: int = 1337
     """Seed of model initialisation, batch order and dropout."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun (--devices N): 'ddp' keeps the whole model on every device, 'fsdp' shards parameters,
+    gradients and optimiser state over them (FSDP2), for models that do not fit one device."""
+    dist_timeout: float = 600.0
+    """Seconds a collective may wait under torchrun before the job stops with an error (a rank that died or hangs)."""
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -276,6 +281,8 @@ class TrainConfig:
                f"peak_flops must be > 0 or None, got {self.peak_flops}")
         _check(p, isinstance(self.wandb_project, str) and self.wandb_project.strip() != "",
                "wandb_project must be a project name")
+        _check(p, self.strategy in ("ddp", "fsdp"), f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
+        _check(p, self.dist_timeout > 0, f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         _raise_all("train config", p)
 
 

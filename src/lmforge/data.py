@@ -1,28 +1,48 @@
 """Data: text files -> token shards on disk -> (x, y) training batches.
 
-``prepare`` reads documents (text files, directories of them, JSONL records, or the
-built-in corpus), encodes them with a tokenizer, separates documents with
-``<|endoftext|>``, splits train/validation by document with a seed, and writes
-``train.bin`` / ``val.bin`` (flat uint16 or uint32 arrays) plus ``index.json``.
+``prepare`` streams a corpus of any size through bounded memory:
 
-Batches are a pure function of (seed, step): ``SlidingWindows`` walks the corpus in
+1. ``iter_documents`` yields one document at a time: a text file is one document (one over
+   ``BIG_TEXT_BYTES`` is read in blocks and cut into pieces of about ``PIECE_CHARS`` at blank
+   lines, each piece a document), a JSONL file one document per line, read line by line; the
+   name ``builtin`` stands for the English that ships inside Python.
+2. Each document goes to validation or training by a hash of (seed, its text), so the split
+   needs no view of the whole corpus, and a document lands on the same side whatever else the
+   corpus holds. A corpus of too few documents to split (a single book, say) holds out the
+   last lines of each document instead; a corpus where no hash falls under the fraction holds
+   out the one document nearest to it, so validation is never empty.
+3. Documents are grouped into chunks of about ``CHUNK_CHARS`` characters and encoded (each
+   followed by ``<|endoftext|>``) in one pool of worker processes that lives for the whole
+   corpus, a few chunks in flight at a time. The ids are appended to ``train.bin.tmp`` /
+   ``val.bin.tmp`` in corpus order, so the shards are the same whatever the worker count.
+4. ``index.json`` (tokenizer fingerprint, dtype, token and document counts, sha256 of each
+   shard) is written last and everything is renamed into place only once it is all on disk:
+   a failure or a kill leaves the previous shards as they were and no ``.tmp`` files.
+
+Batches are a pure function of (seed, step, rank): ``SlidingWindows`` walks the corpus in
 shuffled epochs (the book's ``GPTDatasetV1`` with a stride), ``RandomWindows`` samples
-window starts (large corpora). Either way, resuming at step s sees exactly the batches an
-uninterrupted run would. Shards are read with ``np.memmap``, so they may exceed memory.
+window starts (large corpora). Both draw the global batch and hand each rank its contiguous
+share of rows, so resuming at step s, or running on more processes, sees exactly the
+windows an uninterrupted single-process run would. Shards are read with ``np.memmap``, so
+they may exceed memory.
 """
 
 from __future__ import annotations
 
 import ast
+import codecs
 import contextlib
 import functools
 import hashlib
 import json
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +58,19 @@ SHARD_DTYPES = ("uint16", "uint32")
 # What `prepare` writes into its folder; a folder holding only these is a shard folder.
 SHARD_FILES = ("train.bin", "val.bin", "index.json", "tokenizer.json")
 BUILTIN = "builtin"
+# Which documents go to validation; part of every shard set's input signature, so shards
+# written by an earlier rule are rebuilt, never reused. Change it whenever the rule, or
+# where documents begin and end, changes.
+SPLIT_RULE = "blake2b-seed-text/1"
+
+# A text file larger than this is not one document but a stream of pieces: encoding one
+# document holds about 36 bytes per token (Python ints) in one process, ~9x the text.
+BIG_TEXT_BYTES = 16 << 20
+PIECE_CHARS = 1 << 20  # the size a big text file's pieces are cut at (at a blank line where there is one)
+READ_BYTES = 1 << 20  # how much of a big text file is read at a time
+CHUNK_CHARS = 1 << 20  # characters sent to a worker at a time (it holds ~14 bytes a character while encoding)
+POOL_MIN_BYTES = 4_000_000  # smaller corpora are encoded in this process (starting workers costs more)
+SNIFF_BYTES = 65536  # how far into a file to look for NUL bytes (binary files)
 
 
 class DataError(LmforgeError, ValueError):
@@ -45,36 +78,135 @@ class DataError(LmforgeError, ValueError):
 
 
 # --------------------------------------------------------------------------- reading text
+def _not_utf8(path: Path, offset: int, byte: bytes) -> DataError:
+    return DataError(f"{path} is not valid UTF-8 (byte {offset}: {byte!r}); convert it to UTF-8, or pass "
+                     "--text.errors replace to substitute U+FFFD for bad bytes")
+
+
+def _binary(path: Path) -> DataError:
+    return DataError(f"{path} looks binary (it contains NUL bytes), not text; give a UTF-8 text file")
+
+
+def _empty(path: Path) -> DataError:
+    return DataError(f"{path} is empty; give a file with text in it")
+
+
+def _cannot_read(path: Path, e: OSError) -> DataError:
+    return DataError(f"cannot read {path}: {e.strerror}")
+
+
 def _read_text(path: Path, errors: str) -> str:
+    """A whole (small) text file, checked: readable, not empty, not binary, UTF-8."""
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
+        raise _cannot_read(path, e) from None
     if not raw.strip():
-        raise DataError(f"{path} is empty; give a file with text in it")
-    if b"\x00" in raw[:65536]:
-        raise DataError(f"{path} looks binary (it contains NUL bytes), not text; give a UTF-8 text file")
+        raise _empty(path)
+    if b"\x00" in raw[:SNIFF_BYTES]:
+        raise _binary(path)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         if errors == "replace":
             return raw.decode("utf-8", errors="replace")
-        raise DataError(f"{path} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); convert it to "
-                        "UTF-8, or pass --text.errors replace to substitute U+FFFD for bad bytes") from None
+        raise _not_utf8(path, e.start, raw[e.start:e.start + 1]) from None
 
 
-def _jsonl_documents(path: Path, field: str, errors: str) -> Iterator[str]:
-    for n, line in enumerate(_read_text(path, errors).splitlines(), 1):
-        if not line.strip():
-            continue
+@contextlib.contextmanager
+def _open_checked(path: Path) -> Iterator:
+    """``path`` opened for reading in binary, after a look at its head for NUL bytes."""
+    try:
+        with open(path, "rb") as f:
+            if b"\x00" in f.read(SNIFF_BYTES):
+                raise _binary(path)
+            f.seek(0)
+            yield f
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+
+
+def _jsonl_documents(path: Path, field: str, errors: str) -> Iterator[tuple[str, int]]:
+    """(text, bytes read since the previous document) for each record, reading one line at a time."""
+    offset = unread = 0
+    blank = True
+    with _open_checked(path) as f:
+        for n, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            unread += len(raw)
+            if not raw.strip():
+                continue
+            blank = False
+            try:
+                line = raw.decode("utf-8", errors)
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, start + e.start, raw[e.start:e.start + 1]) from None
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); "
+                                "JSONL needs one JSON object per line") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+                raise DataError(f"{path}:{n} has no string field {field!r}; name the text field with --text.text_field")
+            if rec[field].strip():
+                yield rec[field], unread
+                unread = 0
+    if blank:
+        raise _empty(path)
+
+
+def _piece_end(text: str) -> int:
+    """Where the next piece of a big text file ends: the last blank line in the second half of
+    ``PIECE_CHARS``, else the last line break there, else ``PIECE_CHARS`` (a very long line)."""
+    for sep in ("\n\n", "\n"):
+        i = text.rfind(sep, PIECE_CHARS // 2, PIECE_CHARS)
+        if i >= 0:
+            return i + len(sep)
+    return PIECE_CHARS
+
+
+def _text_pieces(path: Path, errors: str) -> Iterator[tuple[str, int]]:
+    """(piece, bytes read since the previous piece) of a text file too big to be one document."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    offset = unread = 0
+    buffered = ""
+    blank = True
+
+    def decode(block: bytes, final: bool = False) -> str:
+        held = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); JSONL needs one JSON object per line") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-            raise DataError(f"{path}:{n} has no string field {field!r}; name the text field with --text.text_field")
-        if rec[field].strip():
-            yield rec[field]
+            return decoder.decode(block, final)
+        except UnicodeDecodeError as e:  # e.start counts from the held bytes
+            raise _not_utf8(path, offset - held + e.start, e.object[e.start:e.start + 1]) from None
+
+    with _open_checked(path) as f:
+        while block := f.read(READ_BYTES):
+            buffered += decode(block)
+            offset += len(block)
+            unread += len(block)
+            while len(buffered) >= PIECE_CHARS:
+                cut = _piece_end(buffered)
+                piece, buffered = buffered[:cut], buffered[cut:]
+                if piece.strip():
+                    blank = False
+                    yield piece, unread
+                    unread = 0
+        buffered += decode(b"", final=True)
+    if buffered.strip():
+        yield buffered, unread
+    elif blank:
+        raise _empty(path)
+
+
+def _text_documents(path: Path, errors: str) -> Iterator[tuple[str, int]]:
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+    if size > BIG_TEXT_BYTES:
+        yield from _text_pieces(path, errors)
+    else:
+        yield _read_text(path, errors), size
 
 
 def expand_paths(paths: list[str]) -> list[Path]:
@@ -93,20 +225,37 @@ def expand_paths(paths: list[str]) -> list[Path]:
     return out
 
 
-def read_documents(paths: list[str], config: DataConfig = DataConfig()) -> list[str]:
-    """Documents from files: a text file is one document, a JSONL line is one document.
-
-    The name ``builtin`` stands for the corpus that ships inside Python itself.
-    """
+def _sized_documents(paths: list[str], config: DataConfig) -> Iterator[tuple[str, int]]:
+    """(document, input bytes it accounts for): what the progress bar counts."""
     if paths == [BUILTIN]:
-        return builtin_corpus()
-    docs: list[str] = []
+        yield from ((d, len(d)) for d in _builtin_corpus())
+        return
     for path in expand_paths(paths):
         if path.suffix == ".jsonl":
-            docs.extend(_jsonl_documents(path, config.text_field, config.errors))
+            yield from _jsonl_documents(path, config.text_field, config.errors)
         else:
-            docs.append(_read_text(path, config.errors))
-    return docs
+            yield from _text_documents(path, config.errors)
+
+
+def _input_bytes(paths: list[str]) -> int:
+    if paths == [BUILTIN]:
+        return sum(map(len, _builtin_corpus()))
+    return sum(p.stat().st_size for p in expand_paths(paths))
+
+
+def iter_documents(paths: list[str], config: DataConfig = DataConfig()) -> Iterator[str]:
+    """Documents from files, one at a time: a text file is one document (one larger than
+    ``BIG_TEXT_BYTES`` is cut into pieces at blank lines), a JSONL line is one document.
+    Records whose text is blank are skipped. The name ``builtin`` stands for the corpus that
+    ships inside Python itself."""
+    return (text for text, _ in _sized_documents(paths, config))
+
+
+def read_documents(paths: list[str], config: DataConfig = DataConfig()) -> list[str]:
+    """All documents of ``iter_documents`` in a list, for callers with small corpora."""
+    if paths == [BUILTIN]:
+        return builtin_corpus()
+    return list(iter_documents(paths, config))
 
 
 def builtin_corpus() -> list[str]:
@@ -143,6 +292,212 @@ def _builtin_corpus() -> tuple[str, ...]:
             if parts:
                 docs.append("\n\n".join(parts))
     return tuple(docs)
+
+
+# --------------------------------------------------------------------------- the split
+def split_key(text: str, seed: int) -> float:
+    """A document's place in [0, 1) for the train/validation split: a hash of (seed, text).
+    The document is held out when its key is below ``val_fraction``."""
+    h = hashlib.blake2b(f"{seed}\0".encode(), digest_size=8)
+    h.update(text.encode("utf-8", "surrogatepass"))
+    return int.from_bytes(h.digest(), "little") / 2 ** 64
+
+
+def _min_documents_to_split(val_fraction: float) -> int:
+    """Fewer documents than this hold out their tails instead of whole documents."""
+    return max(2, round(2 / val_fraction)) if val_fraction > 0 else 1
+
+
+def _tail_split(doc: str, val_fraction: float) -> tuple[str, str]:
+    cut = int(len(doc) * (1 - val_fraction))
+    nl = doc.rfind("\n", 0, cut)
+    cut = nl + 1 if nl > 0 else cut  # cut at a line break where there is one
+    return doc[:cut], doc[cut:]
+
+
+def split_documents(docs: Sequence[str], config: DataConfig) -> tuple[list[str], list[str]]:
+    """Train and validation documents by the rule ``prepare`` follows (see the module docstring):
+    held out when ``split_key(doc, seed) < val_fraction``; if none is, the one of lowest key; with
+    too few documents to split, the last lines of each document."""
+    f = config.val_fraction
+    if f == 0:
+        return list(docs), []
+    if len(docs) < _min_documents_to_split(f):
+        pairs = [_tail_split(d, f) for d in docs]
+        return [t for t, _ in pairs], [v for _, v in pairs]
+    keys = [split_key(d, config.seed) for d in docs]
+    held = [k < f for k in keys]
+    if not any(held):
+        held[int(np.argmin(keys))] = True
+    return [d for d, h in zip(docs, held) if not h], [d for d, h in zip(docs, held) if h]
+
+
+class _Doc(NamedTuple):
+    text: str
+    held_out: bool
+    key: float  # split_key, or 1.0 where the split is not by hash
+    nbytes: int  # input bytes read for it (progress)
+
+
+def _labelled_documents(paths: list[str], config: DataConfig, few: bool) -> Iterator[_Doc]:
+    """The corpus in order, each document marked for training or validation."""
+    f = config.val_fraction
+    for text, nbytes in _sized_documents(paths, config):
+        if f == 0:
+            yield _Doc(text, False, 1.0, nbytes)
+        elif few:
+            head, tail = _tail_split(text, f)
+            yield _Doc(head, False, 1.0, nbytes)
+            yield _Doc(tail, True, 1.0, 0)
+        else:
+            key = split_key(text, config.seed)
+            yield _Doc(text, key < f, key, nbytes)
+
+
+# --------------------------------------------------------------------------- encoding
+def _chunks(docs: Iterator[_Doc], max_chars: int) -> Iterator[list[_Doc]]:
+    """Consecutive documents, about ``max_chars`` characters at a time (a longer document alone)."""
+    chunk: list[_Doc] = []
+    size = 0
+    for doc in docs:
+        if chunk and size + len(doc.text) > max_chars:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(doc)
+        size += len(doc.text)
+    if chunk:
+        yield chunk
+
+
+def _encode_texts(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of ``texts``, each followed by <|endoftext|>, end to end; and each one's length."""
+    ids: list[int] = []
+    lengths = np.empty(len(texts), dtype=np.int64)
+    for i, doc in enumerate(tokenizer.encode_batch(texts, workers=1)):
+        doc.append(tokenizer.eot_id)
+        lengths[i] = len(doc)
+        ids += doc
+    return np.array(ids, dtype=dtype), lengths
+
+
+_POOL_STATE: tuple[Tokenizer, np.dtype] | None = None
+
+
+def _pool_init(tokenizer_json: str, dtype: str) -> None:
+    global _POOL_STATE
+    _POOL_STATE = (Tokenizer.from_json(tokenizer_json), np.dtype(dtype))
+
+
+def _pool_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    assert _POOL_STATE is not None, "_pool_init runs first in every worker"
+    return _encode_texts(_POOL_STATE[0], texts, _POOL_STATE[1])
+
+
+def _encoded_chunks(chunks: Iterator[list[_Doc]], tokenizer: Tokenizer, dtype: np.dtype, workers: int
+                    ) -> Iterator[tuple[list[_Doc], np.ndarray, np.ndarray]]:
+    """(documents, ids, lengths) per chunk, in corpus order; with ``workers`` > 1 encoded by one
+    pool of processes, at most two chunks per worker in flight (which bounds memory)."""
+    if workers <= 1:
+        for docs in chunks:
+            yield docs, *_encode_texts(tokenizer, [d.text for d in docs], dtype)
+        return
+    pool = ProcessPoolExecutor(workers, initializer=_pool_init, initargs=(tokenizer.to_json(), dtype.str))
+    try:
+        pending: deque = deque()
+        for docs in chunks:
+            pending.append((docs, pool.submit(_pool_encode, [d.text for d in docs])))
+            if len(pending) >= 2 * workers:
+                docs, future = pending.popleft()
+                yield docs, *future.result()
+        while pending:
+            docs, future = pending.popleft()
+            yield docs, *future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _ShardWriter:
+    """Appends encoded documents to the train and validation files, counting tokens and documents,
+    and remembers the training document of lowest split key (held out if no other is)."""
+
+    def __init__(self, paths: dict[str, Path], dtype: np.dtype) -> None:
+        self.paths, self.dtype = paths, dtype
+        self.files = {s: open(p, "wb") for s, p in paths.items()}
+        self.tokens = {"train": 0, "val": 0}
+        self.documents = {"train": 0, "val": 0}
+        self.nearest: tuple[float, int, int] | None = None  # (key, first token, end) in train.bin
+
+    def add(self, docs: list[_Doc], ids: np.ndarray, lengths: np.ndarray) -> None:
+        held = np.fromiter((d.held_out for d in docs), dtype=bool, count=len(docs))
+        ends = self.tokens["train"] + np.cumsum(np.where(held, 0, lengths))
+        for doc, end, n in zip(docs, ends.tolist(), lengths.tolist()):
+            if not doc.held_out and (self.nearest is None or doc.key < self.nearest[0]):
+                self.nearest = (doc.key, end - n, end)
+        mask = np.repeat(held, lengths)
+        for split, part in (("train", ids[~mask]), ("val", ids[mask])):
+            self.files[split].write(part.tobytes())
+            self.tokens[split] += part.size
+        self.documents["val"] += int(held.sum())
+        self.documents["train"] += len(docs) - int(held.sum())
+
+    def sync(self) -> None:
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def hold_out_nearest(self) -> None:
+        """Move the recorded training document to the (empty) validation file; after ``close``."""
+        assert self.nearest is not None and self.tokens["val"] == 0
+        _, start, end = self.nearest
+        size = self.dtype.itemsize
+        with open(self.paths["train"], "r+b") as train, open(self.paths["val"], "wb") as val:
+            train.seek(start * size)
+            val.write(train.read((end - start) * size))
+            # Shift the rest of train.bin down over the moved document, a block at a time.
+            read_at, write_at = end * size, start * size
+            while True:
+                train.seek(read_at)
+                block = train.read(1 << 24)
+                if not block:
+                    break
+                train.seek(write_at)
+                train.write(block)
+                read_at, write_at = read_at + len(block), write_at + len(block)
+            train.truncate(write_at)
+            for f in (train, val):
+                f.flush()
+                os.fsync(f.fileno())
+        self.tokens = {"train": self.tokens["train"] - (end - start), "val": end - start}
+        self.documents = {"train": self.documents["train"] - 1, "val": 1}
+
+
+def _write_shards(paths: list[str], config: DataConfig, tokenizer: Tokenizer, dtype: np.dtype,
+                  files: dict[str, Path], few: bool) -> _ShardWriter:
+    """Stream the corpus through the encoder into ``files`` (train and val)."""
+    from tqdm import tqdm
+
+    workers = config.workers or (os.cpu_count() or 1)
+    total = _input_bytes(paths)
+    if total < POOL_MIN_BYTES:
+        workers = 1
+    chunks = _chunks(_labelled_documents(paths, config, few), CHUNK_CHARS)
+    writer = _ShardWriter(files, dtype)
+    try:
+        with (tqdm(total=total, desc="encoding", unit="B", unit_scale=True, leave=False, disable=None) as bar,
+              contextlib.closing(_encoded_chunks(chunks, tokenizer, dtype, workers)) as encoded):
+            for docs, ids, lengths in encoded:
+                writer.add(docs, ids, lengths)
+                bar.update(sum(d.nbytes for d in docs))
+        writer.sync()
+    finally:
+        writer.close()
+    if config.val_fraction > 0 and not few and writer.documents["val"] == 0:
+        writer.hold_out_nearest()
+    return writer
 
 
 # --------------------------------------------------------------------------- shards
@@ -205,6 +560,8 @@ def _input_signature(paths: list[str], config: DataConfig, tokenizer: Tokenizer)
     h = hashlib.sha256()
     h.update(tokenizer.fingerprint.encode())
     h.update(json.dumps(config_dict(config) | {"workers": 0}, sort_keys=True).encode())
+    # How documents are cut and split: shards made by another rule are rebuilt.
+    h.update(f"{SPLIT_RULE}:{BIG_TEXT_BYTES}:{PIECE_CHARS}".encode())
     if paths == [BUILTIN]:
         h.update(f"builtin:{sysconfig.get_python_version()}".encode())
     else:
@@ -212,53 +569,6 @@ def _input_signature(paths: list[str], config: DataConfig, tokenizer: Tokenizer)
             st = p.stat()
             h.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()
-
-
-def split_documents(docs: list[str], config: DataConfig) -> tuple[list[str], list[str]]:
-    """Hold out documents for validation, chosen by seed. With too few documents to split
-    (a single book, say), hold out the last lines of each document instead."""
-    if config.val_fraction == 0:
-        return docs, []
-    if len(docs) >= max(2, round(2 / config.val_fraction)):
-        rng = np.random.default_rng(config.seed)
-        n_val = max(1, round(len(docs) * config.val_fraction))
-        val_ids = set(rng.permutation(len(docs))[:n_val].tolist())
-        return [d for i, d in enumerate(docs) if i not in val_ids], [d for i, d in enumerate(docs) if i in val_ids]
-    train, val = [], []
-    for d in docs:
-        cut = int(len(d) * (1 - config.val_fraction))
-        nl = d.rfind("\n", 0, cut)
-        cut = nl + 1 if nl > 0 else cut  # cut at a line break where there is one
-        train.append(d[:cut])
-        val.append(d[cut:])
-    return train, val
-
-
-def _write_tokens(path: Path, docs: list[str], tokenizer: Tokenizer, dtype: np.dtype, workers: int,
-                  desc: str) -> tuple[int, int]:
-    """Encode documents (each followed by <|endoftext|>) straight into a file; returns (tokens, documents)."""
-    from tqdm import tqdm
-
-    eot = tokenizer.eot_id
-    n_tokens = 0
-    batch_chars = 32_000_000  # encode in batches, so a corpus larger than memory streams through
-    with open(path, "wb") as f, tqdm(total=sum(len(d) for d in docs), desc=desc, unit="char", unit_scale=True,
-                                     leave=False, disable=None) as bar:
-        i = 0
-        while i < len(docs):
-            j, size = i, 0
-            while j < len(docs) and (size == 0 or size + len(docs[j]) <= batch_chars):
-                size += len(docs[j])
-                j += 1
-            for ids in tokenizer.encode_batch(docs[i:j], workers=workers):
-                if eot is not None:
-                    ids.append(eot)
-                arr = np.asarray(ids, dtype=dtype)
-                f.write(arr.tobytes())
-                n_tokens += arr.size
-            bar.update(size)
-            i = j
-    return n_tokens, len(docs)
 
 
 def is_shard_dir(path: Path) -> bool:
@@ -273,6 +583,27 @@ def is_shard_dir(path: Path) -> bool:
     return bool(names) and names == ours and bool(shards)
 
 
+def _reuse(out: Path, signature: str, tokenizer: Tokenizer, save_tokenizer: bool, quiet: bool) -> ShardSet | None:
+    """The shards already in ``out`` if they were made from these very inputs, else None."""
+    if not (out / "index.json").is_file():
+        return None
+    try:
+        existing = ShardSet.open(out)
+        if existing.index.get("input_signature") != signature:
+            return None
+        existing.tokens("train"), existing.tokens("val")  # both files present and whole
+    except DataError:
+        return None  # damaged or stale: rebuild
+    if save_tokenizer and not (out / "tokenizer.json").is_file():
+        try:
+            tokenizer.save(out / "tokenizer.json")
+        except OSError as e:
+            raise write_error(out / "tokenizer.json", e) from None
+    if not quiet:
+        print(f"reusing token shards in {out} (inputs unchanged)")
+    return existing
+
+
 def prepare(paths: list[str], out_dir: str | os.PathLike, tokenizer: Tokenizer,
             config: DataConfig = DataConfig(), force: bool = False, quiet: bool = False,
             save_tokenizer: bool = False) -> ShardSet:
@@ -282,29 +613,16 @@ def prepare(paths: list[str], out_dir: str | os.PathLike, tokenizer: Tokenizer,
     commit, so the folder never pairs new shards with an old tokenizer."""
     out = Path(out_dir)
     signature = _input_signature(paths, config, tokenizer)
-    if not force and (out / "index.json").is_file():
-        try:
-            existing = ShardSet.open(out)
-            if existing.index.get("input_signature") == signature:
-                existing.tokens("train"), existing.tokens("val")  # both files present and whole
-                if save_tokenizer and not (out / "tokenizer.json").is_file():
-                    try:
-                        tokenizer.save(out / "tokenizer.json")
-                    except OSError as e:
-                        raise write_error(out / "tokenizer.json", e) from None
-                if not quiet:
-                    print(f"reusing token shards in {out} (inputs unchanged)")
-                return existing
-        except DataError:
-            pass  # damaged or stale: rebuild
-    docs = read_documents(paths, config)
-    if not docs:
+    if not force and (existing := _reuse(out, signature, tokenizer, save_tokenizer, quiet)) is not None:
+        return existing
+    # Count documents only as far as the split rule needs: whole documents, or tails of few.
+    enough = _min_documents_to_split(config.val_fraction)
+    n_docs = sum(1 for _ in zip(range(enough), iter_documents(paths, config)))
+    if n_docs == 0:
         raise DataError(f"no text found in {', '.join(paths)}")
     if tokenizer.eot_id is None:
         raise DataError("the tokenizer has no <|endoftext|> token to separate documents; train it with that special token")
-    train_docs, val_docs = split_documents(docs, config)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32)
-    counts = {}
     names = ["train.bin", "val.bin", *(["tokenizer.json"] if save_tokenizer else []), "index.json"]
     tmps = {name: out / f"{name}.tmp" for name in names}
     # Everything is written under temporary names first and renamed only once all of it is on
@@ -313,18 +631,17 @@ def prepare(paths: list[str], out_dir: str | os.PathLike, tokenizer: Tokenizer,
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for split, split_docs in (("train", train_docs), ("val", val_docs)):
-            counts[split] = _write_tokens(tmps[f"{split}.bin"], split_docs, tokenizer, dtype, config.workers,
-                                          f"encoding {split}")
+        written = _write_shards(paths, config, tokenizer, dtype,
+                                {"train": tmps["train.bin"], "val": tmps["val.bin"]}, few=n_docs < enough)
         if save_tokenizer:
             atomic.write_file(tmps["tokenizer.json"], tokenizer.to_json().encode("utf-8"))
         index = {
             "format": SHARD_FORMAT, "version": SHARD_FORMAT_VERSION, "dtype": dtype.name,
             "tokenizer_fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-            "eot_id": tokenizer.eot_id, "tokens": {s: counts[s][0] for s in counts},
-            "documents": {s: counts[s][1] for s in counts}, "sources": paths, "input_signature": signature,
+            "eot_id": tokenizer.eot_id, "tokens": written.tokens, "documents": written.documents,
+            "sources": paths, "input_signature": signature, "split_rule": SPLIT_RULE,
             # What the shards hold, so that a run resumed on other data is caught even at equal sizes.
-            "sha256": {s: atomic.sha256_file(tmps[f"{s}.bin"]) for s in counts},
+            "sha256": {s: atomic.sha256_file(tmps[f"{s}.bin"]) for s in ("train", "val")},
             "data_config": config_dict(config),
         }
         atomic.write_file(tmps["index.json"], (json.dumps(index, indent=2) + "\n").encode("utf-8"))
@@ -339,8 +656,9 @@ def prepare(paths: list[str], out_dir: str | os.PathLike, tokenizer: Tokenizer,
             raise write_error(out, e) from None
         raise
     if not quiet:
-        print(f"wrote {counts['train'][0]:,} train and {counts['val'][0]:,} val tokens "
-              f"({counts['train'][1]} + {counts['val'][1]} documents, {dtype.name}) to {out}")
+        t, d = written.tokens, written.documents
+        print(f"wrote {t['train']:,} train and {t['val']:,} val tokens "
+              f"({d['train']} + {d['val']} documents, {dtype.name}) to {out}")
     return ShardSet(out, index)
 
 
@@ -351,16 +669,30 @@ def _check_length(tokens: np.ndarray, context: int, what: str) -> None:
                         f"({context} + 1 tokens); give more text or a shorter context (--model.context_length)")
 
 
+def _rank_rows(batch_size: int, rank: int, world_size: int) -> slice:
+    """This rank's contiguous rows of a global batch."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not one of the {world_size} processes (0 to {world_size - 1}); "
+                        "check RANK and WORLD_SIZE")
+    if batch_size % world_size:
+        raise DataError(f"the global batch of {batch_size} sequences does not divide among {world_size} processes; "
+                        f"pick a --train.batch_size that is a multiple of {world_size}")
+    per = batch_size // world_size
+    return slice(rank * per, (rank + 1) * per)
+
+
 class SlidingWindows:
     """Windows of ``context`` tokens every ``stride`` tokens; targets are inputs shifted by one.
 
     Batches walk the windows in epochs, each epoch in a seeded random order, dropping
-    the last incomplete batch (as the book's ``create_dataloader_v1``).
+    the last incomplete batch (as the book's ``create_dataloader_v1``). ``batch_size`` is the
+    global batch; with ``world_size`` > 1, ``batch`` returns rank ``rank``'s rows of it.
     """
 
     def __init__(self, tokens: np.ndarray, context: int, stride: int, batch_size: int, seed: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, *, rank: int = 0, world_size: int = 1) -> None:
         _check_length(tokens, context, "training")
+        self.rows = _rank_rows(batch_size, rank, world_size)
         self.tokens, self.context, self.stride = tokens, context, stride
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.n_windows = (len(tokens) - context - 1) // stride + 1
@@ -379,27 +711,31 @@ class SlidingWindows:
         return chunk[:-1], chunk[1:]
 
     def batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k-th batch of the whole run (k counts micro-batches from 0)."""
+        """This rank's rows of the k-th global batch of the whole run (k counts micro-batches from 0)."""
         epoch, b = divmod(k, self.batches_per_epoch)
         if self._order is None or self._order[0] != epoch:
             order = (np.random.default_rng([self.seed, epoch]).permutation(self.n_windows) if self.shuffle
                      else np.arange(self.n_windows))
             self._order = (epoch, order)
-        ids = self._order[1][b * self.batch_size:(b + 1) * self.batch_size]
+        ids = self._order[1][b * self.batch_size:(b + 1) * self.batch_size][self.rows]
         xs, ys = zip(*(self.window(int(i)) for i in ids))
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
 
 class RandomWindows:
-    """Batches of windows starting at random offsets: batch k is drawn from a generator seeded by (seed, k)."""
+    """Batches of windows starting at random offsets: global batch k is drawn from a generator seeded
+    by (seed, k); with ``world_size`` > 1, ``batch`` returns rank ``rank``'s rows of it."""
 
-    def __init__(self, tokens: np.ndarray, context: int, batch_size: int, seed: int = 0) -> None:
+    def __init__(self, tokens: np.ndarray, context: int, batch_size: int, seed: int = 0, *,
+                 rank: int = 0, world_size: int = 1) -> None:
         _check_length(tokens, context, "training")
+        self.rows = _rank_rows(batch_size, rank, world_size)
         self.tokens, self.context, self.batch_size, self.seed = tokens, context, batch_size, seed
 
     def batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         starts = np.random.default_rng([self.seed, k]).integers(0, len(self.tokens) - self.context, self.batch_size)
-        chunks = np.stack([np.asarray(self.tokens[s:s + self.context + 1], dtype=np.int64) for s in starts])
+        chunks = np.stack([np.asarray(self.tokens[s:s + self.context + 1], dtype=np.int64)
+                           for s in starts[self.rows]])
         return torch.from_numpy(chunks[:, :-1]), torch.from_numpy(chunks[:, 1:])
 
 

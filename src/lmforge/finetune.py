@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, tasks
+from . import atomic, distributed, tasks
 from .checkpoint import TOKENIZER, load_model, load_tokenizer
 from .config import FinetuneConfig, LmforgeError, LoRAConfig, SampleConfig, TrainConfig, config_dict
 from .evaluate import classification_metrics
@@ -128,9 +128,15 @@ def resolve_data(spec: str | Path, kind: str = "dataset") -> Path:
     return hub.fetch(str(spec))
 
 
-def _start(run: Path, data: Path, base: str, resume: bool, overwrite: bool) -> None:
+def _start(run: Path, data: Path, base: str, resume: bool, overwrite: bool, train: TrainConfig,
+           device: str | None) -> torch.device:
+    """Checks of the outputs, before anything is read; returns the device to train on (under torchrun:
+    this rank's, after joining the job)."""
     from .outputs import inside
     from .pipeline import _prepare_run_dir
+
+    ranks = distributed.init(train.dist_timeout, device)
+    distributed.check_batch(train.batch_size, ranks)
 
     if not data.is_file():
         raise LmforgeError(f"no data file at {data}")
@@ -140,6 +146,9 @@ def _start(run: Path, data: Path, base: str, resume: bool, overwrite: bool) -> N
     # Checks only: with --overwrite the old run is cleared later (_begin), once the data, labels and
     # base have all been read without error, so a mistyped flag never costs the old run.
     _prepare_run_dir(run, data, resume or overwrite, False)
+    if ranks.active:
+        return distributed.device_of(ranks)
+    return torch.device(device) if device else torch.device("cpu")
 
 
 def _begin(run: Path, data: Path, tok, resume: bool, overwrite: bool, train: TrainConfig) -> None:
@@ -150,12 +159,16 @@ def _begin(run: Path, data: Path, tok, resume: bool, overwrite: bool, train: Tra
     check_loggers(train.tensorboard, train.wandb)
     if resume:
         return
-    if overwrite:
-        _prepare_run_dir(run, data, False, True)
-        for name in (RESULTS, BEFORE, "responses.json", "confusion.png"):  # the old run's reports
-            (run / name).unlink(missing_ok=True)
-    run.mkdir(parents=True, exist_ok=True)
-    tok.save(run / TOKENIZER)
+
+    def clear_and_start() -> None:  # rank 0 alone writes
+        if overwrite:
+            _prepare_run_dir(run, data, False, True)
+            for name in (RESULTS, BEFORE, "responses.json", "confusion.png"):  # the old run's reports
+                (run / name).unlink(missing_ok=True)
+        run.mkdir(parents=True, exist_ok=True)
+        tok.save(run / TOKENIZER)
+
+    distributed.on_main(clear_and_start)
 
 
 BEFORE = "before.json"
@@ -163,7 +176,8 @@ BEFORE = "before.json"
 
 def _write_before(run: Path, before: dict) -> None:
     """The untuned model's scores, kept so that a resumed run still reports before and after."""
-    atomic.write_text(run / BEFORE, json.dumps(before, indent=2) + "\n")
+    if distributed.current().main:
+        atomic.write_text(run / BEFORE, json.dumps(before, indent=2) + "\n")
 
 
 def _read_before(run: Path) -> dict | None:
@@ -175,7 +189,9 @@ def _read_before(run: Path) -> dict | None:
 
 
 def _save_results(run: Path, results: dict) -> Path:
-    return atomic.write_text(run / RESULTS, json.dumps(results, indent=2) + "\n")
+    if distributed.current().main:
+        atomic.write_text(run / RESULTS, json.dumps(results, indent=2) + "\n")
+    return run / RESULTS
 
 
 # ---------------------------------------------------------------- classification
@@ -207,7 +223,7 @@ def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: Fi
     if (text_column, label_column) == ("text", "label") and str(data) in KNOWN_COLUMNS:
         text_column, label_column = KNOWN_COLUMNS[str(data)]
     run, data = Path(out), resolve_data(data)
-    _start(run, data, base, resume, overwrite)
+    dev = _start(run, data, base, resume, overwrite, train, device)
     rows = tasks.read_labelled(data, text_column, label_column)
     if balance:
         rows = tasks.balance(rows, finetune.seed)
@@ -217,7 +233,6 @@ def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: Fi
     if len(labels) < 2:
         raise LmforgeError(f"the training split of {data} has only the label {labels[0]!r}; a classifier needs "
                            "at least two classes")
-    dev = torch.device(device) if device else torch.device("cpu")
     model, tok = _load_base(base, dev, language_model=False)
     ctx = model.config.context_length
     max_len = min(finetune.max_length or ctx, ctx)
@@ -236,8 +251,9 @@ def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: Fi
     print(_describe(model, finetune))
     pad_id = tok.eos_id if tok.eos_id is not None else 0
     tr = sets["train"]
-    batches = tasks.EpochBatches(len(tr.ids), train.batch_size, train.seed, lambda idx: tasks.collate_classification(
-        [tr.ids[i] for i in idx], [tr.labels[i] for i in idx], pad_id, pad_to))
+    batches = distributed.rank_rows(tasks.EpochBatches(
+        len(tr.ids), train.batch_size, train.seed, lambda idx: tasks.collate_classification(
+            [tr.ids[i] for i in idx], [tr.labels[i] for i in idx], pad_id, pad_to)))
     train = _steps(len(tr.ids), finetune, train)
 
     def evaluate(m: GPT, dtype: torch.dtype) -> dict:
@@ -264,7 +280,7 @@ def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: Fi
             probs = predict_classes(model, s.ids, pad_id, train.batch_size, dtype)
             results[name] = classification_metrics(probs.argmax(-1).tolist(), s.labels, labels)
     _save_results(run, results)
-    if "test" in results:
+    if "test" in results and distributed.current().main:
         from .report import plot_confusion
 
         plot_confusion(results["test"]["confusion"], labels, run / "confusion.png")
@@ -299,15 +315,14 @@ def label_texts(model: GPT, tok, labels: list[str], texts: list[str]) -> list[tu
 # ---------------------------------------------------------------- instruction following
 
 def _language_task(base: str, data: str | Path, out: str | Path, finetune: FinetuneConfig, template: str,
-                   resume: bool, overwrite: bool, device: str | None) -> tuple:
+                   resume: bool, overwrite: bool, device: str | None, train: TrainConfig) -> tuple:
     """What instruction and preference tuning start alike with: the checked template and paths, the
     record splits, the device and the base model: (run, data, device, model, tokenizer, splits)."""
     tasks.check_template(template)
     run, data = Path(out), resolve_data(data)
-    _start(run, data, base, resume, overwrite)
+    dev = _start(run, data, base, resume, overwrite, train, device)
     records = tasks.subsample(tasks.read_records(data), finetune.limit, finetune.seed)
     splits = tasks.split(records, finetune.split, finetune.seed)
-    dev = torch.device(device) if device else torch.device("cpu")
     model, tok = _load_base(base, dev)
     if template == "chat" and not tok.chat_template:
         raise LmforgeError(f"{base} has no chat template; use --template alpaca or phi3")
@@ -384,7 +399,7 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
     """Instruction-tune ``base`` on Alpaca / chat records; returns validation loss and test ROUGE-L,
     before and after, and writes the test responses to ``responses.json``."""
     run, data, dev, model, tok, (train_recs, val_recs, test_recs) = _language_task(
-        base, data, out, finetune, template, resume, overwrite, device)
+        base, data, out, finetune, template, resume, overwrite, device, train)
     ctx = model.config.context_length
     max_len = min(finetune.max_length or ctx, ctx)
     sets = {name: tasks.encode_instructions(r, tok, template, max_len, str(data))
@@ -418,7 +433,8 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
     set_trainable(model, finetune, lora, head_trains=False)
     print(_describe(model, finetune))
     tr = sets["train"]
-    batches = tasks.EpochBatches(len(tr.ids), train.batch_size, train.seed, lambda idx: collate(tr, idx))
+    batches = distributed.rank_rows(tasks.EpochBatches(len(tr.ids), train.batch_size, train.seed,
+                                                       lambda idx: collate(tr, idx)))
     train = _steps(len(tr.ids), finetune, train)
     extra = {"base": identity, "lora": lora_config(model), "trained": trained_names(model),
              "weights": "full" if finetune.trainable == "all" else "trained", "finetune": config_dict(finetune),
@@ -437,7 +453,8 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
         records = [{**r, "model_response": a} for r, a in zip(tests, answers)]
         for record, answer in zip(records, before_answers):
             record["response_before"] = answer
-        atomic.write_text(run / "responses.json", json.dumps(records, indent=1, ensure_ascii=False) + "\n")
+        if distributed.current().main:
+            atomic.write_text(run / "responses.json", json.dumps(records, indent=1, ensure_ascii=False) + "\n")
     _save_results(run, results)
     return results
 
@@ -471,7 +488,7 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
     if beta <= 0:
         raise LmforgeError(f"--beta must be > 0, got {beta}")
     run, data, dev, model, tok, (train_recs, val_recs, _) = _language_task(
-        base, data, out, finetune, template, resume, overwrite, device)
+        base, data, out, finetune, template, resume, overwrite, device, train)
     ctx = model.config.context_length
     max_len = min(finetune.max_length or ctx, ctx)
     sets = {name: tasks.encode_preferences(r, tok, template, max_len, str(data))
@@ -518,8 +535,8 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
     torch.manual_seed(train.seed)
     set_trainable(model, finetune, lora, head_trains=False)
     print(_describe(model, finetune))
-    batches = tasks.EpochBatches(len(sets["train"].chosen), train.batch_size, train.seed,
-                                 lambda idx: collate("train", idx))
+    batches = distributed.rank_rows(tasks.EpochBatches(len(sets["train"].chosen), train.batch_size, train.seed,
+                                                       lambda idx: collate("train", idx)))
     train = _steps(len(sets["train"].chosen), finetune, train)
     extra = {"base": identity, "lora": lora_config(model), "trained": trained_names(model),
              "weights": "full" if finetune.trainable == "all" else "trained", "finetune": config_dict(finetune),

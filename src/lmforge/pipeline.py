@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .checkpoint import METRICS as METRICS_FILE
 from .checkpoint import TOKENIZER, has_checkpoint, read_run_config
 from .config import (
@@ -175,7 +176,21 @@ def pretrain(data_dir: str | Path, out: str | Path, model_config: ModelConfig, t
 
     With ``resume``, training continues from the newest complete checkpoint in ``out``; see
     ``train.fit`` for what may change on resume.
+
+    Under torchrun (``lmforge pretrain --devices N``), every rank runs this: each trains on its rows
+    of every batch (``train.batch_size`` is the global batch), rank 0 alone prints and writes.
     """
+    ranks = distributed.init(train.dist_timeout, device)
+    try:
+        return _pretrain(data_dir, out, model_config, train, resume, sample, prompts, device, progress,
+                         allow_changes, overwrite, ranks)
+    finally:
+        distributed.close()
+
+
+def _pretrain(data_dir: str | Path, out: str | Path, model_config: ModelConfig, train: TrainConfig, resume: bool,
+              sample: SampleConfig, prompts: tuple[str, ...], device: str | None, progress: bool, allow_changes: bool,
+              overwrite: bool, ranks: distributed.Group) -> dict:
     shards = ShardSet.open(data_dir)
     tok_path = Path(data_dir) / TOKENIZER
     if not tok_path.is_file():
@@ -189,26 +204,36 @@ def pretrain(data_dir: str | Path, out: str | Path, model_config: ModelConfig, t
     from .logger import check_loggers
 
     check_loggers(train.tensorboard, train.wandb)  # before --overwrite clears anything
-    _prepare_run_dir(run, Path(data_dir), resume, overwrite)
-    dev = torch.device(device) if device else default_device()
-    torch.manual_seed(train.seed)
+    distributed.check_batch(train.batch_size, ranks)
+    dev = distributed.device_of(ranks) if ranks.active else torch.device(device) if device else default_device()
+    distributed.on_main(lambda: _prepare_run_dir(run, Path(data_dir), resume, overwrite), dev)
+    torch.manual_seed(train.seed)  # the same initial weights on every rank
     model = GPT(model_config).to(dev)
     train_tokens, val_tokens = shards.tokens("train"), shards.tokens("val")
     ctx = model_config.context_length
     if train.stride:
-        windows = SlidingWindows(train_tokens, ctx, train.stride, train.batch_size, train.seed)
+        windows = SlidingWindows(train_tokens, ctx, train.stride, train.batch_size, train.seed, rank=ranks.rank,
+                                 world_size=ranks.world_size)  # this rank's rows of every global batch
         batches = windows.batch
         epochs = train.max_steps * train.grad_accum / len(windows)
         print(f"{len(windows)} batches per epoch; {train.max_steps} steps = {epochs:.1f} epochs")
     else:
-        batches = RandomWindows(train_tokens, ctx, train.batch_size, train.seed).batch
+        batches = RandomWindows(train_tokens, ctx, train.batch_size, train.seed, rank=ranks.rank,
+                                world_size=ranks.world_size).batch
     print(f"model: {model.num_params() / 1e6:.2f} M parameters ({model_config.n_layer} layers, width "
           f"{model_config.d_model}, context {ctx}, vocab {model_config.vocab_size}); precision "
           f"{str(resolve_dtype(train.dtype, dev)).removeprefix('torch.')}; device {dev}")
     print(f"data: {len(train_tokens):,} train tokens, {len(val_tokens):,} validation tokens")
-    run.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        tokenizer.save(run / TOKENIZER)
+    if ranks.active:
+        print(f"ranks: {ranks.world_size} ({train.strategy}), {train.batch_size // ranks.world_size} sequences each "
+              "per micro-batch")
+
+    def start_run() -> None:
+        run.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            tokenizer.save(run / TOKENIZER)
+
+    distributed.on_main(start_run, dev)
 
     def evaluate(m: GPT, dtype: torch.dtype) -> dict:
         return evaluate_tokens(m, val_tokens, train.batch_size, train.eval_batches, dtype)
@@ -219,7 +244,7 @@ def pretrain(data_dir: str | Path, out: str | Path, model_config: ModelConfig, t
     result = fit(model, batches, next_token_loss, train, run, evaluate=evaluate if has_val else None,
                  sample=_sampler(tokenizer, prompts, sample) if prompts else None, resume=resume, progress=progress,
                  extra_config=data_identity, allow_changes=allow_changes)
-    plot = plot_losses(run / METRICS_FILE, run / "loss.png")
+    plot = plot_losses(run / METRICS_FILE, run / "loss.png") if ranks.main else None
     summary = {"run": str(run), "steps": result.step, "train_loss": result.last_loss, "tokens": result.tokens,
                "seconds": result.seconds, "plot": str(plot) if plot else None, "stopped_early": result.stopped_early}
     if result.stopped_early:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .checkpoint import (
     STATE,
     WEIGHTS,
@@ -53,7 +54,8 @@ LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]
 RESUMABLE = frozenset({"train.max_steps", "train.max_minutes", "train.eval_interval", "train.eval_batches",
                        "train.sample_interval", "train.save_interval", "train.log_interval",
                        "train.keep_checkpoints", "train.compile", "train.tensorboard", "train.wandb",
-                       "train.wandb_project", "train.peak_flops", "data_path"})
+                       "train.wandb_project", "train.peak_flops", "train.strategy", "train.dist_timeout",
+                       "data_path"})
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -101,32 +103,57 @@ class StepResult:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, loss_fn: LossFn,
                step: int, config: TrainConfig, device: torch.device, dtype: torch.dtype) -> StepResult:
-    """One optimiser step: set the learning rate, accumulate ``grad_accum`` micro-batches, clip, step."""
+    """One optimiser step: set the learning rate, accumulate ``grad_accum`` micro-batches, clip, step.
+
+    ``model`` is what trains: the model, or its DDP / FSDP2 wrapping (``distributed.wrap``); then
+    ``batches`` gives this rank's rows, gradients are averaged over the ranks on the last
+    micro-batch only, and the losses returned are the means over all ranks."""
     lr = lr_at(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    ranks = distributed.current()
     loss_sum, tokens, width, sums = 0.0, 0, 0, {}
     for micro in range(config.grad_accum):
         k = step * config.grad_accum + micro
         batch = to_device(batches(k), device)
-        torch.manual_seed(config.seed * 1_000_003 + k)  # dropout depends on k alone: resume is exact
-        with autocast(device, dtype):
-            loss, metrics = loss_fn(model, batch)
-        (loss / config.grad_accum).backward()
+        # Dropout depends on (k, rank) alone: resume is exact, and ranks draw different masks.
+        torch.manual_seed(config.seed * 1_000_003 + k * ranks.world_size + ranks.rank)
+        with distributed.gradient_sync(model, sync=micro == config.grad_accum - 1):
+            with autocast(device, dtype):
+                loss, metrics = loss_fn(model, batch)
+            (loss / config.grad_accum).backward()
         loss_sum += loss.item()
         tokens += batch_tokens(batch)
         width = max(width, batch_width(batch))
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + float(value)
+    if ranks.active:  # what the whole global batch scored, the same on every rank
+        names = sorted(sums)
+        loss_sum, *means = distributed.mean_over_ranks([loss_sum, *(sums[n] for n in names)], device)
+        sums = dict(zip(names, means))
+        tokens *= ranks.world_size
     if not math.isfinite(loss_sum):
         raise LmforgeError(f"loss became {loss_sum} at step {step}; lower --train.lr or use --train.dtype float32")
     grad_norm = None
     if config.grad_clip is not None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+        grad_norm = distributed.gradient_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: no re-allocation per step
     return StepResult(loss=loss_sum / config.grad_accum, grad_norm=grad_norm, tokens=tokens, seq_len=width,
                       metrics={name: v / config.grad_accum for name, v in sums.items()})
+
+
+class _Silent:
+    """The logger of ranks other than 0: they train and evaluate, rank 0 alone writes."""
+
+    def log(self, step: int, **metrics) -> None:
+        pass
+
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -228,9 +255,10 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     if device.type == "cpu":
         tune_cpu_allocator()
     extra_config = {**(extra_config or {}), "task": task, "train": config_dict(config)}
-    optimizer = make_optimizer(model, config)
-    start, tokens, elapsed = 0, 0, 0.0
-    remove_stale_temp_files(run)
+    ranks = distributed.current()
+    start, tokens, elapsed, state = 0, 0, 0.0, None
+    if ranks.main:
+        remove_stale_temp_files(run)
     if resume:
         folder = find_checkpoint(run)
         stored = read_run_config(folder)
@@ -241,13 +269,13 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             raise LmforgeError(f"{folder} holds weights but no trainer state, so it cannot be resumed; "
                                "start without --resume")
         tensors, meta = load_weights(folder / WEIGHTS)
+        # Into the whole model, before any sharding: a checkpoint of any number of ranks loads alike.
         load_state_into(model, tensors, str(folder / WEIGHTS), trained_only=extra_config.get("weights") == "trained")
         state = load_trainer_state(folder, int(meta.get("step", -1)))
         start, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         if start >= config.max_steps:
             raise LmforgeError(f"{run} already finished {start} of {config.max_steps} steps; raise --train.max_steps "
                                "to train further")
-        optimizer.load_state_dict(state["optimizer"])
         print(f"resuming {run} from step {start} of {config.max_steps} ({folder.name})")
         for line in changes:
             print(line)
@@ -255,21 +283,28 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     # settings change) and the peak its MFU is measured against. flops_per_token: 6N + attention (PaLM).
     hardware = describe_hardware(device, dtype, config.peak_flops)
     flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else None
-    extra_config["hardware"] = {**hardware, "flops_per_token": flops_per_token}
-    prepare_for_training(model)
+    extra_config["hardware"] = {**hardware, "flops_per_token": flops_per_token, "devices": ranks.world_size}
+    if not ranks.active:  # sparse embedding gradients and kept buffers: one process only
+        prepare_for_training(model)
     if config.compile:
         # Compile each block in place (regional compilation): parameter names stay unprefixed for
         # checkpoints, and the fused loss (a custom autograd function) stays outside the graphs.
         for block in model.h:
             block.compile()
+    trained = distributed.wrap(model, config.strategy, dtype)  # the model itself on one process
+    optimizer = make_optimizer(model, config)  # after wrapping: FSDP2 replaces the parameters by their shards
+    if state is not None:
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
     saved = start if resume else -1
 
     def checkpoint(step: int) -> None:
         nonlocal saved
-        if step != saved:
-            save_checkpoint(run, model, optimizer, step, {"tokens": tokens, "elapsed": elapsed}, extra_config,
-                            keep=config.keep_checkpoints)
-            saved = step
+        if step == saved:
+            return
+        weights, opt_state = distributed.full_state(model, optimizer)  # gathered from the shards under FSDP2
+        distributed.on_main(lambda: save_checkpoint(run, model, opt_state, step, {"tokens": tokens, "elapsed": elapsed},
+                                                    extra_config, keep=config.keep_checkpoints, weights=weights), device)
+        saved = step
 
     def run_eval(step: int) -> None:
         if evaluate is not None:
@@ -278,7 +313,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             bar.write(f"step {step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in res.items() if k != "tokens"))
 
     model.train()
-    bar = tqdm(total=config.max_steps, initial=start, desc=task, unit="step", disable=not progress,
+    bar = tqdm(total=config.max_steps, initial=start, desc=task, unit="step", disable=not (progress and ranks.main),
                dynamic_ncols=True)
 
     def run_sample(step: int) -> None:
@@ -294,7 +329,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     done, loss_value, stopped_early = start, float("nan"), False
     log = RunLogger(run, start if resume else None, tensorboard=config.tensorboard,
                     wandb_project=config.wandb_project if config.wandb else None,
-                    config={"model": model.config.to_dict(), **extra_config})
+                    config={"model": model.config.to_dict(), **extra_config}) if ranks.main else _Silent()
     try:  # from here on, the loggers are closed (flushed) however training ends
         if start == 0:  # the untrained model: the curves start where learning starts
             run_eval(0)
@@ -303,7 +338,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
         t_invocation = time.perf_counter()  # the time cap counts only this one
         window_t, window_tokens = time.perf_counter(), 0
         for step in range(start, config.max_steps):
-            result = train_step(model, optimizer, batches, loss_fn, step, config, device, dtype)
+            result = train_step(trained, optimizer, batches, loss_fn, step, config, device, dtype)
             done, loss_value = step + 1, result.loss
             tokens += result.tokens
             window_tokens += result.tokens
@@ -314,7 +349,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
                 window_t, window_tokens = now, 0
                 # attention's FLOPs at this batch's length: fine-tuning batches are far shorter than the context
                 step_flops = model.flops_per_token(result.seq_len or None) if flops_per_token else None
-                utilisation = mfu(tps, step_flops, hardware["peak_flops"])
+                utilisation = mfu(tps / ranks.world_size, step_flops, hardware["peak_flops"])  # per device
                 log.log(done, loss=loss_value, **result.metrics, lr=lr_at(step, config), grad_norm=result.grad_norm,
                         tokens=tokens, tokens_per_s=tps, **({} if utilisation is None else {"mfu": utilisation}),
                         elapsed_s=elapsed)
@@ -322,6 +357,8 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             bar.update(1)
             last = done == config.max_steps
             out_of_time = config.max_minutes is not None and now - t_invocation >= config.max_minutes * 60
+            if config.max_minutes is not None and ranks.active:  # the ranks' clocks differ: stop together
+                out_of_time = distributed.mean_over_ranks([float(out_of_time)], device)[0] > 0
             paused = False  # evaluation, samples and checkpoints are not training: tokens/s leaves them out
             if done % config.eval_interval == 0 or last or out_of_time:
                 run_eval(done)
@@ -343,8 +380,9 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
         if sample is not None:
             log_samples(done, sample(model, done))
     except KeyboardInterrupt:
-        bar.write(f"interrupted: saving a checkpoint at step {done}")
-        checkpoint(done)  # weights after `done` steps; a half-accumulated step is simply redone on resume
+        if not ranks.active:  # ranks interrupted at different points cannot meet to gather a checkpoint
+            bar.write(f"interrupted: saving a checkpoint at step {done}")
+            checkpoint(done)  # weights after `done` steps; a half-accumulated step is simply redone on resume
         raise
     finally:
         bar.close()

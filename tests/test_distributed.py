@@ -1,0 +1,356 @@
+"""Training on many processes (torchrun, gloo, 2 CPU processes): the same steps as one process,
+checkpoints that resume at another number of ranks, and a job that fails instead of hanging."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.distributed import activation_bytes, memory_per_device
+from lmforge.model import GPT
+
+MODEL = ["--model.d_model", "32", "--model.n_layer", "2", "--model.n_head", "4", "--model.context_length", "32"]
+TRAIN = ["--train.batch_size", "4", "--train.max_steps", "6", "--train.dtype", "float32", "--train.log_interval", "1",
+         "--train.eval_interval", "3", "--train.save_interval", "3", "--train.warmup_steps", "2", "--prompts", "[]"]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _lmforge(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=timeout,
+                          env=_env())
+
+
+def _losses(run: Path) -> dict[int, float]:
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def _assert_same_losses(a: dict[int, float], b: dict[int, float]) -> None:
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    import random
+
+    from lmforge.config import DataConfig, TokenizerConfig
+    from lmforge.data import prepare
+    from lmforge.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("dist")
+    rng = random.Random(0)
+    words = "the cat sat on a mat and dog ran far away from home while birds sang in the trees".split()
+    docs = [" ".join(rng.choice(words) for _ in range(120)) for _ in range(40)]
+    for i, d in enumerate(docs):
+        (root / "corpus").mkdir(exist_ok=True)
+        (root / "corpus" / f"{i:02d}.txt").write_text(d)
+    tok = Tokenizer.train(docs, TokenizerConfig(vocab_size=300))
+    prepare([str(root / "corpus")], root / "shards", tok, DataConfig(), quiet=True, save_tokenizer=True)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def single(shards) -> dict[int, Path]:
+    """One process, global batch 4, with and without gradient accumulation: the reference runs."""
+    runs = {}
+    for accum in (1, 2):
+        run = shards.parent / f"single-{accum}"
+        res = _lmforge("pretrain", "--data", str(shards), "--out", str(run), *MODEL, *TRAIN,
+                       "--train.grad_accum", str(accum))
+        assert res.returncode == 0, res.stderr
+        runs[accum] = run
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_ranks_take_the_steps_of_one_process_with_the_whole_batch(shards, single, tmp_path, strategy, accum):
+    run = tmp_path / "run"
+    res = _lmforge("pretrain", "--data", str(shards), "--out", str(run), *MODEL, *TRAIN, "--train.grad_accum",
+                   str(accum), "--train.strategy", strategy, "--devices", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"ranks: 2 ({strategy}), 2 sequences each per micro-batch" in res.stdout
+    assert res.stdout.count("model: ") == 1  # rank 0 alone prints
+    _assert_same_losses(_losses(run), _losses(single[accum]))
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["hardware"]["devices"] == 2 and cfg["train"]["strategy"] == strategy
+
+
+def _drop_last_checkpoint(run: Path) -> None:
+    """As if the job had been killed after step 3's checkpoint: only it remains."""
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step-00000006")
+    (run / "checkpoints" / "latest").unlink()
+    os.symlink("step-00000003", run / "checkpoints" / "latest")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, then", [(["--devices", "2", "--train.strategy", "fsdp"], []),
+                                         ([], ["--devices", "2", "--train.strategy", "ddp"])])
+def test_a_checkpoint_resumes_at_another_number_of_ranks(shards, single, tmp_path, first, then):
+    run = tmp_path / "run"
+    res = _lmforge("pretrain", "--data", str(shards), "--out", str(run), *MODEL, *TRAIN, *first)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _drop_last_checkpoint(run)
+    res = _lmforge("pretrain", "--out", str(run), "--resume", "true", *then)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming" in res.stdout and "from step 3" in res.stdout
+    _assert_same_losses(_losses(run), _losses(single[1]))
+
+
+@pytest.mark.slow
+def test_fine_tuning_runs_under_the_same_launcher(shards, single, tmp_path):
+    import csv
+
+    data = tmp_path / "labels.csv"
+    with open(data, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(80):  # 56 training rows: whole batches of 4, as one process sees them
+            w.writerow([("the cat sat on a mat " if i % 2 else "dog ran far away ") * 3, "cat" if i % 2 else "dog"])
+    args = ["finetune", "classify", "--base", str(single[1]), "--data", str(data), "--train.batch_size", "4",
+            "--train.dtype", "float32", "--train.log_interval", "1", "--finetune.epochs", "1"]
+    one = _lmforge(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _lmforge(*args, "--out", str(tmp_path / "two"), "--devices", "2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) and len(a) >= 5
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in a)
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["test"]["accuracy"] == \
+        json.loads((tmp_path / "one" / "results.json").read_text())["test"]["accuracy"]
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_launching(shards, tmp_path):
+    res = _lmforge("pretrain", "--data", str(shards), "--out", str(tmp_path / "r"), *MODEL, "--train.batch_size", "3",
+                   "--devices", "2", timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "lmforge: error: --train.batch_size 3 is the global batch and must split evenly over 2 ranks; use a "
+        "multiple of 2"]
+    assert not (tmp_path / "r").exists()
+
+
+def _rank_process(root_pid: int, rank: int) -> psutil.Process | None:
+    for child in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "lmforge" in " ".join(child.cmdline()):
+                return child
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_whole_job_and_is_named(shards, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lmforge", "pretrain", "--data", str(shards), "--out", str(run), *MODEL,
+           "--train.batch_size", "4", "--train.max_steps", "100000", "--train.dtype", "float32", "--prompts", "[]",
+           "--train.log_interval", "1", "--train.dist_timeout", "20", "--devices", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        victim = _rank_process(proc.pid, 1)
+        assert victim is not None, "rank 1 was not found"
+        victim.send_signal(signal.SIGKILL)
+        t0 = time.time()
+        _, err = proc.communicate(timeout=60)
+        took = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "rank      : 1" in err or "rank: 1" in err, err[-2000:]
+    assert took < 30  # torchrun stops the other rank at once; the collective timeout is the backstop
+
+
+WORKER = textwrap.dedent("""
+    import json, sys, time
+    import torch
+    from lmforge import distributed
+    group = distributed.init(timeout_s=3)
+    if group.rank == 1:
+        time.sleep(60)  # never joins the collective below
+    try:
+        distributed.all_ok(True, torch.device("cpu"))
+    except Exception as e:
+        print("rank 0 gave up:", type(e).__name__, file=sys.stderr)
+        sys.exit(3)
+""")
+
+
+@pytest.mark.slow
+def test_a_collective_that_hangs_ends_the_job_after_the_timeout(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text(WORKER)
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], capture_output=True, text=True, timeout=120, env=_env())
+    took = time.time() - t0
+    assert res.returncode != 0
+    assert "rank 0 gave up" in res.stderr
+    assert took < 40  # 3 s of timeout, not rank 1's 60 s of sleep
+
+
+PARITY = textwrap.dedent("""
+    import json, sys
+    import torch
+    from lmforge import distributed
+    from lmforge.config import ModelConfig, TrainConfig
+    from lmforge.losses import next_token_loss
+    from lmforge.model import GPT
+    from lmforge.optim import make_optimizer
+    from lmforge.train import train_step
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    group = distributed.init(timeout_s=60)
+    out = {}
+    cfg = ModelConfig(vocab_size=96, context_length=16, d_model=32, n_layer=2, n_head=4)
+    x = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    y = torch.roll(x, -1, 1)
+    rows = slice(group.rank * 4, group.rank * 4 + 4)
+    for strategy in ("ddp", "fsdp"):
+        grads = {}
+        for fused in (True, False):
+            torch.manual_seed(0)
+            model = GPT(cfg)
+            wrapped = distributed.wrap(model, strategy)
+            wrapped(x[rows], targets=y[rows], fused=fused).backward()
+            g = model.wte.weight.grad
+            grads[fused] = (g.full_tensor() if hasattr(g, "full_tensor") else g).clone()
+        out[f"{strategy}_fused_vs_plain"] = (grads[True] - grads[False]).abs().max().item()
+        # Gradient accumulation: 4 micro-batches, gradients communicated once.
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        wrapped = distributed.wrap(model, strategy)
+        calls = []
+        if strategy == "ddp":
+            def hook(state, bucket):
+                calls.append(1)
+                return allreduce_hook(None, bucket)
+            wrapped.register_comm_hook(None, hook)
+        else:
+            import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+            real = param_group.foreach_reduce  # one reduce-scatter of a unit's gradients
+            def counting(*a, **k):
+                calls.append(1)
+                return real(*a, **k)
+            param_group.foreach_reduce = counting
+        opt = make_optimizer(model, TrainConfig())
+        train_step(wrapped, opt, lambda k: (x[rows], y[rows]), next_token_loss, 0, TrainConfig(grad_accum=4),
+                   torch.device("cpu"), torch.float32)
+        out[f"{strategy}_comm_calls"] = len(calls)
+        if strategy == "fsdp":
+            param_group.foreach_reduce = real
+            local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+            out["fsdp_param_bytes"] = sum(local(p).numel() * 4 for p in model.parameters())
+            out["fsdp_optim_bytes"] = sum(local(v).numel() * local(v).element_size() for s in opt.state.values()
+                                          for k, v in s.items() if k != "step")
+            out["n_params"] = sum(p.numel() for p in GPT(cfg).parameters())
+    if group.main:
+        print("RESULT " + json.dumps(out))
+    distributed.close()
+""")
+
+
+@pytest.mark.slow
+def test_the_fused_loss_and_gradient_accumulation_under_ddp_and_fsdp(tmp_path):
+    script = tmp_path / "parity.py"
+    script.write_text(PARITY)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], capture_output=True, text=True, timeout=180, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    # The fused output layer + loss gives the plain path's gradient under both wrappings.
+    assert out["ddp_fused_vs_plain"] < 1e-5 and out["fsdp_fused_vs_plain"] < 1e-5
+    # Four micro-batches, one communication of the gradients (one DDP bucket; one reduce-scatter per FSDP unit:
+    # two blocks and the root).
+    assert out["ddp_comm_calls"] == 1
+    assert out["fsdp_comm_calls"] == 3
+    # What each rank holds under FSDP is what memory_per_device says (shards are padded to equal sizes).
+    paper = memory_per_device(out["n_params"], "fsdp", 2)
+    assert abs(out["fsdp_param_bytes"] - paper["parameters"]) / paper["parameters"] < 0.02
+    assert abs(out["fsdp_optim_bytes"] - paper["optimizer"]) / paper["optimizer"] < 0.02
+
+
+# --------------------------------------------------------------------------- memory on paper vs measured
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_activation_bytes_match_what_autograd_keeps(arch):
+    kw = dict(norm="rmsnorm", mlp="swiglu", positions="rope", n_kv_head=2, bias=False, qkv_bias=False) \
+        if arch == "llama" else {}
+    cfg = ModelConfig(vocab_size=256, context_length=64, d_model=64, n_layer=3, n_head=4, **kw)
+    model = GPT(cfg)
+    x = torch.randint(0, 256, (4, 64))
+    kept: dict[int, int] = {}  # storage -> bytes: a tensor saved twice, or views of one, count once
+
+    def pack(t: torch.Tensor):
+        if t.is_floating_point() and not isinstance(t, torch.nn.Parameter) and t.requires_grad is not None:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, targets=x)
+    measured = sum(b for ptr, b in kept.items() if ptr not in params)
+    paper = activation_bytes(cfg, 4, 64)
+    assert abs(measured - paper) / measured < 0.1, (measured, paper)
+
+
+def test_memory_per_device_matches_the_tensors_of_a_real_training_step():
+    from lmforge.config import TrainConfig
+    from lmforge.optim import make_optimizer
+
+    model = GPT(ModelConfig(vocab_size=256, context_length=32, d_model=64, n_layer=2, n_head=4))
+    opt = make_optimizer(model, TrainConfig())
+    x = torch.randint(0, 256, (2, 32))
+    model(x, targets=x).backward()
+    opt.step()
+    n = model.num_params()
+    paper = memory_per_device(n, "single", 1)
+    assert paper["parameters"] == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert paper["gradients"] == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    assert paper["optimizer"] == sum(v.numel() * v.element_size() for s in opt.state.values()
+                                     for k, v in s.items() if k != "step")
+    ddp = memory_per_device(n, "ddp", 8)
+    fsdp = memory_per_device(n, "fsdp", 8, largest_unit=1000)
+    assert ddp["gradient_buckets"] == paper["gradients"] and ddp["total"] == paper["total"] + paper["gradients"]
+    assert fsdp["optimizer"] == paper["optimizer"] // 8 and fsdp["gathered"] == 2 * 1000 * 4
+
+
+def test_each_rank_gets_its_rows_and_an_uneven_last_batch_is_completed_with_its_first_rows():
+    from lmforge.distributed import Group, rank_rows
+
+    batches = lambda k: (torch.arange(4 if k == 0 else 3), {"y": torch.arange(4 if k == 0 else 3) * 10})  # noqa: E731
+    r0, r1 = rank_rows(batches, Group(0, 2)), rank_rows(batches, Group(1, 2))
+    assert r0(0)[0].tolist() == [0, 1] and r1(0)[0].tolist() == [2, 3] and r1(0)[1]["y"].tolist() == [20, 30]
+    assert r0(1)[0].tolist() == [0, 1] and r1(1)[0].tolist() == [2, 0]  # 3 rows: the first one again
+    assert rank_rows(batches, Group())(1)[0].tolist() == [0, 1, 2]  # one process: as given
+
+
+def test_an_unknown_strategy_is_refused():
+    from lmforge.config import LmforgeError, TrainConfig
+
+    with pytest.raises(LmforgeError, match="strategy must be 'ddp' or 'fsdp'"):
+        TrainConfig(strategy="zero3")
+    with pytest.raises(LmforgeError, match="unknown strategy"):
+        memory_per_device(10, "zero3", 2)

@@ -127,9 +127,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             hidden.device.type) else hidden.dtype
     h2 = hidden.reshape(-1, hidden.size(-1))
     t2 = targets.reshape(-1)
-    # 128 MB of logits per chunk: few enough chunks for efficient matmuls, yet bounded memory.
+    # Logits per chunk: 128 MB on a CPU (few enough chunks for efficient matmuls, yet bounded memory),
+    # 1 GB on a GPU, where fewer, larger launches win (gpt2-124m at 64 × 1024 on an H200: 10.6k rows
+    # per chunk train 5 % faster than 1.3k; benchmarks/gpu_pretrain.py).
     itemsize = torch.empty((), dtype=compute_dtype).element_size()
-    rows = chunk_rows or max(64, min(h2.size(0), (1 << 27) // (weight.size(0) * itemsize)))
+    budget = 1 << 27 if hidden.device.type == "cpu" else 1 << 30
+    rows = chunk_rows or max(64, min(h2.size(0), budget // (weight.size(0) * itemsize)))
     if not torch.is_grad_enabled():  # evaluation: no gradient buffers (the Function would still see requires_grad)
         h2, weight = h2.detach(), weight.detach()
     with torch.autocast(hidden.device.type, enabled=False):

@@ -139,6 +139,39 @@ def test_fine_tuning_runs_under_the_same_launcher(shards, single, tmp_path):
         json.loads((tmp_path / "one" / "results.json").read_text())["test"]["accuracy"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("task, extra", [("instruct", ["--finetune.trainable", "lora", "--train.strategy", "fsdp"]),
+                                         ("dpo", ["--train.strategy", "ddp"])])
+def test_lora_instruction_tuning_and_dpo_run_under_the_launcher(shards, tmp_path, task, extra):
+    from lmforge.checkpoint import save_model
+    from lmforge.models import load_any
+    from lmforge.tokenizer import Tokenizer
+
+    base = tmp_path / "base"  # a context long enough for the Alpaca prompt
+    tok = Tokenizer.load(shards / "tokenizer.json")
+    torch.manual_seed(0)
+    save_model(base, GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=192, d_model=32, n_layer=2,
+                                     n_head=2)), 0, {"task": "pretrain"})
+    tok.save(base / "tokenizer.json")
+
+    recs = [{"instruction": f"Name the color {c}.", "input": "", "output": f"The color is {c}.",
+             "chosen": f"The color is {c}.", "rejected": "I do not know."}
+            for c in ["red", "blue", "green", "gold"] * 8]
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps(recs))
+    run = tmp_path / "run"
+    res = _lmforge("finetune", task, "--base", str(base), "--data", str(data), "--out", str(run),
+                   "--train.batch_size", "4", "--train.dtype", "float32", "--train.log_interval", "1",
+                   "--finetune.epochs", "2", "--devices", "2", *extra)
+    assert res.returncode == 0, res.stderr[-3000:]
+    losses = _losses(run)
+    assert len(losses) >= 8 and all(v == v for v in losses.values())  # logged by rank 0, no NaN
+    results = json.loads((run / "results.json").read_text())
+    assert results["task"] == task and "after" in results
+    model, _ = load_any(str(run))  # the checkpoint (adapters over the base, or full weights) loads
+    assert model.num_params() > 0
+
+
 def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_launching(shards, tmp_path):
     res = _lmforge("pretrain", "--data", str(shards), "--out", str(tmp_path / "r"), *MODEL, "--train.batch_size", "3",
                    "--devices", "2", timeout=60)
@@ -146,6 +179,17 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_lau
     assert res.stderr.strip().splitlines() == [
         "lmforge: error: --train.batch_size 3 is the global batch and must split evenly over 2 ranks; use a "
         "multiple of 2"]
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--devices", "0"], "--devices and --nnodes must be >= 1, got 0 and 1"),
+    (["--devices", "2", "--nnodes", "2"], "--nnodes > 1 needs --rdzv_endpoint HOST:PORT, the same on every machine"),
+])
+def test_launch_flags_that_cannot_work_are_one_line_errors(shards, tmp_path, flags, message):
+    res = _lmforge("pretrain", "--data", str(shards), "--out", str(tmp_path / "r"), *MODEL, *flags, timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"lmforge: error: {message}"]
     assert not (tmp_path / "r").exists()
 
 

@@ -156,7 +156,7 @@ def test_train_config_boundaries():
         (dict(min_lr_ratio=-0.1), "min_lr_ratio must be in [0, 1], got -0.1"),
         (dict(min_lr_ratio=1.1), "min_lr_ratio must be in [0, 1], got 1.1"),
         (dict(warmup_steps=-1), "warmup_steps must be >= 0, got -1"),
-        (dict(schedule="linear"), "schedule must be 'cosine' or 'constant'"),
+        (dict(schedule="linear"), "schedule must be 'cosine', 'constant' or 'wsd'"),
         (dict(weight_decay=-0.01), "weight_decay must be >= 0"),
         (dict(beta1=1.0), "beta1 and beta2 must be in [0, 1)"),
         (dict(beta2=1.0), "beta1 and beta2 must be in [0, 1)"),

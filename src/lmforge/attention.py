@@ -112,6 +112,11 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions][:, None], self.sin[positions][:, None]
 
 
+def rms_per_head(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the head size (B, nh, T, hs), in fp32 (QK-norm)."""
+    return F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, nh, T, hs); cos, sin: (T, hs), or (B, 1, T, hs) for per-row positions."""
     half = x.size(-1) // 2
@@ -185,7 +190,9 @@ class KVCache:
 
 class MultiHeadAttention(nn.Module):
     """Multi-head (or grouped-query) causal self-attention with one fused QKV projection
-    (rows: n_head query heads, then n_kv_head key heads, then n_kv_head value heads)."""
+    (rows: n_head query heads, then n_kv_head key heads, then n_kv_head value heads). With
+    ``config.qk_norm`` each head's q and k are RMS-normalised before rotary positions (and before
+    the KV cache stores k)."""
 
     def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
@@ -197,6 +204,7 @@ class MultiHeadAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout)
         self.fast = True  # False runs attention_reference: same numbers, slower
+        self.qk_norm, self.norm_eps = config.qk_norm, config.norm_eps
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -205,6 +213,9 @@ class MultiHeadAttention(nn.Module):
         q = q.view(b, t, self.n_head, self.hs).transpose(1, 2)                # (B, nh, T, hs)
         k = k.view(b, t, self.n_kv, self.hs).transpose(1, 2)                  # (B, nkv, T, hs)
         v = v.view(b, t, self.n_kv, self.hs).transpose(1, 2)
+        if self.qk_norm:
+            # Unit RMS per head (no learned scale): |q·k|/√hs ≤ √hs, so no score can blow up the softmax.
+            q, k = rms_per_head(q, self.norm_eps), rms_per_head(k, self.norm_eps)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:

@@ -67,12 +67,19 @@ class ModelConfig:
     """Epsilon of the normalisation layers."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     """Normalisation: LayerNorm (GPT-2) or RMSNorm (Llama)."""
-    mlp: Literal["gelu", "swiglu"] = "gelu"
-    """Feed-forward: GELU MLP (GPT-2) or gated SwiGLU (Llama)."""
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    """Feed-forward: GELU MLP (GPT-2), gated SwiGLU (Llama) or relu(x)² without a gate (modded-nanogpt)."""
     positions: Literal["learned", "rope"] = "learned"
     """Position information: a learned table (GPT-2) or rotary embeddings (Llama)."""
     rope_theta: float = 10000.0
     """Base of the rotary embedding frequencies."""
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys (no learned scale) before rotary positions: attention
+    scores stay bounded, so higher learning rates train stably (modded-nanogpt, OLMo 2)."""
+    zero_init_proj: bool = False
+    """Start the output projections of attention and MLP at zero: every block begins as the identity."""
+    logit_softcap: float | None = None
+    """Soft-cap the output logits to (-c, c) as c·tanh(z/c) (modded-nanogpt: 15-30); needs an untied head."""
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -90,9 +97,17 @@ class ModelConfig:
         _check(p, 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _check(p, self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
         _check(p, self.norm in ("layernorm", "rmsnorm"), f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
-        _check(p, self.mlp in ("gelu", "swiglu"), f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+        _check(p, self.mlp in ("gelu", "swiglu", "relu2"),
+               f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r} (or 'relu2', relu(x)² without a gate)")
         _check(p, self.positions in ("learned", "rope"), f"positions must be 'learned' or 'rope', got {self.positions!r}")
         _check(p, self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        _check(p, self.logit_softcap is None or self.logit_softcap > 0,
+               f"logit_softcap must be > 0 or None, got {self.logit_softcap}")
+        # The cap is meant for an untied head (modded-nanogpt's recipe): tied, its squashed gradient would
+        # also reshape the token embeddings.
+        _check(p, self.logit_softcap is None or not self.tie_embeddings,
+               "logit_softcap needs an untied output layer (the cap is meant for an untied head, as in "
+               "modded-nanogpt's recipe); set tie_embeddings=False or logit_softcap=None")
         if self.positions == "rope" and self.n_head >= 1 and self.d_model % self.n_head == 0 and self.head_dim % 2:
             p.append(f"rotary embeddings need an even head size, got {self.head_dim}")
         _raise_all("model config", p)
@@ -147,6 +162,46 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-micro": dict(vocab_size=4096, context_length=128, d_model=192, n_layer=4, n_head=6, n_kv_head=2,
                         d_ff=512, bias=False, qkv_bias=False, norm="rmsnorm", mlp="swiglu", positions="rope"),
 }
+
+
+# Training recipes: what to train (architecture options, applied to any preset's shape) and how
+# (optimiser, schedule). Plain data, applied by `recipe_configs`; `benchmarks/quality.py` compares them
+# on the same tokens. Warm-up is a fraction of the run's steps, so a recipe fits any run length.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    # The book's chapter 5: GPT-2 blocks, AdamW at a constant 4e-4 (torch's betas), no clipping.
+    "book": {"model": {}, "train": dict(lr=4e-4, schedule="constant", warmup_fraction=0.0, beta2=0.999,
+                                        weight_decay=0.1, grad_clip=None)},
+    # nanoGPT: GPT-2 blocks, AdamW (0.9, 0.95), linear warm-up, cosine decay to a tenth, clipping at 1.
+    "nanogpt": {"model": {}, "train": dict(lr=2e-3, schedule="cosine", warmup_fraction=0.05, beta2=0.95,
+                                           weight_decay=0.1, grad_clip=1.0)},
+    # modded-nanogpt's ideas: rotary positions, RMSNorm, QK-norm, ReLU², zero-initialised output
+    # projections, an untied soft-capped head; Muon for the blocks' matrices with AdamW for the rest;
+    # warm-up-stable-decay.
+    "modern": {"model": dict(positions="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, zero_init_proj=True,
+                             tie_embeddings=False, logit_softcap=15.0, bias=False, qkv_bias=False),
+               "train": dict(optimizer="muon", muon_lr=0.02, lr=4e-3, schedule="wsd", decay_fraction=0.4,
+                             warmup_fraction=0.02, beta2=0.95, weight_decay=0.0, grad_clip=1.0)},
+}
+
+
+def recipe_configs(recipe: str, preset: str = "gpt-micro", lr: float | None = None,
+                   **overrides: Any) -> tuple["ModelConfig", "TrainConfig"]:
+    """The model and train configs of ``recipe`` at ``preset``'s shape; ``overrides`` name fields of
+    either (``vocab_size``, ``max_steps``, ...) and win over the recipe; ``lr`` sets the rate of the
+    recipe's main optimiser (Muon's for a Muon recipe)."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; known recipes: {', '.join(RECIPES)}")
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    r = RECIPES[recipe]
+    model = ModelConfig.from_preset(preset, **{**r["model"], **{k: v for k, v in overrides.items()
+                                                                  if k in model_fields}})
+    train = {k: v for k, v in r["train"].items() if k != "warmup_fraction"}
+    train.update({k: v for k, v in overrides.items() if k not in model_fields})
+    if lr is not None:
+        train["muon_lr" if train.get("optimizer") == "muon" else "lr"] = lr
+    if "warmup_steps" not in overrides:
+        train["warmup_steps"] = round(r["train"].get("warmup_fraction", 0.0) * train.get("max_steps", 1000))
+    return model, TrainConfig(**train)
 
 
 # Matrix types `lmforge export --to gguf` writes (norms are always f32).
@@ -207,6 +262,11 @@ class TrainConfig:
     """Sequences per micro-batch."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimiser step."""
+    batch_warmup_steps: int = 0
+    """Batch-size warm-up: during this many first steps each micro-batch uses only its first rows, a fraction
+    growing linearly from batch_warmup_start to 1 (0: no warm-up)."""
+    batch_warmup_start: float = 0.25
+    """Fraction of each micro-batch's rows used at step 0 of the batch-size warm-up."""
     max_steps: int = 1000
     """Optimiser steps to run (the schedule's length)."""
     max_minutes: float | None = None
@@ -217,13 +277,24 @@ class TrainConfig:
     lr: float = 6e-4
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
-    """Final learning rate of the cosine decay, as a fraction of lr."""
+    """Final learning rate of the cosine or wsd decay, as a fraction of lr."""
     warmup_steps: int = 50
     """Linear warm-up steps."""
-    schedule: Literal["cosine", "constant"] = "cosine"
-    """Learning-rate schedule after warm-up."""
+    schedule: Literal["cosine", "constant", "wsd"] = "cosine"
+    """Learning-rate schedule after warm-up: cosine decay, constant, or 'wsd' (warm-up-stable-decay: constant,
+    then a linear decay over the last decay_fraction of max_steps)."""
+    decay_fraction: float = 0.2
+    """With schedule 'wsd': the fraction of max_steps, at the end, over which the learning rate decays."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """'adamw' for every parameter, or 'muon': Muon (orthogonalised momentum) for the 2-D weights inside the
+    transformer blocks and AdamW for embeddings, output layer, norms and biases."""
+    muon_lr: float = 0.02
+    """Peak learning rate of the Muon-updated matrices (the schedule scales it as it scales lr)."""
+    muon_momentum: float = 0.95
+    """Muon's (Nesterov) momentum."""
     weight_decay: float = 0.1
-    """AdamW weight decay, applied to matrices only (not biases, norms)."""
+    """Decoupled weight decay, applied to matrices only (not biases, norms); with Muon, its matrices shrink by
+    the same factor per step as AdamW's."""
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float | None = 1.0
@@ -271,7 +342,23 @@ class TrainConfig:
         _check(p, self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(p, 0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(p, self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        _check(p, self.schedule in ("cosine", "constant"), "schedule must be 'cosine' or 'constant'")
+        _check(p, self.schedule in ("cosine", "constant", "wsd"), "schedule must be 'cosine', 'constant' or 'wsd'")
+        _check(p, 0 < self.decay_fraction <= 1, f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if (self.schedule == "wsd" and 0 < self.decay_fraction <= 1
+                and self.warmup_steps + self.decay_steps > self.max_steps):
+            p.append(f"the wsd schedule's warm-up ({self.warmup_steps} steps) and decay ({self.decay_steps} steps, "
+                     f"decay_fraction {self.decay_fraction} of max_steps) exceed max_steps ({self.max_steps}); lower "
+                     "warmup_steps or decay_fraction, or raise max_steps")
+        _check(p, isinstance(self.batch_warmup_steps, int) and self.batch_warmup_steps >= 0,
+               f"batch_warmup_steps must be an integer >= 0, got {self.batch_warmup_steps!r}")
+        _check(p, 0 < self.batch_warmup_start <= 1,
+               f"batch_warmup_start must be in (0, 1], got {self.batch_warmup_start}")
+        _check(p, self.optimizer in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        _check(p, self.muon_lr > 0, f"muon_lr must be > 0, got {self.muon_lr}")
+        _check(p, 0 <= self.muon_momentum < 1, f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        _check(p, not (self.optimizer == "muon" and self.strategy == "fsdp"),
+               "optimizer 'muon' cannot run under strategy 'fsdp' (Newton-Schulz needs whole matrices, FSDP shards "
+               "them); use --train.strategy ddp")
         _check(p, self.weight_decay >= 0, "weight_decay must be >= 0")
         _check(p, 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
         _check(p, self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 or None")
@@ -284,6 +371,15 @@ class TrainConfig:
         _check(p, self.strategy in ("ddp", "fsdp"), f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
         _check(p, self.dist_timeout > 0, f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         _raise_all("train config", p)
+        if self.optimizer == "muon" and not 0.005 <= self.muon_lr <= 0.1:
+            import warnings
+
+            warnings.warn(f"muon_lr {self.muon_lr:g} is outside Muon's usual range 0.005-0.1", stacklevel=3)
+
+    @property
+    def decay_steps(self) -> int:
+        """The wsd schedule's decay steps: decay_fraction of max_steps, at least one."""
+        return max(1, round(self.decay_fraction * self.max_steps))
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,11 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
 
 
 def family(config: ModelConfig) -> str:
+    recipe = [name for name, on in (("qk_norm", config.qk_norm), ("mlp='relu2'", config.mlp == "relu2"),
+                                    ("logit_softcap", config.logit_softcap is not None)) if on]
+    if recipe:
+        raise ConvertError(f"this model uses {', '.join(recipe)}, which neither Hugging Face's GPT-2/Llama "
+                           "nor GGUF can express; it stays an lmforge run directory")
     gpt2_like = config.norm == "layernorm" and config.mlp == "gelu" and config.positions == "learned"
     llama_like = config.norm == "rmsnorm" and config.mlp == "swiglu" and config.positions == "rope"
     if gpt2_like:

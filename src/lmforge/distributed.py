@@ -356,15 +356,16 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 4, fl
     Counted per block from what each operation saves, in units of one hidden state (b·s·d values):
     each norm keeps its input (LayerNorm) or its input and scaled output (RMSNorm, computed in
     fp32); attention keeps its input, q, its output and the output projection's input, plus k and v
-    (smaller with grouped-query heads), and with rotary positions q and k before rotation too; the
-    MLP keeps its input and, in its hidden width, GELU's input and output or SwiGLU's gate, up,
+    (smaller with grouped-query heads), with rotary positions q and k before rotation too, and with
+    QK-norm the normalised q and k (new tensors, where plain q and k are views of the QKV output); the
+    MLP keeps its input and, in its hidden width, GELU's (or ReLU²'s) input and output or SwiGLU's gate, up,
     activation and product. Flash attention keeps no T × T scores; the plain path keeps the softmax
     (heads · s · s). Plus the final norm and the output layer's input (the fused loss keeps no logits)."""
     d, f, h = config.d_model, config.ff_dim, config.n_head
     kv = config.kv_heads * config.head_dim
     bs = batch * seq
     norms = 2 * (2 * d if config.norm == "rmsnorm" else d)
-    attn = 4 * d + 2 * kv + (d + kv if config.positions == "rope" else 0)
+    attn = 4 * d + 2 * kv + (d + kv if config.positions == "rope" else 0) + (d + kv if config.qk_norm else 0)
     mlp = d + (4 * f if config.mlp == "swiglu" else 2 * f)
     per_block = bs * (norms + attn + mlp)
     if not flash:

@@ -10,6 +10,9 @@ logits never exist, and computes the gradients of h and W during the forward pas
 each chunk's probabilities are at hand (softmax − one-hot), so backward costs nothing
 extra. A test proves both paths agree in loss and gradients.
 
+Both take an optional soft cap c on the logits (modded-nanogpt's head): the loss sees
+c·tanh(z/c) instead of z = h · Wᵀ, so no logit grows past ±c.
+
 Both gradients go to autograd like any other function's: every call owns its tensors, so a
 tied, untied, frozen or LoRA-wrapped output layer, two losses summed, a retained graph and
 DDP's gradient hooks all see what the plain reference would give them. On CPU, the speed of
@@ -25,10 +28,18 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """c·tanh(z/c): close to z while |z| << c, never beyond ±c."""
+    return cap * torch.tanh(logits / cap)
+
+
 def cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                            ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Mean next-token loss from hidden states (..., d) and output weight (V, d), plainly."""
+                            ignore_index: int = IGNORE_INDEX, cap: float | None = None) -> torch.Tensor:
+    """Mean next-token loss from hidden states (..., d) and output weight (V, d), plainly
+    (logits soft-capped at ``cap`` when given)."""
     logits = hidden @ weight.T
+    if cap is not None:
+        logits = softcap(logits, cap)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index)
 
 
@@ -40,10 +51,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     The one-hot terms are gathers and scatters of small (N, d) tensors, so the only passes
     over a (rows, V) chunk are: matmul, log-softmax, exp, and the two gradient matmuls.
+
+    With a soft cap c the logits are ℓ = c·tanh(z/c), z = h Wᵀ, and the chain rule multiplies
+    the softmax gradient by dℓ/dz = 1 − tanh²(z/c) = 1 − (ℓ/c)², elementwise (D):
+
+        d loss / d h = s ⊙ ((P ⊙ D) W − D[y] W[y])    d loss / d W = (P ⊙ D)ᵀ (s ⊙ h) − Yᵀ (D[y] s ⊙ h)
+
+    so the one-hot term is still a gather at the target column, scaled by that column's D.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, compute_dtype):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, compute_dtype, cap=None):
         n, d = hidden.shape
         v = weight.size(0)
         valid = targets != ignore_index
@@ -60,6 +78,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scaled_h = hidden.detach().float() * scale if need_w else None  # s ⊙ h, (N, d) fp32
         sh_low = scaled_h.to(compute_dtype) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # D at each row's target column (the one-hot term's factor), when the logits are capped.
+        target_slope = torch.empty((n, 1), dtype=torch.float32, device=hidden.device) if cap is not None else None
         rows = min(chunk_rows, n)
         # One logits and one log-prob buffer for all chunks (a shorter last chunk takes a slice).
         logits_buf = torch.empty((rows, v), dtype=compute_dtype, device=hidden.device)
@@ -68,6 +88,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             e = min(n, s + chunk_rows)
             logits = logits_buf[: e - s]
             torch.mm(h[s:e], w.T, out=logits)
+            if cap is not None:
+                logits.div_(cap).tanh_().mul_(cap)  # ℓ = c·tanh(z/c), in place
             # Log-softmax math runs in fp32 inside the kernel either way; under bf16 its output is
             # stored in bf16, which rounds each row's loss by ~0.2 % (autocast rounds the logits alike).
             logp = logp_buf[: e - s]
@@ -76,6 +98,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if not (need_h or need_w):
                 continue
             probs = logp.exp_()
+            if cap is not None:
+                slope = logits.div_(cap).square_().neg_().add_(1.0)  # D = 1 − (ℓ/c)², over ℓ (no longer needed)
+                target_slope[s:e] = slope.gather(1, safe_t[s:e, None])
+                probs.mul_(slope)  # P ⊙ D: every matmul below then sees the capped gradient
             if need_h:
                 torch.mm(probs, w, out=grad_h[s:e]) if not low_precision else grad_h[s:e].copy_(probs @ w)
             if need_w:
@@ -85,11 +111,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(probs.T, sh_low[s:e])
         saved = []
         if need_h:
-            grad_h.sub_(weight.detach().float()[safe_t]).mul_(scale)
+            target_rows = weight.detach().float()[safe_t]
+            if cap is not None:
+                target_rows.mul_(target_slope)
+            grad_h.sub_(target_rows).mul_(scale)
             saved.append(grad_h)
         if need_w:
             # The one-hot term is subtracted exactly, in fp32.
-            grad_w = grad_w.float().index_add_(0, safe_t, scaled_h, alpha=-1.0).to(weight.dtype)
+            one_hot_h = scaled_h if cap is None else scaled_h * target_slope
+            grad_w = grad_w.float().index_add_(0, safe_t, one_hot_h, alpha=-1.0).to(weight.dtype)
             saved.append(grad_w)
         ctx.save_for_backward(*saved)
         ctx.has = (need_h, need_w)
@@ -111,16 +141,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.has[1]:
             g = saved.pop(0)
             gw = g if unit else g * grad_out
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None  # the last for ``cap`` (autograd drops it when not passed)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = IGNORE_INDEX, compute_dtype: torch.dtype | None = None,
-                         chunk_rows: int | None = None) -> torch.Tensor:
+                         chunk_rows: int | None = None, cap: float | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, without the full logits.
 
     hidden: (..., d); weight: (V, d); targets: (...) with ``ignore_index`` for masked positions.
     ``compute_dtype`` is the matmul precision (bf16 under autocast); log-softmax math is fp32.
+    ``cap``: soft-cap the logits at ±cap (``softcap``) before the loss.
     """
     if compute_dtype is None:
         compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(
@@ -135,8 +166,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     rows = chunk_rows or max(64, min(h2.size(0), budget // (weight.size(0) * itemsize)))
     if not torch.is_grad_enabled():  # evaluation: no gradient buffers (the Function would still see requires_grad)
         h2, weight = h2.detach(), weight.detach()
+    # The cap is passed only when set: without one, the kernel is called exactly as before caps existed.
+    args = (h2, weight, t2, ignore_index, rows, compute_dtype) + ((cap,) if cap is not None else ())
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(h2, weight, t2, ignore_index, rows, compute_dtype)
+        return _LinearCrossEntropy.apply(*args)
 
 
-__all__ = ["IGNORE_INDEX", "cross_entropy_reference", "linear_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "cross_entropy_reference", "linear_cross_entropy", "softcap"]

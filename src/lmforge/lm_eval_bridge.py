@@ -277,7 +277,7 @@ def score_windows(model: torch.nn.Module, windows: list[tuple[list[int], list[in
             target = torch.tensor(windows[i][1], device=device)
             end = len(inputs[row])
             with autocast(device, dtype):  # the output layer only where a target is predicted
-                logits = model.lm_head(hidden[row, end - len(target):end])
+                logits = model.logits(hidden[row, end - len(target):end])
             logp = torch.log_softmax(logits.float(), dim=-1)
             out[i] = float(logp.gather(1, target[:, None]).sum())
     return out

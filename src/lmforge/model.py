@@ -8,7 +8,9 @@ norm and an output layer. Parameter names follow OpenAI's GPT-2 (``wte``, ``h.0.
 
 The same classes build Llama-family models: the config picks the norm (LayerNorm or
 RMSNorm), the MLP (GELU or SwiGLU) and the positions (learned table or rotary), each one
-small component chosen at construction.
+small component chosen at construction. The speedrun recipe's options (modded-nanogpt) are
+config fields too: QK-norm (in attention), a ReLU² MLP, zero-initialised output projections
+and soft-capped logits, ``c·tanh(z/c)``, from an untied head.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ from .attention import (
     padded_positions_and_mask,
 )
 from .config import ModelConfig
-from .fused_ce import IGNORE_INDEX, cross_entropy_reference, linear_cross_entropy
+from .fused_ce import (
+    IGNORE_INDEX,
+    cross_entropy_reference,
+    linear_cross_entropy,
+    softcap,
+)
 
 
 class RMSNorm(nn.Module):
@@ -63,7 +70,8 @@ class SwiGLU(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: expand, GELU (tanh approximation, as GPT-2), project back."""
+    """Position-wise feed-forward: expand, GELU (tanh approximation, as GPT-2) or relu(x)²
+    (mlp='relu2', modded-nanogpt: as cheap as ReLU, smooth at 0 and sparse), project back."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -71,9 +79,12 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
         self.c_proj.residual_projection = True  # writes into the residual stream: GPT.init_weights scales it
         self.drop = nn.Dropout(config.dropout)
+        self.relu2 = config.mlp == "relu2"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)                                                  # (B, T, ff)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate="tanh")
+        return self.drop(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -93,8 +104,10 @@ class Block(nn.Module):
         return x
 
 
-def init_module_weights(root: nn.Module, n_layer: int, seed: int | None = None, std: float = 0.02) -> None:
-    """Initialise every parameter below ``root`` by the type of the module that owns it."""
+def init_module_weights(root: nn.Module, n_layer: int, seed: int | None = None, std: float = 0.02,
+                        zero_residual: bool = False) -> None:
+    """Initialise every parameter below ``root`` by the type of the module that owns it.
+    ``zero_residual``: residual projections start at zero instead (config.zero_init_proj)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     seen: set[int] = set()  # a tied tensor (embedding = output layer) is initialised once
     for module in root.modules():
@@ -107,6 +120,10 @@ def init_module_weights(root: nn.Module, n_layer: int, seed: int | None = None, 
                 scale = 1 / math.sqrt(2 * n_layer) if getattr(module, "residual_projection", False) else 1.0
                 if any(p is module.weight for p in params):
                     module.weight.normal_(0.0, std * scale, generator=gen)
+                    if zero_residual and getattr(module, "residual_projection", False):
+                        # Drawn first all the same, so every other weight is what it would be without
+                        # the option (a fair ablation); the branch adds nothing until training moves it.
+                        module.weight.zero_()
                 if getattr(module, "bias", None) is not None and any(p is module.bias for p in params):
                     module.bias.zero_()
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
@@ -143,8 +160,10 @@ class GPT(nn.Module):
         """GPT-2's initialisation, chosen by module type: linear and embedding weights N(0, 0.02),
         residual projections (marked ``residual_projection``) scaled by 1/√(2·n_layer) so the
         residual stream's variance does not grow with depth; zero biases; norms start as the identity.
-        Any module added later (a classification head, LoRA layers) is initialised by what it is."""
-        init_module_weights(self, self.config.n_layer, seed)
+        With ``zero_init_proj`` the residual projections start at zero, so each block starts as the
+        identity (modded-nanogpt). Any module added later (a classification head, LoRA layers) is
+        initialised by what it is."""
+        init_module_weights(self, self.config.n_layer, seed, zero_residual=self.config.zero_init_proj)
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
                       pad: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,17 +214,26 @@ class GPT(nn.Module):
         long prompt the output layer over every position would be most of the prefill)."""
         hidden = self.hidden_states(idx, kv_cache, pad)
         if targets is None:
-            return self.lm_head(hidden[:, -1:] if last_only else hidden)
+            return self.logits(hidden[:, -1:] if last_only else hidden)
+        cap = self.config.logit_softcap
         head_dropout = getattr(self.lm_head, "lora_dropout", None)
         # The fused kernel sees one weight (W, or W + BA with LoRA): a head with a bias, or a LoRA
         # head with dropout in training, runs the plain path.
         plain_head = self.lm_head.bias is not None or (self.training and head_dropout is not None and head_dropout.p > 0)
         if fused and not plain_head:
-            return linear_cross_entropy(hidden, self.output_weight, targets)
+            return linear_cross_entropy(hidden, self.output_weight, targets, cap=cap)
         if plain_head or head_dropout is not None:
-            return F.cross_entropy(self.lm_head(hidden).flatten(0, -2).float(), targets.reshape(-1),
+            return F.cross_entropy(self.logits(hidden).flatten(0, -2).float(), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
-        return cross_entropy_reference(hidden, self.output_weight, targets)
+        return cross_entropy_reference(hidden, self.output_weight, targets, cap=cap)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer on final hidden states (..., d) -> (..., V), soft-capped at ±logit_softcap
+        when the config sets one. Code that runs ``hidden_states`` itself should call this, not
+        ``lm_head``, so a capped model scores what it was trained on."""
+        z = self.lm_head(hidden)
+        cap = self.config.logit_softcap
+        return z if cap is None else softcap(z, cap)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -219,7 +247,7 @@ class GPT(nn.Module):
         w = self.lm_head.weight
         self.lm_head = nn.Linear(self.config.d_model, n_out, bias=True, device=w.device, dtype=w.dtype)
         init_module_weights(self.lm_head, self.config.n_layer)
-        self.config = self.config.replace(tie_embeddings=False)
+        self.config = self.config.replace(tie_embeddings=False, logit_softcap=None)  # class logits are not capped
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count, tied weights counted once (as ``transformers`` counts)."""
@@ -230,7 +258,8 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward = 3 × forward): 6 per matmul weight,
-        output layer included, plus attention's QKᵀ and AV (PaLM appendix B)."""
+        output layer included, plus attention's QKᵀ and AV (PaLM appendix B). Elementwise work is
+        not counted: GELU or ReLU², QK-norm and the logit cap cost the same here."""
         c = self.config
         t = seq_len or c.context_length
         matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))

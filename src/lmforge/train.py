@@ -41,7 +41,7 @@ from .config import LmforgeError, TrainConfig, config_dict
 # MetricsLog and _step_of are imported for the callers and tests that reach them here.
 from .logger import MetricsLog, RunLogger, _step_of, describe_hardware, mfu  # noqa: F401
 from .model import GPT
-from .optim import lr_at, make_optimizer
+from .optim import batch_rows_at, lr_at, make_optimizer
 from .precision import autocast, resolve_dtype, tune_cpu_allocator
 
 Batch = Any  # a tensor, or a tuple / list / dict of tensors: whatever the task's loss function takes
@@ -66,6 +66,17 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
         return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def first_rows(batch: Batch, n: int) -> Batch:
+    """The batch with every tensor in it cut to its first ``n`` rows (dim 0)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n] if batch.dim() else batch
+    if isinstance(batch, dict):
+        return {k: first_rows(v, n) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(first_rows(v, n) for v in batch)
     return batch
 
 
@@ -110,12 +121,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     micro-batch only, and the losses returned are the means over all ranks."""
     lr = lr_at(step, config)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices follow the schedule at their own scale
     ranks = distributed.current()
     loss_sum, tokens, width, sums = 0.0, 0, 0, {}
     for micro in range(config.grad_accum):
         k = step * config.grad_accum + micro
-        batch = to_device(batches(k), device)
+        batch = batches(k)
+        if step < config.batch_warmup_steps:  # batch-size warm-up: only the first rows, a pure function of the step
+            batch = first_rows(batch, batch_rows_at(step, _first_tensor(batch).size(0), config))
+        batch = to_device(batch, device)
         # Dropout depends on (k, rank) alone: resume is exact, and ranks draw different masks.
         torch.manual_seed(config.seed * 1_000_003 + k * ranks.world_size + ranks.rank)
         with distributed.gradient_sync(model, sync=micro == config.grad_accum - 1):
@@ -396,6 +410,7 @@ __all__ = [
     "StepResult",
     "batch_tokens",
     "batch_width",
+    "first_rows",
     "fit",
     "prepare_for_training",
     "settings_diff",

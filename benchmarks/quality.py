@@ -30,8 +30,8 @@ import torch
 
 SWEEP = {  # recipe: the learning rates tried (for muon recipes: Muon's rate; AdamW's stays the recipe's)
     "book": [4e-4, 1e-3, 2e-3],
-    "nanogpt": [1e-3, 2e-3, 4e-3],
-    "modern": [0.01, 0.02, 0.04],
+    "nanogpt": [5e-4, 1e-3, 2e-3, 4e-3],
+    "modern": [0.005, 0.01, 0.02, 0.04],
 }
 
 
@@ -177,6 +177,7 @@ def main() -> None:
     ap.add_argument("--eval_every", type=int, default=20)
     ap.add_argument("--eval_batches", type=int, default=8, help="validation batches of 16 × 128 per evaluation")
     ap.add_argument("--sweep", action="store_true", help="try each recipe at the rates in SWEEP (first seed only)")
+    ap.add_argument("--rates", type=float, nargs="+", default=None, help="with --sweep: only these rates")
     ap.add_argument("--work", default="runs/quality", help="where the tokenizer, shards and results go")
     a = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -184,7 +185,7 @@ def main() -> None:
     _, shards, bytes_per_token = prepare_data(work, 4096)
     results = []
     for recipe in a.recipes:
-        rates = SWEEP.get(recipe, [None]) if a.sweep else [None]
+        rates = (a.rates or SWEEP.get(recipe, [None])) if a.sweep else [None]
         for lr in rates:
             for seed in (a.seeds[:1] if a.sweep else a.seeds):
                 r = train_one(recipe, lr, seed, a, shards, bytes_per_token)

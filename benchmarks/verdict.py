@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.config import ModelConfig, TrainConfig
+from lmforge.config import recipe_configs
 from lmforge.data import SlidingWindows, eval_batches
 from lmforge.evaluate import evaluate_loss
 from lmforge.losses import next_token_loss
@@ -73,20 +73,20 @@ def main() -> None:
           f"{len(val_tokens):,} val)")
 
     torch.manual_seed(123)
-    cfg = ModelConfig.from_preset("gpt2-124m", context_length=256, dropout=0.1, qkv_bias=False,
-                                  tie_embeddings=args.tied)
+    windows = SlidingWindows(train_tokens, 256, 256, batch_size=2, seed=123)
+    steps = args.epochs * len(windows)
+    # The `book` recipe (config.RECIPES: AdamW 4e-4, betas 0.9/0.999, weight decay 0.1, constant rate,
+    # no warm-up, no clipping) at the book's GPT-2 124M with its context, dropout and qkv bias.
+    cfg, train_cfg = recipe_configs("book", "gpt2-124m", context_length=256, dropout=0.1, qkv_bias=False,
+                                    tie_embeddings=args.tied, batch_size=2, max_steps=steps, stride=256,
+                                    dtype=args.dtype, eval_interval=len(windows), eval_batches=100,
+                                    save_interval=10**9, log_interval=1, seed=123)
     model = GPT(cfg)
     if args.init == "torch":  # re-run each layer's own reset_parameters, as a model built from nn modules gets
         torch.manual_seed(123)
         for m in model.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-    windows = SlidingWindows(train_tokens, 256, 256, batch_size=2, seed=123)
-    steps = args.epochs * len(windows)
-    train_cfg = TrainConfig(batch_size=2, max_steps=steps, stride=256, lr=4e-4, weight_decay=0.1, beta1=0.9,
-                            beta2=0.999, warmup_steps=0, schedule="constant", grad_clip=None, dtype=args.dtype,
-                            eval_interval=len(windows), eval_batches=100, save_interval=10**9, log_interval=1,
-                            seed=123)
 
     def loss_on(tokens, dtype):  # the book's calc_loss_loader: every window, eval mode
         return evaluate_loss(model, eval_batches(tokens, 256, 2, 10**6), dtype)["loss"]

@@ -43,18 +43,23 @@ def test_left_padded_rows_get_the_ids_and_logits_they_get_alone(llama):
     together = _ids(Decoder(model, prompts, greedy))
     alone = [_ids(Decoder(model, [p], greedy))[0] for p in prompts]
     assert together == alone
-    # The logits themselves: a padded batch through the cache equals each row's own full forward.
+    with torch.no_grad():
+        assert_padded_rows_match_alone(model, prompts)
+
+
+def assert_padded_rows_match_alone(model, prompts: list[list[int]]) -> None:
+    """The logits themselves: a left-padded batch, with and without the cache, equals each row's own
+    full forward (also used by the recipe options' tests)."""
     width = max(map(len, prompts))
     pad = torch.tensor([width - len(p) for p in prompts])
     batch = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    with torch.no_grad():
-        padded = model(batch, pad=pad)
-        cache = KVCache(model.config, len(prompts), pad=pad)
-        cached = torch.cat([model(batch[:, :4], cache), model(batch[:, 4:], cache)], dim=1)
-        for i, p in enumerate(prompts):
-            own = model(torch.tensor([p]))[0]
-            torch.testing.assert_close(padded[i, width - len(p):], own, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(cached[i, width - len(p):], own, atol=1e-5, rtol=1e-5)
+    padded = model(batch, pad=pad)
+    cache = KVCache(model.config, len(prompts), pad=pad)
+    cached = torch.cat([model(batch[:, :4], cache), model(batch[:, 4:], cache)], dim=1)
+    for i, p in enumerate(prompts):
+        own = model(torch.tensor([p]))[0]
+        torch.testing.assert_close(padded[i, width - len(p):], own, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cached[i, width - len(p):], own, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("llama", [False, True], ids=["gpt2", "llama"])

@@ -17,6 +17,7 @@ from lmforge.attention import KVCache
 from lmforge.config import ConfigError, ModelConfig, TrainConfig
 from lmforge.fused_ce import cross_entropy_reference, linear_cross_entropy
 from lmforge.model import GPT, MLP, init_module_weights
+from test_decoder import assert_padded_rows_match_alone
 
 LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", n_kv_head=2, bias=False, qkv_bias=False)
 ALL_ON = dict(qk_norm=True, mlp="relu2", zero_init_proj=True, logit_softcap=15.0, tie_embeddings=False)
@@ -104,16 +105,7 @@ def test_qk_norm_cached_and_padded_decoding_equal_the_full_forward(positions):
         torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
         # left-padded rows of a batch, with and without the cache, equal each row's own forward
         prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (3, 9, 6)]
-        width = max(map(len, prompts))
-        pad = torch.tensor([width - len(p) for p in prompts])
-        batch = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-        padded = model(batch, pad=pad)
-        cache = KVCache(model.config, len(prompts), pad=pad)
-        cached = torch.cat([model(batch[:, :4], cache), model(batch[:, 4:], cache)], dim=1)
-        for i, p in enumerate(prompts):
-            own = model(torch.tensor([p]))[0]
-            torch.testing.assert_close(padded[i, width - len(p):], own, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(cached[i, width - len(p):], own, atol=1e-5, rtol=1e-5)
+        assert_padded_rows_match_alone(model, prompts)
 
 
 # ----------------------------------------------------------------------------- ReLU²

@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 from .config import (
+    DEFAULT_RECIPE,
     GGUF_EXPORT_TYPES,
     PRESETS,
+    RECIPES,
     DataConfig,
     FinetuneConfig,
     LmforgeError,
@@ -24,6 +26,7 @@ from .config import (
     SampleConfig,
     TokenizerConfig,
     TrainConfig,
+    recipe_configs,
 )
 
 COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "finetune", "classify", "merge-lora", "generate", "chat",
@@ -78,6 +81,8 @@ def _parser():  # built once per process: building it parses every config docstr
                    help="guard: stop pretraining early, with a checkpoint and a note, if it takes longer than this")
     p.add_argument("--vocab_size", type=int, default=4096, help="BPE vocabulary size")
     p.add_argument("--preset", type=str, default="gpt-micro", help=f"model preset: {', '.join(PRESETS)}")
+    p.add_argument("--recipe", type=str, default=DEFAULT_RECIPE,
+                   help=f"training recipe at the preset's shape: {', '.join(RECIPES)} (benchmarks/quality.py)")
     p.add_argument("--fourway_limit", type=int, default=300,
                    help="texts of SMS spam on which the pretrained SmolLM2-135M is adapted four ways in the last stage "
                         "(at most 1284; 0 leaves the stage out)")
@@ -117,6 +122,9 @@ def _parser():  # built once per process: building it parses every config docstr
                    help="directory written by `lmforge prepare` (on --resume: the run's own data by default)")
     p.add_argument("--out", type=str, required=True, help="run directory (weights, config, metrics, plots)")
     p.add_argument("--preset", type=str, default="gpt-micro", help=f"model preset: {', '.join(PRESETS)}")
+    p.add_argument("--recipe", type=str | None, default=None,
+                   help=f"a training recipe ({', '.join(RECIPES)}): its architecture options and optimiser settings at "
+                        "the preset's shape; --model.* and --train.* flags given still win")
     p.add_argument("--resume", type=bool, default=False,
                    help="continue the run in --out from its newest complete checkpoint, with its own settings; "
                         "flags given change them (max_steps, intervals, time cap: announced; anything else: refused "
@@ -398,7 +406,8 @@ def _run(argv: list[str]) -> int:
             # The same command line again, in every process torchrun starts (they see that they were launched).
             return distributed.launch(argv, launch.devices or 1, launch.nnodes, launch.node_rank, launch.rdzv_endpoint)
     if cmd == "run":
-        pipeline.main_job(a.data, a.out, a.steps, a.max_minutes, a.vocab_size, a.preset, fourway_limit=a.fourway_limit)
+        pipeline.main_job(a.data, a.out, a.steps, a.max_minutes, a.vocab_size, a.preset, fourway_limit=a.fourway_limit,
+                          recipe=a.recipe)
     elif cmd == "tokenizer":
         _tokenizer(a)
     elif cmd == "prepare":
@@ -412,6 +421,8 @@ def _run(argv: list[str]) -> int:
             data_path, model_config, train_config = pipeline.resume_configs(
                 a.out, overrides, _given(given.get("train")), given.get("preset"))
             data = data or data_path
+        elif a.recipe:  # the recipe's settings, then the flags given
+            model_config, train_config = recipe_configs(a.recipe, a.preset, **overrides, **_given(given.get("train")))
         else:
             model_config = ModelConfig.from_preset(a.preset, **overrides)
             train_config = _config(TrainConfig, a.train)

@@ -167,21 +167,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Training recipes: what to train (architecture options, applied to any preset's shape) and how
 # (optimiser, schedule). Plain data, applied by `recipe_configs`; `benchmarks/quality.py` compares them
 # on the same tokens. Warm-up is a fraction of the run's steps, so a recipe fits any run length.
+# The rates of nanogpt and modern are the best of a sweep at gpt-micro's shape (README, Benchmarks).
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # The book's chapter 5: GPT-2 blocks, AdamW at a constant 4e-4 (torch's betas), no clipping.
     "book": {"model": {}, "train": dict(lr=4e-4, schedule="constant", warmup_fraction=0.0, beta2=0.999,
                                         weight_decay=0.1, grad_clip=None)},
     # nanoGPT: GPT-2 blocks, AdamW (0.9, 0.95), linear warm-up, cosine decay to a tenth, clipping at 1.
-    "nanogpt": {"model": {}, "train": dict(lr=2e-3, schedule="cosine", warmup_fraction=0.05, beta2=0.95,
+    "nanogpt": {"model": {}, "train": dict(lr=1e-3, schedule="cosine", warmup_fraction=0.05, beta2=0.95,
                                            weight_decay=0.1, grad_clip=1.0)},
     # modded-nanogpt's ideas: rotary positions, RMSNorm, QK-norm, ReLU², zero-initialised output
     # projections, an untied soft-capped head; Muon for the blocks' matrices with AdamW for the rest;
     # warm-up-stable-decay.
     "modern": {"model": dict(positions="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, zero_init_proj=True,
                              tie_embeddings=False, logit_softcap=15.0, bias=False, qkv_bias=False),
-               "train": dict(optimizer="muon", muon_lr=0.02, lr=4e-3, schedule="wsd", decay_fraction=0.4,
+               "train": dict(optimizer="muon", muon_lr=0.005, lr=4e-3, schedule="wsd", decay_fraction=0.4,
                              warmup_fraction=0.02, beta2=0.95, weight_decay=0.0, grad_clip=1.0)},
 }
+
+
+DEFAULT_RECIPE = "modern"  # what the default run trains with: the winner of benchmarks/quality.py
 
 
 def recipe_configs(recipe: str, preset: str = "gpt-micro", lr: float | None = None,

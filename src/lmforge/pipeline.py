@@ -17,12 +17,14 @@ from . import distributed
 from .checkpoint import METRICS as METRICS_FILE
 from .checkpoint import TOKENIZER, has_checkpoint, read_run_config
 from .config import (
+    DEFAULT_RECIPE,
     DataConfig,
     LmforgeError,
     ModelConfig,
     SampleConfig,
     TokenizerConfig,
     TrainConfig,
+    recipe_configs,
 )
 from .data import (
     SHARD_FILES,
@@ -419,21 +421,33 @@ def _default_run_report(out: Path, summary: dict) -> Path:
 
 def main_job(data: list[str] | None = None, out: str | Path = "runs/default", steps: int = 1000,
              max_minutes: float = 15.0, vocab_size: int = 4096, preset: str = "gpt-micro",
-             train: TrainConfig | None = None, progress: bool = True, fourway_limit: int = 300) -> dict:
+             train: TrainConfig | None = None, progress: bool = True, fourway_limit: int = 300,
+             recipe: str | None = DEFAULT_RECIPE) -> dict:
     """The built-in default: raw text -> tokenizer -> shards -> a pretrained GPT, evaluated and sampled;
     then the real pretrained SmolLM2-135M solves SMS spam four ways (``fourway_limit`` texts).
 
     Its work is fixed (``steps`` optimiser steps of 16 x 128 tokens), so the same command gives the
     same model on every machine; ``max_minutes`` is only a guard, reported if it fires. Run again
-    after an interruption, it resumes where the last checkpoint left off.
+    after an interruption, it resumes where the last checkpoint left off. ``recipe`` (config.RECIPES)
+    sets the architecture options and the optimiser; None trains plain GPT-2 blocks with AdamW at
+    2e-3, warm-up and cosine decay (the default run before the recipes).
     """
     t0 = time.perf_counter()
     out = Path(out)
     paths = data or ["builtin"]
     # About 4 minutes on 2 CPU cores at 7.9 k tokens/s; the guard is several times that.
-    train = train or TrainConfig(batch_size=16, max_steps=steps, warmup_steps=50, lr=2e-3, eval_interval=200,
-                                 eval_batches=10, save_interval=100, max_minutes=max_minutes, weight_decay=0.1)
-    ModelConfig.from_preset(preset, vocab_size=vocab_size)  # bad settings are refused before anything is written
+    fixed = dict(batch_size=16, max_steps=steps, eval_interval=200, eval_batches=10, save_interval=100,
+                 max_minutes=max_minutes)
+
+    def configs(vocab: int) -> tuple[ModelConfig, TrainConfig]:
+        if recipe:
+            model, recipe_train = recipe_configs(recipe, preset, vocab_size=vocab, **fixed)
+        else:
+            model = ModelConfig.from_preset(preset, vocab_size=vocab)
+            recipe_train = TrainConfig(**fixed, warmup_steps=50, lr=2e-3, weight_decay=0.1)
+        return model, train or recipe_train
+
+    _, train = configs(vocab_size)  # bad settings are refused before anything is written
     if fourway_limit != 0 and not 20 <= fourway_limit:
         raise LmforgeError(f"--fourway_limit must be 0 (leave the stage out) or at least 20 texts, got {fourway_limit}")
     tok_config = TokenizerConfig(vocab_size=vocab_size)
@@ -457,8 +471,8 @@ def main_job(data: list[str] | None = None, out: str | Path = "runs/default", st
         print("== 2/6 token shards")
         prepare_shards(paths, out / "tokenizer.json", out / "data")
     vocab = Tokenizer.load(out / "tokenizer.json").vocab_size  # a small corpus may give fewer tokens than asked
-    model_config = ModelConfig.from_preset(preset, vocab_size=vocab)
-    print(f"== 3/6 pretraining a {preset} GPT for {train.max_steps} steps "
+    model_config, train = configs(vocab)
+    print(f"== 3/6 pretraining a {preset} GPT{f' ({recipe} recipe)' if recipe else ''} for {train.max_steps} steps "
           f"({train.max_steps * train.batch_size * model_config.context_length:,} tokens)")
     summary = pretrain(out / "data", out / "model", model_config, train, progress=progress, resume=resume)
     if summary["stopped_early"]:

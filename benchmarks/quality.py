@@ -35,19 +35,22 @@ SWEEP = {  # recipe: the learning rates tried (for muon recipes: Muon's rate; Ad
 }
 
 
-def prepare_data(work: Path, vocab: int) -> tuple:
-    """The default run's tokenizer and shards of the built-in corpus (made once, reused)."""
+def prepare_data(work: Path, vocab: int, data: list[str]) -> tuple:
+    """A tokenizer and shards of ``data`` (the default run's: the built-in corpus), made once, reused.
+    ``data`` may name a known data set of lmforge's hub (fetched into its cache) or files."""
+    from lmforge import hub
     from lmforge.config import DataConfig, TokenizerConfig
     from lmforge.data import ShardSet, prepare
     from lmforge.pipeline import train_tokenizer
     from lmforge.tokenizer import Tokenizer
 
+    paths = [str(hub.fetch(d)) if d in hub.REGISTRY else d for d in data]
     work.mkdir(parents=True, exist_ok=True)
     tok_path = work / "tokenizer.json"
     if not tok_path.is_file():
-        train_tokenizer(["builtin"], tok_path, TokenizerConfig(vocab_size=vocab), DataConfig(), overwrite=True)
+        train_tokenizer(paths, tok_path, TokenizerConfig(vocab_size=vocab), DataConfig(), overwrite=True)
     tok = Tokenizer.load(tok_path)
-    shards = prepare(["builtin"], work / "data", tok, DataConfig(), quiet=True, save_tokenizer=True)
+    shards = prepare(paths, work / "data", tok, DataConfig(), quiet=True, save_tokenizer=True)
     val = shards.tokens("val")
     bytes_per_token = len(tok.decode_bytes(np.asarray(val).tolist())) / len(val)
     return tok, ShardSet.open(work / "data"), bytes_per_token
@@ -112,7 +115,7 @@ def report(results: list[dict], a: argparse.Namespace, out: Path) -> None:
     steps = results[0]["steps"]
     marks = [s for s in steps if s in {round(a.steps * f / 3) for f in (1, 2, 3)} or s == steps[-1]]
     finals = {name: statistics.mean(r["val_loss"][-1] for r in runs) for name, runs in by.items()}
-    print(f"\nsize {a.size}, batch {a.batch} x 128, {a.steps} steps, seeds {a.seeds}; validation bits per byte")
+    print(f"\ndata {' '.join(a.data)}; size {a.size}, batch {a.batch} x 128, {a.steps} steps, seeds {a.seeds}; validation bits per byte")
     head = " | ".join(f"step {s}" for s in sorted(set(marks)))
     print(f"| recipe | params | {head} | seed spread (final) | tokens/s |")
     print("| --- | ---: |" + " ---: |" * len(set(marks)) + " ---: | ---: |")
@@ -178,11 +181,13 @@ def main() -> None:
     ap.add_argument("--eval_batches", type=int, default=8, help="validation batches of 16 × 128 per evaluation")
     ap.add_argument("--sweep", action="store_true", help="try each recipe at the rates in SWEEP (first seed only)")
     ap.add_argument("--rates", type=float, nargs="+", default=None, help="with --sweep: only these rates")
+    ap.add_argument("--data", nargs="+", default=["builtin"], help="the corpus: builtin (the default run's), "
+                    "a data set of lmforge's hub (tiny-shakespeare, the-verdict) or text files")
     ap.add_argument("--work", default="runs/quality", help="where the tokenizer, shards and results go")
     a = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     work = Path(a.work)
-    _, shards, bytes_per_token = prepare_data(work, 4096)
+    _, shards, bytes_per_token = prepare_data(work, 4096, a.data)
     results = []
     for recipe in a.recipes:
         rates = (a.rates or SWEEP.get(recipe, [None])) if a.sweep else [None]

@@ -69,7 +69,7 @@ def _parser():  # built once per process: building it parses every config docstr
                           description="Build a large language model from scratch. Without a command, runs `run`.")
     cmds = root.add_subcommands(dest="command", required=True)
 
-    p = sub_parser("The built-in default: train a tokenizer, prepare shards, pretrain a small GPT (about four "
+    p = sub_parser("The built-in default: train a tokenizer, prepare shards, pretrain a small GPT (about five "
                    "minutes on 2 CPU cores), evaluate it and sample from it. Runs offline on a laptop CPU; run "
                    "again after an interruption, it resumes.")
     p.add_argument("--data", type=str, nargs="+", default=None,
@@ -81,8 +81,9 @@ def _parser():  # built once per process: building it parses every config docstr
                    help="guard: stop pretraining early, with a checkpoint and a note, if it takes longer than this")
     p.add_argument("--vocab_size", type=int, default=4096, help="BPE vocabulary size")
     p.add_argument("--preset", type=str, default="gpt-micro", help=f"model preset: {', '.join(PRESETS)}")
-    p.add_argument("--recipe", type=str, default=DEFAULT_RECIPE,
-                   help=f"training recipe at the preset's shape: {', '.join(RECIPES)} (benchmarks/quality.py)")
+    p.add_argument("--recipe", type=str | None, default=DEFAULT_RECIPE,
+                   help=f"training recipe at the preset's shape: {', '.join(RECIPES)} (benchmarks/quality.py); null: "
+                        "GPT-2 blocks with AdamW 2e-3, warm-up + cosine (the default run before the recipes)")
     p.add_argument("--fourway_limit", type=int, default=300,
                    help="texts of SMS spam on which the pretrained SmolLM2-135M is adapted four ways in the last stage "
                         "(at most 1284; 0 leaves the stage out)")

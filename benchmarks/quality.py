@@ -113,15 +113,15 @@ def report(results: list[dict], a: argparse.Namespace, out: Path) -> None:
     for r in results:
         by.setdefault(r["recipe"], []).append(r)
     steps = results[0]["steps"]
-    marks = [s for s in steps if s in {round(a.steps * f / 3) for f in (1, 2, 3)} or s == steps[-1]]
+    marks = sorted({s for s in steps if s in {round(a.steps * f / 3) for f in (1, 2, 3)}} | {steps[-1]})
     finals = {name: statistics.mean(r["val_loss"][-1] for r in runs) for name, runs in by.items()}
     print(f"\ndata {' '.join(a.data)}; size {a.size}, batch {a.batch} x 128, {a.steps} steps, seeds {a.seeds}; validation bits per byte")
-    head = " | ".join(f"step {s}" for s in sorted(set(marks)))
+    head = " | ".join(f"step {s}" for s in marks)
     print(f"| recipe | params | {head} | seed spread (final) | tokens/s |")
-    print("| --- | ---: |" + " ---: |" * len(set(marks)) + " ---: | ---: |")
+    print("| --- | ---: |" + " ---: |" * len(marks) + " ---: | ---: |")
     for name, runs in by.items():
         bpb = mean_curve(runs, "val_bpb")
-        cells = " | ".join(f"{bpb[steps.index(s)]:.3f}" for s in sorted(set(marks)))
+        cells = " | ".join(f"{bpb[steps.index(s)]:.3f}" for s in marks)
         spread = max(r["val_bpb"][-1] for r in runs) - min(r["val_bpb"][-1] for r in runs)
         tps = statistics.mean(r["tokens_per_s"] for r in runs)
         print(f"| {name} | {runs[0]['params'] / 1e6:.2f} M | {cells} | {spread:.3f} | {tps:,.0f} |")
@@ -185,7 +185,6 @@ def main() -> None:
                     "a data set of lmforge's hub (tiny-shakespeare, the-verdict) or text files")
     ap.add_argument("--work", default="runs/quality", help="where the tokenizer, shards and results go")
     a = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     work = Path(a.work)
     _, shards, bytes_per_token = prepare_data(work, 4096, a.data)
     results = []

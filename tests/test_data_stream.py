@@ -58,6 +58,15 @@ def _docs(n: int, seed: int = 0) -> list[str]:
 
 # --- the split ----------------------------------------------------------------------------------------
 
+
+def _with_peak_memory(fn):
+    """fn()'s result and the peak of Python allocations while it ran (bytes)."""
+    tracemalloc.start()
+    try:
+        return fn(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
 def test_a_document_lands_on_the_same_side_whatever_else_the_corpus_holds():
     docs = _docs(300)
     config = DataConfig(val_fraction=0.2, seed=7)
@@ -118,12 +127,7 @@ def test_jsonl_is_read_lazily_one_line_at_a_time(tmp_path, big_jsonl):
     assert next(docs) == "first" and next(docs) == "second"  # before the bad third line is read
     with pytest.raises(DataError, match="c.jsonl:3 is not valid JSON"):
         next(docs)
-    tracemalloc.start()
-    try:
-        n = sum(1 for _ in iter_documents([str(big_jsonl)]))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    n, peak = _with_peak_memory(lambda: sum(1 for _ in iter_documents([str(big_jsonl)])))
     assert n == 8000 and peak < big_jsonl.stat().st_size / 10
 
 
@@ -163,12 +167,7 @@ def test_a_big_text_file_is_read_in_bounded_memory(tmp_path, monkeypatch):
     with open(path, "w") as f:
         for _ in range(6000):
             f.write(_sentences(rng, 60) + "\n\n")
-    tracemalloc.start()
-    try:
-        pieces = sum(1 for _ in iter_documents([str(path)]))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    pieces, peak = _with_peak_memory(lambda: sum(1 for _ in iter_documents([str(path)])))
     # A piece and a block or two at a time (strings of ASCII text take a byte a character), not 1.7 MB.
     assert pieces > 40 and peak < 8 * dm.PIECE_CHARS < path.stat().st_size / 6
 

@@ -199,6 +199,13 @@ def test_launch_flags_that_cannot_work_are_one_line_errors(shards, tmp_path, fla
     assert not (tmp_path / "r").exists()
 
 
+def _on_two_ranks(script: Path, text: str, timeout: float) -> subprocess.CompletedProcess:
+    """``text`` as a script run by torchrun in 2 processes."""
+    script.write_text(text)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], capture_output=True, text=True, timeout=timeout, env=_env())
+
+
 def _rank_process(root_pid: int, rank: int) -> psutil.Process | None:
     for child in psutil.Process(root_pid).children(recursive=True):
         try:
@@ -251,15 +258,38 @@ WORKER = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_a_collective_that_hangs_ends_the_job_after_the_timeout(tmp_path):
-    script = tmp_path / "hang.py"
-    script.write_text(WORKER)
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script)], capture_output=True, text=True, timeout=120, env=_env())
+    res = _on_two_ranks(tmp_path / "hang.py", WORKER, timeout=120)
     took = time.time() - t0
     assert res.returncode != 0
     assert "rank 0 gave up" in res.stderr
     assert took < 40  # 3 s of timeout, not rank 1's 60 s of sleep
+
+
+RANK0_FAILS = textwrap.dedent("""
+    import sys
+    import torch
+    from lmforge import distributed
+    from lmforge.config import LmforgeError
+    group = distributed.init(timeout_s=60)
+    def write():  # what a full disk does to rank 0's checkpoint
+        raise OSError(28, "No space left on device")
+    try:
+        distributed.on_main(write, torch.device("cpu"))
+    except (OSError, LmforgeError) as e:
+        print(f"rank {group.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+""")
+
+
+@pytest.mark.slow
+def test_when_rank_0_cannot_write_every_rank_stops_with_an_error(tmp_path):
+    t0 = time.time()
+    res = _on_two_ranks(tmp_path / "full_disk.py", RANK0_FAILS, timeout=120)
+    assert res.returncode != 0
+    assert "rank 0: OSError: [Errno 28] No space left on device" in res.stderr
+    assert "rank 1: DistributedError: rank 0 stopped with an error (its message is above)" in res.stderr
+    assert time.time() - t0 < 40  # told at once, not after the 60 s timeout
 
 
 PARITY = textwrap.dedent("""
@@ -325,10 +355,7 @@ PARITY = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_the_fused_loss_and_gradient_accumulation_under_ddp_and_fsdp(tmp_path):
-    script = tmp_path / "parity.py"
-    script.write_text(PARITY)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script)], capture_output=True, text=True, timeout=180, env=_env())
+    res = _on_two_ranks(tmp_path / "parity.py", PARITY, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     # The fused output layer + loss gives the plain path's gradient under both wrappings.

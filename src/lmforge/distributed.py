@@ -219,26 +219,22 @@ def rank_rows(batches: Callable[[int], Any], group: Group | None = None) -> Call
     """A batch source of this rank's rows of each global batch (every tensor split along dim 0).
     For fine-tuning batches built whole; pretraining windows read only their own rows (data.py).
     A batch whose rows do not divide over the ranks (an epoch's last) repeats its first rows."""
+    from .train import map_tensors  # (train imports this module)
+
     group = group or current()
     if not group.active:
         return batches
 
-    def rows(batch: Any) -> Any:
-        if isinstance(batch, torch.Tensor):
-            n = batch.size(0)
-            if n % group.world_size:
-                # An epoch's last, shorter batch: completed with its own first rows (as torch's
-                # DistributedSampler pads an epoch), so that every rank has as many rows to average.
-                batch = batch[torch.arange(-(-n // group.world_size) * group.world_size) % n]
-            per = batch.size(0) // group.world_size
-            return batch[group.rank * per:(group.rank + 1) * per]
-        if isinstance(batch, dict):
-            return {k: rows(v) for k, v in batch.items()}
-        if isinstance(batch, (tuple, list)):
-            return type(batch)(rows(v) for v in batch)
-        return batch
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        n = t.size(0)
+        if n % group.world_size:
+            # An epoch's last, shorter batch: completed with its own first rows (as torch's
+            # DistributedSampler pads an epoch), so that every rank has as many rows to average.
+            t = t[torch.arange(-(-n // group.world_size) * group.world_size) % n]
+        per = t.size(0) // group.world_size
+        return t[group.rank * per:(group.rank + 1) * per]
 
-    return lambda k: rows(batches(k))
+    return lambda k: map_tensors(batches(k), rows)
 
 
 def check_batch(batch_size: int, group: Group | None = None) -> None:
@@ -317,7 +313,7 @@ def launch(argv: list[str], devices: int, nnodes: int = 1, node_rank: int | None
     else:
         cmd.append("--standalone")
     env = dict(os.environ)
-    if torch.cuda.is_available() is False and "OMP_NUM_THREADS" not in env:
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in env:
         # Processes share the cores: each gets its part instead of all of them (oversubscription).
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // devices))
     return subprocess.call([*cmd, "-m", module, *argv], env=env)

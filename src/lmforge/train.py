@@ -58,26 +58,25 @@ RESUMABLE = frozenset({"train.max_steps", "train.max_minutes", "train.eval_inter
                        "data_path"})
 
 
+def map_tensors(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+    """The batch with ``fn`` applied to every tensor in it (through tuples, lists and dicts)."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    return batch
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """The batch with every tensor in it moved to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
 
 
 def first_rows(batch: Batch, n: int) -> Batch:
     """The batch with every tensor in it cut to its first ``n`` rows (dim 0)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:n] if batch.dim() else batch
-    if isinstance(batch, dict):
-        return {k: first_rows(v, n) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(first_rows(v, n) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t[:n] if t.dim() else t)
 
 
 def _first_tensor(batch: Batch) -> torch.Tensor | None:
@@ -411,6 +410,7 @@ __all__ = [
     "batch_tokens",
     "batch_width",
     "first_rows",
+    "map_tensors",
     "fit",
     "prepare_for_training",
     "settings_diff",

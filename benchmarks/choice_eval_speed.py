@@ -198,6 +198,11 @@ def _agreement(a: dict, b: dict) -> str:
             f"{b['acc']:.4f} / {b['acc_norm']:.4f}), {picks} different picks, max |d logprob| {diff:.2e}")
 
 
+def _drift(r: dict, fp32: dict) -> str:
+    d = [abs(x - y) for ra, rb in zip(r["logprobs"], fp32["logprobs"]) for x, y in zip(ra, rb)]
+    return f"against fp32 hf: mean |d logprob| {sum(d) / len(d):.3f}, max {max(d):.3f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=200)
@@ -232,6 +237,7 @@ def main() -> None:
         c, e = meta["context_tokens"], meta["ending_tokens"]
         print(f"{meta['model']}; {meta['items']} items x 4 choices, contexts {c[0]}-{c[2]} tokens (mean {c[1]:.0f}), "
               f"endings {e[0]}-{e[2]} (mean {e[1]:.0f}); {a.threads} threads, batch {a.batch_size}, {a.device}")
+        reference = None  # fp32 hf's log-likelihoods: how far each half-precision contender drifts from them
         for dtype in a.dtypes:
             res = {}
             for contender in a.contenders:
@@ -248,7 +254,11 @@ def main() -> None:
                 if contender != "hf" and "hf" in res:
                     line += f"   {contender} / hf: {res['hf']['seconds'] / r['seconds']:.2f}x   " + \
                         _agreement(r, res["hf"])
+                if reference is not None:
+                    line += "   " + _drift(r, reference)
                 print(line)
+            if dtype == "float32" and "hf" in res:
+                reference = res["hf"]
 
 
 if __name__ == "__main__":

@@ -237,6 +237,47 @@ def test_batched_scores_equal_one_request_at_a_time(tok, llama):
             continuation_logprobs(model, ctx, [cont])[0], abs=1e-4)
 
 
+@pytest.mark.parametrize("llama", [False, True], ids=["gpt2", "llama"])
+def test_a_packed_row_computes_what_each_sequence_computes_alone(tok, llama):
+    # one row: a prefix, then two branches that each see the prefix and themselves only
+    model = tiny(tok, context_length=16, llama=llama)
+    prefix, a, b = [5, 9, 2, 7], [11, 3, 8], [4, 4]
+    ids = torch.tensor([prefix + a + b])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 4, 5]])
+    seg = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2])
+    cols = torch.arange(9)
+    mask = (cols[None] <= cols[:, None]) & ((seg[None] == 0) | (seg[None] == seg[:, None]))
+    with torch.no_grad():
+        packed = model.hidden_states(ids, layout=(positions, mask[None, None]))[0]
+        alone_a = model.hidden_states(torch.tensor([prefix + a]))[0]
+        alone_b = model.hidden_states(torch.tensor([prefix + b]))[0]
+    assert torch.allclose(packed[:7], alone_a, atol=1e-5) and torch.allclose(packed[7:], alone_b[4:], atol=1e-5)
+    with pytest.raises(ValueError, match="beyond the model's context length"):
+        model.hidden_states(ids, layout=(positions + 10, mask[None, None]))
+    with pytest.raises(ValueError, match="takes positions"):
+        model.hidden_states(ids, layout=(positions[:, :5], mask[None, None]))
+
+
+def test_rows_split_where_a_context_s_continuations_outgrow_the_window_or_the_mask_budget(tok, monkeypatch):
+    import lmforge.choice_eval as ce
+
+    model = tiny(tok, context_length=24)
+    context = "The quick brown fox jumps"
+    endings = [" over the lazy dog", " a stitch in time saves nine", " where there is a will", " all that glitters",
+               " is not gold", " the early bird catches the worm"]
+    requests = [(context, e) for e in endings]
+    reqs = ce._requests(tok, requests, 24)
+    rows = ce._rows(reqs, 64, 24)
+    assert len(rows) > 1 and all(ce._row_width(r) <= 24 for r in rows)  # one context, several rows
+    plain = [loglikelihood_reference(model, tok, c, x) for c, x in requests]
+    got = loglikelihoods(model, tok, requests, batch_size=64)
+    assert [g[0] for g in got] == pytest.approx([p[0] for p in plain], abs=1e-4)
+    monkeypatch.setattr(ce, "MASK_BUDGET", 1)  # every row in a batch of its own
+    assert len(ce._batches(reqs, 64, 24)) == len(rows)
+    got = loglikelihoods(model, tok, requests, batch_size=64)
+    assert [g[0] for g in got] == pytest.approx([p[0] for p in plain], abs=1e-4)
+
+
 def test_long_contexts_are_cut_from_the_left_and_counted(tok):
     model = tiny(tok, context_length=16)
     context, continuation = "The quick brown fox jumps over the lazy dog. " * 2, " A stitch in time"

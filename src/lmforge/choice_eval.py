@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .config import LmforgeError
-from .precision import autocast
+from .precision import autocast, tune_cpu_allocator
 
 TARGET_DELIMITER = " "  # between a context and a choice (the harness's default)
 FEWSHOT_DELIMITER = "\n\n"  # between the solved examples of a k-shot prompt
@@ -326,13 +327,17 @@ def _requests(tokenizer, pairs: Sequence[tuple[str, str]], window: int) -> list[
         if not cont:
             raise LmforgeError(f"request {i}: the continuation {continuation!r} encodes to no tokens; give every "
                                "choice some text")
-        if len(cont) > window:
-            raise LmforgeError(f"request {i}: the continuation is {len(cont)} tokens, longer than the model's window "
-                               f"({window}); shorten the choice or use a model with a longer context")
-        # The first token is never predicted, so window + 1 tokens fit one pass (as in the harness).
-        cut = max(0, len(ctx) + len(cont) - (window + 1))
-        out.append(_Request(i, ctx[cut:], cont, cut))
+        out.append(_request(i, ctx, cont, window))
     return out
+
+
+def _request(i: int, ctx: list[int], cont: list[int], window: int) -> _Request:
+    if len(cont) > window:
+        raise LmforgeError(f"request {i}: the continuation is {len(cont)} tokens, longer than the model's window "
+                           f"({window}); shorten the choice or use a model with a longer context")
+    # The first token is never predicted, so window + 1 tokens fit one pass (as in the harness).
+    cut = max(0, len(ctx) + len(cont) - (window + 1))
+    return _Request(i, ctx[cut:], cont, cut)
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -370,17 +375,40 @@ def loglikelihoods(model: torch.nn.Module, tokenizer, requests: list[tuple[str, 
     Contexts longer than the window lose tokens from the left; pass a dict as ``stats`` to get
     ``truncated`` (how many requests were cut) and ``truncated_tokens`` (per request, in order).
     ``batch_size`` counts continuations scored together."""
-    from tqdm import tqdm
-
     if batch_size < 1:
         raise LmforgeError(f"batch_size must be >= 1, got {batch_size}")
-    window = model.config.context_length
-    reqs = _requests(tokenizer, requests, window)
+    reqs = _requests(tokenizer, requests, model.config.context_length)
     if stats is not None:
         stats["truncated_tokens"] = [r.truncated for r in reqs]
         stats["truncated"] = sum(1 for r in reqs if r.truncated)
+    return _score(model, reqs, batch_size, dtype, progress)
+
+
+def token_loglikelihoods(model: torch.nn.Module, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
+                         dtype: torch.dtype = torch.float32) -> list[tuple[float, bool, int]]:
+    """``loglikelihoods`` for requests already in token ids: (context ids, continuation ids) pairs,
+    each context non-empty (it predicts the continuation's first token)."""
+    if batch_size < 1:
+        raise LmforgeError(f"batch_size must be >= 1, got {batch_size}")
+    reqs = []
+    for i, (ctx, cont) in enumerate(pairs):
+        if not ctx or not cont:
+            raise LmforgeError(f"request {i}: the context and the continuation must be at least one token each; "
+                               "give every choice some text")
+        reqs.append(_request(i, list(ctx), list(cont), model.config.context_length))
+    return _score(model, reqs, batch_size, dtype, progress=False)
+
+
+@torch.no_grad()
+def _score(model: torch.nn.Module, reqs: list[_Request], batch_size: int, dtype: torch.dtype,
+           progress: bool) -> list[tuple[float, bool, int]]:
+    from tqdm import tqdm
+
+    window = model.config.context_length
     results: list[tuple[float, bool, int] | None] = [None] * len(reqs)
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        tune_cpu_allocator()  # the (predictions × vocabulary) logits of every batch reuse one block, unfaulted
     was_training = model.training
     model.eval()
     try:
@@ -395,73 +423,98 @@ def loglikelihoods(model: torch.nn.Module, tokenizer, requests: list[tuple[str, 
     return results  # type: ignore[return-value]
 
 
-def _batches(reqs: list[_Request], batch_size: int, window: int) -> list[list[list[_Request]]]:
-    """Batches of groups: a group is requests with the same context (at most ``batch_size`` of
-    them), a batch is groups with at most ``batch_size`` requests in all. Longest first, so that
-    neighbours in a batch have similar lengths (little padding) and memory runs out, if it does,
-    at the start. In a batch the longest context and the longest continuation must fit the
-    window together: every row is as wide as both."""
+# A batch's attention mask has rows × width² entries; batches stop growing at this many (a row of
+# any width is always allowed on its own). 2^26 booleans, a quarter of a GB when a kernel widens
+# them to fp32 scores: far above what short items need, a ceiling for long ones.
+MASK_BUDGET = 1 << 26
+
+
+def _row_width(row: list[_Request]) -> int:
+    return len(row[0].context) + sum(len(r.continuation) - 1 for r in row)
+
+
+def _rows(reqs: list[_Request], batch_size: int, window: int) -> list[list[_Request]]:
+    """Requests with the same context, as rows of at most ``batch_size`` requests and ``window``
+    columns: the context once, then each continuation but its last token (which nothing is
+    predicted from). A single request always fits: its context was cut so that context and
+    continuation fit window + 1 tokens."""
     by_context: dict[tuple[int, ...], list[_Request]] = {}
     for r in reqs:
         by_context.setdefault(tuple(r.context), []).append(r)
-    groups = [g[i:i + batch_size] for g in by_context.values() for i in range(0, len(g), batch_size)]
-    groups.sort(key=lambda g: (len(g[0].context) + max(len(r.continuation) for r in g), len(g[0].context)),
-                reverse=True)
+    rows = []
+    for group in by_context.values():
+        row: list[_Request] = []
+        width = len(group[0].context)
+        for r in group:
+            if row and (len(row) == batch_size or width + len(r.continuation) - 1 > window):
+                rows.append(row)
+                row, width = [], len(group[0].context)
+            row.append(r)
+            width += len(r.continuation) - 1
+        rows.append(row)
+    return rows
+
+
+def _batches(reqs: list[_Request], batch_size: int, window: int) -> list[list[list[_Request]]]:
+    """Rows in batches of at most ``batch_size`` requests in all (and ``MASK_BUDGET``), widest
+    first: neighbours in a batch have similar widths (little padding), and memory runs out, if it
+    does, at the start."""
     batches: list[list[list[_Request]]] = []
-    rows = ctx = cont = 0
-    for g in groups:
-        g_ctx, g_cont = len(g[0].context), max(len(r.continuation) for r in g)
-        if not batches or rows + len(g) > batch_size or max(ctx, g_ctx) + max(cont, g_cont) - 1 > window:
+    n = width = 0
+    for row in sorted(_rows(reqs, batch_size, window), key=_row_width, reverse=True):
+        if not batches or n + len(row) > batch_size or (len(batches[-1]) + 1) * width ** 2 > MASK_BUDGET:
             batches.append([])
-            rows = ctx = cont = 0
-        batches[-1].append(g)
-        rows, ctx, cont = rows + len(g), max(ctx, g_ctx), max(cont, g_cont)
+            n, width = 0, _row_width(row)
+        batches[-1].append(row)
+        n += len(row)
     return batches
 
 
-def _score_batch(model, groups: list[list[_Request]], dtype: torch.dtype, device) -> list[tuple[float, bool]]:
-    """Two passes: the groups' contexts, left-padded, fill a KV cache; the cache is copied to one
-    row per continuation and the continuations (all tokens but the last, right-padded) run on it.
-    Row r's logits for its continuation are the last context position's, then its own."""
-    from .attention import KVCache
-
-    cfg = model.config
-    lengths = [len(g[0].context) for g in groups]
-    width = max(lengths)
-    x = torch.zeros((len(groups), width), dtype=torch.long)
-    for i, g in enumerate(groups):
-        x[i, width - lengths[i]:] = torch.tensor(g[0].context)
-    pad = torch.tensor([width - n for n in lengths], device=device)
-    pad = pad if bool(pad.any()) else None  # an unpadded batch takes the plain causal path
-    cache_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
-    cache = KVCache(cfg, len(groups), width, device, cache_dtype, pad)
+def _score_batch(model, rows: list[list[_Request]], dtype: torch.dtype, device) -> list[tuple[float, bool]]:
+    """One forward pass for a batch of rows, each a context followed by its continuations
+    (right-padded to the widest row). A continuation's tokens take the positions that follow the
+    context and see the context and their own earlier tokens, nothing of the other continuations:
+    the numbers of running each context + continuation alone, with each context computed once.
+    The output layer runs only where a continuation token is predicted: at the context's last
+    token, then at each continuation token but the last."""
+    width = max(_row_width(row) for row in rows)
+    ids, pos, seg = [], [], []
+    picks: list[int] = []    # flat (row · width + column) of each prediction, continuation by continuation
+    targets: list[int] = []
+    for b, row in enumerate(rows):
+        ctx = row[0].context
+        n_ctx = len(ctx)
+        r_ids, r_pos, r_seg = list(ctx), list(range(n_ctx)), [0] * n_ctx
+        for i, r in enumerate(row):
+            body = r.continuation[:-1]
+            col = len(r_ids)
+            picks += [b * width + n_ctx - 1] + [b * width + c for c in range(col, col + len(body))]
+            r_ids += body
+            r_pos += range(n_ctx, n_ctx + len(body))
+            r_seg += [i + 1] * len(body)
+            targets += r.continuation
+        pad = width - len(r_ids)
+        ids.append(r_ids + [0] * pad)
+        pos.append(r_pos + [0] * pad)
+        seg.append(r_seg + [-1] * pad)
+    lens = [len(r.continuation) for row in rows for r in row]
+    owner_t = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)).to(device)
+    seg_t = torch.tensor(seg, device=device)
+    cols = torch.arange(width, device=device)
+    # Query q sees key k when k is not after q and k is context (segment 0) or of q's own
+    # continuation. Padding (segment -1, at the end of a row) sees itself and the padding before it.
+    mask = (cols[None, None, :] <= cols[None, :, None]) & \
+        ((seg_t[:, None, :] == 0) | (seg_t[:, None, :] == seg_t[:, :, None]))           # (B, T, T)
     with autocast(device, dtype):
-        last = model(x.to(device), cache, last_only=True)[:, -1].float()            # (G, V)
-
-    rows = [r for g in groups for r in g]
-    owner = torch.tensor([i for i, g in enumerate(groups) for _ in g], device=device)
-    longest = max(len(r.continuation) for r in rows)
-    target = torch.zeros((len(rows), longest), dtype=torch.long)
-    for j, r in enumerate(rows):
-        target[j, :len(r.continuation)] = torch.tensor(r.continuation)
-    target = target.to(device)
-    logits = last.index_select(0, owner)[:, None]                                   # (R, 1, V)
-    if longest > 1:
-        shared = KVCache(cfg, len(rows), width + longest - 1, device, cache_dtype,
-                         None if pad is None else pad.index_select(0, owner))
-        for layer in range(cfg.n_layer):
-            shared.k[layer][:, :, :width] = cache.k[layer].index_select(0, owner)
-            shared.v[layer][:, :, :width] = cache.v[layer].index_select(0, owner)
-        shared.pos = width
-        with autocast(device, dtype):
-            rest = model(target[:, :-1], shared).float()                            # (R, longest - 1, V)
-        logits = torch.cat([logits, rest], 1)                                       # (R, longest, V)
-    lens = torch.tensor([len(r.continuation) for r in rows], device=device)
-    valid = torch.arange(longest, device=device)[None] < lens[:, None]              # (R, longest)
-    logp = logits.gather(-1, target[..., None])[..., 0] - logits.logsumexp(-1)
-    greedy = (logits.argmax(-1) == target) | ~valid
-    sums = (logp * valid).sum(1)
-    return [(float(s), bool(g)) for s, g in zip(sums.tolist(), greedy.all(1).tolist())]
+        hidden = model.hidden_states(torch.tensor(ids, device=device),
+                                     layout=(torch.tensor(pos, device=device), mask[:, None]))
+        logits = model.logits(hidden.flatten(0, 1).index_select(0, torch.tensor(picks, device=device))).float()
+    target = torch.tensor(targets, device=device)
+    logp = -F.cross_entropy(logits, target, reduction="none")  # one fused log-softmax pass, (N,)
+    missed = (logits.argmax(-1) != target).float()
+    sums = torch.zeros(len(lens), device=device).index_add_(0, owner_t, logp)
+    misses = torch.zeros(len(lens), device=device).index_add_(0, owner_t, missed)
+    return [(float(s), m == 0) for s, m in zip(sums.tolist(), misses.tolist())]
 
 
 # ---------------------------------------------------------------------------- multiple-choice evaluation

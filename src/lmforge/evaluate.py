@@ -98,67 +98,14 @@ def classification_metrics(predictions: list[int], labels: list[int], names: lis
             "per_class": per_class, "confusion": confusion, "labels": list(names)}
 
 
-@torch.no_grad()
 def continuation_logprobs(model: torch.nn.Module, context: list[int], continuations: list[list[int]],
                           dtype: torch.dtype = torch.float32) -> list[float]:
-    """Sum of log p(continuation | context) for each continuation. The context runs once and its
-    keys and values are shared by every continuation (one batch, right padded); a context that
-    leaves no room in the window keeps its last tokens and is scored in full per continuation."""
-    from .attention import KVCache
+    """Sum of log p(continuation | context) for each continuation (token ids), with the context
+    computed once for all of them (``choice_eval.token_loglikelihoods``); a context that leaves no
+    room in the window keeps its last tokens."""
+    from .choice_eval import token_loglikelihoods
 
     if any(not c for c in continuations):
         raise LmforgeError("a choice encodes to no tokens; give every choice some text")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    window = model.config.context_length
-    longest = max(len(c) for c in continuations)
-    n = len(continuations)
-    try:
-        if context and len(context) + longest <= window:
-            cache = KVCache(model.config, 1, len(context) + longest, device=device)
-            with autocast(device, dtype):
-                last = model(torch.tensor([context], device=device), cache)[0, -1].float()
-            shared = KVCache(model.config, n, len(context) + longest, device=device)
-            for layer in range(model.config.n_layer):
-                shared.k[layer].copy_(cache.k[layer].expand_as(shared.k[layer]))
-                shared.v[layer].copy_(cache.v[layer].expand_as(shared.v[layer]))
-            shared.pos = cache.pos
-            x = torch.zeros((n, longest), dtype=torch.long, device=device)
-            for i, c in enumerate(continuations):
-                x[i, :len(c)] = torch.tensor(c)
-            with autocast(device, dtype):
-                logits = model(x, shared).float()                            # (n, longest, V)
-            first = torch.log_softmax(last, -1)
-            rest = torch.log_softmax(logits[:, :-1], -1)
-            out = []
-            for i, c in enumerate(continuations):
-                ids = torch.tensor(c, device=device)
-                score = first[ids[0]] + rest[i, torch.arange(len(c) - 1, device=device), ids[1:]].sum()
-                out.append(float(score))
-            return out
-        return _logprobs_in_full(model, context, continuations, dtype, device, window)
-    finally:
-        model.train(was_training)
-
-
-def _logprobs_in_full(model, context, continuations, dtype, device, window) -> list[float]:
-    """Each continuation scored with its context in one right-padded batch (the context cut from
-    the left to fit the window)."""
-    seqs, starts = [], []
-    for cont in continuations:
-        seq = (context + cont)[-(window + 1):]
-        seqs.append(seq)
-        starts.append(len(seq) - len(cont))  # index in seq of the first continuation token
-    width = max(len(s) for s in seqs) - 1
-    x = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        x[i, :len(s) - 1] = torch.tensor(s[:-1])
-    with autocast(device, dtype):
-        logp = torch.log_softmax(model(x.to(device)).float(), dim=-1)
-    out = []
-    for i, s in enumerate(seqs):
-        pos = torch.arange(max(starts[i], 1) - 1, len(s) - 1, device=device)
-        ids = torch.tensor(s[max(starts[i], 1):], device=device)
-        out.append(float(logp[i, pos, ids].sum()))
-    return out
+    scores = token_loglikelihoods(model, [(context, c) for c in continuations], len(continuations), dtype)
+    return [s for s, _, _ in scores]

@@ -166,21 +166,31 @@ class GPT(nn.Module):
         init_module_weights(self, self.config.n_layer, seed, zero_residual=self.config.zero_init_proj)
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
-                      pad: torch.Tensor | None = None) -> torch.Tensor:
+                      pad: torch.Tensor | None = None, layout: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model): everything but the output layer. ``pad`` (B,)
         counts the padding columns at the start of each row of a left-padded batch (a cache
-        carries its own)."""
+        carries its own). ``layout`` = (positions (B, T), mask (B, 1, T, T), True where a query may
+        see a key) lays rows out as the caller likes, without a cache: several sequences that share
+        a prefix packed into one row (multiple-choice scoring)."""
         b, t = idx.shape
         static = kv_cache is not None and kv_cache.static
         start = kv_cache.pos if kv_cache is not None and not static else 0
-        if start + t > self.config.context_length:
+        positions = mask = None
+        if layout is not None:
+            positions, mask = layout
+            if kv_cache is not None or positions.shape != idx.shape or mask.shape != (b, 1, t, t):
+                raise ValueError(f"a layout for ids {(b, t)} takes positions {(b, t)}, a mask {(b, 1, t, t)} "
+                                 "and no cache")
+            if int(positions.max()) >= self.config.context_length:
+                raise ValueError(f"position {int(positions.max())} is beyond the model's context length "
+                                 f"({self.config.context_length}); crop the input")
+        elif start + t > self.config.context_length:
             raise ValueError(f"sequence of {start + t} tokens is longer than the model's context length "
                              f"({self.config.context_length}); crop the input")
         if pad is None and kv_cache is not None:
             pad = kv_cache.pad
-        x = self.wte(idx)                                                 # (B, T, d)
-        rope = mask = None
-        if static or pad is not None:
+        if layout is None and (static or pad is not None):
             # Per-row positions and a mask: left-padded rows, or a compiled decode step, whose
             # columns come from the cache's column tensor and whose keys span the whole cache.
             if static:
@@ -189,6 +199,9 @@ class GPT(nn.Module):
             else:
                 cols, n_keys = torch.arange(start, start + t, device=idx.device), start + t
             positions, mask = padded_positions_and_mask(pad, cols, n_keys)
+        x = self.wte(idx)                                                 # (B, T, d)
+        rope = None
+        if positions is not None:
             if self.config.positions == "learned":
                 x = x + self.wpe(positions)
             else:

@@ -111,13 +111,15 @@ def worker(contender: str, folder: str, case: str, dtype: str, threads: int, com
                     first = time.perf_counter() - t0
             return first, time.perf_counter() - t0, n
 
-        run(1)  # warm-up
+        t_warm = time.perf_counter()
+        run(1)  # warm-up (with --compile: the compilation of every decode graph this case needs)
+        t_warm = time.perf_counter() - t_warm
         if case == "batch":
             _, t1, n1 = run(1)
             _, t8, n8 = run(rows)
             return {"single_tok_s": n1 / t1, "batch_tok_s": n8 / t8}
         first, total, n = run(1)
-        return {"ttft": first, "tok_s": (n - 1) / (total - first), "bytes": _weight_bytes(model)}
+        return {"ttft": first, "tok_s": (n - 1) / (total - first), "bytes": _weight_bytes(model), "warm_up_s": t_warm}
     if contender == "transformers":
         from transformers import AutoModelForCausalLM
 
@@ -241,7 +243,8 @@ def main() -> None:
                         ratios = "" if "lmforge" not in res else \
                             f"   lmforge / {c}: {res['lmforge']['tok_s'] / r['tok_s']:.2f}x"
                     print(f"{case:<11} {dtype:<9} {c:<12} {r['tok_s']:6.1f} tok/s  first token {r['ttft'] * 1e3:7.0f} ms"
-                          f"  {r['tok_s'] / bound:5.1%} of the bandwidth bound{ratios}")
+                          f"  {r['tok_s'] / bound:5.1%} of the bandwidth bound{ratios}"
+                          + (f"   (first generation, compiling: {r['warm_up_s']:.0f} s)" if c.endswith("+compile") else ""))
 
 
 if __name__ == "__main__":

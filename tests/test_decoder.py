@@ -235,6 +235,55 @@ def test_compiled_decoding_gives_the_eager_ids():
     assert _ids(Decoder(model, prompts, cfg, compile=True)) == _ids(Decoder(model, prompts, cfg))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("llama", [False, True], ids=["gpt2", "llama"])
+def test_a_compiled_single_row_step_runs_every_linear_as_a_reduction_and_decodes_as_eager(llama, monkeypatch):
+    import lmforge.generate as gen
+
+    rewritten = []
+    real = gen._single_row_linears_as_reductions
+
+    def spy(gm):
+        real(gm)
+        rewritten.append(sum(n.target is gen.gemv_linear for n in gm.graph.nodes))
+
+    monkeypatch.setattr(gen, "_single_row_linears_as_reductions", spy)
+    model = _model(llama, ctx=64)
+    cfg = SampleConfig(max_new_tokens=20, temperature=0, stop_at_eos=False)
+    eager = [s[0] for s in Decoder(model, [[1, 2, 3]], cfg, logprobs=0)]
+    fast = [s[0] for s in Decoder(model, [[1, 2, 3]], cfg, compile=True, logprobs=0)]
+    assert [t.id for t in fast] == [t.id for t in eager]
+    assert [t.logprob for t in fast] == pytest.approx([t.logprob for t in eager], abs=1e-4)
+    per_block = 5 if llama else 4  # qkv, attention out, (gate,) up, down
+    assert rewritten and set(rewritten) == {2 * per_block + 1}  # and the output layer
+
+
+def test_gemv_linear_is_f_linear():
+    from lmforge.generate import gemv_linear
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(1, 1, 48), torch.randn(40, 48), torch.randn(40)
+    torch.testing.assert_close(gemv_linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gemv_linear(x, w), x @ w.T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_compiled_bf16_reduction_is_as_accurate_as_the_bf16_matmul():
+    """In the compiled graph the products are summed in fp32 and rounded once, so the bf16
+    reduction is no further from the fp32 answer than bf16 ``F.linear`` is."""
+    from lmforge.generate import _frozen_cpu
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 96).eval()
+    x = torch.randn(1, 1, 256)
+    with torch.no_grad():
+        exact = layer(x)
+        half = layer.to(torch.bfloat16)
+        plain = half(x.bfloat16()).float()
+        fast = _frozen_cpu(half)(x.bfloat16()).float()
+    assert (fast - exact).abs().max() <= 1.5 * (plain - exact).abs().max() + 1e-3
+
+
 def test_a_tiny_temperature_is_greedy_not_a_crash():
     from lmforge.generate import sample_next
 

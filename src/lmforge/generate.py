@@ -12,7 +12,6 @@ row's ids into text deltas (never half a UTF-8 character, never the start of a s
 from __future__ import annotations
 
 import codecs
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -267,6 +266,8 @@ def compiled(model: torch.nn.Module) -> torch.nn.Module:
     the weights, kept beside the model's), and the C++ wrapper calls the graph's kernels without
     a Python line per operation. A decode step is hundreds of small operations, so this is what
     turns per-operation overhead into time spent reading weights (benchmarks/decode_speed.py).
+    A step of one row runs its linear layers as reductions (``gemv_linear``), which Inductor
+    compiles into matrix-vector loops that read the weights at nearly the memory's speed.
     Because frozen weights are copies, a changed weight makes a new graph (``_weights_key``)."""
     key = _weights_key(model)
     entry = model.__dict__.get("_compiled_forward")
@@ -291,6 +292,7 @@ def _frozen_cpu(model: torch.nn.Module) -> Callable:
     from torch._inductor.compile_fx import compile_fx
 
     def backend(gm, example_inputs):  # a new function per graph: Dynamo never reuses another's code
+        _single_row_linears_as_reductions(gm)
         return compile_fx(gm, example_inputs)
 
     graph = torch.compile(model, backend=backend, dynamic=False)
@@ -300,6 +302,32 @@ def _frozen_cpu(model: torch.nn.Module) -> Callable:
             return graph(*args, **kwargs)
 
     return call
+
+
+def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for an input of one row, written as what it is: each output is a row of the
+    weight times x, summed (in fp32). Inductor turns this into one loop over the weight's rows,
+    split across the threads, that reads each weight once: a matrix-vector product at the memory's
+    speed, where the GEMM kernels that ``F.linear`` calls run one row at a third of it."""
+    y = (weight * x[..., None, :]).sum(-1, dtype=torch.float32)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def _single_row_linears_as_reductions(gm: torch.fx.GraphModule) -> None:
+    """Replace, in a traced decode step, every ``F.linear`` whose input is one row by ``gemv_linear``."""
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch._C._nn.linear:
+            continue
+        x = node.args[0].meta.get("example_value") if isinstance(node.args[0], torch.fx.Node) else None
+        if x is None or x.numel() != x.size(-1):
+            continue
+        node.target = gemv_linear
+        changed += 1
+    if changed:
+        gm.recompile()
 
 
 def generate(model: torch.nn.Module, idx: torch.Tensor, config: SampleConfig = SampleConfig(),

@@ -100,6 +100,10 @@ def worker(contender: str, folder: str, case: str, dtype: str, threads: int, com
             quantize_model(model, "int8")
         rows = 8 if case == "batch" else 1
 
+        def run_one_token() -> None:
+            for _ in Decoder(model, [prompt], SampleConfig(max_new_tokens=1, temperature=0, stop_at_eos=False)):
+                pass
+
         def run(n_rows: int) -> tuple[float, float, int]:
             cfg = SampleConfig(max_new_tokens=new, temperature=0, stop_at_eos=False)
             t0 = time.perf_counter()
@@ -119,7 +123,7 @@ def worker(contender: str, folder: str, case: str, dtype: str, threads: int, com
             _, t8, n8 = run(rows)
             return {"single_tok_s": n1 / t1, "batch_tok_s": n8 / t8}
         first, total, n = run(1)
-        return {"ttft": first, "tok_s": (n - 1) / (total - first), "bytes": _weight_bytes(model), "warm_up_s": t_warm}
+        return {"ttft": _first_token(run_one_token), "tok_s": (n - 1) / (total - first), "bytes": _weight_bytes(model), "warm_up_s": t_warm}
     if contender == "transformers":
         from transformers import AutoModelForCausalLM
 
@@ -134,7 +138,7 @@ def worker(contender: str, folder: str, case: str, dtype: str, threads: int, com
             return time.perf_counter() - t0
 
         gen(4)  # warm-up
-        first = gen(1)
+        first = _first_token(lambda: gen(1))
         total = gen(new)
         return {"ttft": first, "tok_s": (new - 1) / (total - first), "bytes": _weight_bytes(model)}
     if contender == "llama.cpp":
@@ -151,8 +155,20 @@ def worker(contender: str, folder: str, case: str, dtype: str, threads: int, com
             if n == new:
                 break
         total = time.perf_counter() - t0
-        return {"ttft": first, "tok_s": (n - 1) / (total - first), "bytes": gguf.stat().st_size}
+        one = _first_token(lambda: next(iter(llm.generate(prompt, temp=0.0, top_k=1, reset=True))))
+        return {"ttft": one, "tok_s": (n - 1) / (total - first), "bytes": gguf.stat().st_size}
     raise ValueError(contender)
+
+
+def _first_token(once, repeats: int = 5) -> float:
+    """Time to the first token: the median of a few prompts run for one token (a single one is
+    noisy on a shared machine)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def _weight_bytes(model) -> int:

@@ -12,6 +12,7 @@ row's ids into text deltas (never half a UTF-8 character, never the start of a s
 from __future__ import annotations
 
 import codecs
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 

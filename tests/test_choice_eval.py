@@ -256,9 +256,13 @@ def test_a_packed_row_computes_what_each_sequence_computes_alone(tok, llama):
         model.hidden_states(ids, layout=(positions + 10, mask[None, None]))
     with pytest.raises(ValueError, match="takes positions"):
         model.hidden_states(ids, layout=(positions[:, :5], mask[None, None]))
+    with pytest.raises(ValueError, match="boolean mask"):  # a float mask would be added to the scores
+        model.hidden_states(ids, layout=(positions, mask[None, None].float()))
+    with pytest.raises(ValueError, match="no cache or padding"):
+        model.hidden_states(ids, pad=torch.tensor([1]), layout=(positions, mask[None, None]))
 
 
-def test_rows_split_where_a_context_s_continuations_outgrow_the_window_or_the_mask_budget(tok, monkeypatch):
+def test_rows_split_where_a_context_s_continuations_outgrow_the_window_or_the_score_budget(tok, monkeypatch):
     import lmforge.choice_eval as ce
 
     model = tiny(tok, context_length=24)
@@ -272,7 +276,7 @@ def test_rows_split_where_a_context_s_continuations_outgrow_the_window_or_the_ma
     plain = [loglikelihood_reference(model, tok, c, x) for c, x in requests]
     got = loglikelihoods(model, tok, requests, batch_size=64)
     assert [g[0] for g in got] == pytest.approx([p[0] for p in plain], abs=1e-4)
-    monkeypatch.setattr(ce, "MASK_BUDGET", 1)  # every row in a batch of its own
+    monkeypatch.setattr(ce, "SCORE_BUDGET", 1)  # every row in a batch of its own
     assert len(ce._batches(reqs, 64, 24)) == len(rows)
     got = loglikelihoods(model, tok, requests, batch_size=64)
     assert [g[0] for g in got] == pytest.approx([p[0] for p in plain], abs=1e-4)

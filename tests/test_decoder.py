@@ -268,11 +268,19 @@ def test_gemv_linear_is_f_linear():
 
 
 @pytest.mark.slow
-def test_a_compiled_bf16_reduction_is_as_accurate_as_the_bf16_matmul():
+def test_a_compiled_bf16_reduction_is_as_accurate_as_the_bf16_matmul(monkeypatch):
     """In the compiled graph the products are summed in fp32 and rounded once, so the bf16
     reduction is no further from the fp32 answer than bf16 ``F.linear`` is."""
-    from lmforge.generate import _frozen_cpu
+    import lmforge.generate as gen
 
+    rewritten = []
+    real = gen._single_row_linears_as_reductions
+
+    def spy(gm):
+        real(gm)
+        rewritten.append(sum(n.target is gen.gemv_linear for n in gm.graph.nodes))
+
+    monkeypatch.setattr(gen, "_single_row_linears_as_reductions", spy)
     torch.manual_seed(0)
     layer = torch.nn.Linear(256, 96).eval()
     x = torch.randn(1, 1, 256)
@@ -280,7 +288,8 @@ def test_a_compiled_bf16_reduction_is_as_accurate_as_the_bf16_matmul():
         exact = layer(x)
         half = layer.to(torch.bfloat16)
         plain = half(x.bfloat16()).float()
-        fast = _frozen_cpu(half)(x.bfloat16()).float()
+        fast = gen._frozen_cpu(half)(x.bfloat16()).float()
+    assert rewritten == [1]
     assert (fast - exact).abs().max() <= 1.5 * (plain - exact).abs().max() + 1e-3
 
 

@@ -407,13 +407,11 @@ def _score(model: torch.nn.Module, reqs: list[_Request], batch_size: int, dtype:
     window = model.config.context_length
     results: list[tuple[float, bool, int] | None] = [None] * len(reqs)
     device = next(model.parameters()).device
-    if device.type == "cpu":
-        tune_cpu_allocator()  # the (predictions × vocabulary) logits of every batch reuse one block, unfaulted
     was_training = model.training
     model.eval()
     try:
         with tqdm(total=len(reqs), desc="scoring", unit="choice", disable=not progress, dynamic_ncols=True) as bar:
-            for batch in _batches(reqs, batch_size, window):
+            for batch in _batches(reqs, batch_size, window, model.config.n_head):
                 for r, (logp, greedy) in zip((r for group in batch for r in group),
                                              _score_batch(model, batch, dtype, device)):
                     results[r.index] = (logp, greedy, len(r.continuation))
@@ -423,10 +421,10 @@ def _score(model: torch.nn.Module, reqs: list[_Request], batch_size: int, dtype:
     return results  # type: ignore[return-value]
 
 
-# A batch's attention mask has rows × width² entries; batches stop growing at this many (a row of
-# any width is always allowed on its own). 2^26 booleans, a quarter of a GB when a kernel widens
-# them to fp32 scores: far above what short items need, a ceiling for long ones.
-MASK_BUDGET = 1 << 26
+# Attention over a batch of packed rows has rows × heads × width² scores, which a masked kernel
+# may hold all at once; batches stop growing at this many (a row of any width is always allowed
+# on its own). 2^28 fp32 scores are 1 GB: far above what short items need, a ceiling for long ones.
+SCORE_BUDGET = 1 << 28
 
 
 def _row_width(row: list[_Request]) -> int:
@@ -455,14 +453,14 @@ def _rows(reqs: list[_Request], batch_size: int, window: int) -> list[list[_Requ
     return rows
 
 
-def _batches(reqs: list[_Request], batch_size: int, window: int) -> list[list[list[_Request]]]:
-    """Rows in batches of at most ``batch_size`` requests in all (and ``MASK_BUDGET``), widest
+def _batches(reqs: list[_Request], batch_size: int, window: int, n_head: int = 1) -> list[list[list[_Request]]]:
+    """Rows in batches of at most ``batch_size`` requests in all (and ``SCORE_BUDGET``), widest
     first: neighbours in a batch have similar widths (little padding), and memory runs out, if it
     does, at the start."""
     batches: list[list[list[_Request]]] = []
     n = width = 0
     for row in sorted(_rows(reqs, batch_size, window), key=_row_width, reverse=True):
-        if not batches or n + len(row) > batch_size or (len(batches[-1]) + 1) * width ** 2 > MASK_BUDGET:
+        if not batches or n + len(row) > batch_size or (len(batches[-1]) + 1) * n_head * width ** 2 > SCORE_BUDGET:
             batches.append([])
             n, width = 0, _row_width(row)
         batches[-1].append(row)
@@ -569,9 +567,16 @@ def evaluate_choice(model: torch.nn.Module, tokenizer, items: list[ChoiceItem], 
                     batch_size: int = 16, dtype: torch.dtype = torch.float32,
                     fewshot_items: list[ChoiceItem] | None = None, progress: bool = False) -> dict:
     """Accuracy (``acc``) and length-normalised accuracy (``acc_norm``: summed log-probability
-    divided by the choice's length in characters) over the items, with every item's scores."""
+    divided by the choice's length in characters) over the items, with every item's scores.
+
+    On the CPU this sets the process's allocator to keep freed blocks (``tune_cpu_allocator``, as
+    training does): each batch's (predictions × vocabulary) logits then reuse one block instead of
+    faulting in tens of MB anew, which cost more than the log-softmax itself. An evaluation
+    process keeps its peak memory until it ends."""
     if not items:
         raise LmforgeError("no items to evaluate; give a task with at least one item")
+    if next(model.parameters()).device.type == "cpu":
+        tune_cpu_allocator()
     contexts = build_contexts(items, shots, seed, fewshot_items)
     requests = [(ctx, TARGET_DELIMITER + c) for ctx, item in zip(contexts, items) for c in item.choices]
     stats: dict = {}

@@ -102,9 +102,12 @@ def continuation_logprobs(model: torch.nn.Module, context: list[int], continuati
                           dtype: torch.dtype = torch.float32) -> list[float]:
     """Sum of log p(continuation | context) for each continuation (token ids), with the context
     computed once for all of them (``choice_eval.token_loglikelihoods``); a context that leaves no
-    room in the window keeps its last tokens."""
+    room in the window keeps its last tokens. The context must be at least one token and each
+    continuation at most the window."""
     from .choice_eval import token_loglikelihoods
 
+    if not continuations:
+        raise LmforgeError("no choices to score; give at least one")
     if any(not c for c in continuations):
         raise LmforgeError("a choice encodes to no tokens; give every choice some text")
     scores = token_loglikelihoods(model, [(context, c) for c in continuations], len(continuations), dtype)

@@ -157,7 +157,10 @@ class LmforgeLM(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """log p(continuation | context) and whether greedy decoding would produce it, per request."""
         from .choice_eval import loglikelihoods
+        from .precision import tune_cpu_allocator
 
+        if self._device.type == "cpu":
+            tune_cpu_allocator()  # an evaluation process: logits blocks reused, not faulted in (evaluate_choice)
         pairs = [tuple(r.args) for r in requests]
         scored = loglikelihoods(self.model, self.tokenizer, pairs, batch_size=self.batch_size, dtype=self.dtype,
                                 progress=not disable_tqdm)

@@ -179,9 +179,10 @@ class GPT(nn.Module):
         positions = mask = None
         if layout is not None:
             positions, mask = layout
-            if kv_cache is not None or positions.shape != idx.shape or mask.shape != (b, 1, t, t):
-                raise ValueError(f"a layout for ids {(b, t)} takes positions {(b, t)}, a mask {(b, 1, t, t)} "
-                                 "and no cache")
+            if kv_cache is not None or pad is not None or positions.shape != idx.shape or \
+                    mask.shape != (b, 1, t, t) or mask.dtype != torch.bool:
+                raise ValueError(f"a layout for ids {(b, t)} takes positions {(b, t)}, a boolean mask "
+                                 f"{(b, 1, t, t)}, and no cache or padding (the layout holds them)")
             if int(positions.max()) >= self.config.context_length:
                 raise ValueError(f"position {int(positions.max())} is beyond the model's context length "
                                  f"({self.config.context_length}); crop the input")

@@ -235,19 +235,27 @@ def test_compiled_decoding_gives_the_eager_ids():
     assert _ids(Decoder(model, prompts, cfg, compile=True)) == _ids(Decoder(model, prompts, cfg))
 
 
+def _count_rewrites(monkeypatch) -> list[int]:
+    """How many linears each compiled graph had rewritten as reductions, graph by graph."""
+    import lmforge.generate as gen
+
+    counts: list[int] = []
+    real = gen._single_row_linears_as_reductions
+
+    def spy(gm):
+        real(gm)
+        counts.append(sum(n.target is gen.gemv_linear for n in gm.graph.nodes))
+
+    monkeypatch.setattr(gen, "_single_row_linears_as_reductions", spy)
+    return counts
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("llama", [False, True], ids=["gpt2", "llama"])
 def test_a_compiled_single_row_step_runs_every_linear_as_a_reduction_and_decodes_as_eager(llama, monkeypatch):
     import lmforge.generate as gen
 
-    rewritten = []
-    real = gen._single_row_linears_as_reductions
-
-    def spy(gm):
-        real(gm)
-        rewritten.append(sum(n.target is gen.gemv_linear for n in gm.graph.nodes))
-
-    monkeypatch.setattr(gen, "_single_row_linears_as_reductions", spy)
+    rewritten = _count_rewrites(monkeypatch)
     model = _model(llama, ctx=64)
     cfg = SampleConfig(max_new_tokens=20, temperature=0, stop_at_eos=False)
     eager = [s[0] for s in Decoder(model, [[1, 2, 3]], cfg, logprobs=0)]
@@ -273,14 +281,7 @@ def test_a_compiled_bf16_reduction_is_as_accurate_as_the_bf16_matmul(monkeypatch
     reduction is no further from the fp32 answer than bf16 ``F.linear`` is."""
     import lmforge.generate as gen
 
-    rewritten = []
-    real = gen._single_row_linears_as_reductions
-
-    def spy(gm):
-        real(gm)
-        rewritten.append(sum(n.target is gen.gemv_linear for n in gm.graph.nodes))
-
-    monkeypatch.setattr(gen, "_single_row_linears_as_reductions", spy)
+    rewritten = _count_rewrites(monkeypatch)
     torch.manual_seed(0)
     layer = torch.nn.Linear(256, 96).eval()
     x = torch.randn(1, 1, 256)

@@ -67,7 +67,7 @@ def train_one(recipe: str, lr: float | None, seed: int, a: argparse.Namespace, s
     model_cfg, train_cfg = recipe_configs(recipe, a.size, vocab_size=shards.index["vocab_size"],
                                           batch_size=a.batch, max_steps=a.steps, seed=seed,
                                           eval_interval=a.eval_every, log_interval=a.eval_every,
-                                          save_interval=10**9, dtype="auto", lr=lr)
+                                          save_interval=10**9, dtype="auto", rate=lr)
     torch.manual_seed(seed)
     model = GPT(model_cfg)
     train_tokens, val_tokens = shards.tokens("train"), shards.tokens("val")

@@ -188,6 +188,15 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_lau
     assert not (tmp_path / "r").exists()
 
 
+def test_a_recipe_whose_settings_cannot_run_sharded_is_refused_before_launching(shards, tmp_path):
+    # the modern recipe trains with Muon, which needs whole matrices: refused here, not on every rank
+    res = _lmforge("pretrain", "--data", str(shards), "--out", str(tmp_path / "r"), *MODEL, "--recipe", "modern",
+                   "--train.strategy", "fsdp", "--devices", "2", timeout=60)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "optimizer 'muon' cannot run under strategy 'fsdp'" in res.stderr and "torch.distributed" not in res.stderr
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--devices", "0"], "--devices and --nnodes must be >= 1, got 0 and 1"),
     (["--devices", "2", "--nnodes", "2"], "--nnodes > 1 needs --rdzv_endpoint HOST:PORT, the same on every machine"),
@@ -431,3 +440,17 @@ def test_an_unknown_strategy_is_refused():
         TrainConfig(strategy="zero3")
     with pytest.raises(LmforgeError, match="unknown strategy"):
         memory_per_device(10, "zero3", 2)
+
+
+def test_a_rank_trains_on_a_gpu_only_when_it_joined_over_nccl(monkeypatch):
+    # --device cpu on a machine with GPUs: init joins over gloo, so the rank's tensors stay on the CPU
+    import torch.distributed as dist
+
+    from lmforge.distributed import Group, device_of
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    assert device_of(Group(rank=1, world_size=2, local_rank=1)) == torch.device("cpu")
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    assert device_of(Group(rank=1, world_size=2, local_rank=1)) == torch.device("cuda", 1)

@@ -25,12 +25,17 @@ def test_each_recipe_sets_what_it_names_at_the_presets_shape():
     assert (nano.schedule, nano.warmup_steps, nano.beta2) == ("cosine", 15, 0.95)
 
 
-def test_overrides_win_and_lr_sets_the_main_optimisers_rate():
-    model, train = recipe_configs("modern", "gpt-micro", lr=0.05, vocab_size=1000, warmup_steps=3, max_steps=100)
+def test_overrides_win_and_rate_sets_the_main_optimisers_rate():
+    model, train = recipe_configs("modern", "gpt-micro", rate=0.05, vocab_size=1000, warmup_steps=3, max_steps=100)
     assert model.vocab_size == 1000 and train.warmup_steps == 3
     assert train.muon_lr == 0.05 and train.lr == RECIPES["modern"]["train"]["lr"] == 4e-3
-    _, train = recipe_configs("nanogpt", lr=1e-3)
+    _, train = recipe_configs("nanogpt", rate=1e-3)
     assert train.lr == 1e-3
+    # lr names TrainConfig.lr (AdamW's rate) as everywhere else, Muon's stays the recipe's
+    _, train = recipe_configs("modern", lr=1e-3)
+    assert train.lr == 1e-3 and train.muon_lr == RECIPES["modern"]["train"]["muon_lr"]
+    with pytest.raises(ConfigError, match="unknown model or train setting.*max_step"):
+        recipe_configs("modern", max_step=10)
 
 
 def test_an_unknown_recipe_is_refused_with_the_known_ones():
@@ -50,12 +55,14 @@ def test_pretrain_with_a_recipe_records_its_settings_and_flags_win(tmp_path):
     run = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--data", str(tmp_path / "data"), "--out",
                           str(run), "--preset", "gpt-nano", "--recipe", "modern", "--train.max_steps", "20",
-                          "--train.batch_size", "4", "--model.logit_softcap", "30", "--prompts", "[]"],
+                          "--train.batch_size", "4", "--train.lr", "0.002", "--model.logit_softcap", "30",
+                          "--prompts", "[]"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["qk_norm"] is True and cfg["model"]["logit_softcap"] == 30.0  # the flag won
     assert cfg["train"]["optimizer"] == "muon" and cfg["train"]["schedule"] == "wsd"
+    assert cfg["train"]["lr"] == 0.002 and cfg["train"]["muon_lr"] == RECIPES["modern"]["train"]["muon_lr"]
     bad = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--data", str(tmp_path / "data"), "--out",
                           str(tmp_path / "other"), "--recipe", "fast"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [

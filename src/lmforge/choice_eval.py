@@ -575,8 +575,7 @@ def evaluate_choice(model: torch.nn.Module, tokenizer, items: list[ChoiceItem], 
     process keeps its peak memory until it ends."""
     if not items:
         raise LmforgeError("no items to evaluate; give a task with at least one item")
-    if next(model.parameters()).device.type == "cpu":
-        tune_cpu_allocator()
+    tune_cpu_allocator(next(model.parameters()).device)
     contexts = build_contexts(items, shots, seed, fewshot_items)
     requests = [(ctx, TARGET_DELIMITER + c) for ctx, item in zip(contexts, items) for c in item.choices]
     stats: dict = {}

@@ -403,7 +403,8 @@ def _run(argv: list[str]) -> int:
         world = (launch.devices or 1) * launch.nnodes
         if world > 1 and not distributed.launched():
             if not launch.resume:  # checked here, before any process starts (a resumed run's batch is its own)
-                distributed.check_batch(_config(TrainConfig, launch.train).batch_size, distributed.Group(world_size=world))
+                train = _fresh_pretrain_configs(root, argv, a)[1] if cmd == "pretrain" else _config(TrainConfig, launch.train)
+                distributed.check_batch(train.batch_size, distributed.Group(world_size=world))
             # The same command line again, in every process torchrun starts (they see that they were launched).
             return distributed.launch(argv, launch.devices or 1, launch.nnodes, launch.node_rank, launch.rdzv_endpoint)
     if cmd == "run":
@@ -422,11 +423,8 @@ def _run(argv: list[str]) -> int:
             data_path, model_config, train_config = pipeline.resume_configs(
                 a.out, overrides, _given(given.get("train")), given.get("preset"))
             data = data or data_path
-        elif a.recipe:  # the recipe's settings, then the flags given
-            model_config, train_config = recipe_configs(a.recipe, a.preset, **overrides, **_given(given.get("train")))
         else:
-            model_config = ModelConfig.from_preset(a.preset, **overrides)
-            train_config = _config(TrainConfig, a.train)
+            model_config, train_config = _fresh_pretrain_configs(root, argv, a)
         if not data:
             raise LmforgeError("--data is required: the directory written by `lmforge prepare`")
         if a.resume and not a.data and not (Path(data) / "index.json").is_file():
@@ -699,6 +697,16 @@ def _silence_stdout() -> None:
     except (OSError, ValueError, AttributeError):
         pass  # stdout is not a real file (tests capture it): nothing will be flushed to a pipe
 
+
+
+def _fresh_pretrain_configs(root, argv: list[str], a) -> tuple[ModelConfig, TrainConfig]:
+    """The model and train configs of a new pretraining run: the recipe's settings (when one is
+    named), then the flags given; else the preset and the train flags."""
+    given = root.parse_args(argv, defaults=False)["pretrain"]
+    overrides = {k: v for k, v in _given(given.get("model")).items() if v is not None}  # null: the preset's
+    if a.recipe:
+        return recipe_configs(a.recipe, a.preset, **overrides, **_given(given.get("train")))
+    return ModelConfig.from_preset(a.preset, **overrides), _config(TrainConfig, a.train)
 
 def main(argv: list[str] | None = None) -> int:
     from .outputs import fs_hint

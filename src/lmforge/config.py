@@ -188,23 +188,27 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 DEFAULT_RECIPE = "modern"  # what the default run trains with: the winner of benchmarks/quality.py
 
 
-def recipe_configs(recipe: str, preset: str = "gpt-micro", lr: float | None = None,
+def recipe_configs(recipe: str, preset: str = "gpt-micro", *, rate: float | None = None,
                    **overrides: Any) -> tuple["ModelConfig", "TrainConfig"]:
     """The model and train configs of ``recipe`` at ``preset``'s shape; ``overrides`` name fields of
-    either (``vocab_size``, ``max_steps``, ...) and win over the recipe; ``lr`` sets the rate of the
-    recipe's main optimiser (Muon's for a Muon recipe)."""
+    either (``vocab_size``, ``max_steps``, ``lr``, ...) and win over the recipe; ``rate`` sets the
+    rate of the recipe's main optimiser (Muon's for a Muon recipe, else ``lr``)."""
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; known recipes: {', '.join(RECIPES)}")
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - model_fields - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ConfigError(f"unknown model or train setting(s) {', '.join(unknown)} for recipe {recipe!r}")
     r = RECIPES[recipe]
     model = ModelConfig.from_preset(preset, **{**r["model"], **{k: v for k, v in overrides.items()
                                                                   if k in model_fields}})
     train = {k: v for k, v in r["train"].items() if k != "warmup_fraction"}
     train.update({k: v for k, v in overrides.items() if k not in model_fields})
-    if lr is not None:
-        train["muon_lr" if train.get("optimizer") == "muon" else "lr"] = lr
+    if rate is not None:
+        train["muon_lr" if train.get("optimizer") == "muon" else "lr"] = rate
     if "warmup_steps" not in overrides:
-        train["warmup_steps"] = round(r["train"].get("warmup_fraction", 0.0) * train.get("max_steps", 1000))
+        max_steps = train.get("max_steps", TrainConfig.max_steps)
+        train["warmup_steps"] = round(r["train"].get("warmup_fraction", 0.0) * max_steps)
     return model, TrainConfig(**train)
 
 

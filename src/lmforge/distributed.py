@@ -111,8 +111,13 @@ def init(timeout_s: float = 600.0, device: str | None = None) -> Group:
 
 
 def device_of(group: Group) -> torch.device:
-    """The device a rank trains on: its own GPU, or the CPU."""
-    return torch.device("cuda", group.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    """The device a rank trains on: its own GPU when ``init`` joined over NCCL, else the CPU (no
+    GPU, or ``--device cpu`` on a machine that has them: ``init`` chose gloo)."""
+    import torch.distributed as dist
+
+    if group.active and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", group.local_rank)
+    return torch.device("cpu")
 
 
 def close() -> None:

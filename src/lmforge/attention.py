@@ -113,7 +113,8 @@ class RotaryEmbedding(nn.Module):
 
 
 def rms_per_head(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) over the head size (B, nh, T, hs), in fp32 (QK-norm)."""
+    """x / rms(x) over the last dimension, computed in fp32: each head's q and k (B, nh, T, hs) for
+    QK-norm, and RMSNorm before its gain."""
     return F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
 
 

@@ -213,13 +213,6 @@ def on_main(fn: Callable[[], Any], device: torch.device | None = None) -> Any:
     return result
 
 
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if current().active:
-        dist.barrier()
-
-
 def rank_rows(batches: Callable[[int], Any], group: Group | None = None) -> Callable[[int], Any]:
     """A batch source of this rank's rows of each global batch (every tensor split along dim 0).
     For fine-tuning batches built whole; pretraining windows read only their own rows (data.py).
@@ -375,7 +368,7 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 4, fl
 
 
 __all__ = [
-    "STRATEGIES", "DistributedError", "Group", "activation_bytes", "all_ok", "barrier", "check_batch", "close",
+    "STRATEGIES", "DistributedError", "Group", "activation_bytes", "all_ok", "check_batch", "close",
     "current", "device_of", "full_state", "gradient_norm", "gradient_sync", "init", "is_sharded", "launch",
     "launched", "load_optimizer_state", "mean_over_ranks", "memory_per_device", "on_main", "rank_rows", "wrap",
 ]

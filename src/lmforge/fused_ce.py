@@ -141,7 +141,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.has[1]:
             g = saved.pop(0)
             gw = g if unit else g * grad_out
-        return gh, gw, None, None, None, None, None  # the last for ``cap`` (autograd drops it when not passed)
+        return gh, gw, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -159,17 +159,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     h2 = hidden.reshape(-1, hidden.size(-1))
     t2 = targets.reshape(-1)
     # Logits per chunk: 128 MB on a CPU (few enough chunks for efficient matmuls, yet bounded memory),
-    # 1 GB on a GPU, where fewer, larger launches win (gpt2-124m at 64 × 1024 on an H200: 10.6k rows
+    # 1 GB on a GPU (about twice that with the chunk's gradient buffer), where fewer, larger launches win (gpt2-124m at 64 × 1024 on an H200: 10.6k rows
     # per chunk train 5 % faster than 1.3k; benchmarks/gpu_pretrain.py).
     itemsize = torch.empty((), dtype=compute_dtype).element_size()
     budget = 1 << 27 if hidden.device.type == "cpu" else 1 << 30
     rows = chunk_rows or max(64, min(h2.size(0), budget // (weight.size(0) * itemsize)))
     if not torch.is_grad_enabled():  # evaluation: no gradient buffers (the Function would still see requires_grad)
         h2, weight = h2.detach(), weight.detach()
-    # The cap is passed only when set: without one, the kernel is called exactly as before caps existed.
-    args = (h2, weight, t2, ignore_index, rows, compute_dtype) + ((cap,) if cap is not None else ())
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(*args)
+        return _LinearCrossEntropy.apply(h2, weight, t2, ignore_index, rows, compute_dtype, cap)
 
 
 __all__ = ["IGNORE_INDEX", "cross_entropy_reference", "linear_cross_entropy", "softcap"]

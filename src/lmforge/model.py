@@ -26,6 +26,7 @@ from .attention import (
     MultiHeadAttention,
     RotaryEmbedding,
     padded_positions_and_mask,
+    rms_per_head,
 )
 from .config import ModelConfig
 from .fused_ce import (
@@ -45,7 +46,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype) * self.weight
+        return rms_per_head(x, self.eps) * self.weight
 
 
 def make_norm(config: ModelConfig) -> nn.Module:

@@ -370,7 +370,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
             last = done == config.max_steps
             out_of_time = config.max_minutes is not None and now - t_invocation >= config.max_minutes * 60
             if config.max_minutes is not None and ranks.active:  # the ranks' clocks differ: stop together
-                out_of_time = distributed.mean_over_ranks([float(out_of_time)], device)[0] > 0
+                out_of_time = not distributed.all_ok(not out_of_time, device)
             paused = False  # evaluation, samples and checkpoints are not training: tokens/s leaves them out
             if done % config.eval_interval == 0 or last or out_of_time:
                 run_eval(done)

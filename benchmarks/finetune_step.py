@@ -46,7 +46,7 @@ def worker(contender: str, mode: str, dtype_name: str, steps: int, threads: int,
         from lmforge.precision import tune_cpu_allocator
         from lmforge.train import prepare_for_training
 
-        tune_cpu_allocator(torch.device(device))  # what fit() does before its loop
+        tune_cpu_allocator()  # what fit() does before its loop
         model = GPT(ModelConfig.from_preset("smollm2-135m", context_length=2048))
         set_trainable(model, FinetuneConfig(trainable="all" if mode == "full" else "lora"), LoRAConfig(rank=16,
                       alpha=16), head_trains=False)

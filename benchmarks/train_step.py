@@ -71,7 +71,7 @@ def worker(contender: str, shape: str, dtype_name: str, steps: int, threads: int
         from lmforge.precision import tune_cpu_allocator
         from lmforge.train import prepare_for_training
 
-        tune_cpu_allocator(torch.device("cpu"))  # what fit() does before its loop
+        tune_cpu_allocator()  # what fit() does before its loop
         model = GPT(ModelConfig(vocab_size=VOCAB, context_length=1024, d_model=d, n_layer=n_layer, n_head=n_head))
         prepare_for_training(model)
         opt = make_optimizer(model, TrainConfig(lr=4e-4, weight_decay=0.1))

@@ -242,7 +242,7 @@ from lmforge.model import GPT
 from lmforge.train import prepare_for_training
 torch.manual_seed(0)
 if sys.argv[1] == "tuned":
-    tune_cpu_allocator(torch.device("cpu"))
+    tune_cpu_allocator()
 model = GPT(ModelConfig(vocab_size=20000, context_length=64, d_model=128, n_layer=1, n_head=2))
 prepare_for_training(model)
 x, y = torch.randint(0, 20000, (4, 64)), torch.randint(0, 20000, (4, 64))

@@ -575,7 +575,8 @@ def evaluate_choice(model: torch.nn.Module, tokenizer, items: list[ChoiceItem], 
     process keeps its peak memory until it ends."""
     if not items:
         raise LmforgeError("no items to evaluate; give a task with at least one item")
-    tune_cpu_allocator(next(model.parameters()).device)
+    if next(model.parameters()).device.type == "cpu":
+        tune_cpu_allocator()
     contexts = build_contexts(items, shots, seed, fewshot_items)
     requests = [(ctx, TARGET_DELIMITER + c) for ctx, item in zip(contexts, items) for c in item.choices]
     stats: dict = {}

@@ -141,7 +141,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.has[1]:
             g = saved.pop(0)
             gw = g if unit else g * grad_out
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None  # the last for ``cap`` (autograd drops it when not passed)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -166,8 +166,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     rows = chunk_rows or max(64, min(h2.size(0), budget // (weight.size(0) * itemsize)))
     if not torch.is_grad_enabled():  # evaluation: no gradient buffers (the Function would still see requires_grad)
         h2, weight = h2.detach(), weight.detach()
+    # The cap is passed only when set: without one, the kernel is called exactly as before caps existed.
+    args = (h2, weight, t2, ignore_index, rows, compute_dtype) + ((cap,) if cap is not None else ())
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(h2, weight, t2, ignore_index, rows, compute_dtype, cap)
+        return _LinearCrossEntropy.apply(*args)
 
 
 __all__ = ["IGNORE_INDEX", "cross_entropy_reference", "linear_cross_entropy", "softcap"]

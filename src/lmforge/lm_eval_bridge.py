@@ -159,7 +159,8 @@ class LmforgeLM(LM):
         from .choice_eval import loglikelihoods
         from .precision import tune_cpu_allocator
 
-        tune_cpu_allocator(self._device)  # an evaluation process: logits blocks reused, not faulted in (evaluate_choice)
+        if self._device.type == "cpu":
+            tune_cpu_allocator()  # an evaluation process: logits blocks reused, not faulted in (evaluate_choice)
         pairs = [tuple(r.args) for r in requests]
         scored = loglikelihoods(self.model, self.tokenizer, pairs, batch_size=self.batch_size, dtype=self.dtype,
                                 progress=not disable_tqdm)

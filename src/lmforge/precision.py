@@ -45,9 +45,8 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def tune_cpu_allocator(device: torch.device) -> None:
-    """Keep freed activation blocks in the process instead of returning them to the OS, when
-    ``device`` (where the work runs) is the CPU; other devices have allocators of their own.
+def tune_cpu_allocator() -> None:
+    """Keep freed activation blocks in the process instead of returning them to the OS.
 
     glibc hands blocks above a moving threshold (32 MB at most) straight back with munmap,
     so every training step faults the same memory in again (hundreds of thousands of page
@@ -60,7 +59,7 @@ def tune_cpu_allocator(device: torch.device) -> None:
     import ctypes
     import sys
 
-    if torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL("libc.so.6")

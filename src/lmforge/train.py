@@ -265,7 +265,8 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     run.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     dtype = resolve_dtype(config.dtype, device)
-    tune_cpu_allocator(device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     extra_config = {**(extra_config or {}), "task": task, "train": config_dict(config)}
     ranks = distributed.current()
     start, tokens, elapsed, state = 0, 0, 0.0, None

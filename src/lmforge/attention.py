@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .matmul import Linear
 
 
 def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> torch.Tensor:
@@ -199,8 +200,8 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv, self.hs = config.n_head, config.kv_heads, config.head_dim
-        self.c_attn = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv) * self.hs, bias=config.qkv_bias)
-        self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.c_attn = Linear(config.d_model, (self.n_head + 2 * self.n_kv) * self.hs, bias=config.qkv_bias)
+        self.c_proj = Linear(config.d_model, config.d_model, bias=config.bias)
         self.c_proj.residual_projection = True  # writes into the residual stream: GPT.init_weights scales it
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout)

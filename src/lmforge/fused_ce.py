@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import matmul
+
 IGNORE_INDEX = -100
 
 
@@ -68,7 +70,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_valid = valid.sum().clamp(min=1)
         scale = (valid.to(torch.float32) / n_valid)[:, None]            # (N, 1): d loss / d row loss
         safe_t = torch.where(valid, targets, 0)
-        low_precision = compute_dtype != torch.float32
         w = weight.detach().to(compute_dtype)
         h = hidden.detach().to(compute_dtype)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -81,13 +82,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # D at each row's target column (the one-hot term's factor), when the logits are capped.
         target_slope = torch.empty((n, 1), dtype=torch.float32, device=hidden.device) if cap is not None else None
         rows = min(chunk_rows, n)
-        # One logits and one log-prob buffer for all chunks (a shorter last chunk takes a slice).
-        logits_buf = torch.empty((rows, v), dtype=compute_dtype, device=hidden.device)
+        # One log-prob buffer for all chunks (a shorter last chunk takes a slice); each chunk's
+        # logits come fresh from ``matmul.linear`` (oneDNN writes its own output).
         logp_buf = torch.empty((rows, v), dtype=compute_dtype, device=hidden.device)
         for s in range(0, n, chunk_rows):
             e = min(n, s + chunk_rows)
-            logits = logits_buf[: e - s]
-            torch.mm(h[s:e], w.T, out=logits)
+            logits = matmul.linear(h[s:e], w)
             if cap is not None:
                 logits.div_(cap).tanh_().mul_(cap)  # ℓ = c·tanh(z/c), in place
             # Log-softmax math runs in fp32 inside the kernel either way; under bf16 its output is
@@ -103,7 +103,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 target_slope[s:e] = slope.gather(1, safe_t[s:e, None])
                 probs.mul_(slope)  # P ⊙ D: every matmul below then sees the capped gradient
             if need_h:
-                torch.mm(probs, w, out=grad_h[s:e]) if not low_precision else grad_h[s:e].copy_(probs @ w)
+                grad_h[s:e] = matmul.times_weight(probs, w)
             if need_w:
                 if s == 0:
                     torch.mm(probs.T, sh_low[s:e], out=grad_w)  # the first chunk initialises the sum

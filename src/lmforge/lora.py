@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import matmul
 from .config import ConfigError
 
 # What --lora.targets may name: the Linear layers of a block (by their attribute names) and the output layer.
@@ -57,10 +58,81 @@ class LoRALinear(nn.Linear):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+        x_d = self.lora_dropout(x) if self.training and self.lora_dropout.p > 0 else x
+        return lora_linear(x, x_d, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
+
+
+def lora_linear_reference(x: torch.Tensor, x_d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The LoRA layer as written above, op by op: x Wᵀ + b + s · (x_d Aᵀ) Bᵀ, x_d = dropout(x)."""
+    return F.linear(x, weight, bias) + (x_d @ lora_A.T @ lora_B.T) * scaling
+
+
+class _LoRALinear(torch.autograd.Function):
+    """``lora_linear_reference`` with its (N, out) temporaries gone. Written op by op, the update
+    (x_d Aᵀ) Bᵀ is a fresh (N, out) tensor that is then scaled and added to x Wᵀ: three passes
+    over the layer's whole output forward and two more backward, about a tenth of a LoRA
+    fine-tuning step on a CPU. Here the update is accumulated into x Wᵀ by the matmul itself
+    (``addmm_``, scaled by s), and backward, with g = d loss / d y and h = x_d Aᵀ (N × r, saved):
+
+        d/dB = s gᵀ h     d/dh = s g B     d/dA = (d/dh)ᵀ x_d     d/dx = g W  (+ (d/dh) A, accumulated likewise)
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_d, weight, bias, lora_A, lora_B, scaling):
+        x2 = x.reshape(-1, x.size(-1))
+        xd2 = x2 if x_d is x else x_d.reshape(-1, x_d.size(-1))
+        h = xd2 @ lora_A.T
+        y = matmul.linear(x2, weight, bias).addmm_(h, lora_B.T, alpha=scaling)
+        ctx.same_input = x_d is x
+        ctx.scaling = scaling
+        ctx.save_for_backward(x2, xd2, weight, lora_A, lora_B, h)
+        return y.view(*x.shape[:-1], y.size(-1))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, xd2, weight, lora_A, lora_B, h = ctx.saved_tensors
+        need_x, need_xd, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+        g = grad_y.reshape(-1, grad_y.size(-1))
+        s = ctx.scaling
+        grad_h = (g @ lora_B).mul_(s)
+        grad_x = grad_xd = grad_w = grad_b = grad_a = grad_bb = None
+        if need_x:
+            grad_x = matmul.times_weight(g, weight)
+            if ctx.same_input:  # x_d is x: both paths' gradients land in one tensor
+                grad_x.addmm_(grad_h, lora_A)
+            grad_x = grad_x.view(grad_y.shape[:-1] + (x2.size(-1),))
+        if need_xd and not ctx.same_input:
+            grad_xd = (grad_h @ lora_A).view(grad_y.shape[:-1] + (xd2.size(-1),))
+        if need_w:
+            grad_w = g.T @ x2
+        if need_b:
+            grad_b = g.sum(0)
+        if need_a:
+            grad_a = grad_h.T @ xd2
+        if need_bb:
+            grad_bb = (g.T @ h).mul_(s)
+        return grad_x, grad_xd, grad_w, grad_b, grad_a, grad_bb, None
+
+
+def lora_linear(x: torch.Tensor, x_d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """x Wᵀ + b + s · (x_d Aᵀ) Bᵀ, equal to ``lora_linear_reference`` in value and gradients.
+    Pass ``x_d=x`` (the same tensor) when there is no dropout. Under autocast the inputs are cast
+    as autocast casts a linear layer's, and the products run in that dtype."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        same = x_d is x
+        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
+        x_d = x if same else x_d.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            return _LoRALinear.apply(x, x_d, weight, bias, lora_A, lora_B, scaling)
+    return _LoRALinear.apply(x, x_d, weight, bias, lora_A, lora_B, scaling)
 
 
 def _targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
@@ -108,7 +180,7 @@ def merge_lora(model: nn.Module) -> int:
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoRALinear):
             continue
-        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+        plain = matmul.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                           device=module.weight.device, dtype=module.weight.dtype)
         with torch.no_grad():
             plain.weight.copy_(module.weight + module.weight_delta().to(module.weight.dtype))

@@ -35,6 +35,7 @@ from .fused_ce import (
     linear_cross_entropy,
     softcap,
 )
+from .matmul import Linear
 
 
 class RMSNorm(nn.Module):
@@ -60,9 +61,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.c_gate = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
-        self.c_fc = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
-        self.c_proj = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
+        self.c_gate = Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.c_fc = Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.c_proj = Linear(config.ff_dim, config.d_model, bias=config.bias)
         self.c_proj.residual_projection = True  # writes into the residual stream: GPT.init_weights scales it
         self.drop = nn.Dropout(config.dropout)
 
@@ -76,8 +77,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
-        self.c_proj = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
+        self.c_fc = Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.c_proj = Linear(config.ff_dim, config.d_model, bias=config.bias)
         self.c_proj.residual_projection = True  # writes into the residual stream: GPT.init_weights scales it
         self.drop = nn.Dropout(config.dropout)
         self.relu2 = config.mlp == "relu2"
@@ -152,7 +153,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = make_norm(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.init_weights()
@@ -260,7 +261,7 @@ class GPT(nn.Module):
         """A new output layer of ``n_out`` outputs with a bias (a classification head, the book's
         chapter 6), untied from the embedding and initialised by its type."""
         w = self.lm_head.weight
-        self.lm_head = nn.Linear(self.config.d_model, n_out, bias=True, device=w.device, dtype=w.dtype)
+        self.lm_head = Linear(self.config.d_model, n_out, bias=True, device=w.device, dtype=w.dtype)
         init_module_weights(self.lm_head, self.config.n_layer)
         self.config = self.config.replace(tie_embeddings=False, logit_softcap=None)  # class logits are not capped
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LmforgeError
+from .matmul import Linear
 
 SCHEMES = ("int8",)
 
@@ -62,7 +63,7 @@ def quantize_int8(model: nn.Module) -> int:
     swapped = 0
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear:  # exactly Linear: a LoRA layer is merged first (merge_lora)
+            if type(child) in (nn.Linear, Linear):  # exactly these: a LoRA layer is merged first (merge_lora)
                 setattr(module, child_name, Int8Linear(child))
                 swapped += 1
     return swapped

@@ -162,5 +162,6 @@ def main() -> None:
                     print(f"ratio lmforge{suffix} / {peer}{suffix} ({mode}, {dtype}): "
                           f"{got[peer + suffix] / got['lmforge' + suffix]:.2f}x faster")
 
+
 if __name__ == "__main__":
     main()

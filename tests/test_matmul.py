@@ -91,7 +91,7 @@ def test_lora_layer_equals_its_op_by_op_reference(rows, dropout, bias, base_trai
     inputs = [t for t in (x, w, b, a, bb) if t is not None]
     results = []
     for fn in (lora_linear, lora_linear_reference):
-        x_d = x * (torch.rand(x.shape, generator=torch.Generator().manual_seed(5)) > 0.3) / 0.7 if dropout else x
+        x_d = x * (torch.rand(x.shape, generator=torch.Generator().manual_seed(5)) > 0.3) / 0.7 if dropout else None
         results.append(_grads(fn(x, x_d, w, b, a, bb, 0.75), *inputs))
     assert len(results[0]) == len(inputs) - (0 if base_trains else 1 + bias) + 1
     for got, want in zip(*results, strict=True):
@@ -104,7 +104,7 @@ def test_lora_layer_under_autocast_runs_in_bf16_and_stays_within_its_rounding():
     results = []
     for fn in (lora_linear, lora_linear_reference):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = fn(x, x, w, None, a, bb, 2.0)
+            y = fn(x, None, w, None, a, bb, 2.0)
         assert y.dtype == torch.bfloat16
         results.append(_grads(y.float(), x, a, bb))
     for got, want in zip(*results, strict=True):
@@ -141,3 +141,58 @@ def test_a_training_step_is_the_same_with_and_without_the_onednn_products(monkey
     for name, g in grads_fast.items():
         # fp32 rounding, relative to the gradient's own scale (single small entries differ relatively more)
         assert (g - grads_plain[name]).abs().max() <= 1e-5 * grads_plain[name].abs().max(), name
+
+
+def _layers(rows_in: int = 24):
+    from lmforge.lora import LoRALinear
+
+    torch.manual_seed(0)
+    lora = LoRALinear(nn.Linear(rows_in, 40), 4, 8.0)
+    nn.init.normal_(lora.lora_B)
+    return {"linear": matmul.Linear(rows_in, 40), "lora": lora}
+
+
+@pytest.mark.parametrize("kind", ["linear", "lora"])
+def test_a_layers_output_can_be_changed_in_place_as_nn_linears_can(kind):
+    layer = _layers()[kind]
+    x = _rand(2, 48, 24, grad=True)
+    y = layer(x)
+    y.mul_(2)  # a custom Function's own views refuse this; the layers' outputs must not be such views
+    y[..., 0] = 0
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("kind", ["linear", "lora"])
+def test_a_frozen_layer_keeps_no_copy_of_its_input_for_backward(kind):
+    """A frozen base weight needs no gᵀx: like nn.Linear, the layer saves no (N, in) activation
+    beyond what LoRA's A needs."""
+    layer = _layers()[kind]
+    layer.weight.requires_grad_(False)
+    if layer.bias is not None:
+        layer.bias.requires_grad_(False)
+    x = _rand(2, 48, 24, grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    inputs = [t for t in saved if t.shape[-1] == 24 and t.numel() == x.numel()]
+    assert len(inputs) == (1 if kind == "lora" else 0)  # LoRA keeps x once, for A's gradient
+
+
+@pytest.mark.parametrize("kind", ["linear", "lora"])
+def test_layers_compile_in_one_graph_with_the_eager_values_and_gradients(kind):
+    layer = _layers()[kind]
+    x = _rand(2, 48, 24, grad=True)
+    want = _grads(layer(x), x, *[p for p in layer.parameters() if p.requires_grad])
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # a graph break would raise here
+    got = _grads(compiled(x), x, *[p for p in layer.parameters() if p.requires_grad])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_layer_runs_on_the_meta_device():
+    from lmforge.lora import LoRALinear
+
+    with torch.device("meta"):
+        layer = LoRALinear(nn.Linear(8, 6), 2, 4.0)
+        assert layer(torch.empty(3, 5, 8)).shape == (3, 5, 6)

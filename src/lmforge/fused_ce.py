@@ -87,6 +87,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         logp_buf = torch.empty((rows, v), dtype=compute_dtype, device=hidden.device)
         for s in range(0, n, chunk_rows):
             e = min(n, s + chunk_rows)
+            logits = slope = None  # the last chunk's logits go before this chunk's are made: one alive at a time
             logits = matmul.linear(h[s:e], w)
             if cap is not None:
                 logits.div_(cap).tanh_().mul_(cap)  # ℓ = c·tanh(z/c), in place

@@ -58,81 +58,80 @@ class LoRALinear(nn.Linear):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_d = self.lora_dropout(x) if self.training and self.lora_dropout.p > 0 else x
+        x_d = self.lora_dropout(x) if self.training and self.lora_dropout.p > 0 else None
         return lora_linear(x, x_d, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
 
 
-def lora_linear_reference(x: torch.Tensor, x_d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The LoRA layer as written above, op by op: x Wᵀ + b + s · (x_d Aᵀ) Bᵀ, x_d = dropout(x)."""
-    return F.linear(x, weight, bias) + (x_d @ lora_A.T @ lora_B.T) * scaling
+def lora_linear_reference(x: torch.Tensor, x_d: torch.Tensor | None, weight: torch.Tensor,
+                          bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                          scaling: float) -> torch.Tensor:
+    """The LoRA layer as written above, op by op: x Wᵀ + b + s · (x_d Aᵀ) Bᵀ, x_d = dropout(x)
+    (``None``: no dropout, x itself)."""
+    return F.linear(x, weight, bias) + ((x if x_d is None else x_d) @ lora_A.T @ lora_B.T) * scaling
 
 
 class _LoRALinear(torch.autograd.Function):
-    """``lora_linear_reference`` with its (N, out) temporaries gone. Written op by op, the update
-    (x_d Aᵀ) Bᵀ is a fresh (N, out) tensor that is then scaled and added to x Wᵀ: three passes
-    over the layer's whole output forward and two more backward, about a tenth of a LoRA
-    fine-tuning step on a CPU. Here the update is accumulated into x Wᵀ by the matmul itself
-    (``addmm_``, scaled by s), and backward, with g = d loss / d y and h = x_d Aᵀ (N × r, saved):
+    """``lora_linear_reference`` with its (N, out) temporaries gone, on rows (x: N × in). Written op
+    by op, the update (x_d Aᵀ) Bᵀ is a fresh (N, out) tensor that is then scaled and added to x Wᵀ:
+    three passes over the layer's whole output forward and two more backward. Here the update is
+    accumulated into x Wᵀ by the matmul itself (``addmm_``, scaled by s), and backward, with
+    g = d loss / d y and h = x_d Aᵀ (N × r, saved):
 
         d/dB = s gᵀ h     d/dh = s g B     d/dA = (d/dh)ᵀ x_d     d/dx = g W  (+ (d/dh) A, accumulated likewise)
     """
 
     @staticmethod
     def forward(ctx, x, x_d, weight, bias, lora_A, lora_B, scaling):
-        x2 = x.reshape(-1, x.size(-1))
-        xd2 = x2 if x_d is x else x_d.reshape(-1, x_d.size(-1))
-        h = xd2 @ lora_A.T
-        y = matmul.linear(x2, weight, bias).addmm_(h, lora_B.T, alpha=scaling)
-        ctx.same_input = x_d is x
-        ctx.scaling = scaling
-        ctx.save_for_backward(x2, xd2, weight, lora_A, lora_B, h)
-        return y.view(*x.shape[:-1], y.size(-1))
+        xd = x if x_d is None else x_d
+        h = xd @ lora_A.T
+        y = matmul.linear(x, weight, bias).addmm_(h, lora_B.T, alpha=scaling)
+        ctx.scaling, ctx.dropout = scaling, x_d is not None
+        # x is needed only for a trained base weight's gradient (it is x_d, which A's needs, without dropout)
+        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, xd, weight, lora_A, lora_B, h)
+        return y
 
     @staticmethod
-    def backward(ctx, grad_y):
-        x2, xd2, weight, lora_A, lora_B, h = ctx.saved_tensors
+    def backward(ctx, g):
+        x, xd, weight, lora_A, lora_B, h = ctx.saved_tensors
         need_x, need_xd, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
-        g = grad_y.reshape(-1, grad_y.size(-1))
         s = ctx.scaling
         grad_h = (g @ lora_B).mul_(s)
         grad_x = grad_xd = grad_w = grad_b = grad_a = grad_bb = None
         if need_x:
             grad_x = matmul.times_weight(g, weight)
-            if ctx.same_input:  # x_d is x: both paths' gradients land in one tensor
+            if not ctx.dropout:  # x_d is x: both paths' gradients land in one tensor
                 grad_x.addmm_(grad_h, lora_A)
-            grad_x = grad_x.view(grad_y.shape[:-1] + (x2.size(-1),))
-        if need_xd and not ctx.same_input:
-            grad_xd = (grad_h @ lora_A).view(grad_y.shape[:-1] + (xd2.size(-1),))
+        if need_xd:
+            grad_xd = grad_h @ lora_A
         if need_w:
-            grad_w = g.T @ x2
+            grad_w = g.T @ x
         if need_b:
             grad_b = g.sum(0)
         if need_a:
-            grad_a = grad_h.T @ xd2
+            grad_a = grad_h.T @ xd
         if need_bb:
             grad_bb = (g.T @ h).mul_(s)
         return grad_x, grad_xd, grad_w, grad_b, grad_a, grad_bb, None
 
 
-def lora_linear(x: torch.Tensor, x_d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def lora_linear(x: torch.Tensor, x_d: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """x Wᵀ + b + s · (x_d Aᵀ) Bᵀ, equal to ``lora_linear_reference`` in value and gradients.
-    Pass ``x_d=x`` (the same tensor) when there is no dropout. Under autocast the inputs are cast
-    as autocast casts a linear layer's, and the products run in that dtype."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
+    """x Wᵀ + b + s · (x_d Aᵀ) Bᵀ, equal to ``lora_linear_reference`` in value and gradients;
+    ``x_d=None`` when there is no dropout. Under autocast the inputs are cast as autocast casts a
+    linear layer's, and the products run in that dtype."""
+    device, shape = x.device.type, x.shape
+    args = [x.reshape(-1, shape[-1]), None if x_d is None else x_d.reshape(-1, shape[-1]), weight, bias, lora_A, lora_B]
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
-        same = x_d is x
-        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
-        x_d = x if same else x_d.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        args = [None if t is None else t.to(dtype) for t in args]
         with torch.autocast(device, enabled=False):
-            return _LoRALinear.apply(x, x_d, weight, bias, lora_A, lora_B, scaling)
-    return _LoRALinear.apply(x, x_d, weight, bias, lora_A, lora_B, scaling)
+            y = _LoRALinear.apply(*args, scaling)
+    else:
+        y = _LoRALinear.apply(*args, scaling)
+    return y.view(*shape[:-1], y.size(-1))  # a view made outside the Function: in-place changes stay allowed
 
 
 def _targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:

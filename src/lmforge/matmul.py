@@ -45,23 +45,20 @@ def times_weight(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class _Linear(torch.autograd.Function):
-    """x Wᵀ + b with the gradients  d/dx = g W,  d/dW = gᵀ x,  d/db = Σ g  (rows flattened)."""
+    """x Wᵀ + b on rows (x: N × in) with the gradients  d/dx = g W,  d/dW = gᵀ x,  d/db = Σ g."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        x2 = x.reshape(-1, x.size(-1))
-        ctx.save_for_backward(x2, weight)
-        ctx.x_shape = x.shape
-        y = linear(x2, weight, bias)
-        return y.view(*x.shape[:-1], y.size(-1))
+        # x is kept only for the weight's gradient: a frozen layer keeps no activation, as in nn.Linear
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        return linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad_y):
-        x2, weight = ctx.saved_tensors
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
-        g = grad_y.reshape(-1, grad_y.size(-1))
-        grad_x = times_weight(g, weight).view(ctx.x_shape) if need_x else None
-        grad_w = g.T @ x2 if need_w else None
+        grad_x = times_weight(g, weight) if need_x else None
+        grad_w = g.T @ x if need_w else None
         grad_b = g.sum(0) if need_b else None
         return grad_x, grad_w, grad_b
 
@@ -74,7 +71,8 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() >= MIN_ROWS * x.size(-1)
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-            return _Linear.apply(x, self.weight, self.bias)
+            y = _Linear.apply(x.reshape(-1, x.size(-1)), self.weight, self.bias)
+            return y.view(*x.shape[:-1], y.size(-1))  # a view made outside the Function: in-place ops allowed
         return F.linear(x, self.weight, self.bias)
 
 

@@ -63,6 +63,13 @@ def test_pretrain_with_a_recipe_records_its_settings_and_flags_win(tmp_path):
     assert cfg["model"]["qk_norm"] is True and cfg["model"]["logit_softcap"] == 30.0  # the flag won
     assert cfg["train"]["optimizer"] == "muon" and cfg["train"]["schedule"] == "wsd"
     assert cfg["train"]["lr"] == 0.002 and cfg["train"]["muon_lr"] == RECIPES["modern"]["train"]["muon_lr"]
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    again = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--out", str(run), "--resume", "true",
+                            "--recipe", "nanogpt", "--train.max_steps", "30"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+        "lmforge: error: --recipe sets up a new run; a resumed run keeps the settings it was trained with (drop "
+        "--recipe, or change one setting with its --model.* / --train.* flag)"]  # once silently ignored
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     bad = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--data", str(tmp_path / "data"), "--out",
                           str(tmp_path / "other"), "--recipe", "fast"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [

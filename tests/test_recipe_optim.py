@@ -320,7 +320,8 @@ def test_train_step_uses_only_the_warmup_rows_of_every_tensor_and_counts_their_t
 
     def batches(k):
         x, y = _batches(k)
-        return {"x": x, "y": y, "rows": [torch.arange(4)], "scale": torch.tensor(2.0), "name": "tiny"}
+        # a 0-d tensor first: the rows are counted on the first tensor that has rows (once an IndexError)
+        return {"scale": torch.tensor(2.0), "x": x, "y": y, "rows": [torch.arange(4)], "name": "tiny"}
 
     model = _model()
     opt = make_optimizer(model, cfg)
@@ -338,6 +339,8 @@ def test_first_rows_keeps_the_structure_of_a_batch():
     out = tr.first_rows((torch.zeros(5, 3), [torch.ones(5)], 7), 2)
     assert type(out) is tuple and type(out[1]) is list and out[2] == 7
     assert out[0].shape == (2, 3) and out[1][0].shape == (2,)
+    batch = {"t": torch.tensor(0.5), "x": torch.zeros(3, 7)}
+    assert tr.batch_tokens(batch) == 21 and tr.batch_width(batch) == 7  # the 0-d tensor is not the input
 
 
 # ------------------------------------------------------------------------------------------ config checks

@@ -80,9 +80,10 @@ def first_rows(batch: Batch, n: int) -> Batch:
 
 
 def _first_tensor(batch: Batch) -> torch.Tensor | None:
-    """A batch's first non-empty tensor (the input ids), searched through tuples, lists and dicts."""
+    """A batch's first non-empty tensor with rows (the input ids), searched through tuples, lists and
+    dicts; a 0-d tensor (a scale, a flag) is passed over."""
     if isinstance(batch, torch.Tensor):
-        return batch if batch.numel() else None
+        return batch if batch.dim() and batch.numel() else None
     values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
     for v in values:
         if (t := _first_tensor(v)) is not None:
@@ -99,7 +100,7 @@ def batch_tokens(batch: Batch) -> int:
 def batch_width(batch: Batch) -> int:
     """Sequence length of a batch: the last dimension of its first tensor (the input ids)."""
     t = _first_tensor(batch)
-    return 0 if t is None or not t.dim() else t.size(-1)
+    return 0 if t is None else t.size(-1)
 
 
 @dataclass

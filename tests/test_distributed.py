@@ -431,6 +431,8 @@ def test_each_rank_gets_its_rows_and_an_uneven_last_batch_is_completed_with_its_
     assert r0(0)[0].tolist() == [0, 1] and r1(0)[0].tolist() == [2, 3] and r1(0)[1]["y"].tolist() == [20, 30]
     assert r0(1)[0].tolist() == [0, 1] and r1(1)[0].tolist() == [2, 0]  # 3 rows: the first one again
     assert rank_rows(batches, Group())(1)[0].tolist() == [0, 1, 2]  # one process: as given
+    scaled = rank_rows(lambda k: {"scale": torch.tensor(0.5), "x": torch.arange(4)}, Group(1, 2))(0)
+    assert scaled["scale"].item() == 0.5 and scaled["x"].tolist() == [2, 3]  # a 0-d tensor goes whole to each rank
 
 
 def test_an_unknown_strategy_is_refused():

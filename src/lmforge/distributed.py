@@ -224,6 +224,8 @@ def rank_rows(batches: Callable[[int], Any], group: Group | None = None) -> Call
         return batches
 
     def rows(t: torch.Tensor) -> torch.Tensor:
+        if not t.dim():  # a 0-d tensor (a scale, a flag) has no rows: every rank gets it whole
+            return t
         n = t.size(0)
         if n % group.world_size:
             # An epoch's last, shorter batch: completed with its own first rows (as torch's

@@ -186,6 +186,12 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_lau
         "lmforge: error: --train.batch_size 3 is the global batch and must split evenly over 2 ranks; use a "
         "multiple of 2"]
     assert not (tmp_path / "r").exists()
+    res = _lmforge("pretrain", "--data", str(shards), "--out", str(tmp_path / "r"), *MODEL, "--train.batch_size", "4",
+                   "--train.batch_warmup_steps", "5", "--devices", "2", timeout=60)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "lmforge: error: batch-size warm-up (--train.batch_warmup_steps) runs in one process only for now; drop it, "
+        "or train without --devices"]  # each rank's first rows are not the global batch's first rows
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_recipe_whose_settings_cannot_run_sharded_is_refused_before_launching(shards, tmp_path):

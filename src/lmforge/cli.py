@@ -407,7 +407,7 @@ def _run(argv: list[str]) -> int:
         if world > 1 and not distributed.launched():
             if not launch.resume:  # checked here, before any process starts (a resumed run's batch is its own)
                 train = _fresh_pretrain_configs(root, argv, a)[1] if cmd == "pretrain" else _config(TrainConfig, launch.train)
-                distributed.check_batch(train.batch_size, distributed.Group(world_size=world))
+                distributed.check_batch(train, distributed.Group(world_size=world))
             # The same command line again, in every process torchrun starts (they see that they were launched).
             return distributed.launch(argv, launch.devices or 1, launch.nnodes, launch.node_rank, launch.rdzv_endpoint)
     if cmd == "run":

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import LmforgeError
+from .config import LmforgeError, TrainConfig
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -237,11 +237,17 @@ def rank_rows(batches: Callable[[int], Any], group: Group | None = None) -> Call
     return lambda k: map_tensors(batches(k), rows)
 
 
-def check_batch(batch_size: int, group: Group | None = None) -> None:
+def check_batch(train: TrainConfig, group: Group | None = None) -> None:
+    """The global batch splits evenly over the ranks, and what cannot run on several is refused."""
     group = group or current()
-    if batch_size % group.world_size:
-        raise DistributedError(f"--train.batch_size {batch_size} is the global batch and must split evenly over "
-                               f"{group.world_size} ranks; use a multiple of {group.world_size}")
+    if train.batch_size % group.world_size:
+        raise DistributedError(f"--train.batch_size {train.batch_size} is the global batch and must split evenly "
+                               f"over {group.world_size} ranks; use a multiple of {group.world_size}")
+    if train.batch_warmup_steps and group.world_size > 1:
+        # Each rank holds a contiguous block of the global rows, so "the first rows" per rank is not the
+        # first rows of the global batch, and DDP would weigh a rank's few rows like another's many.
+        raise DistributedError("batch-size warm-up (--train.batch_warmup_steps) runs in one process only for now; "
+                               "drop it, or train without --devices")
 
 
 # --------------------------------------------------------------------------- checkpoints

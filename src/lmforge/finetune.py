@@ -136,7 +136,7 @@ def _start(run: Path, data: Path, base: str, resume: bool, overwrite: bool, trai
     from .pipeline import _prepare_run_dir
 
     ranks = distributed.init(train.dist_timeout, device)
-    distributed.check_batch(train.batch_size, ranks)
+    distributed.check_batch(train, ranks)
 
     if not data.is_file():
         raise LmforgeError(f"no data file at {data}")

@@ -206,7 +206,7 @@ def _pretrain(data_dir: str | Path, out: str | Path, model_config: ModelConfig, 
     from .logger import check_loggers
 
     check_loggers(train.tensorboard, train.wandb)  # before --overwrite clears anything
-    distributed.check_batch(train.batch_size, ranks)
+    distributed.check_batch(train, ranks)
     dev = distributed.device_of(ranks) if ranks.active else torch.device(device) if device else default_device()
     distributed.on_main(lambda: _prepare_run_dir(run, Path(data_dir), resume, overwrite), dev)
     torch.manual_seed(train.seed)  # the same initial weights on every rank

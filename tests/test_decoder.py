@@ -253,7 +253,6 @@ def _count_rewrites(monkeypatch) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("llama", [False, True], ids=["gpt2", "llama"])
 def test_a_compiled_single_row_step_runs_every_linear_as_a_reduction_and_decodes_as_eager(llama, monkeypatch):
-    import lmforge.generate as gen
 
     rewritten = _count_rewrites(monkeypatch)
     model = _model(llama, ctx=64)

@@ -16,6 +16,7 @@ transformers through ``model.compile()`` (what its Trainer's ``torch_compile=Tru
     python benchmarks/finetune_step.py                       # full and lora, fp32 and bf16
     python benchmarks/finetune_step.py --modes lora --dtypes bfloat16 --steps 3
     python benchmarks/finetune_step.py --device cuda --dtypes bfloat16 --compile
+    python benchmarks/finetune_step.py --masked 0.5          # instruction batches: half of each row is prompt
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ BATCH, CTX = 4, 256
 
 
 def worker(contender: str, mode: str, dtype_name: str, steps: int, threads: int, device: str = "cpu",
-           compile: bool = False) -> dict:
+           compile: bool = False, masked: float = 0.0) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -87,7 +88,9 @@ def worker(contender: str, mode: str, dtype_name: str, steps: int, threads: int,
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, 49152, (BATCH, CTX), generator=gen).to(device)
-    y = torch.randint(0, 49152, (BATCH, CTX), generator=gen).to(device)
+    y = torch.randint(0, 49152, (BATCH, CTX), generator=gen)
+    y[:, :int(masked * CTX)] = -100  # an instruction batch: no loss on the prompt (both skip it in the mean)
+    y = y.to(device)
 
     def step():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype_name == "bfloat16"):
@@ -120,16 +123,21 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=CTX, help="tokens per row")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--compile", action="store_true", help="also both contenders compiled")
+    ap.add_argument("--masked", type=float, default=0.0,
+                    help="fraction of each row's first positions with no target (-100), as an instruction "
+                         "batch's prompt")
     ap.add_argument("--worker", nargs=3, metavar=("CONTENDER", "MODE", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     BATCH, CTX = args.batch, args.ctx
     if args.worker:
         contender, compile = args.worker[0].removesuffix("+compile"), args.worker[0].endswith("+compile")
-        print(json.dumps(worker(contender, *args.worker[1:], args.steps, args.threads, args.device, compile)))
+        print(json.dumps(worker(contender, *args.worker[1:], args.steps, args.threads, args.device, compile,
+                                args.masked)))
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     print(f"SmolLM2-135M shape, batch {BATCH} x {CTX} tokens, {args.device}, {args.threads} threads, "
-          f"median of {args.steps} steps, best of {args.rounds} alternating rounds")
+          f"median of {args.steps} steps, best of {args.rounds} alternating rounds"
+          + (f", the first {args.masked:.0%} of each row's targets masked" if args.masked else ""))
     print(f"{'contender':<27}{'mode':<6}{'dtype':<10}{'trainable':>12}{'step (s)':>10}{'tokens/s':>10}")
     for dtype in args.dtypes:
         for mode in args.modes:
@@ -144,7 +152,8 @@ def main() -> None:
                     worker_name = c.split("+")[0] + ("+compile" if c.endswith("+compile") else "")
                     out = subprocess.run([sys.executable, __file__, "--worker", worker_name, mode, dtype,
                                           "--steps", str(args.steps), "--threads", str(args.threads),
-                                          "--device", args.device, "--batch", str(BATCH), "--ctx", str(CTX)],
+                                          "--device", args.device, "--batch", str(BATCH), "--ctx", str(CTX),
+                                          "--masked", str(args.masked)],
                                          capture_output=True, text=True, env=env)
                     if out.returncode != 0:
                         print(f"{c:<27}{mode:<6}{dtype:<10} failed: {out.stderr.strip().splitlines()[-1:]}")

@@ -63,6 +63,34 @@ def test_what_the_wrapper_hands_the_kernel(recorded_apply):
     assert recorded_apply[-1]["dtype"] == torch.float64
 
 
+def test_masked_positions_never_reach_the_output_layer(recorded_apply):
+    """On the CPU, only rows with a target are handed to the kernel (a prompt's positions cost nothing)."""
+    h = torch.zeros(2, 5, 4)
+    t = torch.tensor([[-100, -100, 1, 2, 3], [-100, 4, 0, -100, -100]])
+    linear_cross_entropy(h, torch.zeros(7, 4), t)
+    assert recorded_apply[-1]["shape"] == (5, 4) and recorded_apply[-1]["targets"] == (5,)
+    linear_cross_entropy(h, torch.zeros(7, 4), torch.full((2, 5), -100))  # none valid: the kernel's own zero
+    assert recorded_apply[-1]["shape"] == (10, 4)
+
+
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_a_mostly_masked_batch_gives_the_references_loss_and_gradients(cap):
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(3, 40, 16, generator=g, requires_grad=True)
+    w = torch.randn(90, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 90, (3, 40), generator=g)
+    t[:, :25] = -100  # a prompt of 25 positions in every row
+    t[2, 30:] = -100  # and padding
+    got = linear_cross_entropy(h, w, t, chunk_rows=16, cap=cap)
+    got_grads = torch.autograd.grad(got, (h, w))
+    want = cross_entropy_reference(h, w, t, cap=cap)
+    want_grads = torch.autograd.grad(want, (h, w))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    assert got_grads[0][:, :25].abs().max() == 0  # masked positions get no gradient
+
+
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
 def test_every_buffer_and_gradient_lives_on_the_inputs_device(compute_dtype, need):

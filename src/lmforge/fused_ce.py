@@ -159,6 +159,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             hidden.device.type) else hidden.dtype
     h2 = hidden.reshape(-1, hidden.size(-1))
     t2 = targets.reshape(-1)
+    if h2.device.type == "cpu":
+        # The output layer only where there is a target: the prompt and padding positions of
+        # fine-tuning batches (ignore_index) cost nothing; their rows of d loss / d hidden are 0
+        # through the index's own backward. Not on a GPU, where finding them would wait for the device.
+        keep = (t2 != ignore_index).nonzero().squeeze(1)
+        if 0 < keep.numel() < t2.numel():
+            h2, t2 = h2[keep], t2[keep]
     # Logits per chunk: 128 MB on a CPU (few enough chunks for efficient matmuls, yet bounded memory),
     # 1 GB on a GPU (about twice that with the chunk's gradient buffer), where fewer, larger launches win (gpt2-124m at 64 × 1024 on an H200: 10.6k rows
     # per chunk train 5 % faster than 1.3k; benchmarks/gpu_pretrain.py).

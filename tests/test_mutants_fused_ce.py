@@ -73,6 +73,15 @@ def test_masked_positions_never_reach_the_output_layer(recorded_apply):
     assert recorded_apply[-1]["shape"] == (10, 4)
 
 
+def test_an_empty_batch_has_zero_loss_and_a_zero_weight_gradient():
+    h = torch.zeros(0, 4, requires_grad=True)
+    w = torch.randn(7, 4, requires_grad=True)
+    torch.full((7, 4), float("nan"))  # freed at once: the next block of its size likely reuses its bytes
+    loss = linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0 and w.grad.abs().max() == 0  # not the uninitialised sum buffer
+
+
 @pytest.mark.parametrize("cap", [None, 5.0])
 def test_a_mostly_masked_batch_gives_the_references_loss_and_gradients(cap):
     g = torch.Generator().manual_seed(3)

@@ -335,6 +335,16 @@ def test_train_step_uses_only_the_warmup_rows_of_every_tensor_and_counts_their_t
     assert seen[0]["x"].shape == (4, 16)
 
 
+def test_batch_warmup_over_a_batch_without_rows_is_a_one_line_error():
+    from lmforge.config import LmforgeError
+
+    cfg = TrainConfig(batch_warmup_steps=2, warmup_steps=0)
+    model = _model()
+    with pytest.raises(LmforgeError, match="batch-size warm-up needs batches with rows"):
+        tr.train_step(model, make_optimizer(model, cfg), lambda k: {"scale": torch.tensor(1.0)},
+                      lambda m, b: (torch.zeros((), requires_grad=True), {}), 0, cfg, CPU, torch.float32)
+
+
 def test_first_rows_keeps_the_structure_of_a_batch():
     out = tr.first_rows((torch.zeros(5, 3), [torch.ones(5)], 7), 2)
     assert type(out) is tuple and type(out[1]) is list and out[2] == 7

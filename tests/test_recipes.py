@@ -70,6 +70,10 @@ def test_pretrain_with_a_recipe_records_its_settings_and_flags_win(tmp_path):
         "lmforge: error: --recipe sets up a new run; a resumed run keeps the settings it was trained with (drop "
         "--recipe, or change one setting with its --model.* / --train.* flag)"]  # once silently ignored
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    null = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--out", str(run), "--resume", "true",
+                           "--recipe", "null", "--train.max_steps", "21", "--prompts", "[]"],
+                          capture_output=True, text=True, timeout=300)
+    assert null.returncode == 0, null.stderr[-2000:]  # no recipe named: an ordinary resume
     bad = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--data", str(tmp_path / "data"), "--out",
                           str(tmp_path / "other"), "--recipe", "fast"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [

@@ -394,7 +394,7 @@ def _run(argv: list[str]) -> int:
                            "file") from None
     cmd = cfg.command
     a = cfg[cmd]
-    if cmd == "pretrain" and a.resume and "recipe" in root.parse_args(argv, defaults=False)[cmd]:
+    if cmd == "pretrain" and a.resume and root.parse_args(argv, defaults=False)[cmd].get("recipe"):
         raise LmforgeError("--recipe sets up a new run; a resumed run keeps the settings it was trained with "
                            "(drop --recipe, or change one setting with its --model.* / --train.* flag)")
     if cmd in ("pretrain", "finetune"):

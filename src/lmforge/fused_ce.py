@@ -118,6 +118,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h.sub_(target_rows).mul_(scale)
             saved.append(grad_h)
         if need_w:
+            if n == 0:
+                grad_w.zero_()  # no chunk ran to start the sum: an empty batch moves nothing
             # The one-hot term is subtracted exactly, in fp32.
             one_hot_h = scaled_h if cap is None else scaled_h * target_slope
             grad_w = grad_w.float().index_add_(0, safe_t, one_hot_h, alpha=-1.0).to(weight.dtype)

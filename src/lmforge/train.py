@@ -128,7 +128,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
         k = step * config.grad_accum + micro
         batch = batches(k)
         if step < config.batch_warmup_steps:  # batch-size warm-up: only the first rows, a pure function of the step
-            batch = first_rows(batch, batch_rows_at(step, _first_tensor(batch).size(0), config))
+            if (first := _first_tensor(batch)) is None:
+                raise LmforgeError("batch-size warm-up needs batches with rows, and this batch has no non-empty "
+                                   "tensor with a batch dimension; drop --train.batch_warmup_steps")
+            batch = first_rows(batch, batch_rows_at(step, first.size(0), config))
         batch = to_device(batch, device)
         # Dropout depends on (k, rank) alone: resume is exact, and ranks draw different masks.
         torch.manual_seed(config.seed * 1_000_003 + k * ranks.world_size + ranks.rank)

@@ -98,6 +98,26 @@ def test_lora_layer_equals_its_op_by_op_reference(rows, dropout, bias, base_trai
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [2, 64])  # the plain products and oneDNN's
+def test_lora_layer_known_answer(rows):
+    """Worked by hand, so a formula wrong in both the layer and its reference still fails: x = (1, 2)
+    on every row, W = [[1,0],[0,1],[1,1]], b = (0,0,1), A = [[1,1]], B = (1,0,2)ᵀ, s = 0.5.
+    h = x·Aᵀ = 3; y = x Wᵀ + b + s·h·Bᵀ = (1,2,4) + (1.5,0,3) = (2.5, 2, 7). For loss = Σ y:
+    d/dB = s·Σ h = 1.5·rows each; d/dA = s·(Σ B)·Σ x = 1.5·rows·(1, 2); d/dx = Σ W rows + s·(Σ B)·A = (3.5, 3.5)."""
+    x = torch.tensor([[1.0, 2.0]]).repeat(rows, 1).requires_grad_(True)
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    b = torch.tensor([0.0, 0.0, 1.0])
+    a = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    bb = torch.tensor([[1.0], [0.0], [2.0]], requires_grad=True)
+    for fn in (lora_linear, lora_linear_reference):
+        y = fn(x, None, w, b, a, bb, 0.5)
+        gx, ga, gb = torch.autograd.grad(y.sum(), (x, a, bb))
+        assert torch.equal(y, torch.tensor([[2.5, 2.0, 7.0]]).repeat(rows, 1))
+        assert torch.equal(gb, torch.full((3, 1), 1.5 * rows))
+        assert torch.equal(ga, torch.tensor([[1.5 * rows, 3.0 * rows]]))
+        assert torch.equal(gx, torch.tensor([[3.5, 3.5]]).repeat(rows, 1))
+
+
 def test_lora_layer_under_autocast_runs_in_bf16_and_stays_within_its_rounding():
     x = _rand(64, 32, grad=True)
     w, a, bb = _rand(48, 32, seed=1), _rand(4, 32, seed=3, grad=True), _rand(48, 4, seed=4, grad=True)

@@ -113,7 +113,7 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions][:, None], self.sin[positions][:, None]
 
 
-def rms_per_head(x: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) over the last dimension, computed in fp32: each head's q and k (B, nh, T, hs) for
     QK-norm, and RMSNorm before its gain."""
     return F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
@@ -217,7 +217,7 @@ class MultiHeadAttention(nn.Module):
         v = v.view(b, t, self.n_kv, self.hs).transpose(1, 2)
         if self.qk_norm:
             # Unit RMS per head (no learned scale): |q·k|/√hs ≤ √hs, so no score can blow up the softmax.
-            q, k = rms_per_head(q, self.norm_eps), rms_per_head(k, self.norm_eps)
+            q, k = rms_normalize(q, self.norm_eps), rms_normalize(k, self.norm_eps)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:

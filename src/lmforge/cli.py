@@ -394,7 +394,8 @@ def _run(argv: list[str]) -> int:
                            "file") from None
     cmd = cfg.command
     a = cfg[cmd]
-    if cmd == "pretrain" and a.resume and root.parse_args(argv, defaults=False)[cmd].get("recipe"):
+    given = root.parse_args(argv, defaults=False)[cmd] if cmd == "pretrain" else None  # only what was given
+    if cmd == "pretrain" and a.resume and given.get("recipe"):
         raise LmforgeError("--recipe sets up a new run; a resumed run keeps the settings it was trained with "
                            "(drop --recipe, or change one setting with its --model.* / --train.* flag)")
     if cmd in ("pretrain", "finetune"):
@@ -406,7 +407,7 @@ def _run(argv: list[str]) -> int:
         world = (launch.devices or 1) * launch.nnodes
         if world > 1 and not distributed.launched():
             if not launch.resume:  # checked here, before any process starts (a resumed run's batch is its own)
-                train = _fresh_pretrain_configs(root, argv, a)[1] if cmd == "pretrain" else _config(TrainConfig, launch.train)
+                train = _fresh_pretrain_configs(given, a)[1] if cmd == "pretrain" else _config(TrainConfig, launch.train)
                 distributed.check_batch(train, distributed.Group(world_size=world))
             # The same command line again, in every process torchrun starts (they see that they were launched).
             return distributed.launch(argv, launch.devices or 1, launch.nnodes, launch.node_rank, launch.rdzv_endpoint)
@@ -419,15 +420,13 @@ def _run(argv: list[str]) -> int:
         pipeline.prepare_shards(a.data, a.tokenizer, a.out, _config(DataConfig, a.text), force=a.force,
                                 overwrite=a.overwrite)
     elif cmd == "pretrain":
-        given = root.parse_args(argv, defaults=False)[cmd]
-        overrides = {k: v for k, v in _given(given.get("model")).items() if v is not None}  # null: the preset's
         data = a.data
         if a.resume:  # the run's own settings, changed only where a flag is given
             data_path, model_config, train_config = pipeline.resume_configs(
-                a.out, overrides, _given(given.get("train")), given.get("preset"))
+                a.out, _model_flags(given), _given(given.get("train")), given.get("preset"))
             data = data or data_path
         else:
-            model_config, train_config = _fresh_pretrain_configs(root, argv, a)
+            model_config, train_config = _fresh_pretrain_configs(given, a)
         if not data:
             raise LmforgeError("--data is required: the directory written by `lmforge prepare`")
         if a.resume and not a.data and not (Path(data) / "index.json").is_file():
@@ -701,15 +700,18 @@ def _silence_stdout() -> None:
         pass  # stdout is not a real file (tests capture it): nothing will be flushed to a pipe
 
 
+def _model_flags(given) -> dict:
+    """The --model.* flags typed on the pretrain command line (null: the preset's value)."""
+    return {k: v for k, v in _given(given.get("model")).items() if v is not None}
 
-def _fresh_pretrain_configs(root, argv: list[str], a) -> tuple[ModelConfig, TrainConfig]:
-    """The model and train configs of a new pretraining run: the recipe's settings (when one is
-    named), then the flags given; else the preset and the train flags."""
-    given = root.parse_args(argv, defaults=False)["pretrain"]
-    overrides = {k: v for k, v in _given(given.get("model")).items() if v is not None}  # null: the preset's
+
+def _fresh_pretrain_configs(given, a) -> tuple[ModelConfig, TrainConfig]:
+    """The model and train configs of a new pretraining run from the options given (``given``): the
+    recipe's settings (when one is named), then those flags; else the preset and the train flags."""
     if a.recipe:
-        return recipe_configs(a.recipe, a.preset, **overrides, **_given(given.get("train")))
-    return ModelConfig.from_preset(a.preset, **overrides), _config(TrainConfig, a.train)
+        return recipe_configs(a.recipe, a.preset, **_model_flags(given), **_given(given.get("train")))
+    return ModelConfig.from_preset(a.preset, **_model_flags(given)), _config(TrainConfig, a.train)
+
 
 def main(argv: list[str] | None = None) -> int:
     from .outputs import fs_hint

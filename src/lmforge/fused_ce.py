@@ -169,8 +169,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         if 0 < keep.numel() < t2.numel():
             h2, t2 = h2[keep], t2[keep]
     # Logits per chunk: 128 MB on a CPU (few enough chunks for efficient matmuls, yet bounded memory),
-    # 1 GB on a GPU (about twice that with the chunk's gradient buffer), where fewer, larger launches win (gpt2-124m at 64 × 1024 on an H200: 10.6k rows
-    # per chunk train 5 % faster than 1.3k; benchmarks/gpu_pretrain.py).
+    # 1 GB on a GPU (about twice that with the chunk's gradient buffer), where fewer, larger launches
+    # win (gpt2-124m at 64 × 1024 on an H200: 10.6k rows per chunk train 5 % faster than 1.3k;
+    # benchmarks/gpu_pretrain.py).
     itemsize = torch.empty((), dtype=compute_dtype).element_size()
     budget = 1 << 27 if hidden.device.type == "cpu" else 1 << 30
     rows = chunk_rows or max(64, min(h2.size(0), budget // (weight.size(0) * itemsize)))

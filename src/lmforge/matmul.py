@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 MIN_ROWS = 64  # below this (decoding, tiny batches) the call overhead outweighs the gain
+AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _onednn(a: torch.Tensor, w: torch.Tensor) -> bool:
-    return (a.device.type == "cpu" and a.dtype == torch.float32 and w.dtype == torch.float32 and a.dim() == 2
-            and a.size(0) >= MIN_ROWS and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return (AVAILABLE and a.device.type == "cpu" and a.dtype == torch.float32 and w.dtype == torch.float32
+            and a.dim() == 2 and a.size(0) >= MIN_ROWS and not torch.compiler.is_compiling())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,11 +69,11 @@ class Linear(nn.Linear):
     ``F.linear`` itself, so a compiled graph sees the same ``linear`` node as before."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() >= MIN_ROWS * x.size(-1)
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-            y = _Linear.apply(x.reshape(-1, x.size(-1)), self.weight, self.bias)
-            return y.view(*x.shape[:-1], y.size(-1))  # a view made outside the Function: in-place ops allowed
-        return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, x.size(-1))
+        if not _onednn(rows, self.weight) or torch.is_autocast_enabled("cpu"):
+            return F.linear(x, self.weight, self.bias)
+        y = _Linear.apply(rows, self.weight, self.bias)
+        return y.view(*x.shape[:-1], y.size(-1))  # a view made outside the Function: in-place ops allowed
 
 
 __all__ = ["MIN_ROWS", "Linear", "linear", "times_weight"]

@@ -26,7 +26,7 @@ from .attention import (
     MultiHeadAttention,
     RotaryEmbedding,
     padded_positions_and_mask,
-    rms_per_head,
+    rms_normalize,
 )
 from .config import ModelConfig
 from .fused_ce import (
@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_per_head(x, self.eps) * self.weight
+        return rms_normalize(x, self.eps) * self.weight
 
 
 def make_norm(config: ModelConfig) -> nn.Module:

@@ -17,6 +17,7 @@ from lmforge.config import ConfigError, LmforgeError, ModelConfig, TrainConfig, 
 from lmforge.losses import next_token_loss
 from lmforge.model import GPT
 from lmforge.optim import (
+    NS_COEFFICIENTS,
     MuonAdamW,
     batch_rows_at,
     hidden_matrices,
@@ -99,6 +100,27 @@ def test_newton_schulz_keeps_the_dtype_and_maps_zero_to_zero():
     assert torch.equal(newton_schulz(torch.zeros(4, 6)), torch.zeros(4, 6))  # no NaN from the normalisation
 
 
+def test_newton_schulz_is_the_quintic_polynomial_written_out():
+    g = torch.randn(10, 14, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    a, b, c = NS_COEFFICIENTS
+    x = g / (g.norm() + 1e-7)
+    for _ in range(5):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    torch.testing.assert_close(newton_schulz(g, dtype=torch.float64), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_newton_schulz_of_a_stack_orthogonalises_each_matrix_on_its_own(dtype):
+    gen = torch.Generator().manual_seed(7)
+    for shape in ((3, 12, 20), (4, 30, 8)):  # wide and tall
+        g = torch.randn(*shape, generator=gen)
+        g[1] *= 1e-3  # each matrix is normalised by its own norm, not the stack's
+        together = newton_schulz(g, dtype=dtype)
+        for i in range(shape[0]):
+            torch.testing.assert_close(together[i], newton_schulz(g[i], dtype=dtype), atol=1e-5, rtol=1e-5)
+
+
 def test_newton_schulz_ignores_the_scale_of_its_input():
     g = torch.randn(12, 20, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(newton_schulz(1e-3 * g), newton_schulz(g), atol=1e-5, rtol=1e-4)
@@ -170,6 +192,28 @@ def test_muon_step_follows_nesterov_momentum_newton_schulz_and_decoupled_decay()
     torch.testing.assert_close(w.detach(), w2)
     torch.testing.assert_close(opt.state[w]["momentum_buffer"], buf)
     assert torch.equal(w.grad, g2)  # the gradient itself is left as it was
+
+
+def test_muon_step_over_matrices_of_several_shapes_follows_the_formula_for_each():
+    gen = torch.Generator().manual_seed(8)
+    shapes = [(6, 10), (24, 6), (6, 10), (24, 6), (5, 5)]
+    ws = [nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
+    w0 = [w.detach().clone() for w in ws]
+    lr, wd, beta = 0.05, 0.3, 0.9
+    opt = MuonAdamW([{"params": ws, "muon": True, "weight_decay": wd}], lr=lr, momentum=beta)
+    grads = [torch.randn(*s, generator=gen) for s in shapes]
+    for w, g in zip(ws, grads):
+        w.grad = g.clone()
+    ws[4].grad = None  # a matrix with no gradient this step is left alone
+    opt.step()
+    for i, (w, g) in enumerate(zip(ws, grads)):
+        if i == 4:
+            assert torch.equal(w.detach(), w0[i]) and w not in opt.state
+            continue
+        scale = max(1.0, w.size(0) / w.size(1)) ** 0.5
+        expected = w0[i] * (1 - lr * wd) - lr * scale * newton_schulz((1 - beta) * g + beta * (1 - beta) * g)
+        torch.testing.assert_close(w.detach(), expected)
+        torch.testing.assert_close(opt.state[w]["momentum_buffer"], (1 - beta) * g)
 
 
 def test_adamw_groups_of_muon_adamw_step_as_torch_adamw():

@@ -98,7 +98,9 @@ def muon_param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An approximation of U Vᵀ, for the matrix ``g`` = U S Vᵀ: the same singular vectors, every
-    singular value about 1 (the quintic iteration leaves them in about [0.7, 1.2]).
+    singular value about 1 (the quintic iteration leaves them in about [0.7, 1.2]). ``g`` may be a
+    stack of matrices of one shape (n, rows, cols): each is orthogonalised on its own, in one batched
+    product per step instead of one per matrix.
 
     Each step maps X to a·X + b·(X Xᵀ) X + c·(X Xᵀ)² X, a polynomial in the singular values that
     pushes every one in (0, 1] toward 1 while keeping the singular vectors. Dividing by the Frobenius
@@ -109,16 +111,21 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
     range and was 1.4-1.9x faster on a CPU with fast bf16 (gpt-micro's matrices); fp32 is the reference."""
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype)
-    tall = x.size(0) > x.size(1)
+    single = x.dim() == 2
+    if single:
+        x = x.unsqueeze(0)
+    tall = x.size(-2) > x.size(-1)
     if tall:
-        x = x.T
-    x = x / (x.norm() + eps)
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)  # each matrix by its own norm
     for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        gram = x @ x.mT
+        # b·G + c·G², then a·X + (b·G + c·G²)·X: two fused multiply-adds, rounded once each in bf16
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
     if tall:
-        x = x.T
-    return x.to(g.dtype)
+        x = x.mT
+    return (x[0] if single else x).to(g.dtype)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -154,21 +161,34 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            update = self._muon if group["muon"] else self._adamw
-            for p in group["params"]:
-                if p.grad is not None:
-                    update(p, p.grad, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["muon"]:
+                self._muon(params, group)
+            else:
+                for p in params:
+                    self._adamw(p, p.grad, group)
         return loss
 
-    def _muon(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        buf, beta = state["momentum_buffer"], group["momentum"]
-        buf.lerp_(grad, 1 - beta)
-        u = newton_schulz(grad.lerp(buf, beta), group["ns_steps"], dtype=self.ns_dtype)
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(u, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+    def _muon(self, params: list[torch.Tensor], group: dict) -> None:
+        """The Muon step of a group's matrices; those of one shape are orthogonalised together."""
+        if not params:
+            return
+        beta = group["momentum"]
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - beta)
+        nesterov = torch._foreach_lerp(grads, bufs, beta)  # the gradient seen through the new momentum
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+        torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        for (rows, cols), idx in by_shape.items():
+            u = newton_schulz(torch.stack([nesterov[i] for i in idx]), group["ns_steps"], dtype=self.ns_dtype)
+            torch._foreach_add_([params[i] for i in idx], list(u.unbind(0)),
+                                alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
 
     def _adamw(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         state = self.state[p]

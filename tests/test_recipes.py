@@ -74,6 +74,13 @@ def test_pretrain_with_a_recipe_records_its_settings_and_flags_win(tmp_path):
                            "--recipe", "null", "--train.max_steps", "21", "--prompts", "[]"],
                           capture_output=True, text=True, timeout=300)
     assert null.returncode == 0, null.stderr[-2000:]  # no recipe named: an ordinary resume
+    uncapped = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--data", str(tmp_path / "data"), "--out",
+                               str(tmp_path / "uncapped"), "--preset", "gpt-nano", "--recipe", "modern",
+                               "--train.max_steps", "2", "--train.batch_size", "2", "--model.logit_softcap", "0",
+                               "--prompts", "[]"], capture_output=True, text=True, timeout=300)
+    assert uncapped.returncode == 0, uncapped.stderr[-2000:]
+    cfg = json.loads((tmp_path / "uncapped" / "config.json").read_text())
+    assert cfg["model"]["logit_softcap"] is None and cfg["model"]["qk_norm"] is True  # 0: the recipe's cap is off
     bad = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--data", str(tmp_path / "data"), "--out",
                           str(tmp_path / "other"), "--recipe", "fast"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [

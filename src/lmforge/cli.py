@@ -351,6 +351,8 @@ def _model_overrides(p) -> None:
             # For n_kv_head and d_ff, None has a meaning inside a preset; on the command line null keeps the preset's.
             text = (action.help or "").replace("; None means", "; in a preset, None means")
             action.help = f"{text} Null: the preset's value."
+            if action.dest == "model.logit_softcap":
+                action.help += " 0: no cap (turns a recipe's cap off)."
     group = getattr(p, "groups", {}).get("model")
     if group is not None:
         group.description = ("The model's shape: the --preset's values, changed by any --model.* given "
@@ -701,8 +703,12 @@ def _silence_stdout() -> None:
 
 
 def _model_flags(given) -> dict:
-    """The --model.* flags typed on the pretrain command line (null: the preset's value)."""
-    return {k: v for k, v in _given(given.get("model")).items() if v is not None}
+    """The --model.* flags typed on the pretrain command line (null: the preset's value). A soft cap
+    of 0 means none: the way to turn a recipe's cap off, since null keeps it."""
+    flags = {k: v for k, v in _given(given.get("model")).items() if v is not None}
+    if flags.get("logit_softcap") == 0:
+        flags["logit_softcap"] = None
+    return flags
 
 
 def _fresh_pretrain_configs(given, a) -> tuple[ModelConfig, TrainConfig]:

@@ -4,6 +4,7 @@ warm-up, and their refusals and warnings at config time."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import warnings
@@ -407,8 +408,15 @@ def test_muon_under_fsdp_is_refused_with_the_way_out():
 
 
 @pytest.mark.parametrize("muon_lr", [0.001, 0.5])
-def test_a_muon_learning_rate_outside_the_usual_range_warns_naming_it(muon_lr):
+def test_a_muon_learning_rate_outside_the_usual_range_warns_naming_it_once(muon_lr, monkeypatch):
+    from lmforge import config
+
+    monkeypatch.setattr(config, "_WARNED_MUON_LR", set())
     with pytest.warns(UserWarning, match=r"outside Muon's usual range 0\.005-0\.1"):
+        cfg = TrainConfig(optimizer="muon", muon_lr=muon_lr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same value again (every replace and load rebuilds it): no repeat
+        dataclasses.replace(cfg, max_steps=7)
         TrainConfig(optimizer="muon", muon_lr=muon_lr)
 
 

@@ -262,6 +262,9 @@ class DataConfig:
         _raise_all("data config", p)
 
 
+_WARNED_MUON_LR: set[float] = set()
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training loop: batches, optimiser, schedule, precision, logging and checkpoints."""
@@ -379,9 +382,10 @@ class TrainConfig:
         _check(p, self.strategy in ("ddp", "fsdp"), f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
         _check(p, self.dist_timeout > 0, f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         _raise_all("train config", p)
-        if self.optimizer == "muon" and not 0.005 <= self.muon_lr <= 0.1:
+        if self.optimizer == "muon" and not 0.005 <= self.muon_lr <= 0.1 and self.muon_lr not in _WARNED_MUON_LR:
             import warnings
 
+            _WARNED_MUON_LR.add(self.muon_lr)  # once per value: configs are rebuilt on every replace and load
             warnings.warn(f"muon_lr {self.muon_lr:g} is outside Muon's usual range 0.005-0.1", stacklevel=3)
 
     @property

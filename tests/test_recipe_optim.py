@@ -454,3 +454,24 @@ def test_changing_a_recipe_setting_on_resume_is_refused(tmp_path, field, value):
     assert f"train.{field}" not in tr.RESUMABLE
     with pytest.raises(LmforgeError, match=f"train.{field} "):
         tr._check_resume(tmp_path, {"train": config_dict(old)}, {"train": config_dict(new)}, new, 5, False)
+
+
+def test_fit_logs_the_muon_rate_that_its_matrices_stepped_with(tmp_path):
+    import json
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    cfg = _muon_cfg(lr=1e-3, muon_lr=0.03, warmup_steps=2, schedule="cosine", max_steps=5, log_interval=1)
+    seen: list[float] = []
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.extend(g["lr"] for g in opt.param_groups if g.get("muon")))
+    try:
+        tr.fit(_model(), _batches, _loss, cfg, tmp_path / "run", progress=False)
+    finally:
+        hook.remove()
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "muon_lr" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5]
+    assert [r["muon_lr"] for r in logged] == pytest.approx(seen, abs=1e-12)
+    assert [r["lr"] for r in logged] == pytest.approx([s * 1e-3 / 0.03 for s in seen], abs=1e-12)  # AdamW's
+    assert seen[1] == pytest.approx(0.03)  # the peak, at the end of the warm-up

@@ -228,7 +228,8 @@ def _plots(records: list[dict], config: dict | None, results: dict | None, task:
         ("loss-by-step.png", "Loss by step", lambda: _loss_plot(records, "step")),
         ("loss-by-tokens.png", "Loss by tokens seen", lambda: _loss_plot(records, "tokens")),
         ("learning-rate.png", "Learning rate", lambda: _line_plot(
-            "learning rate", "step", "learning rate", [("lr", *_series(records, "lr"), "-")])),
+            "learning rate", "step", "learning rate", [("lr", *_series(records, "lr"), "-"),
+                                                        ("Muon lr", *_series(records, "muon_lr"), "--")])),
         ("throughput-mfu.png", "Throughput and MFU", lambda: _throughput_plot(records)),
         ("gradient-norm.png", "Gradient norm (before clipping)", lambda: _line_plot(
             "gradient norm", "step", "global L2 norm", [("grad norm", *_series(records, "grad_norm"), "-")],

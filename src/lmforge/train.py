@@ -367,7 +367,11 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
                 # attention's FLOPs at this batch's length: fine-tuning batches are far shorter than the context
                 step_flops = model.flops_per_token(result.seq_len or None) if flops_per_token else None
                 utilisation = mfu(tps / ranks.world_size, step_flops, hardware["peak_flops"])  # per device
-                log.log(done, loss=loss_value, **result.metrics, lr=lr_at(step, config), grad_norm=result.grad_norm,
+                # Muon's matrices follow the same schedule at their own peak (muon_lr): logged beside AdamW's
+                rates = {"lr": lr_at(step, config)}
+                if config.optimizer == "muon":
+                    rates["muon_lr"] = rates["lr"] * config.muon_lr / config.lr
+                log.log(done, loss=loss_value, **result.metrics, **rates, grad_norm=result.grad_norm,
                         tokens=tokens, tokens_per_s=tps, **({} if utilisation is None else {"mfu": utilisation}),
                         elapsed_s=elapsed)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=False)

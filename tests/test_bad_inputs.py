@@ -365,6 +365,9 @@ CASES = [
     ("gen-top-p", ["generate", f"{R}/hf", "--sample.top_p", "2"], "top_p must be in (0, 1]", None),
     ("gen-max-new", ["generate", f"{R}/hf", "--sample.max_new_tokens", "-3"], "max_new_tokens", None),
     ("gen-seed-word", ["generate", f"{R}/hf", "--sample.seed", "lucky"], "sample.seed", None),
+    ("gen-seed-huge", ["generate", f"{R}/hf", "--sample.seed=18446744073709551616"],
+     "seed must be between -2^63 and 2^64 - 1", None),  # once an internal error from torch.Generator
+    ("gen-seed-low", ["generate", f"{R}/hf", "--sample.seed=-9223372036854775809"], "seed must be between", None),
     ("gen-chat-no-template", ["generate", f"{R}/run", "--chat", "true"], "no chat template", None),
     ("gen-chat-sandbox", ["generate", f"{R}/chat.gguf", "--chat", "true"], "chat template of", None),
     ("gen-no-run", ["generate"], "run", None),

@@ -67,6 +67,14 @@ def test_top_p_boundary_reached_exactly():
     assert len(set(draws.tolist())) == 2
 
 
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-46])
+def test_a_top_p_below_float32s_range_keeps_the_most_likely_token(top_p):
+    # Such a p is 0 next to float32 probabilities: once every token was dropped and sampling raised.
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
+    draws = sample_next(logits.repeat(50, 1), 1.0, top_p=top_p, generator=torch.Generator().manual_seed(0))
+    assert draws.tolist() == [1, 0] * 50
+
+
 def test_temperature_applies_before_top_p():
     # HF order: temperature first. T=2 flattens [.5, .3, .15, .05] to about [.379, .294, .208, .120],
     # so p = 0.7 needs three tokens (cumulative .379, .673, .881) where T=1 needs two.

@@ -586,3 +586,26 @@ def test_the_serve_command_refuses_a_bad_port_and_a_missing_model_in_one_line(ca
     assert main(["serve", "no/such/model/anywhere", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lmforge: error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("key", ["sécret", "two words", "", "ключ"])
+def test_serve_refuses_an_api_key_no_client_could_send(key, capsys):
+    # Headers are read as Latin-1 and compared as UTF-8: such a key once gave 401 to every client.
+    from lmforge.cli import main
+
+    assert main(["serve", "no/such/model/anywhere", "--port", "0", "--api_key", key]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--api_key must be printable ASCII with no spaces" in err
+
+
+def test_serve_says_which_flag_to_change_when_it_cannot_listen():
+    from lmforge.config import LmforgeError
+    from lmforge.serve import bind
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(LmforgeError, match="pick another --port"):
+            bind("127.0.0.1", taken.getsockname()[1])
+    with pytest.raises(LmforgeError, match=r"give an address of this machine as --host"):
+        bind("192.0.2.1", 0)  # TEST-NET-1: never an address of this machine

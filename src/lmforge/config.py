@@ -423,6 +423,8 @@ class SampleConfig:
         _check(p, self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         _check(p, self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or None, got {self.top_k}")
         _check(p, self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1] or None, got {self.top_p}")
+        _check(p, self.seed is None or -2**63 <= self.seed < 2**64,  # what a torch.Generator takes
+               f"seed must be between -2^63 and 2^64 - 1, got {self.seed}")
         _raise_all("sample config", p)
 
 

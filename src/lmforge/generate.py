@@ -63,6 +63,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
         drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep tokens until p is reached
+        drop[..., 0] = False  # the most likely token always stays: a top_p too small for float32 drops nothing more
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)

@@ -363,6 +363,19 @@ def test_completions_check_their_own_fields(server, field, value):
         assert_openai_error(body, param=field)
 
 
+@pytest.mark.parametrize("field,value,expect", [
+    ("stop", ["s"] * 5, "at most 4 items"),  # once: "Input should be a valid string", the union's other type
+    ("temperature", float("nan"), "finite number"), ("top_p", float("nan"), "finite number"),
+    ("temperature", float("inf"), "finite number"),
+])
+def test_a_400_says_what_is_wrong_with_the_value_sent(server, field, value, expect):
+    payload = {"messages": [{"role": "user", "content": "hi"}], field: value}
+    status, body = raw(server, "POST", "/v1/chat/completions", json.dumps(payload).encode())  # NaN as JSON's NaN
+    assert status == 400
+    assert_openai_error(body, param=field)
+    assert expect in body["error"]["message"], body
+
+
 def test_a_missing_required_field_says_so(server):
     status, body = raw(server, "POST", "/v1/chat/completions", json.dumps({"model": "tiny-chat"}).encode())
     assert status == 400 and body["error"]["message"] == "messages is required"

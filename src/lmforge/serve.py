@@ -217,8 +217,8 @@ class _Sampling(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
     model: str | None = Field(None, description="the served model's name (see /v1/models); may be left out")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; default 1")
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description="0 is greedy; default 1")
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="answers to generate")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -629,7 +629,9 @@ def _validation_error(errors: Sequence[dict]) -> ApiError:
     if not loc:
         return ApiError(400, "the request body must be a JSON object of the request's fields (see /openapi.json)")
     clauses: dict[str, str] = {}
-    for e in errors:
+    # A field of several types (stop: a string or a list) gets one error per type; the one that is not
+    # a type mismatch says what is wrong with the value sent (a list of 50 stops: too many, not "not a string").
+    for e in sorted(errors, key=lambda e: e["type"].endswith("_type")):
         where = [p for p in e["loc"] if p != "body"]
         name = str(where[0]) if where else "body"
         if name not in clauses:

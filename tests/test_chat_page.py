@@ -141,3 +141,24 @@ def test_a_wrong_key_shows_the_servers_error_and_takes_the_question_back(page_se
     box.send_keys(KEY)
     assert say(browser, "") == QA["hi"]
     assert browser.find_element("id", "error").text == ""
+
+
+def test_a_conversation_longer_than_the_context_leaves_its_oldest_turns_out_and_says_so(page_server, browser):
+    assistant = page_server.assistant
+    first = "the quick brown fox"
+    while len(assistant.prompt_ids([{"role": "user", "content": first + " the quick brown fox"}])) < 100:
+        first += " the quick brown fox"
+    open_page(browser, page_server.url)
+    browser.find_element("id", "reset").click()
+    reply = say(browser, first)  # fits alone (under 128 tokens), and its answer fills the rest
+    history = [{"role": "user", "content": first}, {"role": "assistant", "content": reply},
+               {"role": "user", "content": "what glitters?"}]
+    assert len(assistant.prompt_ids(history)) >= assistant.context_length  # the server alone would refuse it
+    # Once the page showed "This model's maximum context length is 128 tokens" until Reset.
+    assert say(browser, "what glitters?") == QA["what glitters?"]  # answered without the first turn
+    note = browser.execute_script(
+        "const m = [...document.querySelectorAll('.message[data-role=assistant]')].pop();"
+        "return [m.dataset.leftOut, m.querySelector('.note').textContent];")
+    assert note == ["2", "2 earlier messages left out: the conversation is longer than the model's context"]
+    assert len(answers(browser)) == 2  # the page still shows the whole conversation
+    say(browser, "hi")  # the conversation goes on: no error (what is answered depends on what fits)

@@ -232,3 +232,35 @@ def test_a_null_answer_from_the_judge_is_no_score(judge_server, tmp_path):
     _Judge.script = [(200, None), (200, "90")]
     res = judge_responses(_responses(tmp_path), http_judge(judge_server, "m", timeout=5, retries=0), progress=False)
     assert res["scores"] == [None, 90] and res["mean"] == 90.0 and res["scored"] == 1
+
+
+def test_eval_prompt_and_judge_never_write_over_an_input_or_a_file_they_did_not_write(base, tmp_path, capsys):
+    from lmforge.cli import main
+
+    data = tmp_path / "d.tsv"
+    data.write_text("".join(f"{'spam' if i % 2 else 'ham'}\ttext number {i}\n" for i in range(30)))
+    original = data.read_bytes()
+    args = ["eval-prompt", str(base), "--data", str(data), "--text_column", "1", "--label_column", "0",
+            "--test_limit", "2"]
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    weights = sorted(base.glob("*.safetensors"))[0]
+    # Each refused before any scoring, in one line; once each was silently replaced by the results
+    for out, why in ((data, "is also an input"), (weights, "inside the input folder"),
+                     (notes, "is not a results file of `lmforge eval prompt`"), (tmp_path, "is a folder")):
+        before = out.read_bytes() if out.is_file() else None
+        assert main(args + ["--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err, err
+        assert (out.read_bytes() if out.is_file() else None) == before
+    assert data.read_bytes() == original
+    res = tmp_path / "res.json"
+    assert main(args + ["--out", str(res)]) == 0
+    assert json.loads(res.read_text())["format"] == "lmforge-eval-prompt"
+    assert main(args + ["--out", str(res)]) == 0  # its own earlier output is replaced
+    assert main(args + ["--out", str(notes), "--overwrite", "true"]) == 0  # asked for
+    assert json.loads(notes.read_text())["format"] == "lmforge-eval-prompt"
+    responses = _responses(tmp_path)
+    kept = responses.read_bytes()
+    assert main(["eval-judge", str(responses), "--judge", str(base), "--out", str(responses)]) == 2
+    assert "is also an input" in capsys.readouterr().err and responses.read_bytes() == kept

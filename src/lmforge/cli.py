@@ -268,6 +268,8 @@ def _parser():  # built once per process: building it parses every config docstr
     p.add_argument("--test_limit", type=int | None, default=None, help="score only this many test texts")
     p.add_argument("--chat", type=bool, default=False, help="wrap the prompt in the model's chat template")
     p.add_argument("--out", type=str | None, default=None, help="write the results JSON here")
+    p.add_argument("--overwrite", type=bool, default=False, help="replace an existing --out that this command "
+                   "did not write")
     cmds.add_subcommand("eval-prompt", p, help="`lmforge eval prompt`: zero-shot / few-shot classification")
 
     p = sub_parser("Score instruction responses 0-100 with a judge model (the book's prompt): an OpenAI-compatible "
@@ -279,6 +281,8 @@ def _parser():  # built once per process: building it parses every config docstr
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one answer")
     p.add_argument("--retries", type=int, default=3, help="tries again after a failed request")
     p.add_argument("--out", type=str | None, default=None, help="write the scores JSON here")
+    p.add_argument("--overwrite", type=bool, default=False, help="replace an existing --out that this command "
+                   "did not write")
     cmds.add_subcommand("eval-judge", p, help="`lmforge eval judge`: score responses with a judge model")
 
     def choice_flags(p: ArgumentParser) -> None:  # eval choice and eval suite score tasks alike
@@ -475,11 +479,12 @@ def _run(argv: list[str]) -> int:
     elif cmd == "eval-prompt":
         from .prompting import evaluate_prompting
 
+        _check_json_out(a, "eval-prompt", [a.run, a.data])  # before the work: a refusal costs nothing
         res = evaluate_prompting(a.run, a.data, a.text_column, a.label_column, a.shots, a.balance, tuple(a.split),
                                  a.seed, a.limit, a.test_limit, a.chat)
         print(f"{a.shots}-shot test accuracy {res['test']['accuracy']:.4f} ({res['test']['n']} texts, "
               f"{res['seconds'] / 60:.1f} min)")
-        _write_json(a.out, res)
+        _write_json(a.out, res, "eval-prompt")
     elif cmd == "eval-judge":
         from .judge import http_judge, judge_responses, local_judge
 
@@ -487,12 +492,13 @@ def _run(argv: list[str]) -> int:
             raise LmforgeError("give either --url (an OpenAI-compatible endpoint) or --judge (a local model)")
         if a.retries < 0 or a.timeout <= 0:
             raise LmforgeError("--retries must be >= 0 and --timeout > 0")
+        _check_json_out(a, "eval-judge", [a.responses] + ([a.judge] if a.judge else []))
         ask = http_judge(a.url, a.judge_model, a.timeout, a.retries, os.environ.get("OPENAI_API_KEY")) if a.url \
             else local_judge(a.judge)
         res = judge_responses(a.responses, ask)
         mean = "none could be read" if res["mean"] is None else f"{res['mean']:.2f}"
         print(f"judge score (0-100): {mean} over {res['scored']} of {res['n']} responses")
-        _write_json(a.out, res)
+        _write_json(a.out, res, "eval-judge")
     elif cmd == "eval-choice":
         from .choice_eval import run_choice_eval
 
@@ -574,13 +580,29 @@ def _classify(a) -> None:
         print(f"{label}\t{p:.4f}\t{_one_line(text)[:200]}")
 
 
-def _write_json(out: str | None, res: dict) -> None:
+def _json_format(cmd: str) -> str:
+    return f"lmforge-{cmd}"  # the "format" a results JSON of `lmforge <cmd>` starts with
+
+
+def _check_json_out(a, cmd: str, inputs: list[str]) -> None:
+    """Refuse --out before any work if writing it could destroy an input, a run's files or a file
+    this command did not write (unless --overwrite)."""
+    if a.out:
+        from .outputs import check_output, read_json_head
+
+        check_output(a.out, kind="file", what=f"a results file of `lmforge {cmd.replace('-', ' ')}`",
+                     own_kind=lambda p: (read_json_head(p) or {}).get("format") == _json_format(cmd),
+                     inputs=inputs, overwrite=a.overwrite)
+
+
+def _write_json(out: str | None, res: dict, cmd: str) -> None:
     if out:
         import json
 
         from . import atomic
 
-        print(f"wrote {atomic.write_text(Path(out), json.dumps(res, indent=2) + chr(10))}")
+        body = json.dumps({"format": _json_format(cmd), **res}, indent=2) + "\n"
+        print(f"wrote {atomic.write_text(Path(out), body)}")
 
 
 def _download(name: str | None) -> None:

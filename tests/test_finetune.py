@@ -662,3 +662,73 @@ def test_a_killed_fine_tuning_run_resumes_to_the_end(base, tmp_path):
     assert "resum" in r.stdout.lower() and "test accuracy" in r.stdout
     r = _cli("classify", run, "WIN a FREE prize now call 5555 txt WIN")
     assert r.returncode == 0 and r.stdout.split("\t")[0] in ("spam", "ham"), r.stderr
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused_before_training(base, tmp_path):
+    from lmforge.config import ConfigError
+    from lmforge.finetune import finetune_classify
+
+    data = _spam_file(tmp_path / "sms.tsv", n=20)
+    run = tmp_path / "run"
+    kw = dict(text_column="1", label_column="0", progress=False)
+    finetune_classify(str(base), data, run, FinetuneConfig(trainable="head", epochs=1),
+                      TrainConfig(batch_size=8, dtype="float32"), **kw)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    # Muon finds no block matrix that trains: once refused only after --overwrite had cleared the old run
+    with pytest.raises(ConfigError, match="optimizer 'muon' found no trainable 2-D weights"):
+        finetune_classify(str(base), data, run, FinetuneConfig(trainable="head", epochs=1),
+                          TrainConfig(batch_size=8, dtype="float32", optimizer="muon"), overwrite=True, **kw)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_refused_resume_writes_nothing_into_the_run(base, tmp_path):
+    from lmforge.config import LmforgeError
+    from lmforge.finetune import finetune_classify, finetune_instruct
+
+    run = tmp_path / "run"
+    finetune_classify(str(base), _spam_file(tmp_path / "sms.tsv", n=20), run, FinetuneConfig(trainable="head", epochs=1),
+                      TrainConfig(batch_size=8, dtype="float32"), text_column="1", label_column="0", progress=False)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(LmforgeError, match="trained with other settings"):
+        finetune_instruct(str(base), _instruction_file(tmp_path / "i.json", n=24), run, resume=True,
+                          respond_test=0, progress=False)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # once: a stray before.json
+
+
+def test_splits_too_small_to_hold_records_are_errors_or_reported_as_empty(base, tmp_path, capsys):
+    from lmforge.cli import main
+    from lmforge.config import LmforgeError
+    from lmforge.finetune import finetune_classify
+
+    one = tmp_path / "one.csv"
+    one.write_text("text,label\nhello,ham\n")
+    with pytest.raises(LmforgeError, match=r"the training split of .*one.csv is empty \(1 records"):
+        finetune_classify(str(base), one, tmp_path / "c", progress=False)  # once an IndexError
+    # 12 records: the 5 % validation split is empty; once a TypeError (instruct) and a torch.cat error (dpo)
+    # after or before the whole run
+    instr = _instruction_file(tmp_path / "i.json", n=12, preference=True)
+    common = ["--base", str(base), "--data", str(instr), "--finetune.epochs", "1", "--train.dtype", "float32"]
+    assert main(["finetune", "instruct", *common, "--out", str(tmp_path / "i"), "--respond_test", "0"]) == 0
+    assert "before: val loss none (no validation records)" in capsys.readouterr().out
+    assert main(["finetune", "dpo", *common, "--out", str(tmp_path / "d")]) == 0
+    assert json.loads((tmp_path / "d" / "results.json").read_text())["after"] == {}
+
+
+def test_a_lora_rank_wider_than_a_layer_is_refused_before_any_memory_is_taken():
+    from lmforge.config import ConfigError
+    from lmforge.lora import apply_lora
+
+    model = _tiny()  # 16 wide
+    with pytest.raises(ConfigError, match=r"LoRA rank 1000000000 is larger than the layer .* is wide \(16\)"):
+        apply_lora(model, rank=10**9, alpha=16)
+    assert apply_lora(_tiny(), rank=16, alpha=16)  # full rank is the most that means anything
+
+
+@pytest.mark.parametrize("suffix", ["json", "jsonl"])
+def test_json_nested_too_deeply_is_a_data_error(tmp_path, suffix):
+    from lmforge.tasks import DataError, read_records
+
+    path = tmp_path / f"deep.{suffix}"
+    path.write_text("[" * 100_000 + "]" * 100_000 if suffix == "json" else '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(DataError, match="nests its JSON too deeply"):  # once a RecursionError
+        read_records(path)

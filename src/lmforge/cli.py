@@ -549,12 +549,13 @@ def _finetune_task(a) -> None:
             r = res.get(when)
             if r:
                 val = r["val"].get("loss")
-                print(f"{when}: val loss {val:.4f}" + (f", test ROUGE-L {r['rouge_l']:.4f}" if "rouge_l" in r else ""))
+                shown = "none (no validation records)" if val is None else f"{val:.4f}"
+                print(f"{when}: val loss {shown}" + (f", test ROUGE-L {r['rouge_l']:.4f}" if "rouge_l" in r else ""))
     else:
         res = finetune.finetune_dpo(o.base, o.data, o.out, template=o.template, beta=o.beta, **common)
         for when in ("before", "after"):
             r = res.get(when)
-            if r:
+            if r and "loss" in r:  # nothing to report without validation pairs
                 print(f"{when}: val loss {r['loss']:.4f}, reward margin {r['reward_margin']:.4f} (chosen "
                       f"{r['chosen_reward']:.4f}, rejected {r['rejected_reward']:.4f})")
     print(f"results: {Path(o.out) / finetune.RESULTS}")

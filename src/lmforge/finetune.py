@@ -151,12 +151,16 @@ def _start(run: Path, data: Path, base: str, resume: bool, overwrite: bool, trai
     return torch.device(device) if device else torch.device("cpu")
 
 
-def _begin(run: Path, data: Path, tok, resume: bool, overwrite: bool, train: TrainConfig) -> None:
-    """Clear an old run (--overwrite) and write the tokenizer: the first writes of a fine-tuning run."""
+def _begin(run: Path, data: Path, tok, resume: bool, overwrite: bool, train: TrainConfig, model: GPT) -> None:
+    """Clear an old run (--overwrite) and write the tokenizer: the first writes of a fine-tuning run.
+    What ``fit`` would refuse before training (the loggers, the optimizer for what trains) is
+    checked first, so that a refused run never costs the old one."""
     from .logger import check_loggers
+    from .optim import make_optimizer
     from .pipeline import _prepare_run_dir
 
     check_loggers(train.tensorboard, train.wandb)
+    make_optimizer(model, train)  # e.g. Muon with no trainable block matrix: refused here, not after the clearing
     if resume:
         return
 
@@ -230,6 +234,10 @@ def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: Fi
     rows = tasks.subsample(rows, finetune.limit, finetune.seed)
     train_rows, val_rows, test_rows = tasks.split(rows, finetune.split, finetune.seed)
     labels = sorted({label for _, label in train_rows})
+    if not labels:
+        raise LmforgeError(f"the training split of {data} is empty ({len(rows)} records split {finetune.split[0]:g} / "
+                           f"{finetune.split[1]:g} / {finetune.split[2]:g}); give more records or a larger training "
+                           "fraction (--finetune.split)")
     if len(labels) < 2:
         raise LmforgeError(f"the training split of {data} has only the label {labels[0]!r}; a classifier needs "
                            "at least two classes")
@@ -269,7 +277,7 @@ def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: Fi
              "trained": trained_names(model), "weights": "full" if finetune.trainable == "all" else "trained",
              "finetune": config_dict(finetune), "data": _file_identity(data), "data_path": str(data.resolve()),
              "columns": {"text": text_column, "label": label_column}, "balance": balance, "pad_to": pad_to}
-    _begin(run, data, tok, resume, overwrite, train)
+    _begin(run, data, tok, resume, overwrite, train, model)
     result = fit(model, batches, classification_loss, train, run, evaluate=evaluate, resume=resume,
                  extra_config=extra, progress=progress, task="classify")
     dtype = resolve_dtype(train.dtype, dev)
@@ -440,10 +448,13 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
              "weights": "full" if finetune.trainable == "all" else "trained", "finetune": config_dict(finetune),
              "template": template, "mask_prompt": mask_prompt, "data": _file_identity(data),
              "data_path": str(data.resolve())}
-    _begin(run, data, tok, resume, overwrite, train)
-    _write_before(run, results["before"])
+    _begin(run, data, tok, resume, overwrite, train, model)
+    if not resume:  # a resumed run has its own (written when it began); a refused resume writes nothing
+        _write_before(run, results["before"])
     result = fit(model, batches, next_token_loss, train, run, evaluate=lambda m, d: _lm_eval(m, val_batches, d),
                  resume=resume, extra_config=extra, progress=progress, task="instruct")
+    if resume and _read_before(run) is None:
+        _write_before(run, results["before"])
     results.update(steps=result.step, seconds=result.seconds)
     results["after"] = {"val": _lm_eval(model, val_batches, dtype)}
     if tests:
@@ -475,6 +486,8 @@ def _reference_logprobs(model: GPT, pairs: tasks.PreferenceSet, pad_id: int, bat
                                               [pairs.prompt_lengths[i] for i in idx], max_length)
             with autocast(device, dtype):
                 out[key].append(sequence_logprobs(model, x.to(device), y.to(device)).float().cpu())
+    if not out["chosen"]:  # an empty split (a validation fraction of a few records)
+        return torch.empty(0), torch.empty(0)
     return torch.cat(out["chosen"]), torch.cat(out["rejected"])
 
 
@@ -541,10 +554,13 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
     extra = {"base": identity, "lora": lora_config(model), "trained": trained_names(model),
              "weights": "full" if finetune.trainable == "all" else "trained", "finetune": config_dict(finetune),
              "template": template, "beta": beta, "data": _file_identity(data), "data_path": str(data.resolve())}
-    _begin(run, data, tok, resume, overwrite, train)
-    _write_before(run, results["before"])
+    _begin(run, data, tok, resume, overwrite, train, model)
+    if not resume:  # a resumed run has its own (written when it began); a refused resume writes nothing
+        _write_before(run, results["before"])
     result = fit(model, batches, loss_fn, train, run, evaluate=evaluate, resume=resume, extra_config=extra,
                  progress=progress, task="dpo")
+    if resume and _read_before(run) is None:
+        _write_before(run, results["before"])
     results.update(steps=result.step, seconds=result.seconds, after=evaluate(model, dtype))
     _save_results(run, results)
     return results

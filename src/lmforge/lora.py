@@ -157,6 +157,13 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: fl
     names = _targets(model, targets)
     if not names:
         raise ConfigError(f"no Linear layer of this model matches the LoRA targets {', '.join(targets)}")
+    widths = {name: min(model.get_submodule(name).in_features, model.get_submodule(name).out_features)
+              for name in names}
+    narrowest = min(widths, key=widths.get)
+    if rank > widths[narrowest]:  # B·A has rank at most min(in, out): more only costs memory
+        raise ConfigError(f"LoRA rank {rank} is larger than the layer {narrowest} is wide ({widths[narrowest]}); a "
+                          f"rank above min(in, out) adds parameters and nothing else: give --lora.rank "
+                          f"{widths[narrowest]} or less")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:

@@ -44,6 +44,8 @@ def read_records(path: str | Path) -> list[dict]:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path} nests its JSON too deeply to read; give a list of flat records") from None
         where = [f"record {i}" for i in range(len(records))]
     else:
         records, where = [], []
@@ -54,6 +56,9 @@ def read_records(path: str | Path) -> list[dict]:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}, line {n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            except RecursionError:
+                raise DataError(f"{path}, line {n}: nests its JSON too deeply to read; each line must be one flat "
+                                "JSON object") from None
             where.append(f"line {n}")
     for rec, w in zip(records, where):
         if not isinstance(rec, dict):

@@ -326,6 +326,8 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     def run_eval(step: int) -> None:
         if evaluate is not None:
             res = evaluate(model, dtype)
+            if not res:  # nothing to evaluate on (an empty validation split)
+                return
             log.log(step, **{f"val_{k}": v for k, v in res.items()}, tokens=tokens)
             bar.write(f"step {step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in res.items() if k != "tokens"))
 

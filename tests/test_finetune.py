@@ -446,6 +446,15 @@ BAD = [
                                            "lora", "--lora.targets", "[ffn]"], "targets must be among attn, mlp"),
     ("too many blocks", "\n".join(f"{'ham' if i % 2 else 'spam'}\tt{i}" for i in range(10)),
      ["--text_column", "1", "--label_column", "0", "--finetune.last_blocks", "9"], "more than the model's 2 blocks"),
+    # conflicting flags: once silently ignored or replaced
+    ("lora flags without lora", "ham\tgood\nspam\tbad\n", ["--text_column", "1", "--label_column", "0",
+                                                            "--finetune.trainable", "last", "--lora.rank", "4"],
+     "--lora.* settings were given, but --finetune.trainable is 'last'"),
+    ("lora on the head alone", "\n".join(f"{'ham' if i % 2 else 'spam'}\tt{i}" for i in range(10)),
+     ["--text_column", "1", "--label_column", "0", "--finetune.trainable", "lora", "--lora.targets", "[head]"],
+     "--lora.targets names only the head"),
+    ("resume and overwrite", "ham\tgood\nspam\tbad\n", ["--text_column", "1", "--label_column", "0", "--resume",
+                                                          "true", "--overwrite", "true"], "give one of them"),
 ]
 
 
@@ -468,6 +477,8 @@ BAD_INSTRUCT = [
     ("unknown template", "[{\"instruction\": \"a\", \"output\": \"b\"}]", ["--template", "vicuna"],
      "unknown template 'vicuna'; known templates: alpaca, phi3, chat"),
     ("not utf8", None, [], "is not UTF-8 text"),
+    ("negative respond_test", "[{\"instruction\": \"a\", \"output\": \"b\"}]", ["--respond_test", "-1"],
+     "--respond_test must be >= 0"),  # once: the last test record silently left out
 ]
 
 
@@ -732,3 +743,19 @@ def test_json_nested_too_deeply_is_a_data_error(tmp_path, suffix):
     path.write_text("[" * 100_000 + "]" * 100_000 if suffix == "json" else '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
     with pytest.raises(DataError, match="nests its JSON too deeply"):  # once a RecursionError
         read_records(path)
+
+
+def test_merge_lora_refuses_an_out_inside_the_run_and_classify_an_empty_file(base, tmp_path):
+    from lmforge.finetune import finetune_classify
+
+    run = tmp_path / "run"
+    finetune_classify(str(base), _spam_file(tmp_path / "sms.tsv", n=20), run, FinetuneConfig(trainable="lora", epochs=1),
+                      TrainConfig(batch_size=8, dtype="float32"), LoRAConfig(rank=2, alpha=4), text_column="1",
+                      label_column="0", progress=False)
+    before = sorted(p.name for p in run.rglob("*"))
+    r = _cli("merge-lora", run, "--out", run / "merged")
+    assert r.returncode == 2 and "and the run" in r.stderr and "overlap" in r.stderr, r.stderr
+    assert sorted(p.name for p in run.rglob("*")) == before
+    (tmp_path / "empty.txt").write_text("\n \n")
+    r = _cli("classify", run, "--file", tmp_path / "empty.txt", stdin="WIN a prize\n")
+    assert r.returncode == 2 and "holds no text to classify" in r.stderr and not r.stdout  # not standard input instead

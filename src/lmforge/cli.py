@@ -535,6 +535,9 @@ def _finetune_task(a) -> None:
     o = a[task]
     common = dict(finetune=_config(FinetuneConfig, o.finetune), train=_config(TrainConfig, o.train),
                   lora=_config(LoRAConfig, o.lora), resume=o.resume, overwrite=o.overwrite)
+    if common["finetune"].trainable != "lora" and common["lora"] != LoRAConfig():
+        raise LmforgeError(f"--lora.* settings were given, but --finetune.trainable is "
+                           f"{common['finetune'].trainable!r}, which adds no adapters; add --finetune.trainable lora")
     if task == "classify":
         res = finetune.finetune_classify(o.base, o.data, o.out, text_column=o.text_column,
                                          label_column=o.label_column, balance=o.balance, pad_to=o.pad_to, **common)
@@ -570,9 +573,12 @@ def _classify(a) -> None:
         if not path.is_file():
             raise LmforgeError(f"no file at {path}")
         try:
-            texts += [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         except UnicodeDecodeError:
             raise LmforgeError(f"{path} is not UTF-8 text") from None
+        if not lines:  # not a reason to read standard input instead
+            raise LmforgeError(f"{path} holds no text to classify (one text per line)")
+        texts += lines
     if not texts:
         texts = [ln for ln in sys.stdin.read().splitlines() if ln.strip()]
     if not texts:

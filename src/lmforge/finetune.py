@@ -43,7 +43,10 @@ def set_trainable(model: GPT, finetune: FinetuneConfig, lora: LoRAConfig, head_t
     mode = finetune.trainable
     if mode == "lora":
         # A new classes head trains whole; LoRA on it would only restrict it.
-        targets = tuple(t for t in lora.targets if not (head_trains and t == "head")) or ("attn", "mlp")
+        targets = tuple(t for t in lora.targets if not (head_trains and t == "head"))
+        if not targets:
+            raise LmforgeError("--lora.targets names only the head, and a classification run trains its new head "
+                               "whole; give attn and/or mlp as LoRA targets")
         apply_lora(model, lora.rank, lora.alpha, lora.dropout, targets)
     elif mode == "all":
         for p in model.parameters():
@@ -138,6 +141,8 @@ def _start(run: Path, data: Path, base: str, resume: bool, overwrite: bool, trai
     ranks = distributed.init(train.dist_timeout, device)
     distributed.check_batch(train, ranks)
 
+    if resume and overwrite:
+        raise LmforgeError("--resume continues the run in --out and --overwrite starts it over; give one of them")
     if not data.is_file():
         raise LmforgeError(f"no data file at {data}")
     if Path(base).exists() and (inside(run.resolve(), Path(base).resolve()) or inside(Path(base).resolve(),
@@ -406,6 +411,8 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
         resume: bool = False, overwrite: bool = False, progress: bool = True, device: str | None = None) -> dict:
     """Instruction-tune ``base`` on Alpaca / chat records; returns validation loss and test ROUGE-L,
     before and after, and writes the test responses to ``responses.json``."""
+    if respond_test is not None and respond_test < 0:
+        raise LmforgeError(f"--respond_test must be >= 0 (test records to answer), got {respond_test}")
     run, data, dev, model, tok, (train_recs, val_recs, test_recs) = _language_task(
         base, data, out, finetune, template, resume, overwrite, device, train)
     ctx = model.config.context_length
@@ -571,10 +578,14 @@ def merge_run(run: str | Path, out: str | Path) -> Path:
     from .checkpoint import save_model
     from .lora import merge_lora
 
+    from .outputs import inside
+
     run, out = Path(run), Path(out)
     model, cfg = load_model(run)
     if not cfg.get("lora"):
         raise LmforgeError(f"{run} has no LoRA adapters to merge")
+    if inside(out.resolve(), run.resolve()) or inside(run.resolve(), out.resolve()):
+        raise LmforgeError(f"--out {out} and the run {run} overlap; write the merged model to a folder of its own")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LmforgeError(f"--out {out} already exists; choose a new folder")
     merge_lora(model)

@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -524,3 +525,53 @@ def test_what_the_adversarial_sweep_found(reference, tmp_path, capsys):
     (blocked / "checkpoints").write_text("mine")
     assert "is a file" in _error(["pretrain", "--data", str(data), "--out", str(blocked), *ARGS], capsys)
     assert (blocked / "checkpoints").read_text() == "mine"
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    """Another process that holds ``folder`` as a run it trains in, until killed."""
+    code = ("import sys, time\nfrom lmforge.outputs import run_lock\nwith run_lock(sys.argv[1]):\n"
+            "    print('held', flush=True)\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_run_another_process_trains_in_is_refused_and_free_again_once_it_dies(reference, tmp_path, capsys):
+    # Once both ran: one run's checkpoints, config and metrics silently mixed into the other's.
+    data, full, _ = reference
+    run = tmp_path / "run"
+    holder = _holder(run)
+    try:
+        for extra in ([], ["--overwrite", "true"]):
+            err = _error(["pretrain", "--data", str(data), "--out", str(run), *ARGS, *extra], capsys)
+            assert "is in use by another lmforge process that trains in it" in err
+        assert list(run.iterdir()) == []  # nothing written, nothing cleared
+        copy = tmp_path / "copy"
+        shutil.copytree(full, copy, symlinks=True)
+        before = _tree(copy)
+        other = _holder(copy)
+        try:
+            err = _error(["pretrain", "--out", str(copy), "--resume", "true", "--train.max_steps", "12"], capsys)
+            assert "in use by another lmforge process" in err and _tree(copy) == before
+        finally:
+            other.kill()
+            other.wait()
+    finally:
+        holder.kill()  # as kill -9: the OS drops the lock with the process
+        holder.wait()
+    assert main(["pretrain", "--data", str(data), "--out", str(run), *ARGS]) == 0
+    assert _losses(run) == _losses(full)
+
+
+def test_run_lock_is_reentrant_and_removes_only_the_folders_it_made_when_nothing_was_written(tmp_path):
+    from lmforge.outputs import run_lock
+
+    target = tmp_path / "a" / "b" / "run"
+    with pytest.raises(RuntimeError):
+        with run_lock(target):
+            with run_lock(target):  # the same process again (fit inside pretrain): no conflict
+                raise RuntimeError("refused before anything was written")
+    assert not (tmp_path / "a").exists()
+    with run_lock(target):
+        (target / "config.json").write_text("{}")
+    assert (target / "config.json").is_file()  # what was written stays

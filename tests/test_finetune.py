@@ -759,3 +759,25 @@ def test_merge_lora_refuses_an_out_inside_the_run_and_classify_an_empty_file(bas
     (tmp_path / "empty.txt").write_text("\n \n")
     r = _cli("classify", run, "--file", tmp_path / "empty.txt", stdin="WIN a prize\n")
     assert r.returncode == 2 and "holds no text to classify" in r.stderr and not r.stdout  # not standard input instead
+
+
+def test_fine_tuning_into_a_run_another_process_trains_in_is_refused(base, tmp_path):
+    import subprocess
+    import sys
+
+    from lmforge.finetune import finetune_classify
+    from lmforge.outputs import OutputError
+
+    run = tmp_path / "run"
+    code = ("import sys, time\nfrom lmforge.outputs import run_lock\nwith run_lock(sys.argv[1]):\n"
+            "    print('held', flush=True)\n    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputError, match="is in use by another lmforge process"):
+            finetune_classify(str(base), _spam_file(tmp_path / "sms.tsv", n=20), run, text_column="1",
+                              label_column="0", progress=False)
+        assert list(run.iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -103,6 +104,26 @@ def _load_base(base: str, device: torch.device, language_model: bool = True) -> 
     model, tok = load_any(base, device)
     merge_lora(model)
     return model, tok
+
+
+def _holding_out(task: Callable) -> Callable:
+    """A fine-tuning task that holds its --out run folder (``outputs.run_lock``) from its first check
+    to its last write (results after training): another lmforge process training there is refused.
+    Under torchrun only rank 0 (RANK=0, the rank that writes) holds it."""
+    import functools
+    import inspect
+    import os
+
+    from .outputs import run_lock
+
+    signature = inspect.signature(task)
+
+    @functools.wraps(task)
+    def held(*args, **kwargs):
+        out = signature.bind(*args, **kwargs).arguments["out"]
+        with run_lock(out, active=os.environ.get("RANK", "0") == "0"):
+            return task(*args, **kwargs)
+    return held
 
 
 def _steps(n_train: int, finetune: FinetuneConfig, train: TrainConfig) -> TrainConfig:
@@ -222,6 +243,7 @@ def predict_classes(model: GPT, ids: list[list[int]], pad_id: int, batch_size: i
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
+@_holding_out
 def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: FinetuneConfig = FinetuneConfig(),
                       train: TrainConfig = TrainConfig(lr=5e-5, warmup_steps=0), lora: LoRAConfig = LoRAConfig(),
                       text_column: str = "text", label_column: str = "label", balance: bool = False,
@@ -404,6 +426,7 @@ def _lm_eval(model: GPT, batches: list, dtype: torch.dtype) -> dict:
     return {"loss": res["loss"], "perplexity": res["perplexity"]} if res["tokens"] else {}
 
 
+@_holding_out
 def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: FinetuneConfig = FinetuneConfig(
         trainable="all", epochs=2.0, split=(0.85, 0.05, 0.10)), train: TrainConfig = TrainConfig(
         lr=5e-5, warmup_steps=0, batch_size=8), lora: LoRAConfig = LoRAConfig(), template: str = "alpaca",
@@ -498,6 +521,7 @@ def _reference_logprobs(model: GPT, pairs: tasks.PreferenceSet, pad_id: int, bat
     return torch.cat(out["chosen"]), torch.cat(out["rejected"])
 
 
+@_holding_out
 def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: FinetuneConfig = FinetuneConfig(
         trainable="all", epochs=1.0, split=(0.85, 0.05, 0.10)), train: TrainConfig = TrainConfig(
         lr=5e-6, warmup_steps=0, batch_size=8, weight_decay=0.01), lora: LoRAConfig = LoRAConfig(),

@@ -138,6 +138,56 @@ def staged_folder(out: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+# Run folders this process holds: resolved path -> [open folder descriptor, nesting depth].
+_HELD: dict[str, list[int]] = {}
+
+
+@contextlib.contextmanager
+def run_lock(run: str | os.PathLike, active: bool = True) -> Iterator[None]:
+    """Hold the run folder ``run`` while this process trains in it: another lmforge process that
+    would train, resume or start over there is refused, instead of mixing its checkpoints and logs
+    with this one's. The lock is the OS's (``flock`` on the folder), so a process that dies, even
+    by kill -9, holds nothing. Nested holds of one folder by one process are fine. A folder made
+    here is removed again if the work fails before writing anything into it. ``active=False`` (the
+    ranks other than 0, which do not write) holds nothing."""
+    run = Path(run)
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock, as before
+        fcntl = None
+    if not active or fcntl is None or (run.exists() and not run.is_dir()):
+        yield  # a file in the way is the caller's error to report
+        return
+    key = str(run.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    made = [p for p in (run, *run.parents) if not p.exists()]
+    run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OutputError(f"{run} is in use by another lmforge process that trains in it; wait until it ends, "
+                          "or choose another --out") from None
+    _HELD[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        os.close(fd)  # closing the descriptor releases the lock
+        for folder in made:  # innermost first: only folders this call made, and only while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
 _HINTS = {
     errno.ENOSPC: "the disk is full: free some space or write somewhere else",
     errno.EDQUOT: "the disk quota is used up: free some space or write somewhere else",
@@ -171,4 +221,4 @@ def remove_quietly(*paths: Path) -> None:
 
 
 __all__ = ["OutputError", "check_output", "fs_hint", "holds_a_run", "input_paths", "inside", "read_json_head", "remove_quietly",
-           "staged_folder", "write_error"]
+           "run_lock", "staged_folder", "write_error"]

@@ -182,10 +182,13 @@ def pretrain(data_dir: str | Path, out: str | Path, model_config: ModelConfig, t
     Under torchrun (``lmforge pretrain --devices N``), every rank runs this: each trains on its rows
     of every batch (``train.batch_size`` is the global batch), rank 0 alone prints and writes.
     """
+    from .outputs import run_lock
+
     ranks = distributed.init(train.dist_timeout, device)
     try:
-        return _pretrain(data_dir, out, model_config, train, resume, sample, prompts, device, progress,
-                         allow_changes, overwrite, ranks)
+        with run_lock(out, active=ranks.main):  # held from before --overwrite clears anything to the end
+            return _pretrain(data_dir, out, model_config, train, resume, sample, prompts, device, progress,
+                             allow_changes, overwrite, ranks)
     finally:
         distributed.close()
 

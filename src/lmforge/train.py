@@ -262,7 +262,20 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     With ``resume``, the newest complete checkpoint of ``run_dir`` is loaded and training goes on
     from its step; settings that differ from the stored ones are announced, and those that would
     change the result (anything but RESUMABLE) are refused unless ``allow_changes``.
+
+    While it trains, this process holds ``run_dir`` (``outputs.run_lock``): another lmforge process
+    that would train there at the same time is refused.
     """
+    from .outputs import run_lock
+
+    with run_lock(run_dir, active=distributed.current().main):
+        return _fit(model, batches, loss_fn, config, run_dir, evaluate, sample, resume, extra_config, progress,
+                    allow_changes, task)
+
+
+def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_dir: str | Path,
+         evaluate: Callable[[GPT, torch.dtype], dict[str, float]] | None, sample: Callable[[GPT, int], list[dict] | None] | None,
+         resume: bool, extra_config: dict | None, progress: bool, allow_changes: bool, task: str) -> FitResult:
     from tqdm import tqdm
 
     run = Path(run_dir)

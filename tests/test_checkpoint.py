@@ -575,3 +575,16 @@ def test_run_lock_is_reentrant_and_removes_only_the_folders_it_made_when_nothing
     with run_lock(target):
         (target / "config.json").write_text("{}")
     assert (target / "config.json").is_file()  # what was written stays
+
+
+def test_export_and_report_never_write_over_a_prepared_data_folder_even_with_overwrite(reference, tmp_path, capsys):
+    # Once --overwrite let export replace the shards' tokenizer.json and report their index.json.
+    data, full, _ = reference
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    before = _tree(copy)
+    err = _error(["export", str(full), "--to", "hf", "--out", str(copy), "--overwrite", "true"], capsys)
+    assert "is a prepared data folder, which only `lmforge prepare` writes" in err
+    err = _error(["report", str(full), "--out", str(copy / "index.json"), "--overwrite", "true"], capsys)
+    assert "is a file of a prepared data folder" in err
+    assert _tree(copy) == before

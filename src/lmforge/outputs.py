@@ -65,6 +65,13 @@ def inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def is_data_file(path: Path) -> bool:
+    """One of the files of a folder `lmforge prepare` wrote (its shards, index or tokenizer)."""
+    from .data import SHARD_FILES, is_shard_dir
+
+    return path.name in SHARD_FILES and path.parent.is_dir() and is_shard_dir(path.parent)
+
+
 def input_paths(specs: Iterable[str | os.PathLike]) -> list[Path]:
     """The existing paths among command inputs (names such as 'builtin' or a known model are skipped)."""
     return [Path(s) for s in specs if Path(s).exists()]
@@ -92,13 +99,16 @@ def check_output(out: str | os.PathLike, *, kind: str, what: str, own_kind: Call
         if any(w == src for w in written):
             raise OutputError(f"{flag} {out} would replace the input {given}; choose another path")
     folder = target if kind == "folder" else target.parent
-    if kind == "file" and folder.is_dir():
-        from .data import SHARD_FILES, is_shard_dir
+    if kind == "file" and is_data_file(target):
+        # The shards' tokenizer.json (or index) must stay the one they were made with.
+        raise OutputError(f"{flag} {out} is a file of the prepared data folder {folder}, which only "
+                          "`lmforge prepare` writes; choose another path")
+    if kind == "folder" and not own_kind(target):
+        from .data import is_shard_dir
 
-        if target.name in SHARD_FILES and is_shard_dir(folder):
-            # The shards' tokenizer.json (or index) must stay the one they were made with.
-            raise OutputError(f"{flag} {out} is a file of the prepared data folder {folder}, which only "
-                              "`lmforge prepare` writes; choose another path")
+        if is_shard_dir(target):  # even with --overwrite: its shards and tokenizer belong together
+            raise OutputError(f"{flag} {out} is a prepared data folder, which only `lmforge prepare` writes; "
+                              "choose another path")
     if holds_a_run(folder):
         raise OutputError(f"{flag} {out} is {'' if kind == 'folder' else 'in '}a training run directory, which "
                           "only `lmforge pretrain` writes (its checkpoints must stay resumable); choose another path")
@@ -220,5 +230,5 @@ def remove_quietly(*paths: Path) -> None:
             p.unlink()
 
 
-__all__ = ["OutputError", "check_output", "fs_hint", "holds_a_run", "input_paths", "inside", "read_json_head", "remove_quietly",
-           "run_lock", "staged_folder", "write_error"]
+__all__ = ["OutputError", "check_output", "fs_hint", "holds_a_run", "input_paths", "inside", "is_data_file",
+           "read_json_head", "remove_quietly", "run_lock", "staged_folder", "write_error"]

@@ -639,10 +639,13 @@ def is_report(path: str | Path) -> bool:
 
 
 def _check_out(run: Path, out: Path, plots_dir: Path, overwrite: bool) -> None:
-    from .outputs import OutputError, inside
+    from .outputs import OutputError, inside, is_data_file
 
     if out.is_dir():
         raise OutputError(f"--out {out} is a folder; give a file path such as {out / REPORT}")
+    if is_data_file(out.resolve()):
+        raise OutputError(f"--out {out} is a file of a prepared data folder, which only `lmforge prepare` writes; "
+                          "choose another path")
     foreign = (out.exists() or out.is_symlink()) and not is_report(out)
     # Inside the run every file but the report is an input (metrics, config, results, weights...).
     if foreign and (inside(out.absolute(), run.absolute()) or inside(out.resolve(), run.resolve())):

@@ -96,6 +96,18 @@ def test_unsupported_configs_are_named():
         from_hf_config({"model_type": "gpt2", "vocab_size": 10, "n_positions": 8, "n_layer": 1, "n_head": 1})
 
 
+LLAMA_CFG = {"model_type": "llama", "vocab_size": 10, "max_position_embeddings": 8, "hidden_size": 8,
+             "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 16}
+
+
+@pytest.mark.parametrize("edit", [{"vocab_size": "10"}, {"max_position_embeddings": None},
+                                  {"num_attention_heads": 0}, {"rope_theta": "abc"}])
+def test_a_config_value_of_the_wrong_type_or_range_is_a_convert_error(edit):
+    # Once internal errors: TypeError, ZeroDivisionError, ValueError
+    with pytest.raises(ConvertError, match="has a value of the wrong type or range"):
+        from_hf_config({**LLAMA_CFG, **edit})
+
+
 def test_pickle_checkpoints_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10, "n_positions": 8,
                                                       "n_embd": 8, "n_layer": 1, "n_head": 1}))

@@ -145,3 +145,30 @@ def test_export_is_recognised_and_a_failed_one_changes_nothing(tmp_path, monkeyp
         export_gguf(_random_llama(tok.vocab_size), tok, path, "f32")
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.gguf", "m.gguf"]  # the temporary file is gone
+
+
+@pytest.mark.parametrize("drop", ["llama.attention.head_count", "tokenizer.ggml.tokens"])
+def test_gguf_metadata_missing_a_count_or_the_tokens_is_a_one_line_error(tmp_path, drop):
+    import gguf
+
+    from lmforge.config import LmforgeError
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("block_count", 1), ("context_length", 32), ("embedding_length", 32),
+                       ("feed_forward_length", 64), ("vocab_size", 2), ("attention.head_count", 4)):
+        if f"llama.{key}" != drop:
+            w.add_uint32(f"llama.{key}", value)
+    w.add_tokenizer_model("gpt2")
+    if drop != "tokenizer.ggml.tokens":
+        w.add_token_list(["a", "b"])
+    w.add_tensor("token_embd.weight", np.zeros((2, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    from lmforge.gguf_io import _open, gguf_config, gguf_tokenizer
+
+    read = gguf_config if drop.startswith("llama.") else gguf_tokenizer
+    with pytest.raises(LmforgeError, match="metadata is missing or malformed"):  # once TypeError: int(None), list(None)
+        read(_open(path))

@@ -59,6 +59,9 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
         raise ConvertError(f"config.json lacks {e.args[0]!r}, which a {kind} config must have") from None
     except ConfigError as e:
         raise ConvertError(str(e)) from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # "400" for 400, null, 0 heads, "abc" for a number
+        raise ConvertError(f"config.json of this {kind} model has a value of the wrong type or range ({e}); "
+                           "it is damaged or hand-edited") from None
     raise ConvertError(f"model_type {kind!r} is not supported; lmforge reads gpt2 and llama-family checkpoints")
 
 

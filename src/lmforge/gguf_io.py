@@ -78,6 +78,14 @@ def _f32(x) -> float:
 
 
 def gguf_config(reader) -> ModelConfig:
+    try:
+        return _gguf_config(reader)
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # a missing count (None), 0 heads, a text for a number
+        raise ConvertError(f"this GGUF file's model metadata is missing or malformed ({type(e).__name__}: "
+                           f"{str(e)[:100]})") from None
+
+
+def _gguf_config(reader) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ConvertError(f"GGUF architecture {arch!r} is not supported; lmforge reads llama-architecture GGUF files")
@@ -100,6 +108,14 @@ def gguf_config(reader) -> ModelConfig:
 
 
 def gguf_tokenizer(reader, source: str = "gguf") -> Tokenizer:
+    try:
+        return _gguf_tokenizer(reader, source)
+    except (TypeError, ValueError) as e:  # no token list, a count that is not a number
+        raise TokenizerError(f"{source}: the tokenizer metadata is missing or malformed ({type(e).__name__}: "
+                             f"{str(e)[:100]})") from None
+
+
+def _gguf_tokenizer(reader, source: str) -> Tokenizer:
     from .hf_tokenizer import GPT2_DIGITS_PATTERN, from_vocab_and_merges
 
     model = _field(reader, "tokenizer.ggml.model")

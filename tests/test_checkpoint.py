@@ -588,3 +588,16 @@ def test_export_and_report_never_write_over_a_prepared_data_folder_even_with_ove
     err = _error(["report", str(full), "--out", str(copy / "index.json"), "--overwrite", "true"], capsys)
     assert "is a file of a prepared data folder" in err
     assert _tree(copy) == before
+
+
+def test_resume_with_another_optimizer_is_a_one_line_error_even_when_changes_are_allowed(reference, tmp_path,
+                                                                                        capsys):
+    _, full, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(full, run, symlinks=True)
+    before = _tree(run)
+    err = _error(["pretrain", "--out", str(run), "--resume", "true", "--train.max_steps", "12", "--train.optimizer",
+                  "muon", "--allow_changes", "true"], capsys)  # once an internal ValueError
+    assert "the optimizer state saved in" in err and "does not fit this run's optimizer (muon" in err
+    assert {k: v for k, v in _tree(run).items() if k != "metrics.jsonl"} == \
+        {k: v for k, v in before.items() if k != "metrics.jsonl"}

@@ -160,6 +160,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
                       metrics={name: v / config.grad_accum for name, v in sums.items()})
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 class _Silent:
     """The logger of ranks other than 0: they train and evaluate, rank 0 alone writes."""
 
@@ -324,7 +328,13 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
     trained = distributed.wrap(model, config.strategy, dtype)  # the model itself on one process
     optimizer = make_optimizer(model, config)  # after wrapping: FSDP2 replaces the parameters by their shards
     if state is not None:
-        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
+        try:
+            distributed.load_optimizer_state(model, optimizer, state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:  # other groups or shapes (--allow_changes let it through)
+            raise LmforgeError(f"the optimizer state saved in {folder} does not fit this run's optimizer "
+                               f"({config.optimizer}, {len(optimizer.param_groups)} parameter groups: "
+                               f"{_one_line(str(e))[:120]}); resume with the optimizer and trained parameters the run "
+                               "was started with") from None
     saved = start if resume else -1
 
     def checkpoint(step: int) -> None:

@@ -181,3 +181,25 @@ def test_export_is_recognised_and_a_failed_one_changes_nothing(tmp_path, monkeyp
         export_hf(GPT(ModelConfig.from_preset("gpt-nano", vocab_size=300, context_length=32)), out, tok)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier export, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e", "hf_gpt2"]  # no staging folder left
+
+
+@pytest.mark.parametrize("damage", ["nan", "inf", "int64"])
+def test_weights_that_are_not_finite_floats_are_refused_naming_the_tensor(tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    from lmforge.config import LmforgeError
+
+    torch.manual_seed(0)
+    out = export_hf(GPT(ModelConfig.from_preset("gpt-nano", vocab_size=300, context_length=32)), tmp_path / "e",
+                    _tiny_tokenizer())
+    weights = load_file(out / "model.safetensors")
+    name = sorted(weights)[3]
+    if damage == "int64":
+        weights[name] = weights[name].to(torch.int64)
+    else:
+        weights[name] = weights[name].clone()
+        weights[name].view(-1)[7] = float(damage)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    # Once these loaded and every score came out nan
+    with pytest.raises(LmforgeError, match="not floating point" if damage == "int64" else "NaN or infinite"):
+        load_hf(out)

@@ -322,6 +322,14 @@ def check_state(model: GPT, tensors: dict[str, torch.Tensor], source: str,
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise error(f"{source} has tensors this model lacks, e.g. {extra[0]!r}")
+    for k in expected:  # weights relabelled as integers, or NaN from a damaged file, would load and compute garbage
+        t = tensors[k]
+        if not t.is_floating_point():
+            raise error(f"{source}: tensor {k!r} is {str(t.dtype).removeprefix('torch.')}, not floating point; "
+                        "the file is damaged or was not written for this model")
+        if not bool(torch.isfinite(t).all()):
+            raise error(f"{source}: tensor {k!r} holds NaN or infinite values; the file is damaged (or was saved "
+                        "from a run that diverged)")
 
 
 def load_state_into(model: GPT, tensors: dict[str, torch.Tensor], source: str, trained_only: bool = False) -> None:

@@ -12,7 +12,9 @@ import pytest
 from lmforge.config import TokenizerConfig
 from lmforge.tokenizer import Tokenizer
 
-WORDS = r"\S+"  # one regex piece per whitespace-separated word: no leading-space pieces to reason about
+# One regex piece per whitespace-separated word, and the white space apart (a piece with no pairs): no
+# leading-space pieces to reason about, and no text dropped (a pattern must cover all text)
+WORDS = r"\S+|\s+"
 
 
 def _merges(tok: Tokenizer) -> list[bytes]:

@@ -360,6 +360,12 @@ BYTES = {bytes([b]): b for b in range(256)}
     (r"(?r)\w+|\s+", "tokenizer: the pre-tokenization pattern '(?r)\\\\w+|\\\\s+' is valid for Python's regex module "
                      "but not for tiktoken's engine, which the fast path runs (Parsing error at position 2: Unknown "
                      "group flag: (?r); use one of gpt2, gpt4 or an expression both accept"),
+    # Once accepted: encoding silently dropped what no piece matched ("Hello, world" -> "Helloworld")
+    (r"\w+", "tokenizer: the pre-tokenization pattern '\\\\w+' does not match every character (it leaves out ',', "
+             "for one), so encoding would drop text; use one of gpt2, gpt4 or an expression whose pieces cover all text"),
+    (r"(?<=a+)b", "tokenizer: the pre-tokenization pattern '(?<=a+)b' does not match every character (it leaves out "
+                  "'H', for one), so encoding would drop text; use one of gpt2, gpt4 or an expression whose pieces "
+                  "cover all text"),
 ])
 def test_pattern_messages_are_exact(pattern, message):
     with pytest.raises(TokenizerError) as e:

@@ -127,6 +127,12 @@ def split_long_runs(text: str) -> list[str]:
     return [text[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
+# Letters, digits, punctuation, symbols, every kind of white space, accents, CJK and an emoji: a
+# pre-tokenization pattern must split this into pieces that put it back together, or text is lost.
+_COVERAGE_PROBE = ("Hello, world! It's 2024: naïve café, 東京 🙂 x_y-z.\n\n\tA  b\r\n$%^&*()[]{}<>?/\\|`~\"'+=;"
+                   " \u00a0\u2028\x00\x7f end  ")
+
+
 def compile_pattern(pattern: str, source: str = "tokenizer") -> "regex.Pattern[str]":
     """The pre-tokenization regex (a name in ``PATTERNS`` or a regular expression), or a one-line error."""
     pattern = PATTERNS.get(pattern, pattern)
@@ -148,6 +154,12 @@ def compile_pattern(pattern: str, source: str = "tokenizer") -> "regex.Pattern[s
         raise TokenizerError(f"{source}: the pre-tokenization pattern {shown!r} is valid for Python's regex module "
                              f"but not for tiktoken's engine, which the fast path runs ({problem}); use one of "
                              f"{', '.join(PATTERNS)} or an expression both accept")
+    pieces = "".join(m.group(0) for m in compiled.finditer(_COVERAGE_PROBE))
+    if pieces != _COVERAGE_PROBE:  # what no piece matches is silently dropped when encoding
+        lost = next((c for c in _COVERAGE_PROBE if c not in pieces), None)
+        raise TokenizerError(f"{source}: the pre-tokenization pattern {shown!r} does not match every character "
+                             f"(it leaves out {lost!r}, for one), so encoding would drop text; use one of "
+                             f"{', '.join(PATTERNS)} or an expression whose pieces cover all text")
     return compiled
 
 

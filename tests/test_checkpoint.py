@@ -601,3 +601,19 @@ def test_resume_with_another_optimizer_is_a_one_line_error_even_when_changes_are
     assert "the optimizer state saved in" in err and "does not fit this run's optimizer (muon" in err
     assert {k: v for k, v in _tree(run).items() if k != "metrics.jsonl"} == \
         {k: v for k, v in before.items() if k != "metrics.jsonl"}
+
+
+def test_shards_holding_ids_beyond_the_vocabulary_are_a_one_line_error(reference, tmp_path, capsys):
+    import numpy as np
+
+    data, full, _ = reference
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    shard = np.fromfile(copy / "train.bin", dtype=np.uint16)
+    shard[:] = 65535  # damaged, or written by another tokenizer (the size still fits the index)
+    shard.tofile(copy / "train.bin")
+    for args in (["pretrain", "--data", str(copy), "--out", str(tmp_path / "run"), *ARGS],
+                 ["eval", str(full), "--data", str(copy), "--split", "train"]):
+        assert main(args) == 2  # once: internal error, IndexError: index out of range in self
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar of the steps begun
+        assert last.startswith("lmforge: error: token id 65535 is outside this model's vocabulary of"), last

@@ -28,7 +28,7 @@ from .attention import (
     padded_positions_and_mask,
     rms_normalize,
 )
-from .config import ModelConfig
+from .config import LmforgeError, ModelConfig
 from .fused_ce import (
     IGNORE_INDEX,
     cross_entropy_reference,
@@ -176,6 +176,15 @@ class GPT(nn.Module):
         see a key) lays rows out as the caller likes, without a cache: several sequences that share
         a prefix packed into one row (multiple-choice scoring)."""
         b, t = idx.shape
+        if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
+            # An id past the table would be an IndexError deep in the embedding (on a GPU, a device assert);
+            # on the CPU the check costs nothing next to the model.
+            top = int(idx.max())
+            if top >= self.config.vocab_size or int(idx.min()) < 0:
+                bad = top if top >= self.config.vocab_size else int(idx.min())
+                raise LmforgeError(f"token id {bad} is outside this model's vocabulary of {self.config.vocab_size} "
+                                   "ids: the ids were made with another tokenizer, or their data files are damaged "
+                                   "(prepare them again)")
         static = kv_cache is not None and kv_cache.static
         start = kv_cache.pos if kv_cache is not None and not static else 0
         positions = mask = None

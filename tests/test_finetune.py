@@ -781,3 +781,35 @@ def test_fine_tuning_into_a_run_another_process_trains_in_is_refused(base, tmp_p
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_resumed_fine_tuning_run_keeps_its_own_settings_and_finishes_a_run_killed_after_training(base, tmp_path,
+                                                                                                  capsys):
+    from lmforge.cli import main
+
+    data = _spam_file(tmp_path / "sms.tsv", n=24)
+    run = tmp_path / "run"
+    first = ["finetune", "classify", "--base", str(base), "--data", str(data), "--out", str(run), "--text_column", "1",
+             "--label_column", "0", "--finetune.epochs", "2", "--finetune.trainable", "lora", "--lora.rank", "2",
+             "--train.batch_size", "4", "--train.lr", "1e-3", "--train.dtype", "float32", "--train.save_interval", "2"]
+    assert main(first) == 0
+    results = json.loads((run / "results.json").read_text())
+    steps = results["steps"]
+    # A kill after the last checkpoint but before the results: once "already finished ...; raise
+    # --train.max_steps", which fine-tuning ignores, so the run could never be finished
+    for name in ("results.json", "confusion.png"):
+        (run / name).unlink()
+    resume = ["finetune", "classify", "--base", str(base), "--data", str(data), "--out", str(run), "--resume", "true"]
+    capsys.readouterr()
+    assert main(resume) == 0  # its own columns, epochs, LoRA, batch and rate: once all refused as changes
+    assert "already took all its" in capsys.readouterr().out
+    again = json.loads((run / "results.json").read_text())
+    assert again["steps"] == steps and again["test"] == results["test"] and (run / "confusion.png").is_file()
+    # a setting given again that differs is still refused, and --allow_changes (once not a fine-tuning flag) lets it be
+    assert main(resume + ["--finetune.epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "finetune.epochs 2.0 -> 3.0" in err and "--allow_changes" in err
+    assert main(resume + ["--finetune.epochs", "3", "--allow_changes", "true"]) == 0
+    assert json.loads((run / "results.json").read_text())["steps"] > steps
+    assert main(first[:-2] + ["--train.max_steps", "3", "--overwrite", "true"]) == 2  # once silently ignored
+    assert "give --finetune.epochs instead of --train.max_steps" in capsys.readouterr().err

@@ -8,6 +8,7 @@ line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -153,6 +154,8 @@ def _parser():  # built once per process: building it parses every config docstr
         p.add_argument("--out", type=str, required=True, help="run directory (weights or adapters, config, metrics)")
         p.add_argument("--resume", type=bool, default=False, help="continue the run in --out from its newest checkpoint")
         p.add_argument("--overwrite", type=bool, default=False, help="start over in an --out that holds a run")
+        p.add_argument("--allow_changes", type=bool, default=False,
+                       help="with --resume: continue even with settings that differ from the run's own")
         p.add_class_arguments(FinetuneConfig, "finetune")
         p.add_class_arguments(LoRAConfig, "lora")
         p.add_class_arguments(TrainConfig, "train")
@@ -400,7 +403,8 @@ def _run(argv: list[str]) -> int:
                            "file") from None
     cmd = cfg.command
     a = cfg[cmd]
-    given = root.parse_args(argv, defaults=False)[cmd] if cmd == "pretrain" else None  # only what was given
+    # only what was given (a resumed run keeps its own settings for the rest)
+    given = root.parse_args(argv, defaults=False)[cmd] if cmd in ("pretrain", "finetune") else None
     if cmd == "pretrain" and a.resume and given.get("recipe"):
         raise LmforgeError("--recipe sets up a new run; a resumed run keeps the settings it was trained with "
                            "(drop --recipe, or change one setting with its --model.* / --train.* flag)")
@@ -442,7 +446,7 @@ def _run(argv: list[str]) -> int:
                                     prompts=tuple(a.prompts), allow_changes=a.allow_changes, overwrite=a.overwrite)
         _print_summary(summary)
     elif cmd == "finetune":
-        _finetune(a)
+        _finetune(a, given)
     elif cmd == "classify":
         _classify(a)
     elif cmd == "merge-lora":
@@ -519,35 +523,88 @@ def _run(argv: list[str]) -> int:
     return 0
 
 
-def _finetune(a) -> None:
+def _finetune(a, given) -> None:
     from . import distributed
 
     try:
-        _finetune_task(a)
+        _finetune_task(a, given)
     finally:
         distributed.close()  # under torchrun: the job's process group, joined by the task
 
 
-def _finetune_task(a) -> None:
+# The options of each fine-tuning task that its run config records (under these keys), beside the
+# finetune / train / lora groups: what a resumed run takes from its config unless given again.
+_TASK_SETTINGS = {"classify": ("text_column", "label_column", "balance", "pad_to"),
+                  "instruct": ("template", "mask_prompt"), "dpo": ("template", "beta")}
+
+
+def _stored_task_setting(stored: dict, name: str):
+    if name in ("text_column", "label_column"):
+        return stored.get("columns", {}).get(name.removesuffix("_column"))
+    return stored.get(name)
+
+
+def _finetune_settings(a, given) -> tuple[dict, dict]:
+    """The finetune / train / lora configs and the task's own options of a fine-tuning command. A
+    resumed run takes every setting from its own config except the ones given again, as pretraining
+    does; a setting given again that differs is then what the resume check reports."""
+    from .checkpoint import read_run_config
+
+    o, g = a[a.task], (given or {}).get(a.task) or {}
+    if "max_steps" in _given(g.get("train")):
+        raise LmforgeError("fine-tuning runs for --finetune.epochs epochs and sets the step count from them; "
+                           "give --finetune.epochs instead of --train.max_steps")
+    configs = dict(finetune=_config(FinetuneConfig, o.finetune), train=_config(TrainConfig, o.train),
+                   lora=_config(LoRAConfig, o.lora))
+    options = {name: o[name] for name in _TASK_SETTINGS[a.task]}
+    stored = None
+    if o.resume:
+        try:
+            stored = read_run_config(o.out)
+        except LmforgeError:
+            stored = None  # no run to resume: fit says so
+    if stored is not None and stored.get("task") == a.task:
+        def keep(cls, name: str, stored_values: dict) -> object:
+            known = {f.name for f in dataclasses.fields(cls)}
+            values = {k: v for k, v in stored_values.items() if k in known}
+            try:
+                return cls(**{**values, **_given(g.get(name))})
+            except (TypeError, ValueError) as e:
+                raise LmforgeError(f"the settings stored in {o.out} cannot be read ({e}); start a new run") from None
+        configs["finetune"] = keep(FinetuneConfig, "finetune", stored.get("finetune") or {})
+        configs["train"] = keep(TrainConfig, "train", stored.get("train") or {})
+        lora = stored.get("lora")
+        if lora:  # recorded as the layers it adapts: their kinds are the targets
+            layers = lora.get("layers", [])
+            targets = tuple(t for t, part in (("attn", ".attn."), ("mlp", ".mlp."), ("head", "lm_head"))
+                            if any(part in name for name in layers))
+            configs["lora"] = keep(LoRAConfig, "lora", {"rank": lora.get("rank"), "alpha": lora.get("alpha"),
+                                                        "dropout": lora.get("dropout"), "targets": targets})
+        for name in options:
+            if name not in g and _stored_task_setting(stored, name) is not None:
+                options[name] = _stored_task_setting(stored, name)
+    if configs["finetune"].trainable != "lora" and configs["lora"] != LoRAConfig():
+        raise LmforgeError(f"--lora.* settings were given, but --finetune.trainable is "
+                           f"{configs['finetune'].trainable!r}, which adds no adapters; add --finetune.trainable lora")
+    return configs, options
+
+
+def _finetune_task(a, given) -> None:
     from . import finetune
 
     task = a.task
     o = a[task]
-    common = dict(finetune=_config(FinetuneConfig, o.finetune), train=_config(TrainConfig, o.train),
-                  lora=_config(LoRAConfig, o.lora), resume=o.resume, overwrite=o.overwrite)
-    if common["finetune"].trainable != "lora" and common["lora"] != LoRAConfig():
-        raise LmforgeError(f"--lora.* settings were given, but --finetune.trainable is "
-                           f"{common['finetune'].trainable!r}, which adds no adapters; add --finetune.trainable lora")
+    configs, options = _finetune_settings(a, given)
+    common = dict(**configs, resume=o.resume, overwrite=o.overwrite, allow_changes=o.allow_changes)
     if task == "classify":
-        res = finetune.finetune_classify(o.base, o.data, o.out, text_column=o.text_column,
-                                         label_column=o.label_column, balance=o.balance, pad_to=o.pad_to, **common)
+        res = finetune.finetune_classify(o.base, o.data, o.out, **options, **common)
         for split in ("val", "test"):
             if split in res:
                 print(f"{split} accuracy {res[split]['accuracy']:.4f} ({res[split]['n']} texts), "
                       f"macro F1 {res[split]['macro_f1']:.4f}")
     elif task == "instruct":
-        res = finetune.finetune_instruct(o.base, o.data, o.out, template=o.template, mask_prompt=o.mask_prompt,
-                                         respond_test=o.respond_test, max_new_tokens=o.max_new_tokens, **common)
+        res = finetune.finetune_instruct(o.base, o.data, o.out, respond_test=o.respond_test,
+                                         max_new_tokens=o.max_new_tokens, **options, **common)
         for when in ("before", "after"):
             r = res.get(when)
             if r:
@@ -555,7 +612,7 @@ def _finetune_task(a) -> None:
                 shown = "none (no validation records)" if val is None else f"{val:.4f}"
                 print(f"{when}: val loss {shown}" + (f", test ROUGE-L {r['rouge_l']:.4f}" if "rouge_l" in r else ""))
     else:
-        res = finetune.finetune_dpo(o.base, o.data, o.out, template=o.template, beta=o.beta, **common)
+        res = finetune.finetune_dpo(o.base, o.data, o.out, **options, **common)
         for when in ("before", "after"):
             r = res.get(when)
             if r and "loss" in r:  # nothing to report without validation pairs

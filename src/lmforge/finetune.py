@@ -247,7 +247,7 @@ def predict_classes(model: GPT, ids: list[list[int]], pad_id: int, batch_size: i
 def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: FinetuneConfig = FinetuneConfig(),
                       train: TrainConfig = TrainConfig(lr=5e-5, warmup_steps=0), lora: LoRAConfig = LoRAConfig(),
                       text_column: str = "text", label_column: str = "label", balance: bool = False,
-                      pad_to: int | None = None, resume: bool = False, overwrite: bool = False,
+                      pad_to: int | None = None, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
                       progress: bool = True, device: str | None = None) -> dict:
     """Fine-tune ``base`` to classify the texts of ``data`` (a file, or a known data set's name);
     returns the metrics of every split."""
@@ -306,7 +306,8 @@ def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: Fi
              "columns": {"text": text_column, "label": label_column}, "balance": balance, "pad_to": pad_to}
     _begin(run, data, tok, resume, overwrite, train, model)
     result = fit(model, batches, classification_loss, train, run, evaluate=evaluate, resume=resume,
-                 extra_config=extra, progress=progress, task="classify")
+                 extra_config=extra, progress=progress, task="classify",
+                 allow_changes=allow_changes, finished_ok=True)
     dtype = resolve_dtype(train.dtype, dev)
     results = {"task": "classify", "steps": result.step, "seconds": result.seconds, "truncated": truncated}
     for name in ("train", "val", "test"):
@@ -431,7 +432,7 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
         trainable="all", epochs=2.0, split=(0.85, 0.05, 0.10)), train: TrainConfig = TrainConfig(
         lr=5e-5, warmup_steps=0, batch_size=8), lora: LoRAConfig = LoRAConfig(), template: str = "alpaca",
         mask_prompt: bool = False, respond_test: int | None = None, max_new_tokens: int = 128,
-        resume: bool = False, overwrite: bool = False, progress: bool = True, device: str | None = None) -> dict:
+        resume: bool = False, overwrite: bool = False, allow_changes: bool = False, progress: bool = True, device: str | None = None) -> dict:
     """Instruction-tune ``base`` on Alpaca / chat records; returns validation loss and test ROUGE-L,
     before and after, and writes the test responses to ``responses.json``."""
     if respond_test is not None and respond_test < 0:
@@ -482,7 +483,8 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
     if not resume:  # a resumed run has its own (written when it began); a refused resume writes nothing
         _write_before(run, results["before"])
     result = fit(model, batches, next_token_loss, train, run, evaluate=lambda m, d: _lm_eval(m, val_batches, d),
-                 resume=resume, extra_config=extra, progress=progress, task="instruct")
+                 resume=resume, extra_config=extra, progress=progress, task="instruct",
+                 allow_changes=allow_changes, finished_ok=True)
     if resume and _read_before(run) is None:
         _write_before(run, results["before"])
     results.update(steps=result.step, seconds=result.seconds)
@@ -525,7 +527,7 @@ def _reference_logprobs(model: GPT, pairs: tasks.PreferenceSet, pad_id: int, bat
 def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: FinetuneConfig = FinetuneConfig(
         trainable="all", epochs=1.0, split=(0.85, 0.05, 0.10)), train: TrainConfig = TrainConfig(
         lr=5e-6, warmup_steps=0, batch_size=8, weight_decay=0.01), lora: LoRAConfig = LoRAConfig(),
-        template: str = "alpaca", beta: float = 0.1, resume: bool = False, overwrite: bool = False,
+        template: str = "alpaca", beta: float = 0.1, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
         progress: bool = True, device: str | None = None) -> dict:
     """Preference-tune ``base`` with DPO on prompt / chosen / rejected records; returns the
     validation loss, rewards and reward margin before and after."""
@@ -589,7 +591,8 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
     if not resume:  # a resumed run has its own (written when it began); a refused resume writes nothing
         _write_before(run, results["before"])
     result = fit(model, batches, loss_fn, train, run, evaluate=evaluate, resume=resume, extra_config=extra,
-                 progress=progress, task="dpo")
+                 progress=progress, task="dpo",
+                 allow_changes=allow_changes, finished_ok=True)
     if resume and _read_before(run) is None:
         _write_before(run, results["before"])
     results.update(steps=result.step, seconds=result.seconds, after=evaluate(model, dtype))

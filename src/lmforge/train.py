@@ -250,7 +250,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
         evaluate: Callable[[GPT, torch.dtype], dict[str, float]] | None = None,
         sample: Callable[[GPT, int], list[dict] | None] | None = None, resume: bool = False,
         extra_config: dict | None = None, progress: bool = True, allow_changes: bool = False,
-        task: str = "pretrain") -> FitResult:
+        task: str = "pretrain", finished_ok: bool = False) -> FitResult:
     """Train ``model`` in place for ``config.max_steps`` optimiser steps, writing to ``run_dir``.
 
     ``evaluate(model, dtype)`` returns any metrics (logged as ``val_<name>``); ``sample(model, step)``
@@ -265,7 +265,9 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
 
     With ``resume``, the newest complete checkpoint of ``run_dir`` is loaded and training goes on
     from its step; settings that differ from the stored ones are announced, and those that would
-    change the result (anything but RESUMABLE) are refused unless ``allow_changes``.
+    change the result (anything but RESUMABLE) are refused unless ``allow_changes``. Resuming a run
+    that already took all its steps is an error, or with ``finished_ok`` (fine-tuning, whose results
+    are written after training: a kill may have come between) returns at once with its weights loaded.
 
     While it trains, this process holds ``run_dir`` (``outputs.run_lock``): another lmforge process
     that would train there at the same time is refused.
@@ -274,12 +276,13 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
 
     with run_lock(run_dir, active=distributed.current().main):
         return _fit(model, batches, loss_fn, config, run_dir, evaluate, sample, resume, extra_config, progress,
-                    allow_changes, task)
+                    allow_changes, task, finished_ok)
 
 
 def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_dir: str | Path,
          evaluate: Callable[[GPT, torch.dtype], dict[str, float]] | None, sample: Callable[[GPT, int], list[dict] | None] | None,
-         resume: bool, extra_config: dict | None, progress: bool, allow_changes: bool, task: str) -> FitResult:
+         resume: bool, extra_config: dict | None, progress: bool, allow_changes: bool, task: str,
+         finished_ok: bool) -> FitResult:
     from tqdm import tqdm
 
     run = Path(run_dir)
@@ -307,6 +310,9 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
         load_state_into(model, tensors, str(folder / WEIGHTS), trained_only=extra_config.get("weights") == "trained")
         state = load_trainer_state(folder, int(meta.get("step", -1)))
         start, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
+        if start >= config.max_steps and finished_ok:
+            print(f"{run} already took all its {start} steps; finishing what comes after training")
+            return FitResult(step=start, last_loss=float("nan"), tokens=tokens, seconds=elapsed, stopped_early=False)
         if start >= config.max_steps:
             raise LmforgeError(f"{run} already finished {start} of {config.max_steps} steps; raise --train.max_steps "
                                "to train further")

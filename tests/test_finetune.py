@@ -813,3 +813,29 @@ def test_a_resumed_fine_tuning_run_keeps_its_own_settings_and_finishes_a_run_kil
     assert json.loads((run / "results.json").read_text())["steps"] > steps
     assert main(first[:-2] + ["--train.max_steps", "3", "--overwrite", "true"]) == 2  # once silently ignored
     assert "give --finetune.epochs instead of --train.max_steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("record, field, shown", [
+    ({"text": None, "label": "ham"}, "text", "null"), ({"text": "hi", "label": float("nan")}, "label", "nan"),
+    ({"text": ["a"], "label": "ham"}, "text", "list"),
+])
+def test_a_json_text_or_label_that_is_not_text_is_named_not_trained_on_as_none(tmp_path, record, field, shown):
+    # Once these became the texts "None", "nan" and "['a']"
+    from lmforge.tasks import DataError, read_labelled
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "fine", "label": 1}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=rf"record 1: the field '{field}' is {shown}, not text"):
+        read_labelled(path)
+    path.write_text(json.dumps({"text": "fine", "label": 1}) + "\n")
+    assert read_labelled(path) == [("fine", "1")]  # a number as a label is its text
+
+
+def test_preference_and_instruction_fields_that_are_not_text_are_named(tmp_path):
+    from lmforge.tasks import DataError, encode_preferences, instruction_of
+
+    with pytest.raises(DataError, match="record 3: the field 'instruction' is null"):
+        instruction_of({"instruction": None, "output": "x"}, "d.json, record 3")
+    tok = Tokenizer.train([TEXT], TokenizerConfig(vocab_size=260))
+    with pytest.raises(DataError, match="record 0: the field 'rejected' is null"):
+        encode_preferences([{"instruction": "a", "chosen": "b", "rejected": None}], tok, "alpaca", 512, "p.json")

@@ -78,6 +78,18 @@ def _column(header: list[str] | None, name: str, path: Path, first: list[str]) -
     return header.index(name)
 
 
+def field_text(value: object, where: str, name: str) -> str:
+    """A JSON field used as text: a string, or a number or boolean written out (labels such as 0 / 1);
+    null, NaN, a list or an object is an error naming the record and the field (once they became the
+    texts "None", "nan" or "[...]" and were trained on)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+        return str(value)
+    shown = "null" if value is None else type(value).__name__ if isinstance(value, (list, dict)) else repr(value)
+    raise DataError(f"{where}: the field {name!r} is {shown}, not text; give it a text (or leave the record out)")
+
+
 def read_labelled(path: str | Path, text_column: str = "text", label_column: str = "label") -> list[tuple[str, str]]:
     """(text, label) rows of a CSV, TSV, JSON or JSONL file. Columns are named (a header row, or the
     keys of JSON objects) or numbered from 0 (a CSV / TSV file without a header)."""
@@ -89,7 +101,9 @@ def read_labelled(path: str | Path, text_column: str = "text", label_column: str
             if missing:
                 raise DataError(f"{path}, record {i} has no field {missing[0]!r} (it has: {', '.join(rec)}); "
                                 "name the fields with --text_column / --label_column")
-            rows.append((str(rec[text_column]), str(rec[label_column])))
+            where = f"{path}, record {i}"
+            rows.append((field_text(rec[text_column], where, text_column),
+                         field_text(rec[label_column], where, label_column)))
         return _checked(rows, path, "record")
     if not path.is_file():
         raise DataError(f"no data file at {path}")
@@ -230,7 +244,9 @@ def instruction_of(record: dict, where: str) -> tuple[str, str, str | None]:
         raise DataError(f"{where} has neither 'instruction' (Alpaca format) nor 'messages' (chat format); "
                         f"it has: {', '.join(record) or 'no fields'}")
     output = record.get("output")
-    return str(record["instruction"]), str(record.get("input") or ""), None if output is None else str(output)
+    return (field_text(record["instruction"], where, "instruction"),
+            "" if record.get("input") is None else field_text(record["input"], where, "input"),
+            None if output is None else field_text(output, where, "output"))
 
 
 def check_template(template: str) -> None:
@@ -355,7 +371,7 @@ def encode_preferences(records: Sequence[dict], tokenizer, template: str, max_le
             raise DataError(f"{source}, record {i} has no {missing[0]!r} field (preference data needs a prompt "
                             "(instruction / input, or prompt), chosen and rejected)")
         if "prompt" in rec and "instruction" not in rec:
-            instruction, input_text = str(rec["prompt"]), ""
+            instruction, input_text = field_text(rec["prompt"], f"{source}, record {i}", "prompt"), ""
         else:
             instruction, input_text, _ = instruction_of(rec, f"{source}, record {i}")
         prompt = tokenizer.encode(format_prompt(instruction, input_text, template, tokenizer), allowed_special="all")
@@ -364,7 +380,7 @@ def encode_preferences(records: Sequence[dict], tokenizer, template: str, max_le
             continue
         pair = []
         for key in ("chosen", "rejected"):
-            full = prompt + plain_ids(tokenizer, str(rec[key])) + end
+            full = prompt + plain_ids(tokenizer, field_text(rec[key], f"{source}, record {i}", key)) + end
             if len(full) > max_length + 1:  # as encode_instructions: the collate function cuts to max_length
                 full, truncated = full[:max_length + 1], truncated + 1
             pair.append(full)

@@ -156,6 +156,19 @@ def test_a_consistent_but_wrong_checkpoint_is_refused_in_one_line(reference, tmp
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert "truncated or corrupted" in _error(["pretrain", "--out", str(run), "--resume", "true",
                                                "--train.max_steps", "10"], capsys)
+    # The same as a protocol-4 pickle, which torch warned about in two lines before the error
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil = pickle.dumps(Evil(), protocol=4)
+    (folder / "trainer_state.pt").write_bytes(evil)
+    manifest["files"]["trainer_state.pt"] = {"bytes": len(evil), "sha256": hashlib.sha256(evil).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert "truncated or corrupted" in _error(["pretrain", "--out", str(run), "--resume", "true",
+                                               "--train.max_steps", "10"], capsys)  # one line, nothing run
 
 
 def test_resume_keeps_the_runs_settings_and_refuses_changes(reference, tmp_path, capsys):

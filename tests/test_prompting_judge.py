@@ -224,6 +224,9 @@ def test_bad_judge_and_prompt_settings_are_one_line_errors(base, tmp_path):
     for kw in ({"limit": -1}, {"test_limit": 0}):
         with pytest.raises(LmforgeError, match="--limit must be at least 3 and --test_limit at least 1"):
             evaluate_prompting(str(base), data, "1", "0", progress=False, **kw)
+    for split in ((-1, 0, 2), (0.5, 0.5, 0.5)):  # once split as given: a confusing label error, or a silent mis-split
+        with pytest.raises(LmforgeError, match=r"--split must be three fractions \(train, val, test\) that sum to 1"):
+            evaluate_prompting(str(base), data, "1", "0", split=split, progress=False)
 
 
 def test_a_null_answer_from_the_judge_is_no_score(judge_server, tmp_path):

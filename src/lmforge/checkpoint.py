@@ -28,6 +28,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -451,7 +452,9 @@ def load_trainer_state(folder: str | os.PathLike, weights_step: int) -> dict:
         raise CheckpointError(f"{path} is missing: this checkpoint holds weights only and cannot be resumed; "
                               "start without --resume")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a file torch finds odd warns first; the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged zip / pickle
         raise CheckpointError(f"{path} is truncated or corrupted ({type(e).__name__}); "
                               "start the run again without --resume") from None

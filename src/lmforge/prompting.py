@@ -74,6 +74,8 @@ def evaluate_prompting(model_spec: str, data: str | Path, text_column: str = "te
         raise LmforgeError(f"--shots must be >= 0, got {shots}")
     if limit is not None and limit < 3 or test_limit is not None and test_limit < 1:
         raise LmforgeError("--limit must be at least 3 and --test_limit at least 1 (or left out: all)")
+    if not (len(split) == 3 and all(f >= 0 for f in split) and split[0] > 0 and abs(sum(split) - 1.0) < 1e-6):
+        raise LmforgeError(f"--split must be three fractions (train, val, test) that sum to 1, got {list(split)}")
     if (text_column, label_column) == ("text", "label") and str(data) in KNOWN_COLUMNS:
         text_column, label_column = KNOWN_COLUMNS[str(data)]
     rows = tasks.read_labelled(resolve_data(data), text_column, label_column)

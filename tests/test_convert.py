@@ -203,3 +203,12 @@ def test_weights_that_are_not_finite_floats_are_refused_naming_the_tensor(tmp_pa
     # Once these loaded and every score came out nan
     with pytest.raises(LmforgeError, match="not floating point" if damage == "int64" else "NaN or infinite"):
         load_hf(out)
+
+
+def test_a_query_key_or_value_tensor_of_a_layer_the_config_lacks_is_refused():
+    from lmforge.convert import from_hf_state
+
+    cfg = from_hf_config(LLAMA_CFG)  # one layer
+    extra = {"model.layers.99.self_attn.q_proj.weight": torch.zeros(8, 8)}  # once silently dropped
+    with pytest.raises(ConvertError, match="'model.layers.99.self_attn.q_proj.weight' belongs to no layer of the 1"):
+        from_hf_state(extra, cfg)

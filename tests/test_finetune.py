@@ -839,3 +839,18 @@ def test_preference_and_instruction_fields_that_are_not_text_are_named(tmp_path)
     tok = Tokenizer.train([TEXT], TokenizerConfig(vocab_size=260))
     with pytest.raises(DataError, match="record 0: the field 'rejected' is null"):
         encode_preferences([{"instruction": "a", "chosen": "b", "rejected": None}], tok, "alpaca", 512, "p.json")
+
+
+def test_a_fine_tuning_run_killed_before_its_first_checkpoint_can_be_started_again(base, tmp_path):
+    # What a kill in the first seconds leaves: once "not empty and is not an lmforge run directory"
+    from lmforge.finetune import finetune_instruct
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tokenizer.json").write_bytes((base / "tokenizer.json").read_bytes())
+    (run / "before.json").write_text('{"val": {}}')
+    (run / "metrics.jsonl").write_text("")
+    res = finetune_instruct(str(base), _instruction_file(tmp_path / "i.json", n=24), run,
+                            FinetuneConfig(trainable="all", epochs=1, split=(0.5, 0.25, 0.25)),
+                            TrainConfig(batch_size=8, dtype="float32"), respond_test=0, progress=False)
+    assert res["steps"] >= 1 and (run / "results.json").is_file()

@@ -205,7 +205,9 @@ def verify_checkpoint(folder: Path) -> str | None:
 
 # What lmforge writes at the top of a run: training's files, the loggers' folders and the report.
 RUN_FILES = frozenset({CONFIG, WEIGHTS, STATE, TOKENIZER, METRICS, CHECKPOINTS, "loss.png", "tensorboard", "wandb",
-                       "report.html", "report-plots", "evaluations.json"})
+                       "report.html", "report-plots", "evaluations.json",
+                       # what fine-tuning writes beside them: scores before and after, answers, the confusion matrix
+                       "before.json", "results.json", "responses.json", "confusion.png"})
 
 
 def is_own_temp_file(name: str) -> bool:
@@ -271,7 +273,8 @@ def find_checkpoint(run_dir: str | os.PathLike, warn: bool = True) -> Path:
     if is_unstarted_run(run):
         raise CheckpointError(f"{run} has no checkpoint yet (training stopped before its first save); "
                               "start it again: the same command without --resume")
-    raise CheckpointError(f"{run} is not a run directory (no {CONFIG}); give the --out folder of `lmforge pretrain`")
+    raise CheckpointError(f"{run} is not a run directory (no {CONFIG}); give the --out folder of `lmforge pretrain` "
+                          "or `lmforge finetune`")
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict:
@@ -280,7 +283,8 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     folder = run if (run / MANIFEST).is_file() else find_checkpoint(run)
     path = folder / CONFIG
     if not path.is_file():
-        raise CheckpointError(f"{run} is not a run directory (no {CONFIG}); give the --out folder of `lmforge pretrain`")
+        raise CheckpointError(f"{run} is not a run directory (no {CONFIG}); give the --out folder of `lmforge pretrain` "
+                          "or `lmforge finetune`")
     try:
         cfg = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):

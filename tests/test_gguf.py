@@ -172,3 +172,16 @@ def test_gguf_metadata_missing_a_count_or_the_tokens_is_a_one_line_error(tmp_pat
     read = gguf_config if drop.startswith("llama.") else gguf_tokenizer
     with pytest.raises(LmforgeError, match="metadata is missing or malformed"):  # once TypeError: int(None), list(None)
         read(_open(path))
+
+
+def test_a_gguf_out_ending_in_a_slash_is_refused_and_a_short_write_reads_as_a_full_disk(tmp_path):
+    from lmforge.outputs import OutputError, check_output, fs_hint, write_error
+
+    with pytest.raises(OutputError, match="names a folder, but this command writes a file; give a file path such "
+                                          "as .*newdir/model.gguf"):
+        check_output(str(tmp_path / "newdir") + "/", kind="file", what="a GGUF file written by `lmforge export`",
+                     own_kind=lambda p: False)
+    assert not (tmp_path / "newdir").exists()  # once: a file named newdir
+    short = OSError("16384 requested and 10112 written")  # numpy's tofile on a full disk: no errno
+    assert fs_hint(short).startswith("the disk is full")
+    assert "the disk is full" in str(write_error(tmp_path / "m.gguf", short))

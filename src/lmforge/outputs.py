@@ -85,6 +85,9 @@ def check_output(out: str | os.PathLike, *, kind: str, what: str, own_kind: Call
     ``what`` names the artefact ("a tokenizer file"), ``own_kind`` recognises an existing one,
     ``writes`` lists the file names a folder output receives. Returns ``out`` as a Path.
     """
+    if kind == "file" and str(out).endswith(("/", os.sep)):  # Path() would drop the slash and write a file there
+        raise OutputError(f"{flag} {out} names a folder, but this command writes a file; give a file path such as "
+                          f"{Path(out) / ('model.gguf' if 'GGUF' in what else 'results.json')}")
     out = Path(out)
     target = out.resolve()
     written = [target / name for name in writes] if kind == "folder" else [target]
@@ -214,6 +217,8 @@ _HINTS = {
 
 def fs_hint(e: OSError) -> str:
     """How to fix a file-system error, in a few words."""
+    if e.errno is None and "requested and" in str(e) and "written" in str(e):
+        return _HINTS[errno.ENOSPC]  # numpy's short write ("16384 requested and 10112 written"): the disk filled
     return _HINTS.get(e.errno, "check the path and the disk, then try again")
 
 

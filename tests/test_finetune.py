@@ -809,6 +809,9 @@ def test_a_resumed_fine_tuning_run_keeps_its_own_settings_and_finishes_a_run_kil
     assert main(resume + ["--finetune.epochs", "3"]) == 2
     err = capsys.readouterr().err
     assert "finetune.epochs 2.0 -> 3.0" in err and "--allow_changes" in err
+    assert main(resume + ["--finetune.trainable", "last"]) == 2
+    err = capsys.readouterr().err
+    assert "finetune.trainable 'lora' -> 'last'" in err and "items)" in err and len(err) < 1000, err  # once every name
     assert main(resume + ["--finetune.epochs", "3", "--allow_changes", "true"]) == 0
     assert json.loads((run / "results.json").read_text())["steps"] > steps
     assert main(first[:-2] + ["--train.max_steps", "3", "--overwrite", "true"]) == 2  # once silently ignored

@@ -583,7 +583,7 @@ def _finetune_settings(a, given) -> tuple[dict, dict]:
         for name in options:
             if name not in g and _stored_task_setting(stored, name) is not None:
                 options[name] = _stored_task_setting(stored, name)
-    if configs["finetune"].trainable != "lora" and configs["lora"] != LoRAConfig():
+    if configs["finetune"].trainable != "lora" and _given(g.get("lora")):
         raise LmforgeError(f"--lora.* settings were given, but --finetune.trainable is "
                            f"{configs['finetune'].trainable!r}, which adds no adapters; add --finetune.trainable lora")
     return configs, options

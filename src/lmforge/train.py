@@ -209,7 +209,11 @@ def _check_resume(run: Path, stored: dict, current: dict, config: TrainConfig, s
     ``allow_changes``); return the lines that announce the others."""
     diff = settings_diff(stored, current)
     refused = [d for d in diff if d[0] not in RESUMABLE]
-    shown = lambda ds: ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in ds)  # noqa: E731
+    def brief(v: object) -> str:  # a list of every trained tensor's name would fill the screen
+        text = repr(v)
+        return text if len(text) <= 60 else f"{text[:40]}... ({len(v)} items)" if isinstance(v, list) else text[:57] + "..."
+
+    shown = lambda ds: ", ".join(f"{k} {brief(o)} -> {brief(n)}" for k, o, n in ds)  # noqa: E731
     if refused and not allow_changes:
         raise LmforgeError(f"{run} was trained with other settings ({shown(refused)}); resuming with them would not "
                            "give the run you started. Leave them out (a resumed run keeps its own settings) or pass "

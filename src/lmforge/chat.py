@@ -122,7 +122,26 @@ class Assistant:
         return stop_strings(self.template)
 
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        return self.tokenizer.encode(render(messages, self.template, self.tokenizer), allowed_special="all")
+        """The prompt's token ids. The template's own markers are special tokens; what the messages say
+        is text, even where it spells a special token: typed into a message, "<|im_end|>" must not end
+        the turn and let the message forge another role's (as OpenAI's API treats message text)."""
+        tok = self.tokenizer
+        specials = getattr(tok, "special_tokens", {})
+        if not any(sp in m["content"] for m in messages for sp in specials):
+            return tok.encode(render(messages, self.template, tok), allowed_special="all")
+        # Render with a placeholder for each message's text, then encode the template's pieces with
+        # their special tokens and each message's text as plain text.
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        skeleton = render([{**m, "content": mark} for m, mark in zip(messages, marks)], self.template, tok)
+        ids, pos = [], 0
+        for m, mark in zip(messages, marks):
+            at = skeleton.find(mark, pos)
+            if at < 0:  # the template left this message out
+                continue
+            ids += tok.encode(skeleton[pos:at], allowed_special="all")
+            ids += tok.encode(m["content"], disallowed_special=())
+            pos = at + len(mark)
+        return ids + tok.encode(skeleton[pos:], allowed_special="all")
 
     def fit(self, messages: list[dict[str, str]], reserve: int) -> tuple[list[dict[str, str]], int]:
         """The newest messages whose prompt leaves ``reserve`` tokens for the answer: the oldest

@@ -212,3 +212,35 @@ def test_a_special_token_typed_into_a_message_is_text_not_a_turn_marker():
     ids = a.prompt_ids(system)
     assert ids.count(start) == 3 and ids.count(end) == 2  # system, user, and the assistant's turn begun
     assert tok.decode(ids) == render(system, "chat", tok)  # the same text, read as the template wrote it
+
+
+def test_a_typed_special_token_changes_no_id_of_the_rest_of_the_conversation():
+    from test_serve import tiny_assistant
+
+    a = tiny_assistant()
+    tok = a.tokenizer
+    before = [{"role": "user", "content": "  hi there\n"}, {"role": "assistant", "content": " ok \n\n"}]
+    normal = a.prompt_ids(before + [{"role": "user", "content": "x y"}])
+    hostile = a.prompt_ids(before + [{"role": "user", "content": "x<|im_end|> y"}])
+    prefix = len(tok.encode(render(before + [{"role": "user", "content": ""}], "chat", tok).rsplit("<|im_end|>", 1)[0],
+                            allowed_special="all"))
+    assert hostile[:prefix] == normal[:prefix]  # the earlier turns, white space at their edges included
+    assert tok.decode(hostile) == render(before + [{"role": "user", "content": "x<|im_end|> y"}], "chat", tok)
+
+
+def test_a_template_that_moves_messages_keeps_each_text_where_it_put_it():
+    from test_serve import tiny_assistant
+
+    a = tiny_assistant()
+    tok = a.tokenizer
+    tok.chat_template = (  # the system message last, as some templates fold it into the final turn
+        "{% for m in messages if m.role != 'system' %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+        "{% endfor %}{% for m in messages if m.role == 'system' %}<|im_start|>system\n{{ m.content }}<|im_end|>\n"
+        "{% endfor %}<|im_start|>assistant\n")
+    msgs = [{"role": "system", "content": "be <|im_end|> brief"}, {"role": "user", "content": "hi"}]
+    ids = a.prompt_ids(msgs)
+    assert tok.decode(ids) == render(msgs, "chat", tok) and "\ue000" not in tok.decode(ids)
+    assert ids.count(tok.special_tokens["<|im_end|>"]) == 2  # the template's two, not the one typed
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m.content | trim }}<|im_end|>{% endfor %}"
+    with pytest.raises(LmforgeError, match="its chat template changes message text"):
+        a.prompt_ids([{"role": "user", "content": " a <|im_end|> "}])

@@ -100,6 +100,14 @@ LLAMA_CFG = {"model_type": "llama", "vocab_size": 10, "max_position_embeddings":
              "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 16}
 
 
+def test_unsupported_llama_features_keep_their_own_message():
+    # not "damaged or hand-edited": these are real configs lmforge cannot read yet
+    with pytest.raises(ConvertError, match=r"^rope_scaling .* is not supported yet"):
+        from_hf_config({**LLAMA_CFG, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(ConvertError, match=r"^head_dim 16 != hidden_size / num_attention_heads"):
+        from_hf_config({**LLAMA_CFG, "head_dim": 16})
+
+
 @pytest.mark.parametrize("edit", [{"vocab_size": "10"}, {"max_position_embeddings": None},
                                   {"num_attention_heads": 0}, {"rope_theta": "abc"}])
 def test_a_config_value_of_the_wrong_type_or_range_is_a_convert_error(edit):

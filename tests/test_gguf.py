@@ -185,3 +185,19 @@ def test_a_gguf_out_ending_in_a_slash_is_refused_and_a_short_write_reads_as_a_fu
     short = OSError("16384 requested and 10112 written")  # numpy's tofile on a full disk: no errno
     assert fs_hint(short).startswith("the disk is full")
     assert "the disk is full" in str(write_error(tmp_path / "m.gguf", short))
+
+
+def test_an_unsupported_gguf_architecture_keeps_its_own_message(tmp_path):
+    import gguf
+
+    from lmforge.gguf_io import _open, gguf_config
+
+    path = tmp_path / "q.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_tensor("token_embd.weight", np.zeros((2, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ConvertError, match=r"^GGUF architecture 'qwen2' is not supported"):  # not "malformed"
+        gguf_config(_open(path))

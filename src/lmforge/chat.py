@@ -11,6 +11,7 @@ A classification run is an ``Assistant`` too: it answers with its label.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,22 +127,34 @@ class Assistant:
         is text, even where it spells a special token: typed into a message, "<|im_end|>" must not end
         the turn and let the message forge another role's (as OpenAI's API treats message text)."""
         tok = self.tokenizer
+        text = render(messages, self.template, tok)
         specials = getattr(tok, "special_tokens", {})
-        if not any(sp in m["content"] for m in messages for sp in specials):
-            return tok.encode(render(messages, self.template, tok), allowed_special="all")
-        # Render with a placeholder for each message's text, then encode the template's pieces with
-        # their special tokens and each message's text as plain text.
-        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
-        skeleton = render([{**m, "content": mark} for m, mark in zip(messages, marks)], self.template, tok)
-        ids, pos = [], 0
-        for m, mark in zip(messages, marks):
-            at = skeleton.find(mark, pos)
-            if at < 0:  # the template left this message out
-                continue
-            ids += tok.encode(skeleton[pos:at], allowed_special="all")
-            ids += tok.encode(m["content"], disallowed_special=())
-            pos = at + len(mark)
-        return ids + tok.encode(skeleton[pos:], allowed_special="all")
+        typed = [sp for sp in specials if any(sp in m["content"] for m in messages)]
+        if not typed:
+            return tok.encode(text, allowed_special="all")
+        # Which spellings are the template's: render again with a mark for each message's text, and
+        # put the texts back where the template placed them (in whatever order it placed them).
+        marks = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        parts = re.split("\ue000(\\d+)\ue001", render(marks, self.template, tok))
+        spans, pos = [], 0  # where the template's own text lies in the prompt
+        for j, part in enumerate(parts):
+            piece = part if j % 2 == 0 else messages[int(part)]["content"]
+            if j % 2 == 0:
+                spans.append((pos, pos + len(piece)))
+            pos += len(piece)
+        if "".join(p if j % 2 == 0 else messages[int(p)]["content"] for j, p in enumerate(parts)) != text:
+            raise LmforgeError(f"a message contains {typed[0]!r}, a special token of this model, and its chat "
+                               "template changes message text, so it cannot be kept as plain text; remove it")
+        # Split only at the template's special tokens: every run between them (messages included) is
+        # encoded as plain text, as the whole prompt would be around its markers.
+        marker = re.compile("|".join(re.escape(sp) for sp in sorted(specials, key=len, reverse=True)))
+        ids, cursor = [], 0
+        for a, b in spans:
+            for m in marker.finditer(text, a, b):
+                ids += tok.encode(text[cursor:m.start()], disallowed_special=())
+                ids.append(specials[m.group()])
+                cursor = m.end()
+        return ids + tok.encode(text[cursor:], disallowed_special=())
 
     def fit(self, messages: list[dict[str, str]], reserve: int) -> tuple[list[dict[str, str]], int]:
         """The newest messages whose prompt leaves ``reserve`` tokens for the answer: the oldest

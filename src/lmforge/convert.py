@@ -20,7 +20,7 @@ import torch
 
 from . import atomic, checkpoint
 from .checkpoint import CheckpointError, load_weights, model_state
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, LmforgeError, ModelConfig
 from .model import GPT
 
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -59,6 +59,8 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
         raise ConvertError(f"config.json lacks {e.args[0]!r}, which a {kind} config must have") from None
     except ConfigError as e:
         raise ConvertError(str(e)) from None
+    except LmforgeError:  # said above ("not supported yet"): a ValueError too, but not a damaged file
+        raise
     except (TypeError, ValueError, ZeroDivisionError) as e:  # "400" for 400, null, 0 heads, "abc" for a number
         raise ConvertError(f"config.json of this {kind} model has a value of the wrong type or range ({e}); "
                            "it is damaged or hand-edited") from None

@@ -857,3 +857,15 @@ def test_a_fine_tuning_run_killed_before_its_first_checkpoint_can_be_started_aga
                             FinetuneConfig(trainable="all", epochs=1, split=(0.5, 0.25, 0.25)),
                             TrainConfig(batch_size=8, dtype="float32"), respond_test=0, progress=False)
     assert res["steps"] >= 1 and (run / "results.json").is_file()
+
+
+def test_a_config_printed_by_print_config_runs_as_it_was_printed(base, tmp_path):
+    data = _instruction_file(tmp_path / "i.json", n=24)
+    args = ["finetune", "instruct", "--base", base, "--data", data, "--out", tmp_path / "run", "--finetune.epochs",
+            "1", "--finetune.split", "[0.5,0.25,0.25]", "--train.dtype", "float32", "--respond_test", "0"]
+    printed = _cli(*args, "--print_config")
+    assert printed.returncode == 0, printed.stderr
+    (tmp_path / "run.yaml").write_text(printed.stdout)  # names train.max_steps and every lora setting
+    r = _cli("finetune", "instruct", "--config", tmp_path / "run.yaml")
+    assert r.returncode == 0, r.stderr  # once refused: "--train.max_steps" / "--lora.* settings were given"
+    assert (tmp_path / "run" / "results.json").is_file()

@@ -551,7 +551,9 @@ def _finetune_settings(a, given) -> tuple[dict, dict]:
     from .checkpoint import read_run_config
 
     o, g = a[a.task], (given or {}).get(a.task) or {}
-    if "max_steps" in _given(g.get("train")):
+    # A --config file printed by --print_config names every setting: only values other than the
+    # defaults count as asked for.
+    if _given(g.get("train")).get("max_steps", TrainConfig.max_steps) != TrainConfig.max_steps:
         raise LmforgeError("fine-tuning runs for --finetune.epochs epochs and sets the step count from them; "
                            "give --finetune.epochs instead of --train.max_steps")
     configs = dict(finetune=_config(FinetuneConfig, o.finetune), train=_config(TrainConfig, o.train),
@@ -583,7 +585,9 @@ def _finetune_settings(a, given) -> tuple[dict, dict]:
         for name in options:
             if name not in g and _stored_task_setting(stored, name) is not None:
                 options[name] = _stored_task_setting(stored, name)
-    if configs["finetune"].trainable != "lora" and _given(g.get("lora")):
+    lora_asked = {k: v for k, v in _given(g.get("lora")).items()
+                  if (tuple(v) if isinstance(v, list) else v) != getattr(LoRAConfig(), k, v)}
+    if configs["finetune"].trainable != "lora" and lora_asked:
         raise LmforgeError(f"--lora.* settings were given, but --finetune.trainable is "
                            f"{configs['finetune'].trainable!r}, which adds no adapters; add --finetune.trainable lora")
     return configs, options

@@ -630,3 +630,18 @@ def test_shards_holding_ids_beyond_the_vocabulary_are_a_one_line_error(reference
         assert main(args) == 2  # once: internal error, IndexError: index out of range in self
         last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar of the steps begun
         assert last.startswith("lmforge: error: token id 65535 is outside this model's vocabulary of"), last
+
+
+def test_a_file_system_without_locks_trains_unlocked_with_a_warning(tmp_path, monkeypatch):
+    import fcntl
+
+    from lmforge.outputs import run_lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot be locked on this file system"):
+        with run_lock(tmp_path / "run"):  # once: "in use by another lmforge process", and no run at all
+            (tmp_path / "run" / "config.json").write_text("{}")
+    assert (tmp_path / "run" / "config.json").is_file()

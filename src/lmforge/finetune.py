@@ -13,8 +13,11 @@ trained tensors and loading lays them over the base model.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +31,7 @@ from .evaluate import classification_metrics
 from .losses import class_logits, classification_loss, next_token_loss, preference_loss, sequence_logprobs
 from .lora import apply_lora, lora_config, lora_parameter_count
 from .model import GPT
+from .outputs import run_lock
 from .precision import autocast, resolve_dtype
 from .train import fit
 
@@ -109,19 +113,14 @@ def _load_base(base: str, device: torch.device, language_model: bool = True) -> 
 def _holding_out(task: Callable) -> Callable:
     """A fine-tuning task that holds its --out run folder (``outputs.run_lock``) from its first check
     to its last write (results after training): another lmforge process training there is refused.
-    Under torchrun only rank 0 (RANK=0, the rank that writes) holds it."""
-    import functools
-    import inspect
-    import os
-
-    from .outputs import run_lock
-
+    Under torchrun only rank 0 (RANK=0, the rank that writes) holds it; the process group is joined
+    later, inside the task."""
     signature = inspect.signature(task)
 
     @functools.wraps(task)
     def held(*args, **kwargs):
         out = signature.bind(*args, **kwargs).arguments["out"]
-        with run_lock(out, active=os.environ.get("RANK", "0") == "0"):
+        with run_lock(out, active=not distributed.launched() or os.environ.get("RANK", "0") == "0"):
             return task(*args, **kwargs)
     return held
 

@@ -151,8 +151,8 @@ def staged_folder(out: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-# Run folders this process holds: resolved path -> [open folder descriptor, nesting depth].
-_HELD: dict[str, list[int]] = {}
+# Run folders this process holds: resolved path -> the open folder descriptor that holds the lock.
+_HELD: dict[str, int] = {}
 
 
 @contextlib.contextmanager
@@ -162,43 +162,48 @@ def run_lock(run: str | os.PathLike, active: bool = True) -> Iterator[None]:
     with this one's. The lock is the OS's (``flock`` on the folder), so a process that dies, even
     by kill -9, holds nothing. Nested holds of one folder by one process are fine. A folder made
     here is removed again if the work fails before writing anything into it. ``active=False`` (the
-    ranks other than 0, which do not write) holds nothing."""
+    ranks other than 0, which do not write) holds nothing; so does a file system without locks
+    (with a warning)."""
     run = Path(run)
     try:
         import fcntl
     except ImportError:  # not a POSIX system: no lock, as before
         fcntl = None
-    if not active or fcntl is None or (run.exists() and not run.is_dir()):
-        yield  # a file in the way is the caller's error to report
+    if not active or fcntl is None or (run.exists() and not run.is_dir()) or str(run.resolve()) in _HELD:
+        yield  # a file in the way is the caller's error to report; a nested hold is already held
         return
     key = str(run.resolve())
-    if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[key][1] -= 1
-        return
     made = [p for p in (run, *run.parents) if not p.exists()]
     run.mkdir(parents=True, exist_ok=True)
     fd = os.open(run, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise OutputError(f"{run} is in use by another lmforge process that trains in it; wait until it ends, "
-                          "or choose another --out") from None
-    _HELD[key] = [fd, 1]
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            _remove_empty(made)
+            os.close(fd)
+            raise OutputError(f"{run} is in use by another lmforge process that trains in it; wait until it ends, "
+                              "or choose another --out") from None
+        import warnings
+
+        warnings.warn(f"{run} cannot be locked on this file system ({e.strerror}); nothing stops a second "
+                      "lmforge process from training in it at the same time", stacklevel=3)
+    _HELD[key] = fd
     try:
         yield
     finally:
         del _HELD[key]
+        _remove_empty(made)  # before the lock goes: no other process may take a folder about to vanish
         os.close(fd)  # closing the descriptor releases the lock
-        for folder in made:  # innermost first: only folders this call made, and only while empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+
+
+def _remove_empty(made: list[Path]) -> None:
+    """The folders a run lock made (innermost first), each only while it is still empty."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 _HINTS = {

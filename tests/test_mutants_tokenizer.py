@@ -279,6 +279,14 @@ def test_tokenizer_file_messages_are_exact(tok, damage, message):
     assert str(e.value) == message
 
 
+def test_a_saved_tokenizer_whose_pattern_drops_text_still_loads_with_a_warning(tok):
+    # Runs were made with it before lmforge checked patterns: refusing it would strand them
+    state = _state(tok)
+    with pytest.warns(UserWarning, match=r"pattern '\\\\S\+' does not match every character"):
+        loaded = Tokenizer.from_json(json.dumps({**state, "pattern": r"\S+"}))
+    assert loaded.encode("ab cd") == loaded.encode("abcd")  # what it always did: the space is dropped
+
+
 def test_tokenizer_text_without_a_source_is_called_string():
     with pytest.raises(TokenizerError) as e:
         Tokenizer.from_json("[]")
@@ -366,7 +374,12 @@ BYTES = {bytes([b]): b for b in range(256)}
     (r"(?<=a+)b", "tokenizer: the pre-tokenization pattern '(?<=a+)b' does not match every character (it leaves out "
                   "'H', for one), so encoding would drop text; use one of gpt2, gpt4 or an expression whose pieces "
                   "cover all text"),
+    # drops only some newlines (a second one in a row): once "it leaves out None"
+    (r"[^\n]+|\n(?!\n)", "tokenizer: the pre-tokenization pattern '[^\\\\n]+|\\\\n(?!\\\\n)' does not match every "
+                         "character (it leaves out '\\n', for one), so encoding would drop text; use one of gpt2, gpt4 "
+                         "or an expression whose pieces cover all text"),
 ])
+
 def test_pattern_messages_are_exact(pattern, message):
     with pytest.raises(TokenizerError) as e:
         Tokenizer(BYTES, pattern=pattern)

@@ -127,14 +127,18 @@ def split_long_runs(text: str) -> list[str]:
     return [text[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-# Letters, digits, punctuation, symbols, every kind of white space, accents, CJK and an emoji: a
-# pre-tokenization pattern must split this into pieces that put it back together, or text is lost.
-_COVERAGE_PROBE = ("Hello, world! It's 2024: naïve café, 東京 🙂 x_y-z.\n\n\tA  b\r\n$%^&*()[]{}<>?/\\|`~\"'+=;"
-                   " \u00a0\u2028\x00\x7f end  ")
+# Letters, digits, punctuation, symbols, every kind of white space, accents (precomposed and
+# combining), CJK, Devanagari, Arabic, Hangul, an emoji sequence joined by a ZWJ, a private-use
+# character, control characters: a pre-tokenization pattern must split this into pieces that put it
+# back together, or text is lost.
+_COVERAGE_PROBE = ("Hello, world! It's 2024: naïve cafe\u0301, 東京 नमस्ते مرحبا 한국어 🙂 👩\u200d💻 x_y-z.\n\n\tA  b\r\n"
+                   "$%^&*()[]{}<>?/\\|`~\"'+=; \u00a0\u2028\uf8ff\x00\x7f end  ")
 
 
-def compile_pattern(pattern: str, source: str = "tokenizer") -> "regex.Pattern[str]":
-    """The pre-tokenization regex (a name in ``PATTERNS`` or a regular expression), or a one-line error."""
+def compile_pattern(pattern: str, source: str = "tokenizer", coverage: str = "error") -> "regex.Pattern[str]":
+    """The pre-tokenization regex (a name in ``PATTERNS`` or a regular expression), or a one-line error.
+    ``coverage``: what a pattern that does not cover all text gets: an "error" (a new tokenizer), a
+    "warn"ing (one saved before lmforge checked this: it still loads) or nothing ("skip")."""
     pattern = PATTERNS.get(pattern, pattern)
     if not isinstance(pattern, str) or not pattern:
         raise TokenizerError(f"{source}: the pre-tokenization pattern must be a non-empty string, got {pattern!r}")
@@ -155,11 +159,16 @@ def compile_pattern(pattern: str, source: str = "tokenizer") -> "regex.Pattern[s
                              f"but not for tiktoken's engine, which the fast path runs ({problem}); use one of "
                              f"{', '.join(PATTERNS)} or an expression both accept")
     pieces = "".join(m.group(0) for m in compiled.finditer(_COVERAGE_PROBE))
-    if pieces != _COVERAGE_PROBE:  # what no piece matches is silently dropped when encoding
-        lost = next((c for c in _COVERAGE_PROBE if c not in pieces), None)
-        raise TokenizerError(f"{source}: the pre-tokenization pattern {shown!r} does not match every character "
-                             f"(it leaves out {lost!r}, for one), so encoding would drop text; use one of "
-                             f"{', '.join(PATTERNS)} or an expression whose pieces cover all text")
+    if coverage != "skip" and pieces != _COVERAGE_PROBE:  # what no piece matches is dropped when encoding
+        at = next((i for i, (x, y) in enumerate(zip(pieces, _COVERAGE_PROBE)) if x != y), len(pieces))
+        message = (f"{source}: the pre-tokenization pattern {shown!r} does not match every character (it leaves "
+                   f"out {_COVERAGE_PROBE[at]!r}, for one), so encoding would drop text; use one of "
+                   f"{', '.join(PATTERNS)} or an expression whose pieces cover all text")
+        if coverage == "error":
+            raise TokenizerError(message)
+        import warnings
+
+        warnings.warn(message, stacklevel=3)
     return compiled
 
 
@@ -186,12 +195,12 @@ class Tokenizer:
 
     def __init__(self, ranks: dict[bytes, int], special_tokens: dict[str, int] | None = None,
                  pattern: str = GPT2_PATTERN, name: str = "lmforge", chat_template: str | None = None,
-                 eos_id: int | None = None) -> None:
+                 eos_id: int | None = None, *, pattern_coverage: str = "error") -> None:
         self.chat_template = chat_template
         self._eos_id = eos_id
         self.ranks = dict(ranks)
         self.special_tokens = dict(special_tokens or {})
-        self._split = compile_pattern(pattern)
+        self._split = compile_pattern(pattern, coverage=pattern_coverage)
         self.pattern = PATTERNS.get(pattern, pattern)
         self.name = name
         if len(set(self.ranks.values())) != len(self.ranks):
@@ -518,9 +527,11 @@ class Tokenizer:
             raise invalid(f"'eos_id' {eos!r} is not the id of a token of this vocabulary")
         if not isinstance(state["pattern"], str):
             raise invalid(f"'pattern' must be a string, got {state['pattern']!r}")
-        compile_pattern(state["pattern"], source)  # its own one-line error, naming the pattern
+        # Its own one-line error, naming the pattern; a saved pattern that drops text still loads (warned):
+        # runs were made with it
+        compile_pattern(state["pattern"], source, coverage="warn")
         try:
-            return cls(ranks, specials, state["pattern"], name, template, eos)
+            return cls(ranks, specials, state["pattern"], name, template, eos, pattern_coverage="skip")
         except TokenizerError as e:
             raise invalid(str(e)) from None
 

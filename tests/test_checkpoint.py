@@ -645,3 +645,14 @@ def test_a_file_system_without_locks_trains_unlocked_with_a_warning(tmp_path, mo
         with run_lock(tmp_path / "run"):  # once: "in use by another lmforge process", and no run at all
             (tmp_path / "run" / "config.json").write_text("{}")
     assert (tmp_path / "run" / "config.json").is_file()
+
+
+def test_a_folder_of_a_tokenizer_and_an_evaluations_results_is_not_taken_for_an_unstarted_run(tmp_path):
+    from lmforge.checkpoint import is_run_dir, is_unstarted_run
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "results.json").write_text("{}")  # a user's, or an evaluation's: fine-tuning writes it only at the end
+    assert not is_unstarted_run(tmp_path) and not is_run_dir(tmp_path)
+    (tmp_path / "results.json").unlink()
+    (tmp_path / "before.json").write_text("{}")  # what a fine-tuning run killed in its first seconds leaves
+    assert is_unstarted_run(tmp_path)

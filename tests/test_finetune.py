@@ -869,3 +869,19 @@ def test_a_config_printed_by_print_config_runs_as_it_was_printed(base, tmp_path)
     r = _cli("finetune", "instruct", "--config", tmp_path / "run.yaml")
     assert r.returncode == 0, r.stderr  # once refused: "--train.max_steps" / "--lora.* settings were given"
     assert (tmp_path / "run" / "results.json").is_file()
+
+
+def test_a_resumed_instruct_run_answers_as_many_test_records_as_it_was_started_with(base, tmp_path):
+    from lmforge.cli import main
+
+    data = _instruction_file(tmp_path / "i.json", n=24)
+    run = tmp_path / "run"
+    common = ["finetune", "instruct", "--base", str(base), "--data", str(data), "--out", str(run)]
+    assert main(common + ["--finetune.epochs", "1", "--finetune.split", "[0.5,0.25,0.25]", "--train.dtype", "float32",
+                          "--respond_test", "1", "--max_new_tokens", "3", "--template", "phi3"]) == 0
+    (run / "results.json").unlink()
+    (run / "responses.json").unlink()
+    assert main(common + ["--resume", "true"]) == 0  # its own epochs, split, template, answers and their length
+    answers = json.loads((run / "responses.json").read_text())
+    assert len(answers) == 1  # once: every test record, at the default 128 tokens
+    assert json.loads((run / "config.json").read_text())["template"] == "phi3"

@@ -215,9 +215,14 @@ def is_own_temp_file(name: str) -> bool:
     return ".tmp" in name and name.split(".tmp")[0] in RUN_FILES
 
 
+# Written only at the end of a fine-tuning run: never among what a kill in its first seconds leaves, and
+# names a user's own folder may hold (an evaluation's results.json beside a tokenizer.json).
+_END_FILES = frozenset({"results.json", "responses.json", "confusion.png"})
+
+
 def _own_file(name: str) -> bool:
-    """A name training writes at the top of a run, or the temp file of one."""
-    return name in RUN_FILES or is_own_temp_file(name)
+    """A name training writes at the top of a run before its first checkpoint, or the temp file of one."""
+    return (name in RUN_FILES and name not in _END_FILES) or is_own_temp_file(name)
 
 
 def is_unstarted_run(path: str | os.PathLike) -> bool:
@@ -332,7 +337,11 @@ def check_state(model: GPT, tensors: dict[str, torch.Tensor], source: str,
         if not t.is_floating_point():
             raise error(f"{source}: tensor {k!r} is {str(t.dtype).removeprefix('torch.')}, not floating point; "
                         "the file is damaged or was not written for this model")
-        if not bool(torch.isfinite(t).all()):
+        try:
+            finite = bool(torch.isfinite(t).all())
+        except (NotImplementedError, RuntimeError):  # float8 and other types isfinite has no kernel for
+            finite = bool(torch.isfinite(t.float()).all())
+        if not finite:
             raise error(f"{source}: tensor {k!r} holds NaN or infinite values; the file is damaged (or was saved "
                         "from a run that diverged)")
 

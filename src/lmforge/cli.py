@@ -535,7 +535,7 @@ def _finetune(a, given) -> None:
 # The options of each fine-tuning task that its run config records (under these keys), beside the
 # finetune / train / lora groups: what a resumed run takes from its config unless given again.
 _TASK_SETTINGS = {"classify": ("text_column", "label_column", "balance", "pad_to"),
-                  "instruct": ("template", "mask_prompt"), "dpo": ("template", "beta")}
+                  "instruct": ("template", "mask_prompt", "respond_test", "max_new_tokens"), "dpo": ("template", "beta")}
 
 
 def _stored_task_setting(stored: dict, name: str):
@@ -571,7 +571,7 @@ def _finetune_settings(a, given) -> tuple[dict, dict]:
             values = {k: v for k, v in stored_values.items() if k in known}
             try:
                 return cls(**{**values, **_given(g.get(name))})
-            except (TypeError, ValueError) as e:
+            except TypeError as e:  # a bad value given now is its own ConfigError, not the stored settings'
                 raise LmforgeError(f"the settings stored in {o.out} cannot be read ({e}); start a new run") from None
         configs["finetune"] = keep(FinetuneConfig, "finetune", stored.get("finetune") or {})
         configs["train"] = keep(TrainConfig, "train", stored.get("train") or {})
@@ -607,8 +607,7 @@ def _finetune_task(a, given) -> None:
                 print(f"{split} accuracy {res[split]['accuracy']:.4f} ({res[split]['n']} texts), "
                       f"macro F1 {res[split]['macro_f1']:.4f}")
     elif task == "instruct":
-        res = finetune.finetune_instruct(o.base, o.data, o.out, respond_test=o.respond_test,
-                                         max_new_tokens=o.max_new_tokens, **options, **common)
+        res = finetune.finetune_instruct(o.base, o.data, o.out, **options, **common)
         for when in ("before", "after"):
             r = res.get(when)
             if r:

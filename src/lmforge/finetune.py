@@ -190,10 +190,8 @@ def _begin(run: Path, data: Path, tok, resume: bool, overwrite: bool, train: Tra
         return
 
     def clear_and_start() -> None:  # rank 0 alone writes
-        if overwrite:
+        if overwrite:  # clears the old run's files (its reports are run files too), nothing else
             _prepare_run_dir(run, data, False, True)
-            for name in (RESULTS, BEFORE, "responses.json", "confusion.png"):  # the old run's reports
-                (run / name).unlink(missing_ok=True)
         run.mkdir(parents=True, exist_ok=True)
         tok.save(run / TOKENIZER)
 
@@ -477,7 +475,7 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
     extra = {"base": identity, "lora": lora_config(model), "trained": trained_names(model),
              "weights": "full" if finetune.trainable == "all" else "trained", "finetune": config_dict(finetune),
              "template": template, "mask_prompt": mask_prompt, "data": _file_identity(data),
-             "data_path": str(data.resolve())}
+             "data_path": str(data.resolve()), "respond_test": respond_test, "max_new_tokens": max_new_tokens}
     _begin(run, data, tok, resume, overwrite, train, model)
     if not resume:  # a resumed run has its own (written when it began); a refused resume writes nothing
         _write_before(run, results["before"])
@@ -607,11 +605,11 @@ def merge_run(run: str | Path, out: str | Path) -> Path:
     from .outputs import inside
 
     run, out = Path(run), Path(out)
+    if inside(out.resolve(), run.resolve()) or inside(run.resolve(), out.resolve()):  # before the loading
+        raise LmforgeError(f"--out {out} and the run {run} overlap; write the merged model to a folder of its own")
     model, cfg = load_model(run)
     if not cfg.get("lora"):
         raise LmforgeError(f"{run} has no LoRA adapters to merge")
-    if inside(out.resolve(), run.resolve()) or inside(run.resolve(), out.resolve()):
-        raise LmforgeError(f"--out {out} and the run {run} overlap; write the merged model to a folder of its own")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LmforgeError(f"--out {out} already exists; choose a new folder")
     merge_lora(model)

@@ -55,7 +55,7 @@ RESUMABLE = frozenset({"train.max_steps", "train.max_minutes", "train.eval_inter
                        "train.sample_interval", "train.save_interval", "train.log_interval",
                        "train.keep_checkpoints", "train.compile", "train.tensorboard", "train.wandb",
                        "train.wandb_project", "train.peak_flops", "train.strategy", "train.dist_timeout",
-                       "data_path"})
+                       "data_path", "respond_test", "max_new_tokens"})  # the last two: what instruct answers after
 
 
 def map_tensors(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:

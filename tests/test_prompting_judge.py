@@ -261,6 +261,9 @@ def test_eval_prompt_and_judge_never_write_over_an_input_or_a_file_they_did_not_
     assert main(args + ["--out", str(res)]) == 0
     assert json.loads(res.read_text())["format"] == "lmforge-eval-prompt"
     assert main(args + ["--out", str(res)]) == 0  # its own earlier output is replaced
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"task": "prompt", "shots": 0, "test": {"accuracy": 0.5}}))  # before "format" existed
+    assert main(args + ["--out", str(old)]) == 0
     assert main(args + ["--out", str(notes), "--overwrite", "true"]) == 0  # asked for
     assert json.loads(notes.read_text())["format"] == "lmforge-eval-prompt"
     responses = _responses(tmp_path)

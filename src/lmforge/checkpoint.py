@@ -225,6 +225,10 @@ def _own_file(name: str) -> bool:
     return (name in RUN_FILES and name not in _END_FILES) or is_own_temp_file(name)
 
 
+def _not_a_run(run: Path) -> str:
+    return f"{run} is not a run directory (no {CONFIG}); give the --out folder of `lmforge pretrain` or `lmforge finetune`"
+
+
 def is_unstarted_run(path: str | os.PathLike) -> bool:
     """A run stopped before its first checkpoint (Ctrl-C in its first second): only lmforge's own
     files, no config yet. Nothing in it can be lost, so a fresh start may take it over."""
@@ -278,8 +282,7 @@ def find_checkpoint(run_dir: str | os.PathLike, warn: bool = True) -> Path:
     if is_unstarted_run(run):
         raise CheckpointError(f"{run} has no checkpoint yet (training stopped before its first save); "
                               "start it again: the same command without --resume")
-    raise CheckpointError(f"{run} is not a run directory (no {CONFIG}); give the --out folder of `lmforge pretrain` "
-                          "or `lmforge finetune`")
+    raise CheckpointError(_not_a_run(run))
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict:
@@ -288,8 +291,7 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     folder = run if (run / MANIFEST).is_file() else find_checkpoint(run)
     path = folder / CONFIG
     if not path.is_file():
-        raise CheckpointError(f"{run} is not a run directory (no {CONFIG}); give the --out folder of `lmforge pretrain` "
-                          "or `lmforge finetune`")
+        raise CheckpointError(_not_a_run(run))
     try:
         cfg = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):

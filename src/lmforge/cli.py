@@ -27,6 +27,7 @@ from .config import (
     SampleConfig,
     TokenizerConfig,
     TrainConfig,
+    one_line,
     recipe_configs,
 )
 
@@ -644,7 +645,7 @@ def _classify(a) -> None:
     if not texts:
         raise LmforgeError("no texts to classify: give them as arguments, with --file, or on standard input")
     for text, (label, p, _) in zip(texts, classify_texts(a.run, texts)):
-        print(f"{label}\t{p:.4f}\t{_one_line(text)[:200]}")
+        print(f"{label}\t{p:.4f}\t{one_line(text)[:200]}")
 
 
 def _json_format(cmd: str) -> str:
@@ -657,8 +658,14 @@ def _check_json_out(a, cmd: str, inputs: list[str]) -> None:
     if a.out:
         from .outputs import check_output, read_json_head
 
-        check_output(a.out, kind="file", what=f"a results file of `lmforge {cmd.replace('-', ' ')}`",
-                     own_kind=lambda p: (read_json_head(p) or {}).get("format") == _json_format(cmd),
+        # Its results before they carried a "format" are recognised by their fields.
+        fields = {"eval-prompt": {"test", "shots"}, "eval-judge": {"scores", "mean"}}[cmd]
+
+        def own(p: Path) -> bool:
+            head = read_json_head(p) or {}
+            return head.get("format") == _json_format(cmd) or ("format" not in head and fields <= set(head))
+
+        check_output(a.out, kind="file", what=f"a results file of `lmforge {cmd.replace('-', ' ')}`", own_kind=own,
                      inputs=inputs, overwrite=a.overwrite)
 
 
@@ -774,11 +781,7 @@ def _chat_prompt(tok, prompt: str, source: str) -> str:
     except (TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
         # A template from a foreign file that the sandbox stops (SecurityError) or that is broken.
         raise LmforgeError(f"the chat template of {source} cannot be rendered ({type(e).__name__}: "
-                           f"{_one_line(str(e))[:200]}); run without --chat true") from None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+                           f"{one_line(str(e))[:200]}); run without --chat true") from None
 
 
 def _silence_stdout() -> None:
@@ -815,18 +818,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(list(argv))
     except LmforgeError as e:
-        print(f"lmforge: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"lmforge: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except argparse.ArgumentError as e:
         where = f"lmforge {argv[0]} --help" if argv and argv[0] in COMMANDS else "lmforge --help"
-        print(f"lmforge: error: {_one_line(str(e)).rstrip('.')}. See `{where}`.", file=sys.stderr)
+        print(f"lmforge: error: {one_line(str(e)).rstrip('.')}. See `{where}`.", file=sys.stderr)
         return 2
     except BrokenPipeError:
         _silence_stdout()  # the reader went away (| head): stop quietly, as other command-line tools do
         return 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
     except OSError as e:  # a full disk, a read-only folder, a file where a folder should be, ...
         where = f": {e.filename}" if e.filename else ""
-        print(f"lmforge: error: {e.strerror or _one_line(str(e))}{where} ({fs_hint(e)})", file=sys.stderr)
+        print(f"lmforge: error: {e.strerror or one_line(str(e))}{where} ({fs_hint(e)})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
@@ -834,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, or an interrupt that struck inside an import: one line, traceback on request
         if os.environ.get("LMFORGE_DEBUG"):
             raise
-        print(f"lmforge: internal error: {type(e).__name__}: {_one_line(str(e))[:300]} (a bug in lmforge: "
+        print(f"lmforge: internal error: {type(e).__name__}: {one_line(str(e))[:300]} (a bug in lmforge: "
               "please report it; LMFORGE_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
 

@@ -21,6 +21,16 @@ class LmforgeError(Exception):
     """
 
 
+def valid_split(split) -> bool:
+    """Three fractions (train, validation, test), none negative, some training data, summing to 1."""
+    return len(split) == 3 and all(f >= 0 for f in split) and split[0] > 0 and abs(sum(split) - 1.0) < 1e-6
+
+
+def one_line(text: str) -> str:
+    """A message on one line: what an error prints (runs of white space, newlines included, become one space)."""
+    return " ".join(text.split())
+
+
 class ConfigError(LmforgeError, ValueError):
     """A configuration value is invalid."""
 
@@ -477,8 +487,7 @@ class FinetuneConfig:
                f"trainable must be head, last, all or lora, got {self.trainable!r}")
         _check(p, isinstance(self.last_blocks, int) and self.last_blocks >= 1, "last_blocks must be an integer >= 1")
         _check(p, self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
-        _check(p, len(self.split) == 3 and all(f >= 0 for f in self.split) and self.split[0] > 0
-               and abs(sum(self.split) - 1.0) < 1e-6, f"split must be three fractions that sum to 1, got {list(self.split)}")
+        _check(p, valid_split(self.split), f"split must be three fractions that sum to 1, got {list(self.split)}")
         _check(p, self.max_length is None or self.max_length >= 2, "max_length must be >= 2 or None")
         _check(p, self.limit is None or self.limit >= 3, "limit must be >= 3 or None")
         _raise_all("finetune config", p)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import tasks
-from .config import LmforgeError
+from .config import LmforgeError, one_line, valid_split
 from .evaluate import classification_metrics, continuation_logprobs
 
 
@@ -23,13 +23,9 @@ def build_prompt(text: str, labels: list[str], shots: list[tuple[str, str]]) -> 
     """Instruction, examples, then the text; the label follows ``Label:``."""
     parts = [f"Classify each text as one of: {', '.join(labels)}.\n"]
     for example, label in shots:
-        parts.append(f"Text: {_one_line(example)}\nLabel: {label}\n")
-    parts.append(f"Text: {_one_line(text)}\nLabel:")
+        parts.append(f"Text: {one_line(example)}\nLabel: {label}\n")
+    parts.append(f"Text: {one_line(text)}\nLabel:")
     return "\n".join(parts)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def predict_by_prompt(model, tokenizer, text: str, labels: list[str], shots: list[tuple[str, str]],
@@ -74,7 +70,7 @@ def evaluate_prompting(model_spec: str, data: str | Path, text_column: str = "te
         raise LmforgeError(f"--shots must be >= 0, got {shots}")
     if limit is not None and limit < 3 or test_limit is not None and test_limit < 1:
         raise LmforgeError("--limit must be at least 3 and --test_limit at least 1 (or left out: all)")
-    if not (len(split) == 3 and all(f >= 0 for f in split) and split[0] > 0 and abs(sum(split) - 1.0) < 1e-6):
+    if not valid_split(split):
         raise LmforgeError(f"--split must be three fractions (train, val, test) that sum to 1, got {list(split)}")
     if (text_column, label_column) == ("text", "label") and str(data) in KNOWN_COLUMNS:
         text_column, label_column = KNOWN_COLUMNS[str(data)]

@@ -765,9 +765,11 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as e:
         sock.close()
-        fix = {errno.EADDRNOTAVAIL: "give an address of this machine as --host, such as 127.0.0.1 or 0.0.0.0",
-               errno.EACCES: "ports below 1024 need privileges: pick a --port above 1023"}.get(e.errno,
-                                                                                             "pick another --port")
+        fix = "pick another --port"
+        if e.errno == errno.EADDRNOTAVAIL:
+            fix = "give an address of this machine as --host, such as 127.0.0.1 or 0.0.0.0"
+        elif e.errno == errno.EACCES and 0 < port < 1024:
+            fix = "ports below 1024 need privileges: pick a --port above 1023"
         raise LmforgeError(f"cannot listen on {host}:{port} ({e.strerror}); {fix}") from None
     sock.listen(128)
     return sock
@@ -788,7 +790,7 @@ def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
     if api_key is not None and not (api_key and all(33 <= ord(ch) <= 126 for ch in api_key)):
         # HTTP headers carry bytes that clients and servers read as ASCII or Latin-1: any other key
         # (or one with spaces) could never be matched by what a client sends.
-        raise LmforgeError("--api_key must be printable ASCII with no spaces (letters, digits, - . _ ~ + / =); "
+        raise LmforgeError("--api_key must be printable ASCII with no spaces (letters, digits, punctuation); "
                            "e.g. generate one with: python -c 'import secrets; print(secrets.token_urlsafe())'")
     sock = bind(host, port)
     assistant = Assistant.load(spec, device or default_device(), template, dtype, compile, quantize)

@@ -84,7 +84,7 @@ def field_text(value: object, where: str, name: str) -> str:
     texts "None", "nan" or "[...]" and were trained on)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, bool) or isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+    if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):  # bool is an int
         return str(value)
     shown = "null" if value is None else type(value).__name__ if isinstance(value, (list, dict)) else repr(value)
     raise DataError(f"{where}: the field {name!r} is {shown}, not text; give it a text (or leave the record out)")

@@ -36,7 +36,7 @@ from .checkpoint import (
     read_run_config,
     save_checkpoint,
 )
-from .config import LmforgeError, TrainConfig, config_dict
+from .config import LmforgeError, TrainConfig, config_dict, one_line
 
 # MetricsLog and _step_of are imported for the callers and tests that reach them here.
 from .logger import MetricsLog, RunLogger, _step_of, describe_hardware, mfu  # noqa: F401
@@ -158,10 +158,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: no re-allocation per step
     return StepResult(loss=loss_sum / config.grad_accum, grad_norm=grad_norm, tokens=tokens, seq_len=width,
                       metrics={name: v / config.grad_accum for name, v in sums.items()})
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 class _Silent:
@@ -343,7 +339,7 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
         except (ValueError, KeyError, RuntimeError) as e:  # other groups or shapes (--allow_changes let it through)
             raise LmforgeError(f"the optimizer state saved in {folder} does not fit this run's optimizer "
                                f"({config.optimizer}, {len(optimizer.param_groups)} parameter groups: "
-                               f"{_one_line(str(e))[:120]}); resume with the optimizer and trained parameters the run "
+                               f"{one_line(str(e))[:120]}); resume with the optimizer and trained parameters the run "
                                "was started with") from None
     saved = start if resume else -1
 

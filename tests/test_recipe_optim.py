@@ -475,3 +475,23 @@ def test_fit_logs_the_muon_rate_that_its_matrices_stepped_with(tmp_path):
     assert [r["muon_lr"] for r in logged] == pytest.approx(seen, abs=1e-12)
     assert [r["lr"] for r in logged] == pytest.approx([s * 1e-3 / 0.03 for s in seen], abs=1e-12)  # AdamW's
     assert seen[1] == pytest.approx(0.03)  # the peak, at the end of the warm-up
+
+
+def test_muon_steps_alike_whatever_its_stacks_hold(monkeypatch):
+    from lmforge import optim
+
+    def stepped(stack_bytes: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(optim, "NS_STACK_BYTES", stack_bytes)
+        gen = torch.Generator().manual_seed(9)
+        ws = [nn.Parameter(torch.randn(6, 10, generator=gen)) for _ in range(5)]
+        opt = MuonAdamW([{"params": ws, "muon": True, "weight_decay": 0.1}], lr=0.05)
+        for _ in range(2):
+            for w in ws:
+                w.grad = torch.randn(6, 10, generator=gen)
+            opt.step()
+        return [w.detach().clone() for w in ws]
+
+    together, two_by_two, one_by_one = stepped(2**30), stepped(2 * 6 * 10 * 4), stepped(1)
+    for a, b, c in zip(together, two_by_two, one_by_one):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, c)

@@ -31,6 +31,7 @@ from .precision import resolve_dtype
 # The quintic Newton–Schulz coefficients of modded-nanogpt: chosen for the steepest growth of
 # small singular values, not for convergence to exactly 1 (they end in about [0.7, 1.2]).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STACK_BYTES = 64 * 2**20  # the most fp32 bytes of matrices orthogonalised together in one batched product
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -180,15 +181,21 @@ class MuonAdamW(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         bufs = [self.state[p]["momentum_buffer"] for p in params]
         torch._foreach_lerp_(bufs, grads, 1 - beta)
-        nesterov = torch._foreach_lerp(grads, bufs, beta)  # the gradient seen through the new momentum
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(params):
             by_shape.setdefault(tuple(p.shape), []).append(i)
         torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
         for (rows, cols), idx in by_shape.items():
-            u = newton_schulz(torch.stack([nesterov[i] for i in idx]), group["ns_steps"], dtype=self.ns_dtype)
-            torch._foreach_add_([params[i] for i in idx], list(u.unbind(0)),
-                                alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+            # Stacks of at most NS_STACK_BYTES: the iteration's copies of a large model's matrices, all at
+            # once, would cost gigabytes; one matrix alone may exceed the budget
+            per_stack = max(1, NS_STACK_BYTES // (rows * cols * 4))
+            for k in range(0, len(idx), per_stack):
+                part = idx[k:k + per_stack]
+                # the gradient seen through the new momentum (Nesterov), for each matrix of the stack
+                g = torch.stack([grads[i] for i in part]).lerp_(torch.stack([bufs[i] for i in part]), beta)
+                u = newton_schulz(g, group["ns_steps"], dtype=self.ns_dtype)
+                torch._foreach_add_([params[i] for i in part], list(u.unbind(0)),
+                                    alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
 
     def _adamw(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         state = self.state[p]

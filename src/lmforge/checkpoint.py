@@ -226,7 +226,8 @@ def _own_file(name: str) -> bool:
 
 
 def _not_a_run(run: Path) -> str:
-    return f"{run} is not a run directory (no {CONFIG}); give the --out folder of `lmforge pretrain` or `lmforge finetune`"
+    return (f"{run} is not a run directory (no {CONFIG}); give the --out folder of `lmforge pretrain` or "
+            "`lmforge finetune`")
 
 
 def is_unstarted_run(path: str | os.PathLike) -> bool:

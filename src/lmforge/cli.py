@@ -536,7 +536,8 @@ def _finetune(a, given) -> None:
 # The options of each fine-tuning task that its run config records (under these keys), beside the
 # finetune / train / lora groups: what a resumed run takes from its config unless given again.
 _TASK_SETTINGS = {"classify": ("text_column", "label_column", "balance", "pad_to"),
-                  "instruct": ("template", "mask_prompt", "respond_test", "max_new_tokens"), "dpo": ("template", "beta")}
+                  "instruct": ("template", "mask_prompt", "respond_test", "max_new_tokens"),
+                  "dpo": ("template", "beta")}
 
 
 def _stored_task_setting(stored: dict, name: str):

@@ -122,7 +122,8 @@ def from_hf_state(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict
             prefix = f"h.{i}."
             if rest.startswith("self_attn.") and rest[len("self_attn."):len("self_attn.") + 6] in ("q_proj", "k_proj", "v_proj"):
                 if not (i.isdigit() and int(i) < config.n_layer):  # the join below covers the declared layers only
-                    raise ConvertError(f"tensor {key!r} belongs to no layer of the {config.n_layer} the config declares")
+                    raise ConvertError(f"tensor {key!r} belongs to no layer of the {config.n_layer} the config "
+                                       "declares")
                 continue  # joined below
             mapped = {"input_layernorm.weight": "ln_1.weight", "post_attention_layernorm.weight": "ln_2.weight",
                       "self_attn.o_proj.weight": "attn.c_proj.weight", "self_attn.o_proj.bias": "attn.c_proj.bias",

@@ -244,7 +244,8 @@ def predict_classes(model: GPT, ids: list[list[int]], pad_id: int, batch_size: i
 def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: FinetuneConfig = FinetuneConfig(),
                       train: TrainConfig = TrainConfig(lr=5e-5, warmup_steps=0), lora: LoRAConfig = LoRAConfig(),
                       text_column: str = "text", label_column: str = "label", balance: bool = False,
-                      pad_to: int | None = None, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
+                      pad_to: int | None = None, resume: bool = False, overwrite: bool = False,
+                      allow_changes: bool = False,
                       progress: bool = True, device: str | None = None) -> dict:
     """Fine-tune ``base`` to classify the texts of ``data`` (a file, or a known data set's name);
     returns the metrics of every split."""
@@ -429,7 +430,8 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
         trainable="all", epochs=2.0, split=(0.85, 0.05, 0.10)), train: TrainConfig = TrainConfig(
         lr=5e-5, warmup_steps=0, batch_size=8), lora: LoRAConfig = LoRAConfig(), template: str = "alpaca",
         mask_prompt: bool = False, respond_test: int | None = None, max_new_tokens: int = 128,
-        resume: bool = False, overwrite: bool = False, allow_changes: bool = False, progress: bool = True, device: str | None = None) -> dict:
+        resume: bool = False, overwrite: bool = False, allow_changes: bool = False, progress: bool = True,
+        device: str | None = None) -> dict:
     """Instruction-tune ``base`` on Alpaca / chat records; returns validation loss and test ROUGE-L,
     before and after, and writes the test responses to ``responses.json``."""
     if respond_test is not None and respond_test < 0:
@@ -524,8 +526,8 @@ def _reference_logprobs(model: GPT, pairs: tasks.PreferenceSet, pad_id: int, bat
 def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: FinetuneConfig = FinetuneConfig(
         trainable="all", epochs=1.0, split=(0.85, 0.05, 0.10)), train: TrainConfig = TrainConfig(
         lr=5e-6, warmup_steps=0, batch_size=8, weight_decay=0.01), lora: LoRAConfig = LoRAConfig(),
-        template: str = "alpaca", beta: float = 0.1, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
-        progress: bool = True, device: str | None = None) -> dict:
+        template: str = "alpaca", beta: float = 0.1, resume: bool = False, overwrite: bool = False,
+        allow_changes: bool = False, progress: bool = True, device: str | None = None) -> dict:
     """Preference-tune ``base`` with DPO on prompt / chosen / rejected records; returns the
     validation loss, rewards and reward margin before and after."""
     if beta <= 0:

@@ -205,9 +205,12 @@ def _check_resume(run: Path, stored: dict, current: dict, config: TrainConfig, s
     ``allow_changes``); return the lines that announce the others."""
     diff = settings_diff(stored, current)
     refused = [d for d in diff if d[0] not in RESUMABLE]
+
     def brief(v: object) -> str:  # a list of every trained tensor's name would fill the screen
         text = repr(v)
-        return text if len(text) <= 60 else f"{text[:40]}... ({len(v)} items)" if isinstance(v, list) else text[:57] + "..."
+        if len(text) <= 60:
+            return text
+        return f"{text[:40]}... ({len(v)} items)" if isinstance(v, list) else text[:57] + "..."
 
     shown = lambda ds: ", ".join(f"{k} {brief(o)} -> {brief(n)}" for k, o, n in ds)  # noqa: E731
     if refused and not allow_changes:
@@ -275,14 +278,15 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     from .outputs import run_lock
 
     with run_lock(run_dir, active=distributed.current().main):
-        return _fit(model, batches, loss_fn, config, run_dir, evaluate, sample, resume, extra_config, progress,
-                    allow_changes, task, finished_ok)
+        return _fit(model, batches, loss_fn, config, run_dir, evaluate=evaluate, sample=sample, resume=resume,
+                    extra_config=extra_config, progress=progress, allow_changes=allow_changes, task=task,
+                    finished_ok=finished_ok)
 
 
-def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_dir: str | Path,
-         evaluate: Callable[[GPT, torch.dtype], dict[str, float]] | None, sample: Callable[[GPT, int], list[dict] | None] | None,
-         resume: bool, extra_config: dict | None, progress: bool, allow_changes: bool, task: str,
-         finished_ok: bool) -> FitResult:
+def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_dir: str | Path, *,
+         evaluate: Callable[[GPT, torch.dtype], dict[str, float]] | None,
+         sample: Callable[[GPT, int], list[dict] | None] | None, resume: bool, extra_config: dict | None,
+         progress: bool, allow_changes: bool, task: str, finished_ok: bool) -> FitResult:
     from tqdm import tqdm
 
     run = Path(run_dir)

@@ -25,6 +25,19 @@ def smollm2_gguf():
         pytest.skip(f"SmolLM2 GGUF could not be had: {e}")
 
 
+def _one_tensor_gguf(path, arch: str):
+    """A GGUF file of ``arch`` holding one embedding table and no metadata: not written by lmforge."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_tensor("token_embd.weight", np.zeros((2, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def _random_llama(vocab):
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_preset("llama-micro", vocab_size=vocab, context_length=64)).eval()
@@ -127,13 +140,7 @@ def test_export_is_recognised_and_a_failed_one_changes_nothing(tmp_path, monkeyp
     tok = Tokenizer.train([TEXT * 30], TokenizerConfig(vocab_size=320))
     path = export_gguf(_random_llama(tok.vocab_size), tok, tmp_path / "m.gguf", "f32")
     assert is_gguf_export(path)
-    foreign = tmp_path / "foreign.gguf"
-    w = gguf.GGUFWriter(str(foreign), "llama")
-    w.add_tensor("token_embd.weight", np.zeros((2, 32), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    foreign = _one_tensor_gguf(tmp_path / "foreign.gguf", "llama")
     assert not is_gguf_export(foreign) and not is_gguf_export(tmp_path / "nowhere.gguf")
     before = path.read_bytes()
 
@@ -188,16 +195,8 @@ def test_a_gguf_out_ending_in_a_slash_is_refused_and_a_short_write_reads_as_a_fu
 
 
 def test_an_unsupported_gguf_architecture_keeps_its_own_message(tmp_path):
-    import gguf
-
     from lmforge.gguf_io import _open, gguf_config
 
-    path = tmp_path / "q.gguf"
-    w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_tensor("token_embd.weight", np.zeros((2, 32), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = _one_tensor_gguf(tmp_path / "q.gguf", "qwen2")
     with pytest.raises(ConvertError, match=r"^GGUF architecture 'qwen2' is not supported"):  # not "malformed"
         gguf_config(_open(path))

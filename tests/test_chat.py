@@ -229,10 +229,13 @@ def test_a_typed_special_token_changes_no_id_of_the_rest_of_the_conversation():
 
 
 def test_a_template_that_moves_messages_keeps_each_text_where_it_put_it():
+    import copy
+    import dataclasses
+
     from test_serve import tiny_assistant
 
-    a = tiny_assistant()
-    tok = a.tokenizer
+    tok = copy.deepcopy(tiny_assistant().tokenizer)  # the shared assistant of the server tests keeps its own
+    a = dataclasses.replace(tiny_assistant(), tokenizer=tok)
     tok.chat_template = (  # the system message last, as some templates fold it into the final turn
         "{% for m in messages if m.role != 'system' %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
         "{% endfor %}{% for m in messages if m.role == 'system' %}<|im_start|>system\n{{ m.content }}<|im_end|>\n"

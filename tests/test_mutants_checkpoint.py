@@ -443,7 +443,7 @@ def test_find_checkpoint_of_another_folder_says_what_to_give(tmp_path):
     with pytest.raises(CheckpointError) as e:
         ck.find_checkpoint(tmp_path)
     assert str(e.value) == (f"{tmp_path} is not a run directory (no config.json); give the --out folder of "
-                            "`lmforge pretrain`")
+                            "`lmforge pretrain` or `lmforge finetune`")
 
 
 def _run(tmp_path: Path, config: dict | str) -> Path:

@@ -258,7 +258,7 @@ def test_only_extending_or_observing_settings_are_resumable():
                             "train.sample_interval", "train.save_interval", "train.log_interval",
                             "train.keep_checkpoints", "train.compile", "train.tensorboard", "train.wandb",
                             "train.wandb_project", "train.peak_flops", "train.strategy", "train.dist_timeout",
-                            "data_path"}
+                            "data_path", "respond_test", "max_new_tokens"}  # the last two: what instruct answers
 
 
 def test_stale_temp_files_of_the_run_are_removed(tmp_path):

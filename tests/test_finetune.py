@@ -885,3 +885,18 @@ def test_a_resumed_instruct_run_answers_as_many_test_records_as_it_was_started_w
     answers = json.loads((run / "responses.json").read_text())
     assert len(answers) == 1  # once: every test record, at the default 128 tokens
     assert json.loads((run / "config.json").read_text())["template"] == "phi3"
+
+
+def test_a_resumed_lora_run_rebuilds_its_targets_head_included_from_its_config(base, tmp_path):
+    from lmforge.cli import main
+
+    data = _instruction_file(tmp_path / "i.json", n=24)
+    run = tmp_path / "run"
+    common = ["finetune", "instruct", "--base", str(base), "--data", str(data), "--out", str(run)]
+    assert main(common + ["--finetune.epochs", "1", "--finetune.split", "[0.5,0.25,0.25]", "--train.dtype", "float32",
+                          "--respond_test", "0", "--finetune.trainable", "lora", "--lora.targets", "[mlp,head]",
+                          "--lora.rank", "3"]) == 0
+    (run / "results.json").unlink()
+    assert main(common + ["--resume", "true"]) == 0  # targets mlp + head, rank 3: no change to refuse
+    layers = json.loads((run / "config.json").read_text())["lora"]["layers"]
+    assert "lm_head" in layers and not any(".attn." in name for name in layers)

@@ -900,3 +900,19 @@ def test_a_resumed_lora_run_rebuilds_its_targets_head_included_from_its_config(b
     assert main(common + ["--resume", "true"]) == 0  # targets mlp + head, rank 3: no change to refuse
     layers = json.loads((run / "config.json").read_text())["lora"]["layers"]
     assert "lm_head" in layers and not any(".attn." in name for name in layers)
+
+
+def test_a_header_read_as_data_because_columns_are_numbered_is_warned_about(tmp_path):
+    from lmforge.tasks import read_labelled
+
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(10)))
+    with pytest.warns(UserWarning, match=r"the first row \('text', 'label'\) looks like a header"):
+        rows = read_labelled(path, "0", "1")  # once silently: "3 classes (a, b, label)"
+    assert rows[0] == ("text", "label")  # still read as asked
+    path.write_text("".join(f"t{i},{'ab'[i % 2]}\n" for i in range(10)))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no header: no warning
+        read_labelled(path, "0", "1")

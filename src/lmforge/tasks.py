@@ -132,7 +132,27 @@ def read_labelled(path: str | Path, text_column: str = "text", label_column: str
         if max(ti, li) >= len(r):
             raise DataError(f"{path}, row {n} has {len(r)} columns, fewer than the {max(ti, li) + 1} needed")
         rows.append((r[ti], r[li]))
+    if numbered:
+        _warn_if_header(rows, path, ti, li)
     return _checked(rows, path, "row", first=1 if numbered else 2)
+
+
+def _warn_if_header(rows: list[tuple[str, str]], path: Path, ti: int, li: int) -> None:
+    """Columns given by number mean the file has no header; if its first row still looks like one (its
+    label names no class of any other row, while every other label occurs more than once), say so:
+    read as data, the header would become a class of one text."""
+    from collections import Counter
+
+    if len(rows) < 5:
+        return
+    counts = Counter(label for _, label in rows[1:])
+    label = rows[0][1]
+    if label not in counts and min(counts.values()) > 1:
+        import warnings
+
+        warnings.warn(f"{path}: the first row ({rows[0][0][:30]!r}, {label!r}) looks like a header, but the columns "
+                      f"were given by number ({ti} and {li}), which reads it as data; if it is a header, name the "
+                      "columns instead (--text_column NAME --label_column NAME)", stacklevel=3)
 
 
 def _checked(rows: list[tuple[str, str]], path: Path, unit: str, first: int = 0) -> list[tuple[str, str]]:

@@ -25,7 +25,7 @@ openai = pytest.importorskip("openai", reason="the serve tests drive the server 
 uvicorn = pytest.importorskip("uvicorn", reason="lmforge serve needs fastapi and uvicorn")
 
 from lmforge.chat import Assistant
-from lmforge.config import ModelConfig, TokenizerConfig
+from lmforge.config import ModelConfig, SampleConfig, TokenizerConfig
 from lmforge.model import GPT
 from lmforge.serve import make_app
 from lmforge.tokenizer import Tokenizer
@@ -622,3 +622,46 @@ def test_serve_says_which_flag_to_change_when_it_cannot_listen():
             bind("127.0.0.1", taken.getsockname()[1])
     with pytest.raises(LmforgeError, match=r"give an address of this machine as --host"):
         bind("192.0.2.1", 0)  # TEST-NET-1: never an address of this machine
+
+
+def test_a_row_that_fails_a_batch_fails_alone_and_the_others_are_answered(one_thread):  # noqa: F811
+    import asyncio
+
+    from lmforge.serve import Failed, Job, Row, Worker
+
+    a = tiny_assistant()
+    loop = asyncio.new_event_loop()
+    poison = 7
+
+    def fault(module, inputs):  # a fault of one request's own: its prompt holds the poison id
+        if (inputs[0] == poison).any():
+            raise RuntimeError("this request's fault (a test)")
+
+    hook = a.model.register_forward_pre_hook(fault)
+    worker = Worker(a, max_batch=4)
+    cfg = SampleConfig(max_new_tokens=3, temperature=0, stop_at_eos=False)
+    jobs = [Job(loop) for _ in range(3)]
+    prompts = [[5, 6, 8], [5, poison, 8], [9, 10]]
+    try:
+        for job, ids in zip(jobs, prompts):  # queued before the worker starts: one batch of three
+            row = Row(0, ids, cfg)
+            row.job = job
+            worker.queue.put(row)
+        worker.queue.put(None)
+        worker.start()
+        worker._thread.join(60)
+    finally:
+        hook.remove()
+    loop.run_until_complete(asyncio.sleep(0))
+    events = []
+    for job in jobs:
+        got = []
+        while not job.events.empty():
+            got.append(job.events.get_nowait())
+        events.append(got)
+    loop.close()
+    # Once all three failed with the one fault; now the batch is tried again row by row
+    assert [type(e) for e in events[1]] == [Failed] and "this request's fault" in events[1][0].message
+    for got in (events[0], events[2]):
+        assert got and not any(isinstance(e, Failed) for e in got) and got[-1].finish_reason == "length"
+    assert worker.stats["retried_alone"] == 3 and worker.stats["largest_batch"] == 3

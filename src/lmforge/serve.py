@@ -94,6 +94,7 @@ class Row:
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: also the k most likely
     text: str = ""
     job: Job = None  # type: ignore[assignment]  # set when the request is submitted
+    sent: bool = False  # whether a piece of it has gone out (then it cannot be started again)
 
 
 class Worker:
@@ -143,24 +144,39 @@ class Worker:
             if rows:
                 self.stats.update(batches=1, rows=len(rows))
                 self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
-                try:
-                    if self.assistant.template == "classify":
-                        self._classify(rows)
-                    else:
-                        self._decode(rows)
-                except Exception as e:  # a bug or out of memory: fail these requests, keep serving the others
-                    log.exception("generation failed")
-                    for job in {id(r.job): r.job for r in rows}.values():
-                        job.cancelled = True  # its rows still waiting are skipped
-                        job.send(Failed(f"generation failed: {type(e).__name__}: {e}"))
+                self._run(rows)
             if taken[-1] is None:
                 return
+
+    def _run(self, rows: list[Row]) -> None:
+        """Decode (or classify) a batch. If it fails (a bug, out of memory), the rows that had nothing
+        sent yet are tried again one at a time, so that one request's fault fails that request alone;
+        a row already partly sent fails with its job."""
+        try:
+            if self.assistant.template == "classify":
+                self._classify(rows)
+            else:
+                self._decode(rows)
+        except Exception as e:  # keep serving the others
+            log.exception("generation failed")
+            jobs = {id(r.job): r.job for r in rows}
+            started = {id(r.job) for r in rows if r.sent}
+            alone = [r for r in rows if len(rows) > 1 and id(r.job) not in started and not r.job.cancelled]
+            for key, job in jobs.items():
+                if not any(id(r.job) == key for r in alone):
+                    job.cancelled = True  # its rows still waiting are skipped
+                    job.send(Failed(f"generation failed: {type(e).__name__}: {e}"))
+            for row in alone:
+                if not row.job.cancelled:  # a row of the same job may have failed alone already
+                    self.stats["retried_alone"] += 1
+                    self._run([row])
 
     def _classify(self, rows: list[Row]) -> None:
         from .finetune import label_texts
 
         a = self.assistant
         for row, (label, _, probs) in zip(rows, label_texts(a.model, a.tokenizer, a.labels, [r.text for r in rows])):
+            row.sent = True
             row.job.send(Piece(row.index, label, finish_reason="stop", completion_tokens=1, probs=probs))
             self.stats["stop"] += 1
 
@@ -196,6 +212,7 @@ class Worker:
             delta += text.close()
             self.stats[reason] += 1
         if delta or reason is not None:
+            row.sent = True
             row.job.send(Piece(row.index, delta, list(held), reason, decoder.n_new[i]))
             held.clear()
 

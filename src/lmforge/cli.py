@@ -585,8 +585,9 @@ def _finetune_settings(a, given) -> tuple[dict, dict]:
             configs["lora"] = keep(LoRAConfig, "lora", {"rank": lora.get("rank"), "alpha": lora.get("alpha"),
                                                         "dropout": lora.get("dropout"), "targets": targets})
         for name in options:
-            if name not in g and _stored_task_setting(stored, name) is not None:
-                options[name] = _stored_task_setting(stored, name)
+            value = _stored_task_setting(stored, name)
+            if name not in g and value is not None:
+                options[name] = value
     lora_asked = {k: v for k, v in _given(g.get("lora")).items()
                   if (tuple(v) if isinstance(v, list) else v) != getattr(LoRAConfig(), k, v)}
     if configs["finetune"].trainable != "lora" and lora_asked:
@@ -672,12 +673,9 @@ def _check_json_out(a, cmd: str, inputs: list[str]) -> None:
 
 def _write_json(out: str | None, res: dict, cmd: str) -> None:
     if out:
-        import json
-
         from . import atomic
 
-        body = json.dumps({"format": _json_format(cmd), **res}, indent=2) + "\n"
-        print(f"wrote {atomic.write_text(Path(out), body)}")
+        print(f"wrote {atomic.write_json(Path(out), {'format': _json_format(cmd), **res})}")
 
 
 def _download(name: str | None) -> None:

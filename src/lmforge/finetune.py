@@ -31,7 +31,7 @@ from .evaluate import classification_metrics
 from .losses import class_logits, classification_loss, next_token_loss, preference_loss, sequence_logprobs
 from .lora import apply_lora, lora_config, lora_parameter_count
 from .model import GPT
-from .outputs import run_lock
+from .outputs import inside, run_lock
 from .precision import autocast, resolve_dtype
 from .train import fit
 
@@ -155,7 +155,6 @@ def _start(run: Path, data: Path, base: str, resume: bool, overwrite: bool, trai
            device: str | None) -> torch.device:
     """Checks of the outputs, before anything is read; returns the device to train on (under torchrun:
     this rank's, after joining the job)."""
-    from .outputs import inside
     from .pipeline import _prepare_run_dir
 
     ranks = distributed.init(train.dist_timeout, device)
@@ -176,10 +175,12 @@ def _start(run: Path, data: Path, base: str, resume: bool, overwrite: bool, trai
     return torch.device(device) if device else torch.device("cpu")
 
 
-def _begin(run: Path, data: Path, tok, resume: bool, overwrite: bool, train: TrainConfig, model: GPT) -> None:
-    """Clear an old run (--overwrite) and write the tokenizer: the first writes of a fine-tuning run.
-    What ``fit`` would refuse before training (the loggers, the optimizer for what trains) is
-    checked first, so that a refused run never costs the old one."""
+def _begin(run: Path, data: Path, tok, resume: bool, overwrite: bool, train: TrainConfig, model: GPT,
+           before: dict | None = None) -> None:
+    """Clear an old run (--overwrite) and write the tokenizer and the untuned model's scores
+    (``before``): the first writes of a new fine-tuning run. What ``fit`` would refuse before training
+    (the loggers, the optimizer for what trains) is checked first, so that a refused run never costs
+    the old one; a resumed run writes nothing here (a refused resume must not either)."""
     from .logger import check_loggers
     from .optim import make_optimizer
     from .pipeline import _prepare_run_dir
@@ -194,6 +195,8 @@ def _begin(run: Path, data: Path, tok, resume: bool, overwrite: bool, train: Tra
             _prepare_run_dir(run, data, False, True)
         run.mkdir(parents=True, exist_ok=True)
         tok.save(run / TOKENIZER)
+        if before is not None:
+            atomic.write_json(run / BEFORE, before)
 
     distributed.on_main(clear_and_start)
 
@@ -201,10 +204,11 @@ def _begin(run: Path, data: Path, tok, resume: bool, overwrite: bool, train: Tra
 BEFORE = "before.json"
 
 
-def _write_before(run: Path, before: dict) -> None:
-    """The untuned model's scores, kept so that a resumed run still reports before and after."""
-    if distributed.current().main:
-        atomic.write_text(run / BEFORE, json.dumps(before, indent=2) + "\n")
+def _keep_before(run: Path, before: dict) -> None:
+    """The untuned model's scores, kept so that a resumed run still reports before and after: written
+    after training when the run lacks them (one resumed from before they were written)."""
+    if distributed.current().main and _read_before(run) is None:
+        atomic.write_json(run / BEFORE, before)
 
 
 def _read_before(run: Path) -> dict | None:
@@ -217,7 +221,7 @@ def _read_before(run: Path) -> dict | None:
 
 def _save_results(run: Path, results: dict) -> Path:
     if distributed.current().main:
-        atomic.write_text(run / RESULTS, json.dumps(results, indent=2) + "\n")
+        atomic.write_json(run / RESULTS, results)
     return run / RESULTS
 
 
@@ -478,14 +482,11 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
              "weights": "full" if finetune.trainable == "all" else "trained", "finetune": config_dict(finetune),
              "template": template, "mask_prompt": mask_prompt, "data": _file_identity(data),
              "data_path": str(data.resolve()), "respond_test": respond_test, "max_new_tokens": max_new_tokens}
-    _begin(run, data, tok, resume, overwrite, train, model)
-    if not resume:  # a resumed run has its own (written when it began); a refused resume writes nothing
-        _write_before(run, results["before"])
+    _begin(run, data, tok, resume, overwrite, train, model, results["before"])
     result = fit(model, batches, next_token_loss, train, run, evaluate=lambda m, d: _lm_eval(m, val_batches, d),
                  resume=resume, extra_config=extra, progress=progress, task="instruct",
                  allow_changes=allow_changes, finished_ok=True)
-    if resume and _read_before(run) is None:
-        _write_before(run, results["before"])
+    _keep_before(run, results["before"])
     results.update(steps=result.step, seconds=result.seconds)
     results["after"] = {"val": _lm_eval(model, val_batches, dtype)}
     if tests:
@@ -586,14 +587,11 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
     extra = {"base": identity, "lora": lora_config(model), "trained": trained_names(model),
              "weights": "full" if finetune.trainable == "all" else "trained", "finetune": config_dict(finetune),
              "template": template, "beta": beta, "data": _file_identity(data), "data_path": str(data.resolve())}
-    _begin(run, data, tok, resume, overwrite, train, model)
-    if not resume:  # a resumed run has its own (written when it began); a refused resume writes nothing
-        _write_before(run, results["before"])
+    _begin(run, data, tok, resume, overwrite, train, model, results["before"])
     result = fit(model, batches, loss_fn, train, run, evaluate=evaluate, resume=resume, extra_config=extra,
                  progress=progress, task="dpo",
                  allow_changes=allow_changes, finished_ok=True)
-    if resume and _read_before(run) is None:
-        _write_before(run, results["before"])
+    _keep_before(run, results["before"])
     results.update(steps=result.step, seconds=result.seconds, after=evaluate(model, dtype))
     _save_results(run, results)
     return results
@@ -603,8 +601,6 @@ def merge_run(run: str | Path, out: str | Path) -> Path:
     """A LoRA run's adapters folded into its base: a run directory of full weights at ``out``."""
     from .checkpoint import save_model
     from .lora import merge_lora
-
-    from .outputs import inside
 
     run, out = Path(run), Path(out)
     if inside(out.resolve(), run.resolve()) or inside(run.resolve(), out.resolve()):  # before the loading

@@ -179,9 +179,9 @@ class GPT(nn.Module):
         if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
             # An id past the table would be an IndexError deep in the embedding (on a GPU, a device assert);
             # on the CPU the check costs nothing next to the model.
-            top = int(idx.max())
-            if top >= self.config.vocab_size or int(idx.min()) < 0:
-                bad = top if top >= self.config.vocab_size else int(idx.min())
+            low, top = (int(v) for v in torch.aminmax(idx))
+            if top >= self.config.vocab_size or low < 0:
+                bad = top if top >= self.config.vocab_size else low
                 raise LmforgeError(f"token id {bad} is outside this model's vocabulary of {self.config.vocab_size} "
                                    "ids: the ids were made with another tokenizer, or their data files are damaged "
                                    "(prepare them again)")

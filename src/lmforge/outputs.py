@@ -169,10 +169,10 @@ def run_lock(run: str | os.PathLike, active: bool = True) -> Iterator[None]:
         import fcntl
     except ImportError:  # not a POSIX system: no lock, as before
         fcntl = None
-    if not active or fcntl is None or (run.exists() and not run.is_dir()) or str(run.resolve()) in _HELD:
+    key = str(run.resolve())
+    if not active or fcntl is None or (run.exists() and not run.is_dir()) or key in _HELD:
         yield  # a file in the way is the caller's error to report; a nested hold is already held
         return
-    key = str(run.resolve())
     made = [p for p in (run, *run.parents) if not p.exists()]
     run.mkdir(parents=True, exist_ok=True)
     fd = os.open(run, os.O_RDONLY)

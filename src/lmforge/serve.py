@@ -159,13 +159,12 @@ class Worker:
                 self._decode(rows)
         except Exception as e:  # keep serving the others
             log.exception("generation failed")
-            jobs = {id(r.job): r.job for r in rows}
             started = {id(r.job) for r in rows if r.sent}
-            alone = [r for r in rows if len(rows) > 1 and id(r.job) not in started and not r.job.cancelled]
-            for key, job in jobs.items():
-                if not any(id(r.job) == key for r in alone):
-                    job.cancelled = True  # its rows still waiting are skipped
-                    job.send(Failed(f"generation failed: {type(e).__name__}: {e}"))
+            alone = [r for r in rows if id(r.job) not in started and not r.job.cancelled] if len(rows) > 1 else []
+            retried = {id(r.job) for r in alone}
+            for job in {id(r.job): r.job for r in rows if id(r.job) not in retried}.values():
+                job.cancelled = True  # its rows still waiting are skipped
+                job.send(Failed(f"generation failed: {type(e).__name__}: {e}"))
             for row in alone:
                 if not row.job.cancelled:  # a row of the same job may have failed alone already
                     self.stats["retried_alone"] += 1

@@ -33,6 +33,101 @@ def test_fast_path_equals_reference_outputs_and_gradients():
             torch.testing.assert_close(t.grad, g, atol=1e-5, rtol=1e-5)
 
 
+def test_flash_kernel_path_equals_reference(monkeypatch):
+    """With the chunked CPU path switched off, ``attention`` is PyTorch's fused kernel (what runs on a
+    GPU and beyond ``CHUNKED_ATTENTION_MAX``): the same outputs and gradients as the formula."""
+    import lmforge.attention as attn_mod
+
+    monkeypatch.setattr(attn_mod, "CHUNKED_ATTENTION_MAX", 0)
+    for nkv in (4, 2):
+        q, k, v = _qkv(nkv=nkv)
+        out = attention(q, k, v)
+        assert "Chunked" not in type(out.grad_fn).__name__
+        ref = attention_reference(*(t.detach().requires_grad_() for t in (q, k, v)))
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,t,chunk", [(6, 2, 10, 4), (2, 2, 9, 3), (4, 1, 5, 8), (3, 3, 8, 8)],
+                         ids=["gqa-uneven-chunks", "mha", "mqa-one-chunk", "chunk-equals-t"])
+def test_chunked_causal_attention_gradients_are_exact(heads, kv_heads, t, chunk):
+    """The hand-written backward against numerical differentiation (fp64), for chunks that do and
+    do not divide the sequence and for every head grouping."""
+    from lmforge.attention import ChunkedCausalAttention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, t, 4, generator=g, dtype=torch.float64, requires_grad=True)
+               for n in (heads, kv_heads, kv_heads))
+    assert torch.autograd.gradcheck(lambda q, k, v: ChunkedCausalAttention.apply(q, k, v, chunk), (q, k, v))
+    with torch.no_grad():
+        torch.testing.assert_close(ChunkedCausalAttention.apply(q, k, v, chunk),
+                                   attention_reference(q, k, v), atol=1e-6, rtol=1e-6)
+
+
+def test_cpu_attention_takes_the_chunked_path_up_to_its_limit(monkeypatch):
+    """On the CPU, fp32 and bf16 causal attention without a mask or dropout runs chunked (several
+    chunks here); masks, dropout, fp64 and longer sequences go to the fused kernel."""
+    import lmforge.attention as attn_mod
+
+    monkeypatch.setattr(attn_mod, "ATTENTION_CHUNK", 4)
+    q, k, v = _qkv(nkv=2, t=10)
+
+    def path(**kw):
+        out = attention(*(kw.pop("qkv", (q, k, v))), **kw)
+        return "chunked" if "Chunked" in type(out.grad_fn).__name__ else "fused"
+
+    assert path() == "chunked"
+    assert path(qkv=[t.bfloat16() for t in (q, k, v)]) == "chunked"
+    assert path(qkv=[t.double() for t in (q, k, v)]) == "fused"
+    assert path(dropout_p=0.1, training=True) == "fused"
+    assert path(dropout_p=0.1) == "chunked"  # not training: no dropout
+    assert path(mask=torch.ones(1, 1, 10, 10, dtype=torch.bool).tril()) == "fused"
+    assert path(qkv=(q[:, :, -3:], k, v)) == "fused"  # queries after a cache
+    monkeypatch.setattr(attn_mod, "CHUNKED_ATTENTION_MAX", 9)
+    assert path() == "fused"
+
+
+def test_chunked_attention_in_bf16_is_as_close_to_exact_as_the_fused_kernel(monkeypatch):
+    """bf16 rounds, so neither path is exact; the chunked one (fp32 softmax and sums) must be about as
+    close to the fp64 formula as PyTorch's kernel, in outputs and in every gradient."""
+    import lmforge.attention as attn_mod
+
+    q, k, v = _qkv(b=2, nh=6, nkv=2, t=40, hs=16, seed=3)
+    grad = torch.randn(2, 6, 40, 16, generator=torch.Generator().manual_seed(4))
+    exact_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = attention_reference(*exact_in)
+    exact.backward(grad.double())
+    want = [exact] + [t.grad for t in exact_in]
+
+    def errors(limit):
+        monkeypatch.setattr(attn_mod, "CHUNKED_ATTENTION_MAX", limit)
+        monkeypatch.setattr(attn_mod, "ATTENTION_CHUNK", 16)
+        inputs = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+        out = attention(*inputs)
+        out.backward(grad.bfloat16())
+        got = [out] + [t.grad for t in inputs]
+        return [(a.double() - b).abs().mean().item() for a, b in zip(got, want)]
+
+    chunked, fused = errors(1024), errors(0)
+    for c, f in zip(chunked, fused):
+        assert c <= 1.5 * f, (chunked, fused)
+
+
+def test_chunked_attention_under_autocast_gives_the_fp32_models_gradients():
+    """A model in fp32 under bf16 autocast (how fine-tuning runs on the CPU): the chunked path takes
+    bf16 q, k, v and hands back gradients close to the fp32 step's."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, context_length=32, d_model=32, n_layer=2, n_head=4, n_kv_head=2)
+    model = GPT(cfg)
+    idx = torch.randint(0, 50, (2, 24))
+    model(idx, targets=idx).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, targets=idx).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], atol=2e-2, rtol=5e-2, msg=n)
+
+
 def test_module_paths_agree_with_gqa():
     cfg = ModelConfig(vocab_size=50, context_length=32, d_model=32, n_layer=1, n_head=4, n_kv_head=2)
     attn = MultiHeadAttention(cfg)

@@ -352,7 +352,8 @@ def memory_per_device(n_params: int, strategy: str, world_size: int, *, activati
     return out
 
 
-def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 4, flash: bool = True) -> int:
+def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 4, attention: str = "flash",
+                     chunk: int = 128) -> int:
     """Bytes the forward of ``config``'s model keeps for backward, per device, at ``batch`` × ``seq``.
 
     Counted per block from what each operation saves, in units of one hidden state (b·s·d values):
@@ -361,8 +362,11 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 4, fl
     (smaller with grouped-query heads), with rotary positions q and k before rotation too, and with
     QK-norm the normalised q and k (new tensors, where plain q and k are views of the QKV output); the
     MLP keeps its input and, in its hidden width, GELU's (or ReLU²'s) input and output or SwiGLU's gate, up,
-    activation and product. Flash attention keeps no T × T scores; the plain path keeps the softmax
-    (heads · s · s). Plus the final norm and the output layer's input (the fused loss keeps no logits)."""
+    activation and product. ``attention``: "flash" (the fused kernel, on a GPU) keeps no T × T scores;
+    "plain" (the formula) keeps the softmax (heads · s · s); "chunked" (``ChunkedCausalAttention``,
+    the CPU's path up to 1024 tokens) keeps each query chunk's weights over the keys it can see,
+    about heads · s²/2. Plus the final norm and the output layer's input (the fused loss keeps no
+    logits)."""
     d, f, h = config.d_model, config.ff_dim, config.n_head
     kv = config.kv_heads * config.head_dim
     bs = batch * seq
@@ -370,8 +374,13 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 4, fl
     attn = 4 * d + 2 * kv + (d + kv if config.positions == "rope" else 0) + (d + kv if config.qk_norm else 0)
     mlp = d + (4 * f if config.mlp == "swiglu" else 2 * f)
     per_block = bs * (norms + attn + mlp)
-    if not flash:
+    if attention == "plain":
         per_block += batch * h * seq * seq
+    elif attention == "chunked":
+        per_block += batch * h * sum((min(seq, start + chunk) - start) * min(seq, start + chunk)
+                                     for start in range(0, seq, chunk))
+    elif attention != "flash":
+        raise ValueError(f"attention is 'flash', 'chunked' or 'plain', not {attention!r}")
     return (config.n_layer * per_block + 2 * bs * d) * dtype_bytes
 
 

@@ -59,7 +59,6 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropo
     return weights @ v                                                   # (B, nh, Tq, hs)
 
 
-@functools.lru_cache(maxsize=64)
 def _chunk_bias(start: int, end: int, group: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(group * (end - start), end): the causal bias of the queries at positions start .. end-1 over
     keys 0 .. end-1 (0 where allowed, -inf for a later key), repeated for each query head of a group."""
@@ -67,6 +66,11 @@ def _chunk_bias(start: int, end: int, group: int, dtype: torch.dtype, device: to
     keys = torch.arange(end, device=device)[None, :]
     bias = torch.zeros(end - start, end, dtype=dtype, device=device).masked_fill(keys > pos, float("-inf"))
     return bias.repeat(group, 1)
+
+
+# Full chunks' biases are kept: a training run asks for the same few at every layer of every step.
+# A last, partial chunk (any prompt length) is built each time, so the cache cannot grow with lengths.
+_full_chunk_bias = functools.lru_cache(maxsize=32)(_chunk_bias)
 
 
 class ChunkedCausalAttention(torch.autograd.Function):
@@ -85,13 +89,18 @@ class ChunkedCausalAttention(torch.autograd.Function):
     On the CPU this is about 2× faster than PyTorch's CPU flash kernel at 256-512 tokens, forward
     and backward (``benchmarks/attention_speed.py``): the products are large enough to run near
     the CPU's matmul peak. Its price is memory: P, about B · heads · T²/2 values per layer, which
-    is why ``attention`` uses it only up to ``CHUNKED_ATTENTION_MAX`` tokens. Softmax, the row sums
-    and the dK, dV sums accumulate in fp32 (bf16 inputs).
+    is why ``attention`` uses it only up to ``CHUNKED_ATTENTION_MAX`` tokens (without gradients,
+    one chunk's P at a time). In bf16 the products round their outputs (S, dP) to bf16, as the
+    formula's products do under autocast; the flash kernel keeps S in fp32, so at large logits
+    its bf16 results are closer to exact (mean error 1.3-1.8× lower). The softmax's sums, the
+    row sums and the dK, dV sums over chunks are fp32. First derivatives only.
     """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # type: ignore[override]
-                chunk: int = 128) -> torch.Tensor:
+                chunk: int = 128, keep: bool = True) -> torch.Tensor:
+        """``keep``: keep what backward needs. False (no gradient will be asked for: prefill,
+        evaluation) frees each chunk's weights before the next chunk's are made."""
         b, nh, t, hs = q.shape
         n_kv = k.size(1)
         group = nh // n_kv
@@ -103,40 +112,52 @@ class ChunkedCausalAttention(torch.autograd.Function):
             for start in range(0, t, chunk):
                 end = min(t, start + chunk)
                 q_c = q4[:, :, start:end].reshape(b * n_kv, group * (end - start), hs)
-                bias = _chunk_bias(start, end, group, q.dtype, q.device)
+                bias = (_full_chunk_bias if end - start == chunk else _chunk_bias)(start, end, group, q.dtype,
+                                                                                   q.device)
                 weights = torch.softmax(torch.baddbmm(bias, q_c, k3[:, :end].transpose(1, 2), alpha=hs ** -0.5),
                                         dim=-1)
-                out_c = torch.bmm(weights, v3[:, :end])
-                out[:, :, start:end] = out_c.view(b * n_kv, group, end - start, hs)
-                saved += [q_c, weights, out_c]
-        ctx.save_for_backward(k3, v3, *saved)
-        ctx.shapes, ctx.chunk = (q.shape, k.shape), chunk
+                out[:, :, start:end] = torch.bmm(weights, v3[:, :end]).view(b * n_kv, group, end - start, hs)
+                if keep:
+                    saved += [q_c, weights]
+                del weights  # without ``keep``, gone before the next chunk's are made
+        if keep:
+            ctx.save_for_backward(k3, v3, out, *saved)
+            ctx.shapes, ctx.chunk = (q.shape, k.shape), chunk
         return out.view(b, nh, t, hs)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward is not itself differentiable: say so
     def backward(ctx, d_out: torch.Tensor):  # type: ignore[override]
-        k3, v3, *saved = ctx.saved_tensors
+        k3, v3, out, *saved = ctx.saved_tensors
         (b, nh, t, hs), kv_shape = ctx.shapes
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
         n_kv, dtype = kv_shape[1], k3.dtype
         group, scale, acc = nh // n_kv, hs ** -0.5, torch.promote_types(k3.dtype, torch.float32)
         d_out4 = d_out.to(dtype).reshape(b * n_kv, group, t, hs)
-        d_q = torch.empty(b * n_kv, group, t, hs, dtype=dtype, device=k3.device)
-        d_k = torch.zeros(b * n_kv, t, hs, dtype=acc, device=k3.device)
-        d_v = torch.zeros(b * n_kv, t, hs, dtype=acc, device=k3.device)
+        rows = (d_out4.to(acc) * out.to(acc)).sum(-1, keepdim=True)      # rowsum(dO ⊙ O), (B·kv, group, T, 1)
+        d_q = torch.empty(b * n_kv, group, t, hs, dtype=dtype, device=k3.device) if need_q else None
+        d_k = torch.zeros(b * n_kv, t, hs, dtype=acc, device=k3.device) if need_k else None
+        d_v = torch.zeros(b * n_kv, t, hs, dtype=acc, device=k3.device) if need_v else None
         with torch.autocast(k3.device.type, enabled=False):
             for i, start in enumerate(range(0, t, ctx.chunk)):
                 end = min(t, start + ctx.chunk)
-                q_c, weights, out_c = saved[3 * i: 3 * i + 3]
-                d_out_c = d_out4[:, :, start:end].reshape(out_c.shape)
-                d_v[:, :end] += torch.bmm(weights.transpose(1, 2), d_out_c)
+                q_c, weights = saved[2 * i: 2 * i + 2]
+                d_out_c = d_out4[:, :, start:end].reshape(q_c.shape)
+                if need_v:
+                    d_v[:, :end] += torch.bmm(weights.transpose(1, 2), d_out_c)
+                if not (need_q or need_k):
+                    continue
                 d_weights = torch.bmm(d_out_c, v3[:, :end].transpose(1, 2))
-                row = (d_out_c.to(acc) * out_c.to(acc)).sum(-1, keepdim=True)
+                row = rows[:, :, start:end].reshape(q_c.shape[0], -1, 1)
                 d_scores = torch.sub(d_weights, row).mul_(weights).to(dtype)
-                d_q[:, :, start:end] = torch.bmm(d_scores, k3[:, :end]).mul_(scale).view(
-                    b * n_kv, group, end - start, hs)
-                d_k[:, :end] += torch.bmm(d_scores.transpose(1, 2), q_c)
-        return (d_q.view(b, nh, t, hs), d_k.mul_(scale).to(dtype).view(kv_shape), d_v.to(dtype).view(kv_shape),
-                None)
+                if need_q:
+                    d_q[:, :, start:end] = torch.bmm(d_scores, k3[:, :end]).mul_(scale).view(
+                        b * n_kv, group, end - start, hs)
+                if need_k:
+                    d_k[:, :end] += torch.bmm(d_scores.transpose(1, 2), q_c)
+        return (d_q.view(b, nh, t, hs) if need_q else None,
+                d_k.mul_(scale).to(dtype).view(kv_shape) if need_k else None,
+                d_v.to(dtype).view(kv_shape) if need_v else None, None, None)
 
 
 # The longest sequence ChunkedCausalAttention serves (CPU, fp32 and bf16). In chunks of 128 it was
@@ -149,14 +170,17 @@ ATTENTION_CHUNK = 128
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
               training: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The same as ``attention_reference``, through the fused kernel. Grouped-query heads are
-    shared inside the kernel (``enable_gqa``): no repeated copy of the keys and values."""
+    """The same as ``attention_reference``: on the CPU up to ``CHUNKED_ATTENTION_MAX`` tokens (causal,
+    no mask, no dropout) through ``ChunkedCausalAttention``, otherwise through PyTorch's fused kernel.
+    Grouped-query heads are shared inside either (``enable_gqa``): no repeated copy of the keys and
+    values."""
     t_q, t_k = q.size(-2), k.size(-2)
     p = dropout_p if training else 0.0
     gqa = q.size(1) != k.size(1)
     if (mask is None and t_q == t_k <= CHUNKED_ATTENTION_MAX and p == 0.0 and q.device.type == "cpu"
             and q.dtype in (torch.float32, torch.bfloat16)):
-        return ChunkedCausalAttention.apply(q, k, v, ATTENTION_CHUNK)
+        keep = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        return ChunkedCausalAttention.apply(q, k, v, ATTENTION_CHUNK, keep)
     if mask is not None:  # padded rows: the mask holds causality and padding together
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
     if t_q == t_k:

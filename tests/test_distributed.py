@@ -417,6 +417,12 @@ def test_activation_bytes_match_what_autograd_keeps(arch, attention, monkeypatch
         assert abs(measured - paper) < abs(measured - activation_bytes(cfg, 4, 64))
 
 
+def test_activation_bytes_names_the_attention_kinds_it_knows():
+    with pytest.raises(ValueError, match="'flash', 'chunked' or 'plain'"):
+        activation_bytes(ModelConfig(vocab_size=256, context_length=64, d_model=64, n_layer=1, n_head=4), 1, 8,
+                         attention="sdpa")
+
+
 def test_memory_per_device_matches_the_tensors_of_a_real_training_step():
     from lmforge.config import TrainConfig
     from lmforge.optim import make_optimizer

@@ -59,12 +59,25 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropo
     return weights @ v                                                   # (B, nh, Tq, hs)
 
 
+# The longest sequence ChunkedCausalAttention serves (CPU, fp32 and bf16), and its chunk of queries.
+# In chunks of 128 it was measured faster than the flash kernel at every length from 128 to 2048
+# tokens (AMD EPYC host, 2 threads); the limit is its memory, B · heads · T²/2 weights per layer,
+# which at 1024 tokens is about half of what a GPT-2 layer keeps for backward anyway.
+CHUNKED_ATTENTION_MAX = 1024
+ATTENTION_CHUNK = 128
+
+
+def chunk_spans(t: int, chunk: int = ATTENTION_CHUNK) -> list[tuple[int, int]]:
+    """The query chunks [start, end) of ``t`` positions; chunk [start, end) sees keys 0 .. end-1."""
+    return [(start, min(t, start + chunk)) for start in range(0, t, chunk)]
+
+
 def _chunk_bias(start: int, end: int, group: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(group * (end - start), end): the causal bias of the queries at positions start .. end-1 over
-    keys 0 .. end-1 (0 where allowed, -inf for a later key), repeated for each query head of a group."""
-    pos = torch.arange(start, end, device=device)[:, None]
-    keys = torch.arange(end, device=device)[None, :]
-    bias = torch.zeros(end - start, end, dtype=dtype, device=device).masked_fill(keys > pos, float("-inf"))
+    """(group * (end - start), end): the causal mask of the queries at positions start .. end-1 over
+    keys 0 .. end-1 as an additive bias (0 where allowed, -inf for a later key), repeated for each
+    query head of a group."""
+    hidden = ~causal_mask(end - start, end, device)  # queries are the last end - start of end positions
+    bias = torch.zeros(end - start, end, dtype=dtype, device=device).masked_fill(hidden, float("-inf"))
     return bias.repeat(group, 1)
 
 
@@ -98,7 +111,7 @@ class ChunkedCausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # type: ignore[override]
-                chunk: int = 128, keep: bool = True) -> torch.Tensor:
+                chunk: int = ATTENTION_CHUNK, keep: bool = True) -> torch.Tensor:
         """``keep``: keep what backward needs. False (no gradient will be asked for: prefill,
         evaluation) frees each chunk's weights before the next chunk's are made."""
         b, nh, t, hs = q.shape
@@ -109,8 +122,7 @@ class ChunkedCausalAttention(torch.autograd.Function):
         out = q.new_empty(b * n_kv, group, t, hs)
         saved = []
         with torch.autocast(q.device.type, enabled=False):  # the inputs already have the dtype to use
-            for start in range(0, t, chunk):
-                end = min(t, start + chunk)
+            for start, end in chunk_spans(t, chunk):
                 q_c = q4[:, :, start:end].reshape(b * n_kv, group * (end - start), hs)
                 bias = (_full_chunk_bias if end - start == chunk else _chunk_bias)(start, end, group, q.dtype,
                                                                                    q.device)
@@ -139,8 +151,7 @@ class ChunkedCausalAttention(torch.autograd.Function):
         d_k = torch.zeros(b * n_kv, t, hs, dtype=acc, device=k3.device) if need_k else None
         d_v = torch.zeros(b * n_kv, t, hs, dtype=acc, device=k3.device) if need_v else None
         with torch.autocast(k3.device.type, enabled=False):
-            for i, start in enumerate(range(0, t, ctx.chunk)):
-                end = min(t, start + ctx.chunk)
+            for i, (start, end) in enumerate(chunk_spans(t, ctx.chunk)):
                 q_c, weights = saved[2 * i: 2 * i + 2]
                 d_out_c = d_out4[:, :, start:end].reshape(q_c.shape)
                 if need_v:
@@ -158,14 +169,6 @@ class ChunkedCausalAttention(torch.autograd.Function):
         return (d_q.view(b, nh, t, hs) if need_q else None,
                 d_k.mul_(scale).to(dtype).view(kv_shape) if need_k else None,
                 d_v.to(dtype).view(kv_shape) if need_v else None, None, None)
-
-
-# The longest sequence ChunkedCausalAttention serves (CPU, fp32 and bf16). In chunks of 128 it was
-# measured faster than the flash kernel at every length from 128 to 2048 tokens (AMD EPYC host,
-# 2 threads); the limit is its memory, B · heads · T²/2 weights per layer, which at 1024 tokens is
-# about half of what a GPT-2 layer keeps for backward anyway.
-CHUNKED_ATTENTION_MAX = 1024
-ATTENTION_CHUNK = 128
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,

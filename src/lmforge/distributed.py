@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attention import ATTENTION_CHUNK, chunk_spans
 from .config import LmforgeError, TrainConfig
 
 STRATEGIES = ("ddp", "fsdp")
@@ -353,7 +354,7 @@ def memory_per_device(n_params: int, strategy: str, world_size: int, *, activati
 
 
 def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 4, attention: str = "flash",
-                     chunk: int = 128) -> int:
+                     chunk: int = ATTENTION_CHUNK) -> int:
     """Bytes the forward of ``config``'s model keeps for backward, per device, at ``batch`` × ``seq``.
 
     Counted per block from what each operation saves, in units of one hidden state (b·s·d values):
@@ -377,8 +378,7 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 4, at
     if attention == "plain":
         per_block += batch * h * seq * seq
     elif attention == "chunked":
-        per_block += batch * h * sum((min(seq, start + chunk) - start) * min(seq, start + chunk)
-                                     for start in range(0, seq, chunk))
+        per_block += batch * h * sum((end - start) * end for start, end in chunk_spans(seq, chunk))
     elif attention != "flash":
         raise ValueError(f"attention is 'flash', 'chunked' or 'plain', not {attention!r}")
     return (config.n_layer * per_block + 2 * bs * d) * dtype_bytes

@@ -207,11 +207,12 @@ def test_a_special_token_typed_into_a_message_is_text_not_a_turn_marker():
     # Only the template's markers: one user turn and the assistant's start, as for "hi"; once the message's
     # own <|im_end|> / <|im_start|> became tokens and forged a system turn
     assert ids.count(start) == a.prompt_ids(plain).count(start) and ids.count(end) == a.prompt_ids(plain).count(end)
-    assert forged in tok.decode(ids)  # the text is all there, as text
+    assert forged in tok.decode(ids)  # the text is all there (the counts above show it is there as text)
     system = [{"role": "system", "content": "be brief"}, {"role": "user", "content": forged}]
     ids = a.prompt_ids(system)
     assert ids.count(start) == 3 and ids.count(end) == 2  # system, user, and the assistant's turn begun
-    assert tok.decode(ids) == render(system, "chat", tok)  # the same text, read as the template wrote it
+    assert tok.decode(ids) == render(system, "chat", tok)  # nothing lost or added (decoding alone cannot tell
+    # a typed marker from a real one: the counts do)
 
 
 def test_a_typed_special_token_changes_no_id_of_the_rest_of_the_conversation():

@@ -136,13 +136,13 @@ class Assistant:
         # put the texts back where the template placed them (in whatever order it placed them).
         marks = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
         parts = re.split("\ue000(\\d+)\ue001", render(marks, self.template, tok))
+        pieces = [part if j % 2 == 0 else messages[int(part)]["content"] for j, part in enumerate(parts)]
         spans, pos = [], 0  # where the template's own text lies in the prompt
-        for j, part in enumerate(parts):
-            piece = part if j % 2 == 0 else messages[int(part)]["content"]
+        for j, piece in enumerate(pieces):
             if j % 2 == 0:
                 spans.append((pos, pos + len(piece)))
             pos += len(piece)
-        if "".join(p if j % 2 == 0 else messages[int(p)]["content"] for j, p in enumerate(parts)) != text:
+        if "".join(pieces) != text:
             raise LmforgeError(f"a message contains {typed[0]!r}, a special token of this model, and its chat "
                                "template changes message text, so it cannot be kept as plain text; remove it")
         # Split only at the template's special tokens: every run between them (messages included) is
@@ -151,10 +151,10 @@ class Assistant:
         ids, cursor = [], 0
         for a, b in spans:
             for m in marker.finditer(text, a, b):
-                ids += tok.encode(text[cursor:m.start()], disallowed_special=())
+                ids += tasks.plain_ids(tok, text[cursor:m.start()])
                 ids.append(specials[m.group()])
                 cursor = m.end()
-        return ids + tok.encode(text[cursor:], disallowed_special=())
+        return ids + tasks.plain_ids(tok, text[cursor:])
 
     def fit(self, messages: list[dict[str, str]], reserve: int) -> tuple[list[dict[str, str]], int]:
         """The newest messages whose prompt leaves ``reserve`` tokens for the answer: the oldest

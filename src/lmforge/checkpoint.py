@@ -203,21 +203,20 @@ def verify_checkpoint(folder: Path) -> str | None:
     return None
 
 
-# What lmforge writes at the top of a run: training's files, the loggers' folders and the report.
+# Written only at the end of a fine-tuning run (scores after, answers, the confusion matrix): never among
+# what a kill in its first seconds leaves, and names a user's own folder may hold (an evaluation's
+# results.json beside a tokenizer.json).
+_END_FILES = frozenset({"results.json", "responses.json", "confusion.png"})
+
+# What lmforge writes at the top of a run: training's files, the loggers' folders and the report, and
+# fine-tuning's scores before training and its end files.
 RUN_FILES = frozenset({CONFIG, WEIGHTS, STATE, TOKENIZER, METRICS, CHECKPOINTS, "loss.png", "tensorboard", "wandb",
-                       "report.html", "report-plots", "evaluations.json",
-                       # what fine-tuning writes beside them: scores before and after, answers, the confusion matrix
-                       "before.json", "results.json", "responses.json", "confusion.png"})
+                       "report.html", "report-plots", "evaluations.json", "before.json"}) | _END_FILES
 
 
 def is_own_temp_file(name: str) -> bool:
     """The temp file of an atomic write of a run's own file (``metrics.jsonl.tmp123``)."""
     return ".tmp" in name and name.split(".tmp")[0] in RUN_FILES
-
-
-# Written only at the end of a fine-tuning run: never among what a kill in its first seconds leaves, and
-# names a user's own folder may hold (an evaluation's results.json beside a tokenizer.json).
-_END_FILES = frozenset({"results.json", "responses.json", "confusion.png"})
 
 
 def _own_file(name: str) -> bool:

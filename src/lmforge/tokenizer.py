@@ -158,8 +158,10 @@ def compile_pattern(pattern: str, source: str = "tokenizer", coverage: str = "er
         raise TokenizerError(f"{source}: the pre-tokenization pattern {shown!r} is valid for Python's regex module "
                              f"but not for tiktoken's engine, which the fast path runs ({problem}); use one of "
                              f"{', '.join(PATTERNS)} or an expression both accept")
-    pieces = "" if coverage == "skip" else "".join(m.group(0) for m in compiled.finditer(_COVERAGE_PROBE))
-    if coverage != "skip" and pieces != _COVERAGE_PROBE:  # what no piece matches is dropped when encoding
+    if coverage == "skip":
+        return compiled
+    pieces = "".join(m.group(0) for m in compiled.finditer(_COVERAGE_PROBE))
+    if pieces != _COVERAGE_PROBE:  # what no piece matches is dropped when encoding
         at = next((i for i, (x, y) in enumerate(zip(pieces, _COVERAGE_PROBE)) if x != y), len(pieces))
         message = (f"{source}: the pre-tokenization pattern {shown!r} does not match every character (it leaves "
                    f"out {_COVERAGE_PROBE[at]!r}, for one), so encoding would drop text; use one of "

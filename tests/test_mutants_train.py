@@ -129,6 +129,38 @@ def test_train_step_stops_on_a_non_finite_loss(bad):
     assert str(e.value) == (f"loss became {bad} at step 4; lower --train.lr or use --train.dtype float32")
 
 
+def test_an_unread_step_leaves_its_numbers_on_the_device_and_reading_raises_at_the_first_bad_step():
+    # fit reads a step's numbers only when it logs or saves: reading a GPU tensor makes the host wait
+    cfg = TrainConfig(grad_clip=1.0)
+    model = Probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    data = {0: [1.0, 2.0], 1: [float("nan"), 1.0], 2: [float("inf"), 1.0]}
+    steps = [tr.train_step(model, opt, lambda k: torch.tensor(data[k]), _probe_loss([]), s, cfg, torch.device("cpu"),
+                           torch.float32, read=False) for s in range(3)]  # no error yet
+    assert all(isinstance(r.loss, torch.Tensor) and isinstance(r.grad_norm, torch.Tensor) for r in steps)
+    first = tr.resolve_steps(steps[:1])[0]
+    assert (first.loss, first.metrics, first.grad_norm, first.step) == (3.0, {"double": 6.0},
+                                                                        pytest.approx(5 ** 0.5), 0)
+    assert type(first.loss) is float and type(first.grad_norm) is float
+    with pytest.raises(LmforgeError, match="^loss became nan at step 1; lower --train.lr"):
+        tr.resolve_steps(steps)
+
+
+def test_fit_stops_at_a_non_finite_loss_naming_its_step_and_saves_nothing_after_it(tmp_path):
+    # Steps 0 and 1 are fine, step 2's loss is inf (its batch is rows 4-5); logs every 5 steps and
+    # saves every 2: the numbers are read after steps 1 and 3, and the second read, which checks
+    # steps 2 and 3, raises before the checkpoint after step 3 is written.
+    def loss(model, batch):
+        value, metrics = _loss(model, batch)
+        return (value * float("inf") if torch.equal(batch[0], DATA[4:6, :-1]) else value), metrics
+
+    cfg = _cfg(log_interval=5, save_interval=2, eval_interval=100)
+    with pytest.raises(LmforgeError, match="^loss became inf at step 2; "):
+        tr.fit(_model(), _batches, loss, cfg, tmp_path, progress=False)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-00000002"]
+    assert all(r["step"] <= 2 for r in _records(tmp_path))
+
+
 def test_train_step_moves_each_batch_to_the_device_given():
     devices = []
 

@@ -177,15 +177,16 @@ def gradient_sync(wrapped: nn.Module, sync: bool) -> Iterator[None]:
         yield
 
 
-def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """The mean of each value over all ranks (one small all-reduce); the values themselves on one process."""
+def mean_over_ranks(values: list[float | torch.Tensor], device: torch.device) -> list[float | torch.Tensor]:
+    """The mean of each value over all ranks, as 0-dim tensors on ``device`` (one small all-reduce,
+    which the host does not wait for); the values themselves on one process."""
     import torch.distributed as dist
 
     if not current().active:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
     dist.all_reduce(t)
-    return (t / current().world_size).tolist()
+    return list((t / current().world_size).unbind())
 
 
 def all_ok(ok: bool, device: torch.device) -> bool:
@@ -295,10 +296,10 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
-def gradient_norm(norm: torch.Tensor) -> float:
-    """A float from clip_grad_norm_'s result (a DTensor under FSDP2)."""
+def gradient_norm(norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_'s result as a plain tensor (it is a DTensor under FSDP2), left on the device."""
     full = getattr(norm, "full_tensor", None)
-    return float(full() if full is not None else norm)
+    return full() if full is not None else norm
 
 
 # --------------------------------------------------------------------------- launching

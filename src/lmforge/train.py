@@ -105,25 +105,61 @@ def batch_width(batch: Batch) -> int:
 
 @dataclass
 class StepResult:
-    loss: float
-    metrics: dict[str, float] = field(default_factory=dict)
-    grad_norm: float | None = None
+    """One optimiser step's numbers. As ``train_step`` returns them, ``loss``, the metrics and
+    ``grad_norm`` may still be tensors on the training device: reading a GPU value waits for
+    the GPU to finish, so the loop reads them only when it logs, evaluates or saves
+    (``resolve_steps``), and the GPU never idles between steps while Python catches up."""
+
+    loss: float | torch.Tensor
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    grad_norm: float | torch.Tensor | None = None
     tokens: int = 0
     seq_len: int = 0  # the longest micro-batch's sequence length (attention's FLOPs depend on it)
+    step: int = 0
+
+    def resolved(self) -> StepResult:
+        """This result with plain floats (see ``resolve_steps``)."""
+        return resolve_steps([self])[0]
+
+
+def resolve_steps(results: list[StepResult]) -> list[StepResult]:
+    """The results with their tensors read as floats, in one transfer from the device; a non-finite
+    loss raises, naming the first step that had one (before anything saves that step's weights)."""
+    values = [v for r in results for v in (r.loss, *r.metrics.values(), r.grad_norm) if isinstance(v, torch.Tensor)]
+    read = iter(torch.stack([v.detach().reshape(()).float() for v in values]).tolist() if values else [])
+
+    def plain(v: float | torch.Tensor | None) -> float | None:
+        return next(read) if isinstance(v, torch.Tensor) else v
+
+    out = []
+    for r in results:
+        loss, metrics, grad_norm = plain(r.loss), {k: plain(v) for k, v in r.metrics.items()}, plain(r.grad_norm)
+        if not math.isfinite(loss):
+            raise LmforgeError(f"loss became {loss} at step {r.step}; lower --train.lr or use --train.dtype float32")
+        out.append(StepResult(loss=loss, metrics=metrics, grad_norm=grad_norm, tokens=r.tokens, seq_len=r.seq_len,
+                              step=r.step))
+    return out
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, loss_fn: LossFn,
-               step: int, config: TrainConfig, device: torch.device, dtype: torch.dtype) -> StepResult:
+               step: int, config: TrainConfig, device: torch.device, dtype: torch.dtype, read: bool = True
+               ) -> StepResult:
     """One optimiser step: set the learning rate, accumulate ``grad_accum`` micro-batches, clip, step.
 
     ``model`` is what trains: the model, or its DDP / FSDP2 wrapping (``distributed.wrap``); then
     ``batches`` gives this rank's rows, gradients are averaged over the ranks on the last
-    micro-batch only, and the losses returned are the means over all ranks."""
+    micro-batch only, and the losses returned are the means over all ranks.
+
+    The result holds floats, and a non-finite loss raises. With ``read=False`` its numbers stay on
+    the device and the host does not wait for the step to finish; a non-finite loss then raises
+    when they are read (``resolve_steps``), which ``fit`` does before it logs or saves anything."""
     lr = lr_at(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices follow the schedule at their own scale
     ranks = distributed.current()
-    loss_sum, tokens, width, sums = 0.0, 0, 0, {}
+    # Sums stay on the device (no .item() per micro-batch: each would make the host wait for the GPU).
+    loss_sum: torch.Tensor | float = 0.0
+    tokens, width, sums = 0, 0, {}
     for micro in range(config.grad_accum):
         k = step * config.grad_accum + micro
         batch = batches(k)
@@ -139,25 +175,24 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
             with autocast(device, dtype):
                 loss, metrics = loss_fn(model, batch)
             (loss / config.grad_accum).backward()
-        loss_sum += loss.item()
+        loss_sum = loss_sum + loss.detach().float()
         tokens += batch_tokens(batch)
         width = max(width, batch_width(batch))
         for name, value in metrics.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
+            sums[name] = sums.get(name, 0.0) + (value.detach().float() if isinstance(value, torch.Tensor) else value)
     if ranks.active:  # what the whole global batch scored, the same on every rank
         names = sorted(sums)
         loss_sum, *means = distributed.mean_over_ranks([loss_sum, *(sums[n] for n in names)], device)
         sums = dict(zip(names, means))
         tokens *= ranks.world_size
-    if not math.isfinite(loss_sum):
-        raise LmforgeError(f"loss became {loss_sum} at step {step}; lower --train.lr or use --train.dtype float32")
     grad_norm = None
     if config.grad_clip is not None:
         grad_norm = distributed.gradient_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: no re-allocation per step
-    return StepResult(loss=loss_sum / config.grad_accum, grad_norm=grad_norm, tokens=tokens, seq_len=width,
-                      metrics={name: v / config.grad_accum for name, v in sums.items()})
+    result = StepResult(loss=loss_sum / config.grad_accum, grad_norm=grad_norm, tokens=tokens, seq_len=width,
+                        step=step, metrics={name: v / config.grad_accum for name, v in sums.items()})
+    return result.resolved() if read else result
 
 
 class _Silent:
@@ -379,6 +414,14 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
 
     # done: optimiser steps completed; tokens counts only completed steps (a step is added whole)
     done, loss_value, stopped_early = start, float("nan"), False
+    pending: list[StepResult] = []  # steps whose numbers are still on the device
+
+    def read_pending() -> StepResult | None:
+        """Read the steps taken since the last read (raising on a non-finite loss); the newest."""
+        newest = resolve_steps(pending)[-1] if pending else None
+        pending.clear()
+        return newest
+
     log = RunLogger(run, start if resume else None, tensorboard=config.tensorboard,
                     wandb_project=config.wandb_project if config.wandb else None,
                     config={"model": model.config.to_dict(), **extra_config}) if ranks.main else _Silent()
@@ -390,13 +433,30 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
         t_invocation = time.perf_counter()  # the time cap counts only this one
         window_t, window_tokens = time.perf_counter(), 0
         for step in range(start, config.max_steps):
-            result = train_step(trained, optimizer, batches, loss_fn, step, config, device, dtype)
-            done, loss_value = step + 1, result.loss
-            tokens += result.tokens
-            window_tokens += result.tokens
+            pending.append(train_step(trained, optimizer, batches, loss_fn, step, config, device, dtype, read=False))
+            done = step + 1
+            tokens += pending[-1].tokens
+            window_tokens += pending[-1].tokens
+            last = done == config.max_steps
+            logs = done % config.log_interval == 0 or last
+            evals = done % config.eval_interval == 0 or last
+            samples = bool(config.sample_interval) and done % config.sample_interval == 0 and not last
+            saves = done % config.save_interval == 0 or last
+            # The steps' numbers are read (and a non-finite loss raises) before anything is logged,
+            # evaluated or saved, and before the clock: then the device has finished the steps timed.
+            if logs or evals or samples or saves:
+                result = read_pending()
             now = time.perf_counter()
+            out_of_time = config.max_minutes is not None and now - t_invocation >= config.max_minutes * 60
+            if config.max_minutes is not None and ranks.active:  # the ranks' clocks differ: stop together
+                out_of_time = not distributed.all_ok(not out_of_time, device)
+            if out_of_time:
+                evals = saves = True
+                result = read_pending() or result
+            if not pending:  # this step's numbers were read
+                loss_value = result.loss
             elapsed = now - t_start
-            if done % config.log_interval == 0 or done == config.max_steps:
+            if logs:
                 tps = window_tokens / max(now - window_t, 1e-9)
                 window_t, window_tokens = now, 0
                 # attention's FLOPs at this batch's length: fine-tuning batches are far shorter than the context
@@ -411,18 +471,14 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
                         elapsed_s=elapsed)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
             bar.update(1)
-            last = done == config.max_steps
-            out_of_time = config.max_minutes is not None and now - t_invocation >= config.max_minutes * 60
-            if config.max_minutes is not None and ranks.active:  # the ranks' clocks differ: stop together
-                out_of_time = not distributed.all_ok(not out_of_time, device)
             paused = False  # evaluation, samples and checkpoints are not training: tokens/s leaves them out
-            if done % config.eval_interval == 0 or last or out_of_time:
+            if evals:
                 run_eval(done)
                 paused = evaluate is not None
-            if config.sample_interval and done % config.sample_interval == 0 and not last:
+            if samples:
                 run_sample(done)
                 paused = paused or sample is not None
-            if done % config.save_interval == 0 or last or out_of_time:
+            if saves:
                 checkpoint(done)
                 paused = True
             if paused and not last:  # the throughput window starts again after the pause
@@ -437,6 +493,7 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
             log_samples(done, sample(model, done))
     except KeyboardInterrupt:
         if not ranks.active:  # ranks interrupted at different points cannot meet to gather a checkpoint
+            read_pending()  # a non-finite loss since the last read: an error, and nothing saved
             bar.write(f"interrupted: saving a checkpoint at step {done}")
             checkpoint(done)  # weights after `done` steps; a half-accumulated step is simply redone on resume
         raise
@@ -456,6 +513,7 @@ __all__ = [
     "map_tensors",
     "fit",
     "prepare_for_training",
+    "resolve_steps",
     "settings_diff",
     "to_device",
     "train_step",

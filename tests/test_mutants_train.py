@@ -41,6 +41,21 @@ def test_to_device_moves_every_tensor_and_keeps_the_structure():
     assert tr.to_device(None, meta) is None
 
 
+def test_to_device_copies_host_tensors_to_a_gpu_through_pinned_memory(monkeypatch):
+    # A copy from pageable memory waits for the GPU's queued work; from pinned memory it does not.
+    # This machine has no GPU: the two Tensor methods record what to_device asks of them.
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: self.numel() == 3)  # one is pinned already
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append(("pin", self.numel())) or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device, non_blocking=False:
+                        calls.append(("to", self.numel(), str(device), non_blocking)) or self)
+    tr.to_device((torch.zeros(2), torch.zeros(3)), torch.device("cuda"))
+    assert calls == [("pin", 2), ("to", 2, "cuda", True), ("to", 3, "cuda", True)]
+    calls.clear()
+    tr.to_device(torch.zeros(2), torch.device("cpu"))  # to the CPU: nothing pinned
+    assert calls == [("to", 2, "cpu", True)]
+
+
 def test_batch_tokens_counts_the_first_non_empty_tensor():
     assert tr.batch_tokens(torch.zeros(3, 5)) == 15
     assert tr.batch_tokens({"ids": torch.zeros(2, 4), "labels": torch.zeros(2)}) == 8

@@ -70,8 +70,14 @@ def map_tensors(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> Bat
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
-    """The batch with every tensor in it moved to ``device``."""
-    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
+    """The batch with every tensor in it moved to ``device``. To a GPU, host tensors go through
+    pinned memory: a copy from ordinary (pageable) memory first waits for all the work queued on
+    the GPU, so every micro-batch would stall the device while Python prepares the next one."""
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+            t = t.pin_memory()  # the copy's pinned block is not reused before the copy is done
+        return t.to(device, non_blocking=True)
+    return map_tensors(batch, move)
 
 
 def first_rows(batch: Batch, n: int) -> Batch:

@@ -247,3 +247,19 @@ def test_unknown_command_names_the_known_ones(capsys):
     assert capsys.readouterr().err == ("lmforge: error: unknown command 'talk'; known commands: run, tokenizer, "
                                        "prepare, pretrain, finetune, classify, merge-lora, generate, chat, serve, eval, "
                                        "export, download, report (see `lmforge --help`)\n")
+
+
+def test_lmforges_warnings_are_one_line_and_other_librarys_keep_pythons_format(tmp_path):
+    from lmforge.cli import format_warning
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("one two three one two three\n" * 20)
+    out = subprocess.run([sys.executable, "-m", "lmforge", "tokenizer", "train", "--data", str(corpus), "--out",
+                          str(tmp_path / "tok.json"), "--tokenizer.vocab_size", "2000"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if "warning" in ln.lower()]
+    assert len(lines) == 1 and lines[0].startswith("lmforge: warning: asked for 2,000 tokens but the corpus supports")
+    assert "UserWarning" not in out.stderr and "tokenizer.py" not in out.stderr
+    other = format_warning(UserWarning("x"), UserWarning, "/usr/lib/python3/site-packages/torch/nn.py", 7)
+    assert other.startswith("/usr/lib/python3/site-packages/torch/nn.py:7: UserWarning: x")

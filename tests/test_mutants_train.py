@@ -685,3 +685,20 @@ def test_fit_shows_a_progress_bar_named_after_the_task(tmp_path, capsys):
     assert "| 2/4" in err and "| 4/4 " in err.strip().split("\r")[-1] and "| 0/4" not in err  # from the checkpoint
     tr.fit(_model(), _batches, _loss, _cfg(max_steps=2), tmp_path / "quiet", progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_bfloat16_asked_for_on_a_cpu_without_fast_bf16_warns_and_auto_picks_float32(monkeypatch):
+    import warnings
+
+    from lmforge import precision
+
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="bfloat16 was asked for, but this CPU has no fast bf16 .* ask for float32"):
+        assert precision.resolve_dtype("bfloat16", "cpu") is torch.bfloat16  # the user's choice stands
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert precision.resolve_dtype("auto", "cpu") is torch.float32
+        assert precision.resolve_dtype("bfloat16", "meta") is torch.bfloat16  # only the CPU's own products
+        monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+        assert precision.resolve_dtype("bfloat16", "cpu") is torch.bfloat16
+        assert precision.resolve_dtype("auto", "cpu") is torch.bfloat16

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .config import (
@@ -810,9 +811,21 @@ def _fresh_pretrain_configs(given, a) -> tuple[ModelConfig, TrainConfig]:
     return ModelConfig.from_preset(a.preset, **_model_flags(given)), _config(TrainConfig, a.train)
 
 
+_python_format_warning = warnings.formatwarning
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """lmforge's own warnings as one line, like its errors (Python's format adds the file, the line
+    number and the source line); other libraries' warnings as Python writes them."""
+    if f"{os.sep}lmforge{os.sep}" in str(filename):
+        return f"lmforge: warning: {one_line(str(message))}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .outputs import fs_hint
 
+    warnings.formatwarning = format_warning
     argv = sys.argv[1:] if argv is None else argv
     try:
         return _run(list(argv))

@@ -69,6 +69,19 @@ def _tiny(tie=True, seed=0):
     return GPT(ModelConfig(vocab_size=50, context_length=16, d_model=16, n_layer=2, n_head=2, tie_embeddings=tie))
 
 
+@pytest.mark.parametrize("targets", [("attn",), ("mlp",), ("head",), ("attn", "head"), ("attn", "mlp", "head")])
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_the_targets_of_a_saved_lora_run_are_read_back_from_its_layer_names(targets, mlp):
+    # a resumed run rebuilds --lora.targets from the layers it recorded
+    from lmforge.lora import apply_lora, lora_config, targets_of
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, context_length=16, d_model=16, n_layer=2, n_head=2, mlp=mlp,
+                            tie_embeddings=False))
+    apply_lora(model, rank=2, alpha=4, targets=targets)
+    assert targets_of(lora_config(model)["layers"]) == targets
+
+
 @pytest.mark.parametrize("targets", [("attn", "mlp"), ("attn", "mlp", "head")])
 def test_lora_starts_as_the_base_and_only_adapters_train(targets):
     from lmforge.lora import LoRALinear, apply_lora, lora_parameter_count

@@ -187,3 +187,33 @@ def test_config_dict_is_json_ready():
     assert d == {"vocab_size": 4096, "special_tokens": ["<a>", "<b>"], "pattern": "gpt2"}
     assert json_ready({"a": (1, (2, 3)), "b": [{"c": (4,)}], "d": "x"}) == {"a": [1, [2, 3]], "b": [{"c": [4]}], "d": "x"}
     assert re.fullmatch(r"\d+", str(config_dict(TrainConfig())["batch_size"]))
+
+
+def test_restored_settings_keep_the_stored_values_under_those_given_again_and_drop_retired_names():
+    from lmforge.config import LmforgeError, TrainConfig, restored
+
+    stored = {"lr": 0.5, "batch_size": 3, "a_setting_of_an_older_version": 1}
+    got = restored(TrainConfig, stored, {"batch_size": 7}, "runs/x")
+    assert (got.lr, got.batch_size, got.max_steps) == (0.5, 7, TrainConfig().max_steps)
+    with pytest.raises(LmforgeError, match=r"^the settings stored in runs/x cannot be read \(.*\); start a new run$"):
+        restored(TrainConfig, {"lr": "fast"}, {}, "runs/x")  # a hand-edited config.json
+
+
+def test_a_pretraining_run_whose_stored_settings_are_damaged_resumes_with_a_one_line_error(tmp_path):
+    import json
+
+    from lmforge.config import LmforgeError, TrainConfig
+    from lmforge.pipeline import resume_configs
+
+    model = {**ModelConfig.from_preset("gpt-nano").to_dict(), "n_layer": "two"}  # hand-edited
+    (tmp_path / "config.json").write_text(json.dumps({"format": "lmforge-run", "model": model, "train": {}}))
+    with pytest.raises(LmforgeError, match="^the settings stored in .* cannot be read"):
+        resume_configs(tmp_path, {}, {})
+    model["n_layer"] = 2
+    (tmp_path / "config.json").write_text(json.dumps({"format": "lmforge-run", "model": model,
+                                                      "train": {"lr": "fast"}}))
+    with pytest.raises(LmforgeError, match="^the settings stored in .* cannot be read"):
+        resume_configs(tmp_path, {}, {})
+    (tmp_path / "config.json").write_text(json.dumps({"format": "lmforge-run", "model": model, "data_path": "d",
+                                                      "train": {"lr": 0.25}}))
+    assert resume_configs(tmp_path, {}, {"batch_size": 3})[::2] == ("d", TrainConfig(lr=0.25, batch_size=3))

@@ -351,8 +351,6 @@ def _model_overrides(p) -> None:
     """--model.* flags whose default is 'the preset's value' (null), so that --help, --print_config
     and a YAML file printed by it describe the run that will be trained, not the dataclass defaults
     (which are GPT-2 124M's)."""
-    import dataclasses
-
     p.add_class_arguments(ModelConfig, "model")
     p.set_defaults({f"model.{f.name}": None for f in dataclasses.fields(ModelConfig)})
     for action in p._actions:
@@ -552,6 +550,8 @@ def _finetune_settings(a, given) -> tuple[dict, dict]:
     resumed run takes every setting from its own config except the ones given again, as pretraining
     does; a setting given again that differs is then what the resume check reports."""
     from .checkpoint import read_run_config
+    from .config import restored
+    from .lora import targets_of
 
     o, g = a[a.task], (given or {}).get(a.task) or {}
     # A --config file printed by --print_config names every setting: only values other than the
@@ -570,21 +570,14 @@ def _finetune_settings(a, given) -> tuple[dict, dict]:
             stored = None  # no run to resume: fit says so
     if stored is not None and stored.get("task") == a.task:
         def keep(cls, name: str, stored_values: dict) -> object:
-            known = {f.name for f in dataclasses.fields(cls)}
-            values = {k: v for k, v in stored_values.items() if k in known}
-            try:
-                return cls(**{**values, **_given(g.get(name))})
-            except TypeError as e:  # a bad value given now is its own ConfigError, not the stored settings'
-                raise LmforgeError(f"the settings stored in {o.out} cannot be read ({e}); start a new run") from None
+            return restored(cls, stored_values, _given(g.get(name)), o.out)
         configs["finetune"] = keep(FinetuneConfig, "finetune", stored.get("finetune") or {})
         configs["train"] = keep(TrainConfig, "train", stored.get("train") or {})
         lora = stored.get("lora")
         if lora:  # recorded as the layers it adapts: their kinds are the targets
-            layers = lora.get("layers", [])
-            targets = tuple(t for t, part in (("attn", ".attn."), ("mlp", ".mlp."), ("head", "lm_head"))
-                            if any(part in name for name in layers))
             configs["lora"] = keep(LoRAConfig, "lora", {"rank": lora.get("rank"), "alpha": lora.get("alpha"),
-                                                        "dropout": lora.get("dropout"), "targets": targets})
+                                                        "dropout": lora.get("dropout"),
+                                                        "targets": targets_of(lora.get("layers", []))})
         for name in options:
             value = _stored_task_setting(stored, name)
             if name not in g and value is not None:

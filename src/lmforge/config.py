@@ -7,6 +7,7 @@ lmforge, so anything may import it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -498,6 +499,24 @@ def config_dict(obj: Any) -> dict[str, Any]:
     return json_ready(dataclasses.asdict(obj))
 
 
+def restored(cls: type, stored: dict[str, Any], given: dict[str, Any], run: Any) -> Any:
+    """A settings dataclass as the run ``run`` stored it, with the settings given again on top
+    (resuming keeps a run's own settings); stored names this version no longer has are left out."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    with unreadable_settings(run):
+        return cls(**{**{k: v for k, v in stored.items() if k in known}, **given})
+
+
+@contextlib.contextmanager
+def unreadable_settings(run: Any):
+    """A stored setting of a type the config cannot take (a hand-edited or foreign config.json) is a
+    one-line error naming the run, not a TypeError from deep inside the dataclass."""
+    try:
+        yield
+    except TypeError as e:
+        raise LmforgeError(f"the settings stored in {run} cannot be read ({e}); start a new run") from None
+
+
 def json_ready(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: json_ready(v) for k, v in x.items()}
@@ -509,4 +528,5 @@ def json_ready(x: Any) -> Any:
 __all__ = [
     "CONFIG_FORMAT_VERSION", "ConfigError", "FinetuneConfig", "GGUF_EXPORT_TYPES", "DataConfig", "LmforgeError",
     "LoRAConfig", "ModelConfig", "PRESETS", "SampleConfig", "TokenizerConfig", "TrainConfig", "config_dict",
+    "restored", "unreadable_settings",
 ]

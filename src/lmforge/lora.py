@@ -134,14 +134,22 @@ def lora_linear(x: torch.Tensor, x_d: torch.Tensor | None, weight: torch.Tensor,
     return y.view(*shape[:-1], y.size(-1))  # a view made outside the Function: in-place changes stay allowed
 
 
+def _is_target(name: str, target: str) -> bool:
+    """Whether the layer called ``name`` (``h.3.attn.c_attn``, ``lm_head``) is one that ``target`` names."""
+    return any(name == s or name.endswith("." + s) for s in TARGETS[target])
+
+
 def _targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise ConfigError(f"unknown LoRA target {unknown[0]!r}; choose from {', '.join(TARGETS)}")
-    suffixes = tuple(s for t in targets for s in TARGETS[t])
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
-            and (name in suffixes or name.endswith(tuple("." + s for s in suffixes)))]
+            if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and any(_is_target(name, t) for t in targets)]
+
+
+def targets_of(layers: list[str]) -> tuple[str, ...]:
+    """The targets (``TARGETS``' keys) that the adapted layers named in ``lora_config`` belong to."""
+    return tuple(t for t in TARGETS if any(_is_target(name, t) for name in layers))
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
@@ -223,4 +231,4 @@ def apply_lora_layers(model: nn.Module, config: dict) -> None:
 
 
 __all__ = ["LoRALinear", "TARGETS", "apply_lora", "apply_lora_layers", "lora_config", "lora_parameter_count",
-           "merge_lora"]
+           "merge_lora", "targets_of"]

@@ -157,17 +157,13 @@ def resume_configs(out: str | Path, model_overrides: dict, train_overrides: dict
                    preset: str | None = None) -> tuple[str, ModelConfig, TrainConfig]:
     """The data directory, model config and train config to resume ``out`` with: the run's own
     stored settings, with only what the user gave explicitly changed."""
-    from .config import config_dict
+    from .config import restored, unreadable_settings
 
     stored = read_run_config(out)
     base_model = ModelConfig.from_preset(preset).to_dict() if preset else stored["model"]
-    try:
+    with unreadable_settings(out):
         model = ModelConfig.from_dict({**base_model, **model_overrides})
-        known = set(config_dict(TrainConfig()))
-        train = TrainConfig(**{**{k: v for k, v in stored.get("train", {}).items() if k in known}, **train_overrides})
-    except TypeError as e:
-        raise LmforgeError(f"the settings stored in {out} cannot be read ({e}); start a new run") from None
-    return stored.get("data_path") or "", model, train
+    return stored.get("data_path") or "", model, restored(TrainConfig, stored.get("train", {}), train_overrides, out)
 
 
 def pretrain(data_dir: str | Path, out: str | Path, model_config: ModelConfig, train: TrainConfig = TrainConfig(),

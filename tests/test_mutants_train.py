@@ -693,12 +693,43 @@ def test_bfloat16_asked_for_on_a_cpu_without_fast_bf16_warns_and_auto_picks_floa
     from lmforge import precision
 
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(precision, "_warned_slow_bf16", False)
     with pytest.warns(UserWarning, match="bfloat16 was asked for, but this CPU has no fast bf16 .* ask for float32"):
         assert precision.resolve_dtype("bfloat16", "cpu") is torch.bfloat16  # the user's choice stands
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        assert precision.resolve_dtype("bfloat16", "cpu") is torch.bfloat16  # said once per process
         assert precision.resolve_dtype("auto", "cpu") is torch.float32
         assert precision.resolve_dtype("bfloat16", "meta") is torch.bfloat16  # only the CPU's own products
         monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
         assert precision.resolve_dtype("bfloat16", "cpu") is torch.bfloat16
         assert precision.resolve_dtype("auto", "cpu") is torch.bfloat16
+
+
+def test_an_interrupt_inside_the_first_non_finite_step_saves_nothing(tmp_path, monkeypatch):
+    # Ctrl-C lands in optimizer.step of the step whose loss is inf: its update is made, its loss
+    # not yet kept for reading. The interrupt's checkpoint would hold non-finite weights.
+    def loss(model, batch):
+        value, metrics = _loss(model, batch)
+        return (value * float("inf") if torch.equal(batch[0], DATA[4:6, :-1]) else value), metrics
+
+    make = tr.make_optimizer
+
+    def interrupted_in_step_2(model, config):
+        opt = make(model, config)
+        step, calls = opt.step, []
+
+        def stepping(*a, **k):
+            out = step(*a, **k)
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return out
+        opt.step = stepping
+        return opt
+
+    monkeypatch.setattr(tr, "make_optimizer", interrupted_in_step_2)
+    cfg = _cfg(log_interval=100, save_interval=100, eval_interval=100)
+    with pytest.raises(LmforgeError, match="^interrupted after step 2 with non-finite weights .* nothing was saved"):
+        tr.fit(_model(), _batches, loss, cfg, tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("step-*"))

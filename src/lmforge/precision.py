@@ -18,15 +18,20 @@ def cpu_has_fast_bf16() -> bool:
     return bool((probe and probe()) or (amx and amx()))
 
 
+_warned_slow_bf16 = False
+
+
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     """'auto' -> bf16 where it is fast on ``device``, else fp32; 'float32' / 'bfloat16' as named."""
     device = torch.device(device)
     if name == "float32":
         return torch.float32
+    global _warned_slow_bf16
     if name == "bfloat16":
-        if device.type == "cpu" and not cpu_has_fast_bf16():
-            # Said once per process (one warning location): a whole run at a fraction of its speed is a
-            # mistake to point out, not to refuse (the numbers are the same as on a CPU with bf16).
+        if device.type == "cpu" and not _warned_slow_bf16 and not cpu_has_fast_bf16():
+            # Said once per process (a run resolves its dtype in several places): a whole run at a fraction
+            # of its speed is a mistake to point out, not to refuse (the numbers are those of a bf16 CPU).
+            _warned_slow_bf16 = True
             warnings.warn("bfloat16 was asked for, but this CPU has no fast bf16 (AVX-512 BF16 or AMX): its bf16 "
                           "products are emulated, many times slower than float32 (a training step of a small "
                           "SmolLM2: 40x on an AVX2 EPYC); ask for float32, or auto, which picks bf16 only where "

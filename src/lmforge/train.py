@@ -500,6 +500,12 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
     except KeyboardInterrupt:
         if not ranks.active:  # ranks interrupted at different points cannot meet to gather a checkpoint
             read_pending()  # a non-finite loss since the last read: an error, and nothing saved
+            # An interrupt inside the first bad step, after its update and before its numbers were kept,
+            # leaves no loss to read: the weights themselves tell.
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise LmforgeError(f"interrupted after step {done} with non-finite weights (a loss became nan or "
+                                   "inf); nothing was saved: resume from the last checkpoint with a lower --train.lr "
+                                   "or --train.dtype float32") from None
             bar.write(f"interrupted: saving a checkpoint at step {done}")
             checkpoint(done)  # weights after `done` steps; a half-accumulated step is simply redone on resume
         raise

@@ -570,8 +570,8 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
             batch = [t.to(device) for t in collate("val", idx)]
             with autocast(device, dt):
                 loss, metrics = loss_fn(m, batch)
-            for k, v in {"loss": loss.item(), **metrics}.items():
-                totals[k] = totals.get(k, 0.0) + v * len(idx)
+            for k, v in {"loss": loss, **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * len(idx)
         m.train(was)
         return {k: v / n for k, v in totals.items()}
 

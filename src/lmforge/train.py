@@ -2,7 +2,7 @@
 
 ``fit`` is parameterised by a task: a batch source (``batches(k)``, micro-batch k as any
 structure of tensors, a pure function of k) and a loss function (``loss_fn(model, batch) ->
-(loss, metrics)``, metrics a dict of floats to log beside the loss), so pretraining and every
+(loss, metrics)``, metrics a dict of numbers or 0-dim tensors to log beside the loss), so pretraining and every
 fine-tuning task share it. It owns the optimiser step, gradient accumulation and clipping,
 the learning-rate schedule, mixed precision, periodic evaluation and samples, the run's
 logs (``metrics.jsonl``, and TensorBoard / W&B when asked: ``logger.RunLogger``), checkpoints
@@ -46,7 +46,7 @@ from .precision import autocast, resolve_dtype, tune_cpu_allocator
 
 Batch = Any  # a tensor, or a tuple / list / dict of tensors: whatever the task's loss function takes
 Batches = Callable[[int], Batch]
-LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
 
 # Settings that only extend or observe a run. Changing them on resume is announced and allowed;
 # changing anything else (learning rate, batch, model, data...) would make the result differ from

@@ -183,12 +183,14 @@ def test_gguf_metadata_missing_a_count_or_the_tokens_is_a_one_line_error(tmp_pat
 
 def test_a_gguf_out_ending_in_a_slash_is_refused_and_a_short_write_reads_as_a_full_disk(tmp_path):
     from lmforge.outputs import OutputError, check_output, fs_hint, write_error
+    from lmforge.pipeline import export
 
     with pytest.raises(OutputError, match="names a folder, but this command writes a file; give a file path such "
-                                          "as .*newdir/model.gguf"):
-        check_output(str(tmp_path / "newdir") + "/", kind="file", what="a GGUF file written by `lmforge export`",
-                     own_kind=lambda p: False)
+                                          "as .*newdir/model.gguf$"):
+        export("no-such-model", "gguf", str(tmp_path / "newdir") + "/")  # the output is checked first
     assert not (tmp_path / "newdir").exists()  # once: a file named newdir
+    with pytest.raises(OutputError, match="give a file path such as .*newdir/results.json$"):
+        check_output(str(tmp_path / "newdir") + "/", kind="file", what="a results file", own_kind=lambda p: False)
     short = OSError("16384 requested and 10112 written")  # numpy's tofile on a full disk: no errno
     assert fs_hint(short).startswith("the disk is full")
     assert "the disk is full" in str(write_error(tmp_path / "m.gguf", short))

@@ -79,15 +79,16 @@ def input_paths(specs: Iterable[str | os.PathLike]) -> list[Path]:
 
 def check_output(out: str | os.PathLike, *, kind: str, what: str, own_kind: Callable[[Path], bool],
                  inputs: Iterable[str | os.PathLike] = (), writes: Iterable[str] = (), overwrite: bool = False,
-                 flag: str = "--out") -> Path:
+                 flag: str = "--out", example: str = "results.json") -> Path:
     """Refuse ``out`` (a 'file' or a 'folder') if writing it could destroy an input or unrelated data.
 
     ``what`` names the artefact ("a tokenizer file"), ``own_kind`` recognises an existing one,
-    ``writes`` lists the file names a folder output receives. Returns ``out`` as a Path.
+    ``writes`` lists the file names a folder output receives, ``example`` is a file name to suggest
+    for a file output given as a folder. Returns ``out`` as a Path.
     """
     if kind == "file" and str(out).endswith(("/", os.sep)):  # Path() would drop the slash and write a file there
         raise OutputError(f"{flag} {out} names a folder, but this command writes a file; give a file path such as "
-                          f"{Path(out) / ('model.gguf' if 'GGUF' in what else 'results.json')}")
+                          f"{Path(out) / example}")
     out = Path(out)
     target = out.resolve()
     written = [target / name for name in writes] if kind == "folder" else [target]

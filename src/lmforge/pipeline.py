@@ -395,7 +395,7 @@ def export(model_spec: str, to: str, out: str | Path, dtype: str | None = None, 
     from .gguf_io import export_gguf, is_gguf_export
 
     check_output(out, kind="file", what="a GGUF file written by `lmforge export`", own_kind=is_gguf_export,
-                 inputs=[model_spec], overwrite=overwrite)
+                 inputs=[model_spec], overwrite=overwrite, example="model.gguf")
     model, tokenizer = load_language_model(model_spec)
     return export_gguf(model, tokenizer, out, dtype)
 

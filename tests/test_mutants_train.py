@@ -14,7 +14,7 @@ import torch
 
 from lmforge import train as tr
 from lmforge.checkpoint import find_checkpoint, load_trainer_state
-from lmforge.config import LmforgeError, ModelConfig, TrainConfig
+from lmforge.config import LmforgeError, ModelConfig, TrainConfig, config_dict
 from lmforge.model import GPT
 from lmforge.optim import lr_at
 
@@ -305,7 +305,20 @@ def test_only_extending_or_observing_settings_are_resumable():
                             "train.sample_interval", "train.save_interval", "train.log_interval",
                             "train.keep_checkpoints", "train.compile", "train.tensorboard", "train.wandb",
                             "train.wandb_project", "train.peak_flops", "train.strategy", "train.dist_timeout",
-                            "data_path", "respond_test", "max_new_tokens"}  # the last two: what instruct answers
+                            "data_path"}
+
+
+def test_a_tasks_own_resumable_settings_may_change_and_others_still_may_not(tmp_path):
+    cfg = TrainConfig()
+    stored = {"train": config_dict(cfg), "respond_test": 5, "mask_prompt": True}
+    current = {"train": config_dict(cfg), "respond_test": 9, "mask_prompt": True}
+    with pytest.raises(LmforgeError, match=r"other settings \(respond_test 5 -> 9\)"):
+        tr._check_resume(tmp_path, stored, current, cfg, 1, False)
+    assert tr._check_resume(tmp_path, stored, current, cfg, 1, False, frozenset({"respond_test"})) == [
+        "changed on resume: respond_test 5 -> 9"]
+    with pytest.raises(LmforgeError, match=r"other settings \(mask_prompt True -> False\)"):
+        tr._check_resume(tmp_path, stored, {**current, "mask_prompt": False}, cfg, 1, False,
+                         frozenset({"respond_test"}))
 
 
 def test_stale_temp_files_of_the_run_are_removed(tmp_path):

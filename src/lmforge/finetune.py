@@ -485,7 +485,8 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
     _begin(run, data, tok, resume, overwrite, train, model, results["before"])
     result = fit(model, batches, next_token_loss, train, run, evaluate=lambda m, d: _lm_eval(m, val_batches, d),
                  resume=resume, extra_config=extra, progress=progress, task="instruct",
-                 allow_changes=allow_changes, finished_ok=True)
+                 allow_changes=allow_changes, finished_ok=True,
+                 resumable=frozenset({"respond_test", "max_new_tokens"}))  # what it answers after training
     _keep_before(run, results["before"])
     results.update(steps=result.step, seconds=result.seconds)
     results["after"] = {"val": _lm_eval(model, val_batches, dtype)}

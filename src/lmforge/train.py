@@ -55,7 +55,7 @@ RESUMABLE = frozenset({"train.max_steps", "train.max_minutes", "train.eval_inter
                        "train.sample_interval", "train.save_interval", "train.log_interval",
                        "train.keep_checkpoints", "train.compile", "train.tensorboard", "train.wandb",
                        "train.wandb_project", "train.peak_flops", "train.strategy", "train.dist_timeout",
-                       "data_path", "respond_test", "max_new_tokens"})  # the last two: what instruct answers after
+                       "data_path"})  # a task adds its own (fit's ``resumable``)
 
 
 def map_tensors(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
@@ -241,11 +241,12 @@ def settings_diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
 
 
 def _check_resume(run: Path, stored: dict, current: dict, config: TrainConfig, start: int,
-                  allow_changes: bool) -> list[str]:
+                  allow_changes: bool, resumable: frozenset[str] = frozenset()) -> list[str]:
     """Refuse changes that would make the result differ from an uninterrupted run (unless
-    ``allow_changes``); return the lines that announce the others."""
+    ``allow_changes``); return the lines that announce the others. ``resumable``: the task's own
+    settings that may change too, beside RESUMABLE."""
     diff = settings_diff(stored, current)
-    refused = [d for d in diff if d[0] not in RESUMABLE]
+    refused = [d for d in diff if d[0] not in RESUMABLE | resumable]
 
     def brief(v: object) -> str:  # a list of every trained tensor's name would fill the screen
         text = repr(v)
@@ -294,7 +295,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
         evaluate: Callable[[GPT, torch.dtype], dict[str, float]] | None = None,
         sample: Callable[[GPT, int], list[dict] | None] | None = None, resume: bool = False,
         extra_config: dict | None = None, progress: bool = True, allow_changes: bool = False,
-        task: str = "pretrain", finished_ok: bool = False) -> FitResult:
+        task: str = "pretrain", finished_ok: bool = False, resumable: frozenset[str] = frozenset()) -> FitResult:
     """Train ``model`` in place for ``config.max_steps`` optimiser steps, writing to ``run_dir``.
 
     ``evaluate(model, dtype)`` returns any metrics (logged as ``val_<name>``); ``sample(model, step)``
@@ -309,7 +310,8 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
 
     With ``resume``, the newest complete checkpoint of ``run_dir`` is loaded and training goes on
     from its step; settings that differ from the stored ones are announced, and those that would
-    change the result (anything but RESUMABLE) are refused unless ``allow_changes``. Resuming a run
+    change the result (anything but RESUMABLE and the task's ``resumable``, names of ``extra_config``)
+    are refused unless ``allow_changes``. Resuming a run
     that already took all its steps is an error, or with ``finished_ok`` (fine-tuning, whose results
     are written after training: a kill may have come between) returns at once with its weights loaded.
 
@@ -321,13 +323,13 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     with run_lock(run_dir, active=distributed.current().main):
         return _fit(model, batches, loss_fn, config, run_dir, evaluate=evaluate, sample=sample, resume=resume,
                     extra_config=extra_config, progress=progress, allow_changes=allow_changes, task=task,
-                    finished_ok=finished_ok)
+                    finished_ok=finished_ok, resumable=resumable)
 
 
 def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_dir: str | Path, *,
          evaluate: Callable[[GPT, torch.dtype], dict[str, float]] | None,
          sample: Callable[[GPT, int], list[dict] | None] | None, resume: bool, extra_config: dict | None,
-         progress: bool, allow_changes: bool, task: str, finished_ok: bool) -> FitResult:
+         progress: bool, allow_changes: bool, task: str, finished_ok: bool, resumable: frozenset[str]) -> FitResult:
     from tqdm import tqdm
 
     run = Path(run_dir)
@@ -346,7 +348,7 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
         stored = read_run_config(folder)
         # Compared before anything is loaded: a different model is a settings difference, not a shape error.
         changes = _check_resume(run, stored, {"model": model.config.to_dict(), **extra_config}, config,
-                                int(stored.get("step", 0)), allow_changes)
+                                int(stored.get("step", 0)), allow_changes, resumable)
         if not (folder / STATE).is_file():
             raise LmforgeError(f"{folder} holds weights but no trainer state, so it cannot be resumed; "
                                "start without --resume")

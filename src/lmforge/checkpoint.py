@@ -339,13 +339,17 @@ def check_state(model: GPT, tensors: dict[str, torch.Tensor], source: str,
         if not t.is_floating_point():
             raise error(f"{source}: tensor {k!r} is {str(t.dtype).removeprefix('torch.')}, not floating point; "
                         "the file is damaged or was not written for this model")
-        try:
-            finite = bool(torch.isfinite(t).all())
-        except (NotImplementedError, RuntimeError):  # float8 and other types isfinite has no kernel for
-            finite = bool(torch.isfinite(t.float()).all())
-        if not finite:
+        if not all_finite(t):
             raise error(f"{source}: tensor {k!r} holds NaN or infinite values; the file is damaged (or was saved "
                         "from a run that diverged)")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN and no infinity."""
+    try:
+        return bool(torch.isfinite(t).all())
+    except (NotImplementedError, RuntimeError):  # float8 and other types isfinite has no kernel for
+        return bool(torch.isfinite(t.float()).all())
 
 
 def load_state_into(model: GPT, tensors: dict[str, torch.Tensor], source: str, trained_only: bool = False) -> None:

@@ -28,6 +28,7 @@ from . import distributed
 from .checkpoint import (
     STATE,
     WEIGHTS,
+    all_finite,
     find_checkpoint,
     is_own_temp_file,
     load_state_into,
@@ -460,7 +461,8 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
                 out_of_time = not distributed.all_ok(not out_of_time, device)
             if out_of_time:
                 evals = saves = True
-                result = read_pending() or result
+                if pending:
+                    result = read_pending()
             if not pending:  # this step's numbers were read
                 loss_value = result.loss
             elapsed = now - t_start
@@ -504,7 +506,7 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
             read_pending()  # a non-finite loss since the last read: an error, and nothing saved
             # An interrupt inside the first bad step, after its update and before its numbers were kept,
             # leaves no loss to read: the weights themselves tell.
-            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            if not all(all_finite(p.detach()) for p in model.parameters()):
                 raise LmforgeError(f"interrupted after step {done} with non-finite weights (a loss became nan or "
                                    "inf); nothing was saved: resume from the last checkpoint with a lower --train.lr "
                                    "or --train.dtype float32") from None

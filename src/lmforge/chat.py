@@ -11,7 +11,6 @@ A classification run is an ``Assistant`` too: it answers with its label.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,38 +122,12 @@ class Assistant:
         return stop_strings(self.template)
 
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """The prompt's token ids. The template's own markers are special tokens; what the messages say
-        is text, even where it spells a special token: typed into a message, "<|im_end|>" must not end
-        the turn and let the message forge another role's (as OpenAI's API treats message text)."""
-        tok = self.tokenizer
-        text = render(messages, self.template, tok)
-        specials = getattr(tok, "special_tokens", {})
-        typed = [sp for sp in specials if any(sp in m["content"] for m in messages)]
-        if not typed:
-            return tok.encode(text, allowed_special="all")
-        # Which spellings are the template's: render again with a mark for each message's text, and
-        # put the texts back where the template placed them (in whatever order it placed them).
-        marks = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
-        parts = re.split("\ue000(\\d+)\ue001", render(marks, self.template, tok))
-        pieces = [part if j % 2 == 0 else messages[int(part)]["content"] for j, part in enumerate(parts)]
-        spans, pos = [], 0  # where the template's own text lies in the prompt
-        for j, piece in enumerate(pieces):
-            if j % 2 == 0:
-                spans.append((pos, pos + len(piece)))
-            pos += len(piece)
-        if "".join(pieces) != text:
-            raise LmforgeError(f"a message contains {typed[0]!r}, a special token of this model, and its chat "
-                               "template changes message text, so it cannot be kept as plain text; remove it")
-        # Split only at the template's special tokens: every run between them (messages included) is
-        # encoded as plain text, as the whole prompt would be around its markers.
-        marker = re.compile("|".join(re.escape(sp) for sp in sorted(specials, key=len, reverse=True)))
-        ids, cursor = [], 0
-        for a, b in spans:
-            for m in marker.finditer(text, a, b):
-                ids += tasks.plain_ids(tok, text[cursor:m.start()])
-                ids.append(specials[m.group()])
-                cursor = m.end()
-        return ids + tasks.plain_ids(tok, text[cursor:])
+        """The prompt's token ids: the template's own markers are special tokens, what the messages say
+        is text, even where it spells one (``tasks.template_ids``)."""
+        return tasks.template_ids(
+            self.tokenizer, lambda texts: render([{**m, "content": t} for m, t in zip(messages, texts)],
+                                                 self.template, self.tokenizer),
+            [m["content"] for m in messages])
 
     def fit(self, messages: list[dict[str, str]], reserve: int) -> tuple[list[dict[str, str]], int]:
         """The newest messages whose prompt leaves ``reserve`` tokens for the answer: the oldest

@@ -406,7 +406,7 @@ def respond(model: GPT, tok, records: list[dict], template: str, max_new_tokens:
     prompts, configs = [], []
     for i, rec in enumerate(records):
         instruction, input_text, _ = tasks.instruction_of(rec, f"record {i}")
-        prompt = tok.encode(tasks.format_prompt(instruction, input_text, template, tok), allowed_special="all")
+        prompt = tasks.prompt_ids(tok, instruction, input_text, template, f"record {i}")
         prompts.append(prompt[-(ctx - 1):])
         configs.append(SampleConfig(max_new_tokens=min(max_new_tokens, ctx - len(prompts[-1])), temperature=0.0,
                                     top_k=None, seed=0))

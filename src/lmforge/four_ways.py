@@ -42,8 +42,8 @@ def predict_by_template(model, tok, records: list[dict], labels: list[str], temp
     choices = [tasks.plain_ids(tok, label) + end for label in labels]
     preds = []
     for rec in records:
-        prompt = tasks.format_prompt(rec["instruction"], rec["input"], template, tok)
-        scores = continuation_logprobs(model, tok.encode(prompt, allowed_special="all"), choices, dtype)
+        prompt = tasks.prompt_ids(tok, rec["instruction"], rec["input"], template)
+        scores = continuation_logprobs(model, prompt, choices, dtype)
         preds.append(max(range(len(labels)), key=lambda i: scores[i]))
     return preds
 

@@ -88,9 +88,11 @@ def local_judge(model_spec: str, max_new_tokens: int = 8) -> Callable[[str], str
     model.eval()
 
     def ask(prompt: str) -> str:
-        text = (tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-                if tok.chat_template else prompt)
-        ids = tok.encode(text, allowed_special="all")[-(model.config.context_length - max_new_tokens):]
+        # The prompt quotes model responses and references: plain text, whatever they spell
+        ids = (tasks.template_ids(tok, lambda t: tok.apply_chat_template([{"role": "user", "content": t[0]}],
+                                                                         add_generation_prompt=True), [prompt])
+               if tok.chat_template else tasks.plain_ids(tok, prompt))
+        ids = ids[-(model.config.context_length - max_new_tokens):]
         with torch.no_grad():
             out = generate(model, torch.tensor([ids]), SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0,
                                                                   top_k=None, seed=0), eos_id=tok.eos_id)[0].tolist()

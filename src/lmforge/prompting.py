@@ -31,13 +31,14 @@ def build_prompt(text: str, labels: list[str], shots: list[tuple[str, str]]) -> 
 def predict_by_prompt(model, tokenizer, text: str, labels: list[str], shots: list[tuple[str, str]],
                       chat: bool = False, dtype: torch.dtype = torch.float32) -> tuple[int, list[float]]:
     """(index of the most likely label, every label's log-probability)."""
-    prompt = build_prompt(text, labels, shots)
+    prompt = build_prompt(text, labels, shots)  # all of it from the data: plain text
     if chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        context = tasks.template_ids(tokenizer, lambda t: tokenizer.apply_chat_template(
+            [{"role": "user", "content": t[0]}], add_generation_prompt=True), [prompt], "a text")
         choices = [tasks.plain_ids(tokenizer, label) for label in labels]
     else:
+        context = tasks.plain_ids(tokenizer, prompt)
         choices = [tasks.plain_ids(tokenizer, " " + label) for label in labels]
-    context = tokenizer.encode(prompt, allowed_special="all")
     scores = continuation_logprobs(model, context, choices, dtype)
     return max(range(len(labels)), key=lambda i: scores[i]), scores
 

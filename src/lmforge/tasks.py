@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +202,43 @@ def plain_ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, disallowed_special=())
 
 
+def template_ids(tokenizer, render: Callable[[list[str]], str], texts: Sequence[str],
+                 what: str = "a message") -> list[int]:
+    """Ids of ``render(texts)``: a template's own markers are special tokens; the texts it places
+    (what a user or a data file wrote) are plain text, even where they spell a special token.
+    Typed into a message or a training record, "<|im_end|>" must not end the turn and forge another
+    role's (as OpenAI's API treats message text); a model must be trained on what it is served."""
+    text = render(list(texts))
+    specials = getattr(tokenizer, "special_tokens", {})
+    typed = [sp for sp in specials if any(sp in t for t in texts)]
+    if not typed:
+        return tokenizer.encode(text, allowed_special="all")
+    # Which spellings are the template's: render again with a mark for each text, and put the texts
+    # back where the template placed them (in whatever order). An empty text stays empty: a
+    # template may test it (Alpaca's "### Input:" section), and it can spell nothing.
+    marks = [f"\ue000{i}\ue001" if t else t for i, t in enumerate(texts)]
+    parts = re.split("\ue000(\\d+)\ue001", render(marks))
+    pieces = [part if j % 2 == 0 else texts[int(part)] for j, part in enumerate(parts)]
+    if "".join(pieces) != text:
+        raise DataError(f"{what} contains {typed[0]!r}, a special token of this model, and the template changes "
+                        "the text it is given, so it cannot be kept as plain text; remove it")
+    spans, pos = [], 0  # where the template's own text lies
+    for j, piece in enumerate(pieces):
+        if j % 2 == 0:
+            spans.append((pos, pos + len(piece)))
+        pos += len(piece)
+    # Split only at the template's special tokens: every run between them (texts included) is
+    # encoded as plain text, as the whole prompt would be around its markers.
+    marker = re.compile("|".join(re.escape(sp) for sp in sorted(specials, key=len, reverse=True)))
+    ids, cursor = [], 0
+    for a, b in spans:
+        for m in marker.finditer(text, a, b):
+            ids += plain_ids(tokenizer, text[cursor:m.start()])
+            ids.append(specials[m.group()])
+            cursor = m.end()
+    return ids + plain_ids(tokenizer, text[cursor:])
+
+
 @dataclass
 class LabelledSet:
     """Encoded texts and their class indices; ``truncated`` counts texts cut to the maximum length."""
@@ -295,6 +333,12 @@ def format_prompt(instruction: str, input_text: str = "", template: str = "alpac
     raise AssertionError(template)  # every known template is handled above
 
 
+def prompt_ids(tokenizer, instruction: str, input_text: str, template: str, what: str = "a record") -> list[int]:
+    """Ids of ``format_prompt``'s text, the instruction and input read as plain text (``template_ids``)."""
+    return template_ids(tokenizer, lambda t: format_prompt(t[0], t[1], template, tokenizer), [instruction, input_text],
+                        what)
+
+
 def response_end(template: str, tokenizer) -> list[int]:
     """Ids that end a response in training data: the chat template's end-of-turn token (ChatML's
     <|im_end|>), else the end-of-text token."""
@@ -328,7 +372,7 @@ def encode_instructions(records: Sequence[dict], tokenizer, template: str, max_l
         instruction, input_text, output = instruction_of(rec, f"{source}, record {i}")
         if output is None:
             raise DataError(f"{source}, record {i} has no 'output' (or final assistant message) to learn from")
-        prompt = tokenizer.encode(format_prompt(instruction, input_text, template, tokenizer), allowed_special="all")
+        prompt = prompt_ids(tokenizer, instruction, input_text, template, f"{source}, record {i}")
         if len(prompt) >= max_length:
             dropped += 1
             continue
@@ -394,7 +438,7 @@ def encode_preferences(records: Sequence[dict], tokenizer, template: str, max_le
             instruction, input_text = field_text(rec["prompt"], f"{source}, record {i}", "prompt"), ""
         else:
             instruction, input_text, _ = instruction_of(rec, f"{source}, record {i}")
-        prompt = tokenizer.encode(format_prompt(instruction, input_text, template, tokenizer), allowed_special="all")
+        prompt = prompt_ids(tokenizer, instruction, input_text, template, f"{source}, record {i}")
         if len(prompt) >= max_length:
             dropped += 1
             continue

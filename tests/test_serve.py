@@ -4,6 +4,7 @@ tiny model trained here in a second to answer three questions."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import http.client
 import json
@@ -27,7 +28,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="lmforge serve needs fastapi and
 from lmforge.chat import Assistant
 from lmforge.config import ModelConfig, SampleConfig, TokenizerConfig
 from lmforge.model import GPT
-from lmforge.serve import make_app
+from lmforge.serve import REQUEST_TIMEOUT, make_app, server_config
 from lmforge.tokenizer import Tokenizer
 
 KEY = "test-key"
@@ -76,11 +77,12 @@ def tiny_assistant() -> Assistant:
 
 
 @contextmanager
-def running(app) -> Iterator[str]:
-    """``app`` served by uvicorn in a background thread on a free port of 127.0.0.1; yields its URL."""
+def running(app, request_timeout: float = REQUEST_TIMEOUT) -> Iterator[str]:
+    """``app`` served as `lmforge serve` serves it (uvicorn, ``server_config``) in a background thread on
+    a free port of 127.0.0.1; yields its URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(server_config(app, request_timeout))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -665,3 +667,49 @@ def test_a_row_that_fails_a_batch_fails_alone_and_the_others_are_answered(one_th
     for got in (events[0], events[2]):
         assert got and not any(isinstance(e, Failed) for e in got) and got[-1].finish_reason == "length"
     assert worker.stats["retried_alone"] == 3 and worker.stats["largest_batch"] == 3
+
+
+def test_a_client_too_slow_to_send_its_request_is_disconnected_and_others_are_served():
+    """uvicorn alone would keep a silent connection, or one that sends its request a byte at a time,
+    open for ever; the server gives each request 1 s here (60 s by default) to arrive whole. An answer
+    that takes longer than that to compute is not cut, and a kept-alive connection gets its next request."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.post("/slow")
+    async def slow(request: dict) -> dict:
+        await asyncio.sleep(1.5)  # longer than the deadline: computing an answer is not sending a request
+        return request
+
+    def closed_within(conn: socket.socket, seconds: float) -> bool:
+        conn.settimeout(seconds)
+        try:
+            return conn.recv(1024) == b""
+        except TimeoutError:
+            return False
+
+    with running(app, request_timeout=1.0) as url:
+        port = int(url.rsplit(":", 1)[1])
+        connect = functools.partial(socket.create_connection, ("127.0.0.1", port))
+        with connect() as silent, connect() as headers, connect() as body:
+            headers.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+            body.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"a\": ")
+            # A client that keeps sending, a byte at a time, is not saved by it: the deadline is for the whole request
+            dribble = connect()
+            dribble.sendall(b"GET / HTTP/1.1\r\n")
+            for _ in range(3):
+                time.sleep(0.4)
+                try:
+                    dribble.sendall(b"X")
+                except OSError:
+                    break
+            for conn in (silent, headers, body, dribble):
+                assert closed_within(conn, 5), "the server kept a connection whose request never arrived"
+            dribble.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for i in range(2):  # one connection, two requests, each answered after 1.5 s
+            conn.request("POST", "/slow", body=json.dumps({"i": i}), headers={"Content-Type": "application/json"})
+            assert json.loads(conn.getresponse().read()) == {"i": i}
+        conn.close()

@@ -791,6 +791,65 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _deadline_protocol(seconds: float) -> type:
+    """uvicorn's HTTP/1.1 protocol with a deadline on reading each request. uvicorn times out only
+    idle keep-alive connections: a client that connects and sends nothing, or sends its headers or
+    body a byte at a time, would hold a connection (a file descriptor, and a request the app waits
+    on) for ever, and enough of them lock everyone out. Here a client has ``seconds`` from connecting,
+    or from the end of the last response, to send one whole request, headers and body, as nginx's
+    client_header_timeout and client_body_timeout allow; then it is disconnected."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class DeadlineH11Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                log.warning("closed a connection whose request took over %g s to arrive", seconds)
+                self.transport.close()  # the app, if it was reading the body, sees the client gone
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.SEND_BODY and self.conn.their_state is not h11.IDLE:
+                self._disarm()  # the whole request is in (DONE), or the connection is over
+
+        def on_response_complete(self) -> None:
+            self._arm()  # before the next request is read: the base class may read a pipelined one at once
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return DeadlineH11Protocol
+
+
+REQUEST_TIMEOUT = 60.0  # seconds to send one whole request (nginx's defaults for headers, and body)
+
+
+def server_config(app: FastAPI, request_timeout: float = REQUEST_TIMEOUT):
+    """uvicorn's settings for lmforge's server (``serve`` and the tests run the same)."""
+    import uvicorn
+
+    return uvicorn.Config(app, http=_deadline_protocol(request_timeout), log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=3)
+
+
 def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
           template: str | None = None, device: str | None = None, dtype: str = "float32", compile: bool = False,
           quantize: str | None = None) -> None:
@@ -816,5 +875,4 @@ def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
           "(chat page at /, OpenAI API under /v1); Ctrl+C stops", flush=True)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: {host} without --api_key: anyone who reaches this port can use the model", flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(server_config(app)).run(sockets=[sock])

@@ -51,6 +51,14 @@ def test_prepare_writes_shards_and_reuses_them(tmp_path, corpus_dir, tok, capsys
     prepare([str(corpus_dir)], out, tok, DataConfig(val_fraction=0.1, seed=3))
     assert "reusing" in capsys.readouterr().out
     assert (out / "train.bin").stat().st_mtime_ns == mtime
+    # A shard changed in place at the same size (a bad copy, a flipped bit) is not reused: it is made again
+    whole = (out / "val.bin").read_bytes()
+    with open(out / "val.bin", "r+b") as f:
+        f.seek(len(whole) // 2)
+        f.write(bytes([whole[len(whole) // 2] ^ 1]))
+    prepare([str(corpus_dir)], out, tok, DataConfig(val_fraction=0.1, seed=3))
+    assert "val.bin is not what was written there (sha256 differs); preparing again" in capsys.readouterr().out
+    assert (out / "val.bin").read_bytes() == whole
 
 
 def test_split_is_by_document_and_seeded():

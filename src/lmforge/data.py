@@ -594,6 +594,15 @@ def _reuse(out: Path, signature: str, tokenizer: Tokenizer, save_tokenizer: bool
         existing.tokens("train"), existing.tokens("val")  # both files present and whole
     except DataError:
         return None  # damaged or stale: rebuild
+    # Same size is not same content (a bad copy, a flipped bit, a file edited in place): hashing costs
+    # far less than preparing, and a reused set is then what was written.
+    recorded = existing.index.get("sha256")
+    if isinstance(recorded, dict):
+        changed = [s for s in ("train", "val") if recorded.get(s) != atomic.sha256_file(out / f"{s}.bin")]
+        if changed:
+            if not quiet:
+                print(f"{out / (changed[0] + '.bin')} is not what was written there (sha256 differs); preparing again")
+            return None
     if save_tokenizer and not (out / "tokenizer.json").is_file():
         try:
             tokenizer.save(out / "tokenizer.json")

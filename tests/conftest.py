@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,6 +66,22 @@ def shared_file(*parts: str) -> Path:
     if isinstance(got, Path):
         return got
     pytest.skip(f"{path} is absent (no shared data folder beside the project) and {got}")
+
+
+@contextlib.contextmanager
+def another_process_holding(run: Path) -> Iterator[None]:
+    """Another process that holds ``run`` as a run it trains in (``run_lock``), until the block ends;
+    then it is killed as kill -9 would (the OS drops the lock with the process)."""
+    code = ("import sys, time\nfrom lmforge.outputs import run_lock\nwith run_lock(sys.argv[1]):\n"
+            "    print('held', flush=True)\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 @pytest.fixture

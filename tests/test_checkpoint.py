@@ -15,6 +15,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import another_process_holding
 
 from lmforge import atomic
 from lmforge.cli import main
@@ -540,21 +541,11 @@ def test_what_the_adversarial_sweep_found(reference, tmp_path, capsys):
     assert (blocked / "checkpoints").read_text() == "mine"
 
 
-def _holder(folder: Path) -> subprocess.Popen:
-    """Another process that holds ``folder`` as a run it trains in, until killed."""
-    code = ("import sys, time\nfrom lmforge.outputs import run_lock\nwith run_lock(sys.argv[1]):\n"
-            "    print('held', flush=True)\n    time.sleep(600)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
 def test_a_run_another_process_trains_in_is_refused_and_free_again_once_it_dies(reference, tmp_path, capsys):
     # Once both ran: one run's checkpoints, config and metrics silently mixed into the other's.
     data, full, _ = reference
     run = tmp_path / "run"
-    holder = _holder(run)
-    try:
+    with another_process_holding(run):
         for extra in ([], ["--overwrite", "true"]):
             err = _error(["pretrain", "--data", str(data), "--out", str(run), *ARGS, *extra], capsys)
             assert "is in use by another lmforge process that trains in it" in err
@@ -562,16 +553,10 @@ def test_a_run_another_process_trains_in_is_refused_and_free_again_once_it_dies(
         copy = tmp_path / "copy"
         shutil.copytree(full, copy, symlinks=True)
         before = _tree(copy)
-        other = _holder(copy)
-        try:
+        with another_process_holding(copy):
             err = _error(["pretrain", "--out", str(copy), "--resume", "true", "--train.max_steps", "12"], capsys)
             assert "in use by another lmforge process" in err and _tree(copy) == before
-        finally:
-            other.kill()
-            other.wait()
-    finally:
-        holder.kill()  # as kill -9: the OS drops the lock with the process
-        holder.wait()
+    # killed: the OS dropped the lock with the process
     assert main(["pretrain", "--data", str(data), "--out", str(run), *ARGS]) == 0
     assert _losses(run) == _losses(full)
 

@@ -25,12 +25,25 @@ def smollm2_gguf():
         pytest.skip(f"SmolLM2 GGUF could not be had: {e}")
 
 
-def _one_tensor_gguf(path, arch: str):
-    """A GGUF file of ``arch`` holding one embedding table and no metadata: not written by lmforge."""
+LLAMA_COUNTS = {"block_count": 1, "context_length": 32, "embedding_length": 32, "feed_forward_length": 64,
+                "vocab_size": 2, "attention.head_count": 4}
+
+
+def _one_tensor_gguf(path, arch: str, counts: dict[str, int] | None = None, tokenizer: str | None = None,
+                     tokens: list[str] | None = None, table: np.ndarray | None = None, raw_dtype=None):
+    """A GGUF file of ``arch`` holding one embedding table (``table``, else 2 x 32 zeros), ``counts`` as
+    ``llama.*`` metadata, a ``tokenizer`` model name and ``tokens``: a file not written by lmforge."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_tensor("token_embd.weight", np.zeros((2, 32), dtype=np.float32))
+    for key, value in (counts or {}).items():
+        w.add_uint32(f"llama.{key}", value)
+    if tokenizer is not None:
+        w.add_tokenizer_model(tokenizer)
+    if tokens is not None:
+        w.add_token_list(tokens)
+    w.add_tensor("token_embd.weight", np.zeros((2, 32), dtype=np.float32) if table is None else table,
+                 raw_dtype=raw_dtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -111,20 +124,10 @@ def test_real_smollm2_matches_transformers_and_answers(smollm2_gguf):
 
 def test_unreadable_quantization_type_is_named(tmp_path):
     import gguf
-    import numpy as np
 
-    path = tmp_path / "q81.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in (("block_count", 1), ("context_length", 32), ("embedding_length", 32),
-                       ("feed_forward_length", 64), ("vocab_size", 2)):
-        w.add_uint32(f"llama.{key}", value)
-    w.add_uint32("llama.attention.head_count", 4)
-    w.add_tensor("token_embd.weight", np.zeros((2, 40), dtype=np.uint8),  # 2 rows of one 32-value Q8_1 block
-                 raw_dtype=gguf.GGMLQuantizationType.Q8_1)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = _one_tensor_gguf(tmp_path / "q81.gguf", "llama", LLAMA_COUNTS,
+                            table=np.zeros((2, 40), dtype=np.uint8),  # 2 rows of one 32-value Q8_1 block
+                            raw_dtype=gguf.GGMLQuantizationType.Q8_1)
     with pytest.raises(ConvertError, match="quantization type Q8_1"):
         load_gguf(path)
 
@@ -156,24 +159,11 @@ def test_export_is_recognised_and_a_failed_one_changes_nothing(tmp_path, monkeyp
 
 @pytest.mark.parametrize("drop", ["llama.attention.head_count", "tokenizer.ggml.tokens"])
 def test_gguf_metadata_missing_a_count_or_the_tokens_is_a_one_line_error(tmp_path, drop):
-    import gguf
-
     from lmforge.config import LmforgeError
 
-    path = tmp_path / "m.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in (("block_count", 1), ("context_length", 32), ("embedding_length", 32),
-                       ("feed_forward_length", 64), ("vocab_size", 2), ("attention.head_count", 4)):
-        if f"llama.{key}" != drop:
-            w.add_uint32(f"llama.{key}", value)
-    w.add_tokenizer_model("gpt2")
-    if drop != "tokenizer.ggml.tokens":
-        w.add_token_list(["a", "b"])
-    w.add_tensor("token_embd.weight", np.zeros((2, 32), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    counts = {k: v for k, v in LLAMA_COUNTS.items() if f"llama.{k}" != drop}
+    path = _one_tensor_gguf(tmp_path / "m.gguf", "llama", counts, "gpt2",
+                            tokens=None if drop == "tokenizer.ggml.tokens" else ["a", "b"])
     from lmforge.gguf_io import _open, gguf_config, gguf_tokenizer
 
     read = gguf_config if drop.startswith("llama.") else gguf_tokenizer

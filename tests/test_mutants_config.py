@@ -217,3 +217,21 @@ def test_a_pretraining_run_whose_stored_settings_are_damaged_resumes_with_a_one_
     (tmp_path / "config.json").write_text(json.dumps({"format": "lmforge-run", "model": model, "data_path": "d",
                                                       "train": {"lr": 0.25}}))
     assert resume_configs(tmp_path, {}, {"batch_size": 3})[::2] == ("d", TrainConfig(lr=0.25, batch_size=3))
+
+
+def test_malformed_turns_a_bad_value_into_one_line_and_lets_lmforges_own_errors_and_others_pass():
+    from lmforge.config import ConfigError, malformed
+
+    said = lambda e: LmforgeError(f"bad file ({e})")  # noqa: E731
+    with pytest.raises(LmforgeError, match=r"^bad file \(invalid literal for int\(\) with base 10: 'x'\)$"):
+        with malformed(said):
+            int("x")
+    with pytest.raises(ConfigError, match="^its own words$"):  # a ValueError too, but it has said what is wrong
+        with malformed(said):
+            raise ConfigError("its own words")
+    with pytest.raises(KeyError):  # not a kind it was given
+        with malformed(said, (TypeError,)):
+            {}["k"]
+    with pytest.raises(ValueError, match="^x$"):
+        with malformed(said, (TypeError,)):
+            raise ValueError("x")

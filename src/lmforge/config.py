@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -508,13 +509,24 @@ def restored(cls: type, stored: dict[str, Any], given: dict[str, Any], run: Any)
 
 
 @contextlib.contextmanager
-def unreadable_settings(run: Any):
-    """A stored setting of a type the config cannot take (a hand-edited or foreign config.json) is a
-    one-line error naming the run, not a TypeError from deep inside the dataclass."""
+def malformed(describe: Callable[[Exception], LmforgeError],
+              kinds: tuple[type[Exception], ...] = (TypeError, ValueError, ZeroDivisionError)):
+    """Inside: an error of ``kinds``, raised by a value read from a file being of the wrong type or
+    range ("400" for a count, null, 0 heads), becomes ``describe(e)``, a one-line error; lmforge's
+    own errors (ValueErrors too) pass as they are, having said what is wrong already."""
     try:
         yield
-    except TypeError as e:
-        raise LmforgeError(f"the settings stored in {run} cannot be read ({e}); start a new run") from None
+    except LmforgeError:
+        raise
+    except kinds as e:
+        raise describe(e) from None
+
+
+def unreadable_settings(run: Any) -> contextlib.AbstractContextManager:
+    """A stored setting of a type the config cannot take (a hand-edited or foreign config.json) is a
+    one-line error naming the run, not a TypeError from deep inside the dataclass."""
+    return malformed(lambda e: LmforgeError(f"the settings stored in {run} cannot be read ({e}); start a new run"),
+                     (TypeError,))
 
 
 def json_ready(x: Any) -> Any:
@@ -528,5 +540,5 @@ def json_ready(x: Any) -> Any:
 __all__ = [
     "CONFIG_FORMAT_VERSION", "ConfigError", "FinetuneConfig", "GGUF_EXPORT_TYPES", "DataConfig", "LmforgeError",
     "LoRAConfig", "ModelConfig", "PRESETS", "SampleConfig", "TokenizerConfig", "TrainConfig", "config_dict",
-    "restored", "unreadable_settings",
+    "malformed", "restored", "unreadable_settings",
 ]

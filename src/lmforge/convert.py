@@ -20,7 +20,7 @@ import torch
 
 from . import atomic, checkpoint
 from .checkpoint import CheckpointError, load_weights, model_state
-from .config import ConfigError, LmforgeError, ModelConfig
+from .config import ConfigError, ModelConfig, malformed
 from .model import GPT
 
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -35,35 +35,36 @@ class ConvertError(CheckpointError):
 def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json (GPT-2 or Llama family)."""
     kind = hf.get("model_type")
-    try:
-        if kind == "gpt2":
-            return ModelConfig(vocab_size=hf["vocab_size"], context_length=hf["n_positions"], d_model=hf["n_embd"],
-                               n_layer=hf["n_layer"], n_head=hf["n_head"], d_ff=hf.get("n_inner"),
-                               norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                               tie_embeddings=hf.get("tie_word_embeddings", True))
-        if kind in ("llama", "mistral", "qwen2"):
-            if hf.get("rope_scaling"):
-                raise ConvertError(f"rope_scaling {hf['rope_scaling']} is not supported yet; only plain RoPE models load")
-            d, nh = hf["hidden_size"], hf["num_attention_heads"]
-            if hf.get("head_dim") not in (None, d // nh):
-                raise ConvertError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
-            attn_bias = hf.get("attention_bias", kind == "qwen2")
-            return ModelConfig(vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"], d_model=d,
-                               n_layer=hf["num_hidden_layers"], n_head=nh,
-                               n_kv_head=hf.get("num_key_value_heads") or nh, d_ff=hf["intermediate_size"],
-                               bias=bool(hf.get("mlp_bias", False)), qkv_bias=bool(attn_bias),
-                               norm="rmsnorm", mlp="swiglu", positions="rope",
-                               rope_theta=float(hf.get("rope_theta", 10000.0)), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                               tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-    except KeyError as e:
-        raise ConvertError(f"config.json lacks {e.args[0]!r}, which a {kind} config must have") from None
-    except ConfigError as e:
-        raise ConvertError(str(e)) from None
-    except LmforgeError:  # said above ("not supported yet"): a ValueError too, but not a damaged file
-        raise
-    except (TypeError, ValueError, ZeroDivisionError) as e:  # "400" for 400, null, 0 heads, "abc" for a number
-        raise ConvertError(f"config.json of this {kind} model has a value of the wrong type or range ({e}); "
-                           "it is damaged or hand-edited") from None
+    damaged = (lambda e: ConvertError(f"config.json of this {kind} model has a value of the wrong type or range ({e}); "
+                                      "it is damaged or hand-edited"))
+    with malformed(damaged):  # "400" for 400, null, 0 heads, "abc" for a number
+        try:
+            if kind == "gpt2":
+                return ModelConfig(vocab_size=hf["vocab_size"], context_length=hf["n_positions"],
+                                   d_model=hf["n_embd"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                                   d_ff=hf.get("n_inner"), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                                   tie_embeddings=hf.get("tie_word_embeddings", True))
+            if kind in ("llama", "mistral", "qwen2"):
+                if hf.get("rope_scaling"):
+                    raise ConvertError(f"rope_scaling {hf['rope_scaling']} is not supported yet; "
+                                       "only plain RoPE models load")
+                d, nh = hf["hidden_size"], hf["num_attention_heads"]
+                if hf.get("head_dim") not in (None, d // nh):
+                    raise ConvertError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads "
+                                       "is not supported")
+                attn_bias = hf.get("attention_bias", kind == "qwen2")
+                return ModelConfig(vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"], d_model=d,
+                                   n_layer=hf["num_hidden_layers"], n_head=nh,
+                                   n_kv_head=hf.get("num_key_value_heads") or nh, d_ff=hf["intermediate_size"],
+                                   bias=bool(hf.get("mlp_bias", False)), qkv_bias=bool(attn_bias),
+                                   norm="rmsnorm", mlp="swiglu", positions="rope",
+                                   rope_theta=float(hf.get("rope_theta", 10000.0)),
+                                   norm_eps=hf.get("rms_norm_eps", 1e-6),
+                                   tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        except KeyError as e:
+            raise ConvertError(f"config.json lacks {e.args[0]!r}, which a {kind} config must have") from None
+        except ConfigError as e:
+            raise ConvertError(str(e)) from None
     raise ConvertError(f"model_type {kind!r} is not supported; lmforge reads gpt2 and llama-family checkpoints")
 
 

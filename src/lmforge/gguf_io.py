@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import GGUF_EXPORT_TYPES, LmforgeError, ModelConfig
+from .config import GGUF_EXPORT_TYPES, ModelConfig, malformed
 from .convert import ConvertError, build_model, from_hf_state, to_hf_state
 from .model import GPT
 from .outputs import write_error
@@ -78,13 +78,9 @@ def _f32(x) -> float:
 
 
 def gguf_config(reader) -> ModelConfig:
-    try:
-        return _gguf_config(reader)
-    except LmforgeError:  # its own message ("architecture ... is not supported")
-        raise
-    except (TypeError, ValueError, ZeroDivisionError) as e:  # a missing count (None), 0 heads, a text for a number
-        raise ConvertError(f"this GGUF file's model metadata is missing or malformed ({type(e).__name__}: "
-                           f"{str(e)[:100]})") from None
+    with malformed(lambda e: ConvertError(f"this GGUF file's model metadata is missing or malformed "
+                                          f"({type(e).__name__}: {str(e)[:100]})")):
+        return _gguf_config(reader)  # a missing count (None), 0 heads, a text for a number
 
 
 def _gguf_config(reader) -> ModelConfig:
@@ -110,13 +106,9 @@ def _gguf_config(reader) -> ModelConfig:
 
 
 def gguf_tokenizer(reader, source: str = "gguf") -> Tokenizer:
-    try:
-        return _gguf_tokenizer(reader, source)
-    except LmforgeError:
-        raise
-    except (TypeError, ValueError) as e:  # no token list, a count that is not a number
-        raise TokenizerError(f"{source}: the tokenizer metadata is missing or malformed ({type(e).__name__}: "
-                             f"{str(e)[:100]})") from None
+    with malformed(lambda e: TokenizerError(f"{source}: the tokenizer metadata is missing or malformed "
+                                            f"({type(e).__name__}: {str(e)[:100]})"), (TypeError, ValueError)):
+        return _gguf_tokenizer(reader, source)  # no token list, a count that is not a number
 
 
 def _gguf_tokenizer(reader, source: str) -> Tokenizer:

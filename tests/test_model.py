@@ -108,3 +108,30 @@ def test_initialisation_follows_module_type_not_parameter_names():
     assert abs(model.h[0].attn.c_proj.weight.std().item() - want) < 0.0005
     assert abs(model.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.001
     assert torch.equal(model.h[0].ln_1.weight, torch.ones(256)) and model.lm_head.weight is model.wte.weight
+
+
+@pytest.mark.slow
+def test_training_step_compiles_in_one_graph_on_the_cpu_silently_with_the_eager_values():
+    """`--compile` on a CPU: the chunked attention (cached causal biases), the fused loss (rows without a
+    target skipped, the unit-gradient shortcut) once broke the graph or warned at every start."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=97, context_length=256, d_model=32, n_layer=2, n_head=4, n_kv_head=2))
+    x = torch.randint(0, 97, (2, 256))
+    y = torch.randint(0, 97, (2, 256))
+    y[:, :100] = -100  # a prompt's positions, as fine-tuning masks them
+
+    def loss_and_grads(m):
+        model.zero_grad()
+        loss = m(x, targets=y)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    want = loss_and_grads(model)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # as Dynamo's lru_cache warning
+        got = loss_and_grads(torch.compile(model, backend="aot_eager", fullgraph=True))  # a break raises
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

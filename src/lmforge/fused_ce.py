@@ -135,8 +135,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # loss.backward() (grad_out 1): hand autograd the saved gradients themselves, no fresh
         # tensors. Autograd never changes a gradient it did not make in place while anything else
         # holds it (a retained graph does), so a second backward still finds them as they were.
-        # Only on the CPU: reading a GPU scalar would stall the device (and break a compiled graph).
-        unit = grad_out.device.type == "cpu" and float(grad_out) == 1.0
+        # Only on the CPU, and not in a compiled graph: reading a GPU scalar would stall the device,
+        # and reading any scalar breaks a graph in two.
+        unit = grad_out.device.type == "cpu" and not torch.compiler.is_compiling() and float(grad_out) == 1.0
         gh = gw = None
         if ctx.has[0]:
             g = saved.pop(0)
@@ -161,10 +162,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             hidden.device.type) else hidden.dtype
     h2 = hidden.reshape(-1, hidden.size(-1))
     t2 = targets.reshape(-1)
-    if h2.device.type == "cpu":
+    if h2.device.type == "cpu" and not torch.compiler.is_compiling():
         # The output layer only where there is a target: the prompt and padding positions of
         # fine-tuning batches (ignore_index) cost nothing; their rows of d loss / d hidden are 0
-        # through the index's own backward. Not on a GPU, where finding them would wait for the device.
+        # through the index's own backward. Not on a GPU, where finding them would wait for the device,
+        # nor in a compiled graph, which a shape known only from the data would break in two.
         keep = (t2 != ignore_index).nonzero().squeeze(1)
         if 0 < keep.numel() < t2.numel():
             h2, t2 = h2[keep], t2[keep]

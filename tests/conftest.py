@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -11,6 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from lmforge.chat import Assistant
+from lmforge.config import ModelConfig, TokenizerConfig
+from lmforge.model import GPT
+from lmforge.tokenizer import Tokenizer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -66,6 +72,49 @@ def shared_file(*parts: str) -> Path:
     if isinstance(got, Path):
         return got
     pytest.skip(f"{path} is absent (no shared data folder beside the project) and {got}")
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QA = {"hi": "The quick brown fox jumps over the lazy dog.", "tell me a saying": "A stitch in time saves nine.",
+      "what glitters?": "All that glitters is not gold."}
+
+
+def chat_tokenizer() -> Tokenizer:
+    """A BPE tokenizer of TEXT and QA with ChatML's special tokens and template."""
+    tok = Tokenizer.train([TEXT * 5 + " ".join(QA)],
+                          TokenizerConfig(vocab_size=320, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>")))
+    tok.chat_template = CHATML
+    tok.eos_id = tok.special_tokens["<|im_end|>"]
+    return tok
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_assistant() -> Assistant:
+    """A 2-layer GPT over-fitted (150 steps, about a second) to answer QA (and one follow-up
+    question) and to continue TEXT, so that its greedy answers are readable and end with the end token."""
+    tok = chat_tokenizer()
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=128, d_model=32, n_layer=2, n_head=4))
+    assistant = Assistant("tiny-chat", model, tok, "chat")
+    seqs = [assistant.prompt_ids([{"role": "user", "content": q}]) + tok.encode(a) + [tok.eos_id] for q, a in QA.items()]
+    two_turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": QA["hi"]},
+                 {"role": "user", "content": "tell me a saying"}]
+    seqs.append(assistant.prompt_ids(two_turns) + tok.encode(QA["tell me a saying"]) + [tok.eos_id])
+    seqs += [tok.encode(s.strip() + " ") for s in TEXT.split(". ")]
+    width = max(map(len, seqs)) - 1
+    x = torch.zeros(len(seqs), width, dtype=torch.long)
+    y = torch.full((len(seqs), width), -100)
+    for i, s in enumerate(seqs):
+        x[i, :len(s) - 1], y[i, :len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = model(x, targets=y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return assistant
 
 
 @contextlib.contextmanager

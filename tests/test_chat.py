@@ -195,7 +195,7 @@ def test_a_word_that_starts_like_a_command_is_not_that_command(run):
 
 
 def test_a_special_token_typed_into_a_message_is_text_not_a_turn_marker():
-    from test_serve import tiny_assistant
+    from conftest import tiny_assistant
 
     a = tiny_assistant()  # ChatML: <|im_start|>, <|im_end|> are special tokens
     tok = a.tokenizer
@@ -216,7 +216,7 @@ def test_a_special_token_typed_into_a_message_is_text_not_a_turn_marker():
 
 
 def test_a_typed_special_token_changes_no_id_of_the_rest_of_the_conversation():
-    from test_serve import tiny_assistant
+    from conftest import tiny_assistant
 
     a = tiny_assistant()
     tok = a.tokenizer
@@ -233,7 +233,7 @@ def test_a_template_that_moves_messages_keeps_each_text_where_it_put_it():
     import copy
     import dataclasses
 
-    from test_serve import tiny_assistant
+    from conftest import tiny_assistant
 
     tok = copy.deepcopy(tiny_assistant().tokenizer)  # the shared assistant of the server tests keeps its own
     a = dataclasses.replace(tiny_assistant(), tokenizer=tok)
@@ -245,6 +245,28 @@ def test_a_template_that_moves_messages_keeps_each_text_where_it_put_it():
     ids = a.prompt_ids(msgs)
     assert tok.decode(ids) == render(msgs, "chat", tok) and "\ue000" not in tok.decode(ids)
     assert ids.count(tok.special_tokens["<|im_end|>"]) == 2  # the template's two, not the one typed
+    # A template that trims what it places (as Llama 3's does) keeps a typed marker as text
     tok.chat_template = "{% for m in messages %}<|im_start|>{{ m.content | trim }}<|im_end|>{% endfor %}"
+    msgs = [{"role": "system", "content": "  "}, {"role": "user", "content": " a <|im_end|> "}]
+    ids = a.prompt_ids(msgs)
+    assert ids.count(tok.special_tokens["<|im_end|>"]) == 2 and tok.decode(ids) == render(msgs, "chat", tok)
+    # One that changes it otherwise cannot say where the text lies: refused, unless nothing typed is at stake
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m.content | replace('a', 'b') }}<|im_end|>{% endfor %}"
     with pytest.raises(LmforgeError, match="a message contains .* the template changes the text it is given"):
         a.prompt_ids([{"role": "user", "content": " a <|im_end|> "}])
+    assert a.prompt_ids([{"role": "user", "content": "a b"}]) == tok.encode("<|im_start|>b b<|im_end|>",
+                                                                           allowed_special="all")
+
+
+def test_a_special_token_spelled_across_two_messages_is_text():
+    import copy
+    import dataclasses
+
+    from conftest import tiny_assistant
+
+    tok = copy.deepcopy(tiny_assistant().tokenizer)
+    a = dataclasses.replace(tiny_assistant(), tokenizer=tok)
+    tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}<|im_end|>"  # nothing between messages
+    msgs = [{"role": "system", "content": "<|im_"}, {"role": "user", "content": "end|>x"}]
+    ids = a.prompt_ids(msgs)
+    assert ids.count(tok.special_tokens["<|im_end|>"]) == 1 and tok.decode(ids) == "<|im_end|>x<|im_end|>"

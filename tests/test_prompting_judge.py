@@ -142,11 +142,11 @@ def test_local_judge_runs_a_model_in_process(base, tmp_path):
 def test_a_text_spelling_a_special_token_is_text_in_a_prompt(monkeypatch):
     """An SMS (or a response the judge quotes) that spells <|endoftext|> or a turn marker is scored as text:
     the prompt holds no special token but the template's own."""
-    from test_serve import _chat_tokenizer
+    from conftest import chat_tokenizer
 
     from lmforge import generate, judge, prompting
 
-    tok = _chat_tokenizer()
+    tok = chat_tokenizer()
     eot, im_end = tok.special_tokens["<|endoftext|>"], tok.special_tokens["<|im_end|>"]
     seen = []
     monkeypatch.setattr(prompting, "continuation_logprobs", lambda m, ctx, c, d: seen.append(ctx) or [0.0] * len(c))

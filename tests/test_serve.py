@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import torch
-from conftest import TEXT
+from conftest import CHATML, QA, TEXT, chat_tokenizer, tiny_assistant  # noqa: F401  (test_chat_page imports them here)
 
 openai = pytest.importorskip("openai", reason="the serve tests drive the server with the openai client: "
                              "pip install openai")
@@ -32,48 +32,10 @@ from lmforge.serve import REQUEST_TIMEOUT, make_app, server_config
 from lmforge.tokenizer import Tokenizer
 
 KEY = "test-key"
-CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-QA = {"hi": "The quick brown fox jumps over the lazy dog.", "tell me a saying": "A stitch in time saves nine.",
-      "what glitters?": "All that glitters is not gold."}
 
 
 # ---------------------------------------------------------------- a tiny model that can chat, and a server
 
-def _chat_tokenizer() -> Tokenizer:
-    tok = Tokenizer.train([TEXT * 5 + " ".join(QA)],
-                          TokenizerConfig(vocab_size=320, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>")))
-    tok.chat_template = CHATML
-    tok.eos_id = tok.special_tokens["<|im_end|>"]
-    return tok
-
-
-@functools.lru_cache(maxsize=1)
-def tiny_assistant() -> Assistant:
-    """A 2-layer GPT over-fitted (150 steps, about a second) to answer QA (and one follow-up
-    question) and to continue TEXT, so that its greedy answers are readable and end with the end token."""
-    tok = _chat_tokenizer()
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=128, d_model=32, n_layer=2, n_head=4))
-    assistant = Assistant("tiny-chat", model, tok, "chat")
-    seqs = [assistant.prompt_ids([{"role": "user", "content": q}]) + tok.encode(a) + [tok.eos_id] for q, a in QA.items()]
-    two_turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": QA["hi"]},
-                 {"role": "user", "content": "tell me a saying"}]
-    seqs.append(assistant.prompt_ids(two_turns) + tok.encode(QA["tell me a saying"]) + [tok.eos_id])
-    seqs += [tok.encode(s.strip() + " ") for s in TEXT.split(". ")]
-    width = max(map(len, seqs)) - 1
-    x = torch.zeros(len(seqs), width, dtype=torch.long)
-    y = torch.full((len(seqs), width), -100)
-    for i, s in enumerate(seqs):
-        x[i, :len(s) - 1], y[i, :len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        loss = model(x, targets=y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return assistant
 
 
 @contextmanager
@@ -560,7 +522,7 @@ def test_lmforge_serve_prints_its_url_and_serves_a_run_directory_there(tmp_path,
 def classifier(one_thread):
     """A classifier with a random head whose bias puts the middle of these texts' scores at zero,
     so that its labels differ from text to text."""
-    tok = _chat_tokenizer()
+    tok = chat_tokenizer()
     torch.manual_seed(1)
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=64, d_model=32, n_layer=2, n_head=4))
     model.replace_head(2)
@@ -712,4 +674,7 @@ def test_a_client_too_slow_to_send_its_request_is_disconnected_and_others_are_se
         for i in range(2):  # one connection, two requests, each answered after 1.5 s
             conn.request("POST", "/slow", body=json.dumps({"i": i}), headers={"Content-Type": "application/json"})
             assert json.loads(conn.getresponse().read()) == {"i": i}
+        # The deadline starts again for the next request on a kept-alive connection: a trickle is cut there too
+        conn.sock.sendall(b"GET / HTTP/1.1\r\n")
+        assert closed_within(conn.sock, 5)
         conn.close()

@@ -124,7 +124,7 @@ class ChunkedCausalAttention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):  # the inputs already have the dtype to use
             for start, end in chunk_spans(t, chunk):
                 q_c = q4[:, :, start:end].reshape(b * n_kv, group * (end - start), hs)
-                # (a compiled graph builds its biases once, when traced: no cache there)
+                # (in a compiled graph the bias is built in the graph: Dynamo would skip the cache and warn)
                 cached = end - start == chunk and not torch.compiler.is_compiling()
                 bias = (_full_chunk_bias if cached else _chunk_bias)(start, end, group, q.dtype, q.device)
                 weights = torch.softmax(torch.baddbmm(bias, q_c, k3[:, :end].transpose(1, 2), alpha=hs ** -0.5),

@@ -734,7 +734,7 @@ def _generate(a) -> None:
         quantize_model(model, a.quantize)
     cfg = _config(SampleConfig, a.sample)
     prompt = a.prompt if a.prompt is not None else _stdin_prompt()
-    text = _chat_prompt(tok, prompt, a.run) if a.chat else prompt
+    text = _chat_prompt_ids(tok, prompt, a.run) if a.chat else prompt
     sys.stdout.write(prompt if not a.chat else "")
     for delta in stream_text(model, tok, text, cfg, compile=a.compile):
         sys.stdout.write(delta)
@@ -764,11 +764,16 @@ def _stdin_prompt() -> str:
                            "convert it to UTF-8") from None
 
 
-def _chat_prompt(tok, prompt: str, source: str) -> str:
+def _chat_prompt_ids(tok, prompt: str, source: str) -> list[int]:
+    """The ids of ``prompt`` as the user's message in the model's chat template: the message is text,
+    even where it spells a turn marker (as in `lmforge chat` and on the server)."""
     from jinja2 import TemplateError
 
+    from .tasks import template_ids
+
     try:
-        return tok.apply_chat_template([{"role": "user", "content": prompt}])
+        return template_ids(tok, lambda t: tok.apply_chat_template([{"role": "user", "content": t[0]}]), [prompt],
+                            "the prompt")
     except LmforgeError:
         raise  # no template at all: that message says it
     except (TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError) as e:

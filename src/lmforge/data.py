@@ -598,6 +598,9 @@ def _reuse(out: Path, signature: str, tokenizer: Tokenizer, save_tokenizer: bool
     # far less than preparing, and a reused set is then what was written.
     recorded = existing.index.get("sha256")
     if isinstance(recorded, dict):
+        size = sum((out / f"{s}.bin").stat().st_size for s in ("train", "val"))
+        if size > 1 << 30 and not quiet:
+            print(f"checking the {size / 2**30:.1f} GiB of shards in {out} against their sha256", flush=True)
         changed = [s for s in ("train", "val") if recorded.get(s) != atomic.sha256_file(out / f"{s}.bin")]
         if changed:
             if not quiet:

@@ -796,8 +796,10 @@ def _deadline_protocol(seconds: float) -> type:
     idle keep-alive connections: a client that connects and sends nothing, or sends its headers or
     body a byte at a time, would hold a connection (a file descriptor, and a request the app waits
     on) for ever, and enough of them lock everyone out. Here a client has ``seconds`` from connecting,
-    or from the end of the last response, to send one whole request, headers and body, as nginx's
-    client_header_timeout and client_body_timeout allow; then it is disconnected."""
+    or from the end of the last response, to send one whole request, headers and body together
+    (a deadline for the whole request, where nginx times each read); then the connection is closed.
+    Requests here are small (at most ``MAX_BODY``, 1 MB: 17 kB/s is enough). Sending the answer has
+    no deadline: a long streamed answer is not cut."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -839,7 +841,7 @@ def _deadline_protocol(seconds: float) -> type:
     return DeadlineH11Protocol
 
 
-REQUEST_TIMEOUT = 60.0  # seconds to send one whole request (nginx's defaults for headers, and body)
+REQUEST_TIMEOUT = 60.0  # seconds to send one whole request, headers and body (nginx allows 60 s per read)
 
 
 def server_config(app: FastAPI, request_timeout: float = REQUEST_TIMEOUT):

@@ -205,23 +205,35 @@ def plain_ids(tokenizer, text: str) -> list[int]:
 def template_ids(tokenizer, render: Callable[[list[str]], str], texts: Sequence[str],
                  what: str = "a message") -> list[int]:
     """Ids of ``render(texts)``: a template's own markers are special tokens; the texts it places
-    (what a user or a data file wrote) are plain text, even where they spell a special token.
-    Typed into a message or a training record, "<|im_end|>" must not end the turn and forge another
-    role's (as OpenAI's API treats message text); a model must be trained on what it is served."""
+    (what a user or a data file wrote) are plain text, even where they spell a special token, alone
+    or together ("<|im_" in one message, "end|>" in the next). Typed into a message or a training
+    record, "<|im_end|>" must not end the turn and forge another role's (as OpenAI's API treats
+    message text); and a model must be trained on the ids it is served."""
     text = render(list(texts))
     specials = getattr(tokenizer, "special_tokens", {})
-    typed = [sp for sp in specials if any(sp in t for t in texts)]
-    if not typed:
+    if not specials:
         return tokenizer.encode(text, allowed_special="all")
-    # Which spellings are the template's: render again with a mark for each text, and put the texts
-    # back where the template placed them (in whatever order). An empty text stays empty: a
-    # template may test it (Alpaca's "### Input:" section), and it can spell nothing.
-    marks = [f"\ue000{i}\ue001" if t else t for i, t in enumerate(texts)]
-    parts = re.split("\ue000(\\d+)\ue001", render(marks))
-    pieces = [part if j % 2 == 0 else texts[int(part)] for j, part in enumerate(parts)]
-    if "".join(pieces) != text:
-        raise DataError(f"{what} contains {typed[0]!r}, a special token of this model, and the template changes "
-                        "the text it is given, so it cannot be kept as plain text; remove it")
+    marker = re.compile("|".join(re.escape(sp) for sp in sorted(specials, key=len, reverse=True)))
+    # Where the template put each text: render again with a mark in place of each, and put the texts
+    # back where the marks landed (in whatever order, as often as the template placed them). A blank
+    # text keeps its place: a template may test it (Alpaca's "### Input:" section), and it spells nothing.
+    marks = [f"\ue000{i}\ue001" if t.strip() else t for i, t in enumerate(texts)]
+    marked = render(marks)
+    parts = re.split("\ue000(\\d+)\ue001", marked)
+    for placed in (texts, [t.strip() for t in texts]):  # a template may trim what it places (Llama 3's does)
+        pieces = [part if j % 2 == 0 else placed[int(part)] for j, part in enumerate(parts)]
+        if "".join(pieces) == text:
+            break
+    else:
+        # The template changes the texts some other way, so where they lie is unknown. The prompt is
+        # safe as a whole only if every special token in it is one the template wrote itself.
+        if len(marker.findall(text)) == len(marker.findall(marked)):
+            return tokenizer.encode(text, allowed_special="all")
+        typed = [sp for sp in specials if any(sp in t for t in texts)]
+        spelled = f"contains {typed[0]!r}, a special token of this model," if typed else \
+            "spells a special token of this model across its parts,"
+        raise DataError(f"{what} {spelled} and the template changes the text it is given, so it cannot be kept "
+                        "as plain text; remove it")
     spans, pos = [], 0  # where the template's own text lies
     for j, piece in enumerate(pieces):
         if j % 2 == 0:
@@ -229,7 +241,6 @@ def template_ids(tokenizer, render: Callable[[list[str]], str], texts: Sequence[
         pos += len(piece)
     # Split only at the template's special tokens: every run between them (texts included) is
     # encoded as plain text, as the whole prompt would be around its markers.
-    marker = re.compile("|".join(re.escape(sp) for sp in sorted(specials, key=len, reverse=True)))
     ids, cursor = [], 0
     for a, b in spans:
         for m in marker.finditer(text, a, b):

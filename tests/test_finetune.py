@@ -819,6 +819,45 @@ def test_merge_lora_refuses_an_out_inside_the_run_and_classify_an_empty_file(bas
     assert r.returncode == 2 and "holds no text to classify" in r.stderr and not r.stdout  # not standard input instead
 
 
+def test_a_failed_or_interrupted_merge_leaves_no_out_and_can_be_run_again(base, tmp_path, monkeypatch):
+    import shutil
+
+    from lmforge import finetune as ft
+    from lmforge import tokenizer as tk
+    from lmforge.config import LmforgeError
+
+    run = tmp_path / "run"
+    ft.finetune_classify(str(base), _spam_file(tmp_path / "sms.tsv", n=20), run,
+                         FinetuneConfig(trainable="lora", epochs=1), TrainConfig(batch_size=8, dtype="float32"),
+                         LoRAConfig(rank=2, alpha=4), text_column="1", label_column="0", progress=False)
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken, symlinks=True)
+    (broken / "tokenizer.json").write_text("{garbage")
+    out = tmp_path / "out" / "merged"
+
+    def left() -> list[str]:  # what is in --out's parent, hidden files (a stage) included
+        return sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
+
+    with pytest.raises(LmforgeError, match="tokenizer"):
+        ft.merge_run(broken, out)
+    assert left() == []  # nothing written: it failed while reading
+    # Ctrl-C while the merged run is being written (after the weights, before the tokenizer)
+    real_save = tk.Tokenizer.save
+    monkeypatch.setattr(tk.Tokenizer, "save", lambda self, path: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        ft.merge_run(run, out)
+    assert left() == []  # no half-written run, no stage left
+    monkeypatch.setattr(tk.Tokenizer, "save", real_save)
+    ft.merge_run(run, out)  # the same command again
+    assert {p.name for p in out.iterdir()} >= {"config.json", "tokenizer.json", "checkpoints"}
+    r = _cli("classify", out, "WIN a FREE prize now")
+    assert r.returncode == 0 and r.stdout.split()[0] in ("spam", "ham"), r.stderr
+    # Nor into the folder of the base model the run reads
+    with pytest.raises(LmforgeError, match="is inside .* the base model this run reads"):
+        ft.merge_run(run, base / "merged")
+    assert not (base / "merged").exists()
+
+
 def test_fine_tuning_into_a_run_another_process_trains_in_is_refused(base, tmp_path):
     from conftest import another_process_holding
 

@@ -31,7 +31,7 @@ from .evaluate import classification_metrics
 from .losses import class_logits, classification_loss, next_token_loss, preference_loss, sequence_logprobs
 from .lora import apply_lora, lora_config, lora_parameter_count
 from .model import GPT
-from .outputs import inside, run_lock
+from .outputs import inside, run_lock, staged_folder
 from .precision import autocast, resolve_dtype
 from .train import fit
 
@@ -609,13 +609,26 @@ def merge_run(run: str | Path, out: str | Path) -> Path:
     model, cfg = load_model(run)
     if not cfg.get("lora"):
         raise LmforgeError(f"{run} has no LoRA adapters to merge")
+    base = Path(str((cfg.get("base") or {}).get("spec", "")))
+    if base.is_absolute() and base.is_dir() and inside(out.resolve(), base):
+        raise LmforgeError(f"--out {out} is inside {base}, the base model this run reads; write the merged model "
+                           "to a folder of its own")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LmforgeError(f"--out {out} already exists; choose a new folder")
+    tok = load_tokenizer(run)  # all that is read is read before anything is written
     merge_lora(model)
     keep = {k: v for k, v in cfg.items() if k not in ("lora", "trained", "weights", "checkpoint", "step", "model",
                                                          "format", "version")}
-    save_model(out, model, int(cfg.get("step", 0)), {**keep, "merged_from": str(run.resolve())})
-    load_tokenizer(run).save(out / TOKENIZER)
+    # Written beside --out and moved in whole: a failure or Ctrl-C midway leaves no --out to refuse a second try
+    made = not out.exists()
+    try:
+        with staged_folder(out) as stage:
+            save_model(stage, model, int(cfg.get("step", 0)), {**keep, "merged_from": str(run.resolve())})
+            tok.save(stage / TOKENIZER)
+    except BaseException:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     return out
 
 

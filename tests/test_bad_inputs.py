@@ -362,6 +362,8 @@ CASES = [
     ("gen-damaged-gguf", ["generate", f"{B}/bad.gguf"], "not a readable GGUF", None),
     ("gen-temperature", ["generate", f"{R}/hf", "--sample.temperature", "-1"], "temperature must be >= 0", None),
     ("gen-top-k", ["generate", f"{R}/hf", "--sample.top_k", "0"], "top_k must be >= 1", None),
+    ("gen-repetition-tiny", ["generate", f"{R}/hf", "--sample.repetition_penalty", "1e-300"],
+     "repetition_penalty must be between 0.001 and 1000", None),  # once inf logits, an internal error in sampling
     ("gen-top-p", ["generate", f"{R}/hf", "--sample.top_p", "2"], "top_p must be in (0, 1]", None),
     ("gen-max-new", ["generate", f"{R}/hf", "--sample.max_new_tokens", "-3"], "max_new_tokens", None),
     ("gen-seed-word", ["generate", f"{R}/hf", "--sample.seed", "lucky"], "sample.seed", None),
@@ -379,6 +381,8 @@ CASES = [
     ("chat-dtype", ["chat", f"{R}/run", "--dtype", "half"], "dtype must be float32, bfloat16 or auto", None),
     # eval
     ("eval-nothing", ["eval", f"{R}/run"], "give --data", None),
+    ("judge-timeout-huge", ["eval", "judge", f"{R}/run/config.json", "--url", "http://127.0.0.1:9/v1", "--timeout",
+                            "1e308"], "--timeout between 0 and 86400 seconds", None),  # once an OverflowError
     ("eval-batch-zero", ["eval", f"{R}/run", "--data", f"{R}/data", "--batch_size", "0"], "--batch_size must be", None),
     ("eval-batch-negative", ["eval", f"{R}/run", "--data", f"{R}/data", "--batch_size", "-2"], "--batch_size", None),
     ("eval-max-batches", ["eval", f"{R}/run", "--data", f"{R}/data", "--max_batches", "0"], "--max_batches", None),

@@ -494,8 +494,9 @@ def _run(argv: list[str]) -> int:
 
         if (a.url is None) == (a.judge is None):
             raise LmforgeError("give either --url (an OpenAI-compatible endpoint) or --judge (a local model)")
-        if a.retries < 0 or a.timeout <= 0:
-            raise LmforgeError("--retries must be >= 0 and --timeout > 0")
+        if a.retries < 0 or not 0 < a.timeout <= 86400:  # (a socket's time-out overflows near 1e300 s)
+            raise LmforgeError(f"--retries must be >= 0 and --timeout between 0 and 86400 seconds; got --retries "
+                               f"{a.retries} --timeout {a.timeout}")
         _check_json_out(a, "eval-judge", [a.responses] + ([a.judge] if a.judge else []))
         ask = http_judge(a.url, a.judge_model, a.timeout, a.retries, os.environ.get("OPENAI_API_KEY")) if a.url \
             else local_judge(a.judge)

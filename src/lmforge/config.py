@@ -431,7 +431,11 @@ class SampleConfig:
         p: list[str] = []
         object.__setattr__(self, "stop", tuple(self.stop))  # a list from the command line or JSON
         _check(p, self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        _check(p, self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        # Bounded so that a logit divided or multiplied by it stays finite (1e-300 made inf, then NaN
+        # probabilities); beyond these a penalty changes nothing more that a user could see.
+        _check(p, 1e-3 <= self.repetition_penalty <= 1e3,
+               f"repetition_penalty must be between 0.001 and 1000 (1 = none, 1.1-1.3 typical), "
+               f"got {self.repetition_penalty}")
         _check(p, self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         _check(p, self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 or None, got {self.top_k}")
         _check(p, self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1] or None, got {self.top_p}")

@@ -546,6 +546,13 @@ class ShardSet:
     def fingerprint(self) -> str:
         return self.index["tokenizer_fingerprint"]
 
+    def made_with(self, tokenizer: Tokenizer) -> bool:
+        """Whether ``tokenizer`` gives these shards' ids: the very tokenizer, or one that encodes
+        alike (the same vocabulary under an exported model's name; shards prepared before
+        ``tokenizer_encoding`` was recorded need the very tokenizer)."""
+        return tokenizer.fingerprint == self.fingerprint or \
+            self.index.get("tokenizer_encoding") == tokenizer.encoding_fingerprint
+
     @property
     def identity(self) -> dict:
         """What a run trained on these shards records of them: tokenizer, sizes and content."""
@@ -649,7 +656,8 @@ def prepare(paths: list[str], out_dir: str | os.PathLike, tokenizer: Tokenizer,
             atomic.write_file(tmps["tokenizer.json"], tokenizer.to_json().encode("utf-8"))
         index = {
             "format": SHARD_FORMAT, "version": SHARD_FORMAT_VERSION, "dtype": dtype.name,
-            "tokenizer_fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+            "tokenizer_fingerprint": tokenizer.fingerprint, "tokenizer_encoding": tokenizer.encoding_fingerprint,
+            "vocab_size": tokenizer.vocab_size,
             "eot_id": tokenizer.eot_id, "tokens": written.tokens, "documents": written.documents,
             "sources": paths, "input_signature": signature, "split_rule": SPLIT_RULE,
             # What the shards hold, so that a run resumed on other data is caught even at equal sizes.

@@ -276,7 +276,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, split: str = "val", 
         raise LmforgeError(f"--split must be 'train' or 'val', got {split!r}")
     shards = ShardSet.open(data_dir)
     model, tokenizer = load_language_model(str(run_dir), default_device())
-    if shards.fingerprint != tokenizer.fingerprint:
+    if not shards.made_with(tokenizer):
         raise LmforgeError(f"{data_dir} was tokenized with a different tokenizer than {run_dir}; "
                            "prepare the data with the run's tokenizer.json")
     if context is not None and context > model.config.context_length:

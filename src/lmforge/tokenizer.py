@@ -256,8 +256,16 @@ class Tokenizer:
 
     @property
     def fingerprint(self) -> str:
-        """Short digest of the vocabulary, pattern and specials: shards record it to catch mix-ups."""
+        """Short digest of the whole tokenizer file's state (name, chat template and end id included):
+        shards and runs record it to catch mix-ups."""
         return hashlib.sha256(json.dumps(self._state(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def encoding_fingerprint(self) -> str:
+        """Short digest of only what decides the ids of a text (vocabulary, pattern, specials): equal
+        for a tokenizer and its copy in an exported model, which has another name and end id."""
+        state = {k: v for k, v in self._state().items() if k in ("format", "pattern", "tokens", "special_tokens")}
+        return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, specials={list(self.special_tokens)})"

@@ -367,3 +367,19 @@ def test_the_bridge_without_lm_eval_is_one_line_also_run_as_a_module():
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == ("lmforge: error: lm-evaluation-harness is not installed; pip install "
                                    "'lmforge[eval]' (or: pip install lm-eval==0.4.13)")
+
+
+def test_eval_harness_output_path_is_checked_as_lmforge_outputs_are(run_dir, tmp_path, capsys):
+    """The harness wrote its results into a training run, and given a file it logged the failure and
+    exited 0 with nothing saved; lmforge checks --output_path before the harness runs."""
+    from lmforge.cli import main
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("keep me")
+    for out, said in ((run_dir, "is a training run directory"), (text, "is a file, but this command writes a folder"),
+                      (f"--output_path={run_dir / 'results.json'}", "is in a training run directory")):
+        args = [out] if str(out).startswith("--") else ["--output_path", str(out)]
+        assert main(["eval", "harness", "--model", "lmforge", "--tasks", TASK, *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
+    assert text.read_text() == "keep me" and not list(run_dir.rglob("results*.json"))

@@ -379,6 +379,7 @@ def _run(argv: list[str]) -> int:
         except ImportError as e:
             raise LmforgeError(f"`lmforge eval harness` needs lm-evaluation-harness ({e}); "
                                "pip install 'lmforge[eval]'") from None
+        _check_harness_output(argv[2:])
         try:
             harness_main(argv[2:])
         except SystemExit as e:
@@ -647,6 +648,23 @@ def _classify(a) -> None:
 
 def _json_format(cmd: str) -> str:
     return f"lmforge-{cmd}"  # the "format" a results JSON of `lmforge <cmd>` starts with
+
+
+def _check_harness_output(args: list[str]) -> None:
+    """lm-evaluation-harness' --output_path, checked as lmforge checks its own outputs: the harness
+    writes into whatever it is given (a training run, a data folder) and, given a file, logs the
+    failure and exits 0 with nothing saved. It writes FOLDER/MODEL/results_TIME.json, or
+    NAME_TIME.json beside a path ending in .json: never over an existing file."""
+    out = next((args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("--output_path", "-o")),
+               next((arg.split("=", 1)[1] for arg in args if arg.startswith("--output_path=")), None))
+    if not out:
+        return
+    from .data import is_shard_dir
+    from .outputs import check_output
+
+    json_file = Path(out).suffix == ".json"
+    check_output(out, kind="file" if json_file else "folder", what="a folder of results",
+                 own_kind=lambda p: json_file or (p.is_dir() and not is_shard_dir(p)), flag="--output_path")
 
 
 def _check_json_out(a, cmd: str, inputs: list[str]) -> None:

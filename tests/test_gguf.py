@@ -192,3 +192,34 @@ def test_an_unsupported_gguf_architecture_keeps_its_own_message(tmp_path):
     path = _one_tensor_gguf(tmp_path / "q.gguf", "qwen2")
     with pytest.raises(ConvertError, match=r"^GGUF architecture 'qwen2' is not supported"):  # not "malformed"
         gguf_config(_open(path))
+
+
+def test_a_kill_during_export_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """SIGTERM (kill, docker stop) once ended the process on the spot, leaving .NAME.gguf.tmpPID behind
+    (hundreds of MB, never cleaned: the name holds the pid). Now it is raised and cleaned up as Ctrl-C is."""
+    import os
+    import signal
+
+    import gguf
+
+    from lmforge.checkpoint import save_model
+    from lmforge.cli import main
+
+    tok = Tokenizer.train([TEXT * 30], TokenizerConfig(vocab_size=320))
+    run = tmp_path / "run"
+    save_model(run, _random_llama(tok.vocab_size), 0)
+    tok.save(run / "tokenizer.json")
+    real = gguf.GGUFWriter.write_tensors_to_file
+
+    def killed_midway(self, *args, **kwargs):
+        self.fout[0].write(b"half a file")  # something on disk, as a real kill would find
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", killed_midway)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["export", str(run), "--to", "gguf", "--out", str(out / "m.gguf")]) == 143
+    assert list(out.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before  # the command's handler is gone with it

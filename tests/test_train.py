@@ -24,10 +24,10 @@ def _losses(run):
 
 @pytest.mark.slow
 # SIGKILL at random instants, and at every write of a checkpoint, is in test_checkpoint.py.
-@pytest.mark.parametrize("sig", [signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_resume_after_a_kill_reproduces_losses(prepared, sig):
-    """SIGKILL: resume from the last periodic checkpoint. Ctrl-C: a checkpoint is written at
-    the last completed step, the process exits with 130, and resume continues from there."""
+    """Ctrl-C: a checkpoint is written at the last completed step, the process exits with 130, and
+    resume continues from there. SIGTERM (kill, docker stop) the same, with 143."""
     tmp_path, _, data = prepared
     full = tmp_path / "full"
     assert main(["pretrain", "--data", str(data), "--out", str(full), *ARGS]) == 0
@@ -54,8 +54,9 @@ def test_resume_after_a_kill_reproduces_losses(prepared, sig):
     os.kill(proc.pid, sig)
     _, err = proc.communicate(timeout=60)
     assert max(_losses(killed)) < 80
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130 and "lmforge: interrupted" in err and "Traceback" not in err
+    if sig in (signal.SIGINT, signal.SIGTERM):
+        code, said = (130, "interrupted") if sig == signal.SIGINT else (143, "terminated")
+        assert proc.returncode == code and f"lmforge: {said}" in err and "Traceback" not in err, err
         from lmforge.checkpoint import load_weights
 
         saved_step = int(load_weights(killed / "model.safetensors")[1]["step"])  # through the `latest` link

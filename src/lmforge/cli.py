@@ -8,11 +8,15 @@ line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import os
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from .config import (
@@ -26,6 +30,7 @@ from .config import (
     LoRAConfig,
     ModelConfig,
     SampleConfig,
+    Terminated,
     TokenizerConfig,
     TrainConfig,
     one_line,
@@ -839,13 +844,35 @@ def format_warning(message, category, filename, lineno, line=None) -> str:
     return _python_format_warning(message, category, filename, lineno, line)
 
 
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """While a command runs, SIGTERM raises ``Terminated`` instead of ending the process at once, so a
+    kill leaves no temporary files or half-made folders behind. Not under torchrun, which ends its
+    workers with SIGTERM when one fails: there they stop at once, as before."""
+    from . import distributed
+
+    if threading.current_thread() is not threading.main_thread() or distributed.launched():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated()
+
+    before = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .outputs import fs_hint
 
     warnings.formatwarning = format_warning
     argv = sys.argv[1:] if argv is None else argv
     try:
-        return _run(list(argv))
+        with _terminate_as_exception():
+            return _run(list(argv))
     except LmforgeError as e:
         print(f"lmforge: error: {one_line(str(e))}", file=sys.stderr)
         return 2
@@ -863,6 +890,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("lmforge: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
     except Exception as e:  # a bug, or an interrupt that struck inside an import: one line, traceback on request
         if os.environ.get("LMFORGE_DEBUG"):
             raise

@@ -23,6 +23,13 @@ class LmforgeError(Exception):
     """
 
 
+class Terminated(BaseException):
+    """SIGTERM (``kill``, ``docker stop``, ``timeout``), raised where the command is, as Ctrl-C raises
+    KeyboardInterrupt: what cleans up after an interrupt (temporary files, a half-made folder) and
+    training's last checkpoint happen for it too, where the default action would end the process
+    on the spot. Not a KeyboardInterrupt: the chat's "Ctrl-C stops the answer" must not catch it."""
+
+
 def valid_split(split) -> bool:
     """Three fractions (train, validation, test), none negative, some training data, summing to 1."""
     return len(split) == 3 and all(f >= 0 for f in split) and split[0] > 0 and abs(sum(split) - 1.0) < 1e-6
@@ -543,6 +550,6 @@ def json_ready(x: Any) -> Any:
 
 __all__ = [
     "CONFIG_FORMAT_VERSION", "ConfigError", "FinetuneConfig", "GGUF_EXPORT_TYPES", "DataConfig", "LmforgeError",
-    "LoRAConfig", "ModelConfig", "PRESETS", "SampleConfig", "TokenizerConfig", "TrainConfig", "config_dict",
+    "LoRAConfig", "ModelConfig", "Terminated", "PRESETS", "SampleConfig", "TokenizerConfig", "TrainConfig", "config_dict",
     "malformed", "restored", "unreadable_settings",
 ]

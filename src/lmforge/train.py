@@ -37,7 +37,7 @@ from .checkpoint import (
     read_run_config,
     save_checkpoint,
 )
-from .config import LmforgeError, TrainConfig, config_dict, one_line
+from .config import LmforgeError, Terminated, TrainConfig, config_dict, one_line
 
 # MetricsLog and _step_of are imported for the callers and tests that reach them here.
 from .logger import MetricsLog, RunLogger, _step_of, describe_hardware, mfu  # noqa: F401
@@ -501,7 +501,7 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
         model.eval()
         if sample is not None:
             log_samples(done, sample(model, done))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         if not ranks.active:  # ranks interrupted at different points cannot meet to gather a checkpoint
             read_pending()  # a non-finite loss since the last read: an error, and nothing saved
             # An interrupt inside the first bad step, after its update and before its numbers were kept,

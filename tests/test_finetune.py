@@ -490,6 +490,8 @@ def test_cli_finetune_classify_then_classify(base, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("spam\t"), r.stderr
     r = _cli("classify", tmp_path / "run", stdin="see you at lunch friend\n")
     assert r.returncode == 0 and r.stdout.startswith("ham\t"), r.stderr
+    r = _cli("classify", tmp_path / "run", "--file", tmp_path)  # once "no file at" a folder that is there
+    assert r.returncode == 2 and "is a folder; give a text file with one text per line" in r.stderr, r.stderr
 
 
 BAD = [

@@ -64,6 +64,9 @@ def test_parse_score():
 
     assert parse_score("85") == 85 and parse_score("Score: 92/100") == 92 and parse_score("I'd say 250, no, 70") == 70
     assert parse_score("excellent") is None
+    # Numbers read whole: once "1e999" scored 1, "-5" 5 and "85.5" 85
+    assert parse_score("Score: 1e999, say 40") == 40 and parse_score("-5 or 7") == 7 and parse_score("85.5") == 86
+    assert parse_score("I give it 85.") == 85 and parse_score("v2 gets 60") == 60 and parse_score("1000") is None
 
 
 class _Judge(BaseHTTPRequestHandler):
@@ -256,8 +259,9 @@ def test_bad_judge_and_prompt_settings_are_one_line_errors(base, tmp_path):
     for kw in ({"limit": -1}, {"test_limit": 0}):
         with pytest.raises(LmforgeError, match="--limit must be at least 3 and --test_limit at least 1"):
             evaluate_prompting(str(base), data, "1", "0", progress=False, **kw)
-    for split in ((-1, 0, 2), (0.5, 0.5, 0.5)):  # once split as given: a confusing label error, or a silent mis-split
-        with pytest.raises(LmforgeError, match=r"--split must be three fractions \(train, val, test\) that sum to 1"):
+    # once split as given: a confusing label error, or a silent mis-split; (0, 0, 1) was told to "sum to 1"
+    for split in ((-1, 0, 2), (0.5, 0.5, 0.5), (0, 0, 1)):
+        with pytest.raises(LmforgeError, match=r"--split must be three fractions \(.*\), none negative, train above 0"):
             evaluate_prompting(str(base), data, "1", "0", split=split, progress=False)
 
 

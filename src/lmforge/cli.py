@@ -635,7 +635,8 @@ def _classify(a) -> None:
     if a.file:
         path = Path(a.file)
         if not path.is_file():
-            raise LmforgeError(f"no file at {path}")
+            raise LmforgeError(f"--file {path} is a folder; give a text file with one text per line" if path.is_dir()
+                               else f"no file at {path}")
         try:
             lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         except UnicodeDecodeError:

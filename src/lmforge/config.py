@@ -30,6 +30,9 @@ class Terminated(BaseException):
     on the spot. Not a KeyboardInterrupt: the chat's "Ctrl-C stops the answer" must not catch it."""
 
 
+SPLIT_RULE_TEXT = "three fractions (train, val, test), none negative, train above 0, that sum to 1"
+
+
 def valid_split(split) -> bool:
     """Three fractions (train, validation, test), none negative, some training data, summing to 1."""
     return len(split) == 3 and all(f >= 0 for f in split) and split[0] > 0 and abs(sum(split) - 1.0) < 1e-6
@@ -500,7 +503,7 @@ class FinetuneConfig:
                f"trainable must be head, last, all or lora, got {self.trainable!r}")
         _check(p, isinstance(self.last_blocks, int) and self.last_blocks >= 1, "last_blocks must be an integer >= 1")
         _check(p, self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
-        _check(p, valid_split(self.split), f"split must be three fractions that sum to 1, got {list(self.split)}")
+        _check(p, valid_split(self.split), f"split must be {SPLIT_RULE_TEXT}, got {list(self.split)}")
         _check(p, self.max_length is None or self.max_length >= 2, "max_length must be >= 2 or None")
         _check(p, self.limit is None or self.limit >= 3, "limit must be >= 3 or None")
         _raise_all("finetune config", p)

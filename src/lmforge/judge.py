@@ -29,11 +29,12 @@ def judge_prompt(record: dict) -> str:
 
 
 def parse_score(text: str) -> int | None:
-    """The first integer in 0..100 in a judge's answer (None when there is none)."""
-    for m in re.finditer(r"\d+", text):
-        value = int(m.group())
+    """The first number in 0..100 in a judge's answer, rounded (None when there is none). Numbers are
+    read whole: "1e999" or "-5" is not a 1 or a 5, "85.5" is 86."""
+    for m in re.finditer(r"(?<![\w.])-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?(?!\w|\.\d)", text):
+        value = float(m.group())
         if 0 <= value <= 100:
-            return value
+            return round(value)
     return None
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import tasks
-from .config import LmforgeError, one_line, valid_split
+from .config import SPLIT_RULE_TEXT, LmforgeError, one_line, valid_split
 from .evaluate import classification_metrics, continuation_logprobs
 
 
@@ -72,7 +72,7 @@ def evaluate_prompting(model_spec: str, data: str | Path, text_column: str = "te
     if limit is not None and limit < 3 or test_limit is not None and test_limit < 1:
         raise LmforgeError("--limit must be at least 3 and --test_limit at least 1 (or left out: all)")
     if not valid_split(split):
-        raise LmforgeError(f"--split must be three fractions (train, val, test) that sum to 1, got {list(split)}")
+        raise LmforgeError(f"--split must be {SPLIT_RULE_TEXT}, got {list(split)}")
     if (text_column, label_column) == ("text", "label") and str(data) in KNOWN_COLUMNS:
         text_column, label_column = KNOWN_COLUMNS[str(data)]
     rows = tasks.read_labelled(resolve_data(data), text_column, label_column)

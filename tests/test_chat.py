@@ -97,6 +97,24 @@ def test_multi_line_input():
     assert read_message(read) == "first \nsecond"
     assert read_message(read) == "a\n\nb"
 
+    def reader(*given):  # input that ends where a message is still open: the message is sent, not dropped
+        it = iter(given)
+
+        def read(prompt):
+            try:
+                return next(it)
+            except StopIteration:
+                raise EOFError from None
+        return read
+
+    for given, want in ((['"""', "a", "b"], "a\nb"), (["one \\"], "one "), (["x \\", "y \\"], "x \ny ")):
+        read = reader(*given)
+        assert read_message(read) == want
+        with pytest.raises(EOFError):
+            read_message(read)
+    with pytest.raises(EOFError):  # a block opened and nothing in it: nothing to send
+        read_message(reader('"""'))
+
 
 def test_the_loop_streams_answers_and_obeys_its_commands(run):
     a = Assistant.load(str(run))

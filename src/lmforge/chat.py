@@ -207,17 +207,26 @@ class Conversation:
 
 def read_message(read_line, prompt: str = ">>> ", more: str = "... ") -> str:
     """One message from the user: a line; a line ending in a backslash continues on the next;
-    a line of three double quotes starts a block that the next such line ends."""
+    a line of three double quotes starts a block that the next such line ends. The end of input
+    ends a message begun (a block never closed, a last line ending in a backslash): it is sent
+    as it stands, not dropped; the next read then meets the end of input."""
     first = read_line(prompt)
     if first.strip() == '"""':
         lines = []
-        while (line := read_line(more)).strip() != '"""':
-            lines.append(line)
+        try:
+            while (line := read_line(more)).strip() != '"""':
+                lines.append(line)
+        except EOFError:
+            if not lines:
+                raise
         return "\n".join(lines)
     lines = [first]
     while lines[-1].endswith("\\"):
         lines[-1] = lines[-1][:-1]
-        lines.append(read_line(more))
+        try:
+            lines.append(read_line(more))
+        except EOFError:
+            break
     return "\n".join(lines)
 
 

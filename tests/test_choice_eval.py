@@ -500,3 +500,15 @@ def test_smollm2_batched_scores_equal_plain_scores():
     want = [loglikelihood_reference(model, tok, c, x) for c, x in requests]
     assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=1e-4)
     assert evaluate_choice(model, tok, items)["acc"] == 1.0
+
+
+def test_a_bigbench_task_json_in_the_current_folder_is_named_by_that_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from lmforge.choice_eval import _task_name
+
+    folder = tmp_path / "arithmetic_word"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    assert _task_name(Path("task.json")) == "arithmetic_word"  # once "" (": acc ..." in the output)
+    assert _task_name(Path("sub/items.jsonl")) == "items"

@@ -636,7 +636,9 @@ def _now() -> str:
 
 
 def _task_name(path: Path) -> str:
-    return path.parent.name if path.name == "task.json" else path.stem
+    """A BIG-bench task's folder name (resolved: a bare "task.json" in the current folder has no parent
+    in its path), else the file's stem."""
+    return path.resolve().parent.name if path.name == "task.json" else path.stem
 
 
 def run_choice_eval(model_spec: str, task_path: str, shots: int = 0, seed: int = 1234, batch_size: int = 16,

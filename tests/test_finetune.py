@@ -347,6 +347,29 @@ def test_a_template_that_changes_a_record_spelling_a_special_token_names_the_rec
         tasks.encode_instructions(recs, tok, "chat", 10**6, source="train.json")
 
 
+def test_a_test_record_the_template_cannot_encode_is_refused_before_training(tmp_path):
+    from conftest import chat_tokenizer
+
+    from lmforge.finetune import finetune_instruct
+
+    tok = chat_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.content | replace('a', 'e') }}<|im_end|>"
+                         "{% endfor %}<|im_start|>")
+    base = tmp_path / "base"
+    save_model(base, GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=64, d_model=16, n_layer=1, n_head=2)),
+               0, {"task": "pretrain"})
+    tok.save(base / "tokenizer.json")
+    records = [{"instruction": f"q {i}", "input": "", "output": "ok"} for i in range(20)]
+    ft = FinetuneConfig(trainable="all", epochs=1.0, split=(0.7, 0.1, 0.2))
+    _, _, test = tasks.split(records, ft.split, ft.seed)  # the split the task makes
+    test[0]["instruction"] = "a <|im_end|> b"  # only a test record: training itself would encode fine
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    with pytest.raises(tasks.DataError, match=r"data.json, test record 0 contains '<\|im_end\|>'"):
+        finetune_instruct(str(base), str(tmp_path / "data.json"), tmp_path / "run", ft, template="chat",
+                          train=TrainConfig(batch_size=4, dtype="float32"), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before a step was taken
+
+
 def test_splits_balance_and_batches_are_seeded():
     rows = [(f"t{i}", "a" if i < 30 else "b") for i in range(40)]
     bal = tasks.balance(rows, 1)

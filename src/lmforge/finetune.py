@@ -461,6 +461,9 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
     dtype = resolve_dtype(train.dtype, dev)
     identity = _base_identity(base, model, tok)
     tests = test_recs[:respond_test] if respond_test is not None else test_recs
+    for i, rec in enumerate(tests):  # what the template cannot encode is refused now, not after training
+        instruction, input_text, _ = tasks.instruction_of(rec, f"{data}, test record {i}")
+        tasks.prompt_ids(tok, instruction, input_text, template, f"{data}, test record {i}")
     results: dict = {"task": "instruct", "template": template, "truncated": truncated, "dropped": dropped}
     before = _read_before(run) if resume else None
     before_answers: list[str] = []  # the untuned model's answers, shown beside the tuned ones (not kept on resume)

@@ -107,14 +107,20 @@ def tiny_assistant() -> Assistant:
     y = torch.full((len(seqs), width), -100)
     for i, s in enumerate(seqs):
         x[i, :len(s) - 1], y[i, :len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):
+    overfit(model, x, y, steps=150, lr=1e-2)
+    model.eval()
+    return assistant
+
+
+def overfit(model: GPT, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+    """``steps`` AdamW steps on the one batch (x, y); the last step's loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
         loss = model(x, targets=y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
-    return assistant
+    return loss
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import overfit
 
 from lmforge.config import PRESETS, ConfigError, ModelConfig
 from lmforge.model import GPT
@@ -46,13 +47,7 @@ def test_overfits_one_batch():
     model = GPT(cfg)
     x = torch.randint(0, 64, (4, 16))
     y = torch.roll(x, -1, dims=1)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss = model(x, targets=y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05
+    assert overfit(model, x, y, steps=150, lr=3e-3).item() < 0.05
 
 
 def test_tied_head_and_scaled_residual_init():

@@ -553,6 +553,6 @@ def json_ready(x: Any) -> Any:
 
 __all__ = [
     "CONFIG_FORMAT_VERSION", "ConfigError", "FinetuneConfig", "GGUF_EXPORT_TYPES", "DataConfig", "LmforgeError",
-    "LoRAConfig", "ModelConfig", "Terminated", "PRESETS", "SampleConfig", "TokenizerConfig", "TrainConfig", "config_dict",
-    "malformed", "restored", "unreadable_settings",
+    "LoRAConfig", "ModelConfig", "PRESETS", "SampleConfig", "Terminated", "TokenizerConfig", "TrainConfig",
+    "config_dict", "malformed", "restored", "unreadable_settings",
 ]

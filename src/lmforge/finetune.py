@@ -623,15 +623,9 @@ def merge_run(run: str | Path, out: str | Path) -> Path:
     keep = {k: v for k, v in cfg.items() if k not in ("lora", "trained", "weights", "checkpoint", "step", "model",
                                                          "format", "version")}
     # Written beside --out and moved in whole: a failure or Ctrl-C midway leaves no --out to refuse a second try
-    made = not out.exists()
-    try:
-        with staged_folder(out) as stage:
-            save_model(stage, model, int(cfg.get("step", 0)), {**keep, "merged_from": str(run.resolve())})
-            tok.save(stage / TOKENIZER)
-    except BaseException:
-        if made and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
+    with staged_folder(out) as stage:
+        save_model(stage, model, int(cfg.get("step", 0)), {**keep, "merged_from": str(run.resolve())})
+        tok.save(stage / TOKENIZER)
     return out
 
 

@@ -188,6 +188,11 @@ def _tiktoken_rejects(pattern: str) -> str | None:
     return None
 
 
+def _digest(state: dict) -> str:
+    """A short, stable digest of a JSON-ready state (keys sorted): what fingerprints are."""
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer defined by its mergeable ranks.
 
@@ -258,14 +263,13 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """Short digest of the whole tokenizer file's state (name, chat template and end id included):
         shards and runs record it to catch mix-ups."""
-        return hashlib.sha256(json.dumps(self._state(), sort_keys=True).encode()).hexdigest()[:16]
+        return _digest(self._state())
 
     @property
     def encoding_fingerprint(self) -> str:
         """Short digest of only what decides the ids of a text (vocabulary, pattern, specials): equal
         for a tokenizer and its copy in an exported model, which has another name and end id."""
-        state = {k: v for k, v in self._state().items() if k in ("format", "pattern", "tokens", "special_tokens")}
-        return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest({k: v for k, v in self._state().items() if k in ("format", "pattern", "tokens", "special_tokens")})
 
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, specials={list(self.special_tokens)})"

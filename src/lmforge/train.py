@@ -247,7 +247,8 @@ def _check_resume(run: Path, stored: dict, current: dict, config: TrainConfig, s
     ``allow_changes``); return the lines that announce the others. ``resumable``: the task's own
     settings that may change too, beside RESUMABLE."""
     diff = settings_diff(stored, current)
-    refused = [d for d in diff if d[0] not in RESUMABLE | resumable]
+    allowed = RESUMABLE | resumable
+    refused = [d for d in diff if d[0] not in allowed]
 
     def brief(v: object) -> str:  # a list of every trained tensor's name would fill the screen
         text = repr(v)

@@ -109,14 +109,15 @@ def _drop_last_checkpoint(run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_checkpoint_of_one_process_resumes_at_two_ranks(shards, single, tmp_path):
-    """(Two ranks to one: in the test above, for FSDP2.)"""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_checkpoint_of_one_process_resumes_at_two_ranks(shards, single, tmp_path, strategy):
+    """(Two ranks to one: in the test above, for FSDP2.) Under FSDP2 only rank 0 reads the weights."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(single[1], run, symlinks=True)
     _drop_last_checkpoint(run)
-    res = _lmforge("pretrain", "--out", str(run), "--resume", "true", "--devices", "2", "--train.strategy", "ddp")
+    res = _lmforge("pretrain", "--out", str(run), "--resume", "true", "--devices", "2", "--train.strategy", strategy)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming" in res.stdout and "from step 3" in res.stdout
     _assert_same_losses(_losses(run), _losses(single[1]))
@@ -305,6 +306,49 @@ def test_when_rank_0_cannot_write_every_rank_stops_with_an_error(tmp_path):
     assert "rank 0: OSError: [Errno 28] No space left on device" in res.stderr
     assert "rank 1: DistributedError: rank 0 stopped with an error (its message is above)" in res.stderr
     assert time.time() - t0 < 40  # told at once, not after the 60 s timeout
+
+
+BUILD = textwrap.dedent("""
+    import json
+    import torch
+    import torch.distributed as dist
+    from lmforge import distributed
+    from lmforge.config import ModelConfig
+    from lmforge.model import GPT
+
+    group = distributed.init(timeout_s=60)
+    cfg = ModelConfig(vocab_size=96, context_length=16, d_model=32, n_layer=2, n_head=4)
+    x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(group.rank)  # another random state on each rank: rank 0's weights must win anyway
+    model = distributed.build(lambda: GPT(cfg), "fsdp", torch.device("cpu"))
+    shapes_only = [None] * 2
+    dist.all_gather_object(shapes_only, distributed.on_meta(model))
+    distributed.wrap(model, "fsdp")
+    loss = model(x, targets=torch.roll(x, -1, 1)).item()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if group.main:
+        torch.manual_seed(0)
+        reference = GPT(cfg)
+        ref_loss = reference(x, targets=torch.roll(x, -1, 1)).item()
+        diff = max((weights[k] - v).abs().max().item() for k, v in reference.state_dict().items())
+        print("RESULT " + json.dumps({"shapes_only": shapes_only, "weights_diff": diff, "loss": loss,
+                                      "ref_loss": ref_loss, "tied": model.lm_head.weight is model.wte.weight}))
+    distributed.close()
+""")
+
+
+@pytest.mark.slow
+def test_under_fsdp_only_rank_0_builds_the_model_and_every_rank_gets_its_values(tmp_path):
+    """The other ranks build shapes only (no rank holds a whole model it does not need), yet the sharded
+    model is rank 0's, value for value, whatever the other ranks' random state."""
+    res = _on_two_ranks(tmp_path / "build.py", BUILD, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    assert out["shapes_only"] == [False, True]
+    assert out["weights_diff"] == 0.0  # gathered from both ranks' shards: rank 1's came from rank 0
+    assert out["loss"] == pytest.approx(out["ref_loss"], abs=1e-6)
+    assert out["tied"]
 
 
 PARITY = textwrap.dedent("""

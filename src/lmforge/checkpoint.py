@@ -304,8 +304,9 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     return cfg
 
 
-def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file; a damaged file is a CheckpointError, never a crash."""
+def load_weights(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file (``tensors=False``: the metadata alone, no tensor
+    read); a damaged file is a CheckpointError, never a crash."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -314,11 +315,11 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            values = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is truncated or corrupted ({str(e).splitlines()[0][:120]}); "
                               "restore it or train again") from None
-    return tensors, meta
+    return values, meta
 
 
 def check_state(model: GPT, tensors: dict[str, torch.Tensor], source: str,

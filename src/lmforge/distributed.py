@@ -129,12 +129,39 @@ def close() -> None:
 
 
 # --------------------------------------------------------------------------- wrapping the model
+def build(make: Callable[[], nn.Module], strategy: str, device: torch.device) -> nn.Module:
+    """The model ``make()`` builds, placed for this job's ``strategy``.
+
+    One process and DDP: on ``device``. FSDP2: no rank ever holds the whole model on its device,
+    and only rank 0 holds its values at all: rank 0 builds it in host memory (``wrap`` then sends
+    each unit to the device as it shards it), the other ranks build only its shapes, on the meta
+    device, and ``wrap`` fills their shards from rank 0's values. So a model whose parameters do
+    not fit one GPU can be trained on several, and a machine of 8 ranks holds one copy in host
+    memory, not 8. (The random state of ranks other than 0 then differs from rank 0's; nothing
+    draws from it but dropout, whose masks differ by rank anyway.)"""
+    group = current()
+    if not (group.active and strategy == "fsdp"):
+        return make().to(device)
+    if group.main:
+        return make()
+    with torch.device("meta"):
+        return make()
+
+
+def on_meta(model: nn.Module) -> bool:
+    """Whether ``model`` is only shapes (``build`` on a rank other than 0 under FSDP2): its values
+    come from rank 0 when ``wrap`` shards it, so nothing should be loaded into it before."""
+    return any(p.is_meta for p in model.parameters())
+
+
 def wrap(model: nn.Module, strategy: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The module to train, for this job: ``model`` itself on one process, DDP around it, or the
     model sharded in place by FSDP2 (each block a unit, then the root: embeddings, norm, head).
 
-    Under FSDP2 with bf16, parameters are gathered in bf16 and gradients reduced in fp32; the
-    sharded master weights and the optimiser stay fp32."""
+    Under FSDP2 every rank then takes its shard of rank 0's values (broadcast, one tensor at a
+    time): ranks that built only shapes (``build``) get their values, and every rank starts from
+    the very weights rank 0 holds. With bf16, parameters are gathered in bf16 and gradients
+    reduced in fp32; the sharded master weights and the optimiser stay fp32."""
     group = current()
     if not group.active:
         return model
@@ -148,9 +175,16 @@ def wrap(model: nn.Module, strategy: str, dtype: torch.dtype = torch.float32) ->
 
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 \
             else MixedPrecisionPolicy()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # Rank 0's values, kept in host memory until sent: sharding moves the parameters it holds.
+        values = {k: v.detach() for k, v in model.state_dict().items()} if group.main else {}
         for block in model.h:
-            fully_shard(block, mp_policy=policy)
+            fully_shard(block, mp_policy=policy)  # moves this unit to the device, then keeps 1/world of it
         fully_shard(model, mp_policy=policy)
+        if on_meta(model):
+            model.to_empty(device=device_of(group))  # this rank's shards, allocated; their values come next
+        set_model_state_dict(model, values, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return model
     raise DistributedError(f"unknown strategy {strategy!r}; use {' or '.join(STRATEGIES)}")
 

@@ -209,7 +209,7 @@ def _pretrain(data_dir: str | Path, out: str | Path, model_config: ModelConfig, 
     dev = distributed.device_of(ranks) if ranks.active else torch.device(device) if device else default_device()
     distributed.on_main(lambda: _prepare_run_dir(run, Path(data_dir), resume, overwrite), dev)
     torch.manual_seed(train.seed)  # the same initial weights on every rank
-    model = GPT(model_config).to(dev)
+    model = distributed.build(lambda: GPT(model_config), train.strategy, dev)  # under FSDP2: values on rank 0 only
     train_tokens, val_tokens = shards.tokens("train"), shards.tokens("val")
     ctx = model_config.context_length
     if train.stride:

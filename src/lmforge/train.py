@@ -336,12 +336,13 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
 
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
+    ranks = distributed.current()
+    # Under FSDP2 the model is still in host memory (rank 0) or only shapes (the others) until wrapped.
+    device = distributed.device_of(ranks) if ranks.active else next(model.parameters()).device
     dtype = resolve_dtype(config.dtype, device)
     if device.type == "cpu":
         tune_cpu_allocator()
     extra_config = {**(extra_config or {}), "task": task, "train": config_dict(config)}
-    ranks = distributed.current()
     start, tokens, elapsed, state = 0, 0, 0.0, None
     if ranks.main:
         remove_stale_temp_files(run)
@@ -354,9 +355,15 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
         if not (folder / STATE).is_file():
             raise LmforgeError(f"{folder} holds weights but no trainer state, so it cannot be resumed; "
                                "start without --resume")
-        tensors, meta = load_weights(folder / WEIGHTS)
         # Into the whole model, before any sharding: a checkpoint of any number of ranks loads alike.
-        load_state_into(model, tensors, str(folder / WEIGHTS), trained_only=extra_config.get("weights") == "trained")
+        # A rank that holds only shapes (FSDP2, not rank 0) reads no weights: wrap sends it rank 0's.
+        if distributed.on_meta(model):
+            _, meta = load_weights(folder / WEIGHTS, tensors=False)
+        else:
+            tensors, meta = load_weights(folder / WEIGHTS)
+            load_state_into(model, tensors, str(folder / WEIGHTS),
+                            trained_only=extra_config.get("weights") == "trained")
+            del tensors
         state = load_trainer_state(folder, int(meta.get("step", -1)))
         start, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         if start >= config.max_steps and finished_ok:

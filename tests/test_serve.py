@@ -575,6 +575,15 @@ def test_serve_refuses_an_api_key_no_client_could_send(key, capsys):
     assert err.count("\n") == 1 and "--api_key must be printable ASCII with no spaces" in err
 
 
+@pytest.mark.parametrize("seconds", ["0", "-5", "86401", "1e308"])
+def test_serve_refuses_a_request_timeout_that_cannot_work(seconds, capsys):
+    from lmforge.cli import main
+
+    assert main(["serve", "no/such/model/anywhere", "--port", "0", "--request_timeout", seconds]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--request_timeout must be between 0 and 86400 seconds" in err
+
+
 def test_serve_says_which_flag_to_change_when_it_cannot_listen():
     from lmforge.config import LmforgeError
     from lmforge.serve import bind

@@ -246,6 +246,8 @@ def _parser():  # built once per process: building it parses every config docstr
     p.add_argument("--max_batch", type=int, default=8, help="most answers decoded together in one batch")
     p.add_argument("--template", type=str | None, default=None, help="chat, alpaca or phi3 (default: the template "
                    "the model was tuned on, else its own chat template, else alpaca)")
+    p.add_argument("--request_timeout", type=float, default=60.0, help="seconds a client has to send one whole "
+                   "request, headers and body; a slower one is disconnected (answers may take longer)")
     decoding_flags(p)
     cmds.add_subcommand("serve", p, help="OpenAI-compatible HTTP API and chat page")
 
@@ -475,7 +477,7 @@ def _run(argv: list[str]) -> int:
         from .serve import serve
 
         serve(a.run, a.host, a.port, a.api_key, a.max_batch, a.template, dtype=a.dtype, compile=a.compile,
-              quantize=a.quantize)
+              quantize=a.quantize, request_timeout=a.request_timeout)
     elif cmd == "eval":
         if a.text:
             res = pipeline.evaluate_text(a.run, a.text, a.dtype)

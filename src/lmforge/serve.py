@@ -854,16 +854,19 @@ def server_config(app: FastAPI, request_timeout: float = REQUEST_TIMEOUT):
 
 def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
           template: str | None = None, device: str | None = None, dtype: str = "float32", compile: bool = False,
-          quantize: str | None = None) -> None:
+          quantize: str | None = None, request_timeout: float = REQUEST_TIMEOUT) -> None:
     """Load ``spec`` (a run directory, a known name, an HF folder, a GGUF file) and serve it until
     interrupted. Binds 127.0.0.1 unless ``host`` says otherwise. ``dtype`` and ``compile``: as for
-    `lmforge chat` (see ``Assistant.load``)."""
+    `lmforge chat` (see ``Assistant.load``). A client has ``request_timeout`` seconds to send each
+    whole request."""
     import uvicorn
 
     from .precision import default_device
 
     if max_batch < 1:
         raise LmforgeError(f"--max_batch must be >= 1, got {max_batch}")
+    if not 0 < request_timeout <= 86400:  # (NaN too; the event loop's timer overflows near 1e300 s)
+        raise LmforgeError(f"--request_timeout must be between 0 and 86400 seconds, got {request_timeout}")
     if api_key is not None and not (api_key and all(33 <= ord(ch) <= 126 for ch in api_key)):
         # HTTP headers carry bytes that clients and servers read as ASCII or Latin-1: any other key
         # (or one with spaces) could never be matched by what a client sends.
@@ -877,4 +880,4 @@ def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
           "(chat page at /, OpenAI API under /v1); Ctrl+C stops", flush=True)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: {host} without --api_key: anyone who reaches this port can use the model", flush=True)
-    uvicorn.Server(server_config(app)).run(sockets=[sock])
+    uvicorn.Server(server_config(app, request_timeout)).run(sockets=[sock])

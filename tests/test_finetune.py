@@ -865,13 +865,17 @@ def test_a_failed_or_interrupted_merge_leaves_no_out_and_can_be_run_again(base, 
 
     with pytest.raises(LmforgeError, match="tokenizer"):
         ft.merge_run(broken, out)
-    assert left() == []  # nothing written: it failed while reading
+    assert not out.parent.exists()  # nothing written: it failed while reading
     # Ctrl-C while the merged run is being written (after the weights, before the tokenizer)
     real_save = tk.Tokenizer.save
     monkeypatch.setattr(tk.Tokenizer, "save", lambda self, path: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         ft.merge_run(run, out)
-    assert left() == []  # no half-written run, no stage left
+    assert not out.parent.exists()  # no half-written run, no stage left, not even the folder made for them
+    out.parent.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        ft.merge_run(run, out)
+    assert left() == []  # a folder the user made stays
     monkeypatch.setattr(tk.Tokenizer, "save", real_save)
     ft.merge_run(run, out)  # the same command again
     assert {p.name for p in out.iterdir()} >= {"config.json", "tokenizer.json", "checkpoints"}

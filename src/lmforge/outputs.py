@@ -139,8 +139,10 @@ def staged_folder(out: Path) -> Iterator[Path]:
     """A temporary folder beside ``out`` to write into; on success its files move into ``out``.
 
     The files are renamed into place only after all of them were written, so a failure
-    midway (a full disk) leaves ``out`` exactly as it was; the temporary folder is always removed.
+    midway (a full disk) leaves ``out`` exactly as it was; the temporary folder is always removed,
+    and so are the folders above ``out`` made for it, when it fails.
     """
+    made = [p for p in out.parents if not p.exists()]  # innermost first
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -148,8 +150,10 @@ def staged_folder(out: Path) -> Iterator[Path]:
         out.mkdir(exist_ok=True)
         for f in sorted(stage.iterdir()):
             os.replace(f, out / f.name)
+        made = []
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        _remove_empty(made)
 
 
 # Run folders this process holds: resolved path -> the open folder descriptor that holds the lock.
@@ -199,7 +203,7 @@ def run_lock(run: str | os.PathLike, active: bool = True) -> Iterator[None]:
 
 
 def _remove_empty(made: list[Path]) -> None:
-    """The folders a run lock made (innermost first), each only while it is still empty."""
+    """The folders made for an output (innermost first), each only while it is still empty."""
     for folder in made:
         try:
             folder.rmdir()

@@ -521,3 +521,17 @@ def test_a_rank_trains_on_a_gpu_only_when_it_joined_over_nccl(monkeypatch):
     assert device_of(Group(rank=1, world_size=2, local_rank=1)) == torch.device("cpu")
     monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
     assert device_of(Group(rank=1, world_size=2, local_rank=1)) == torch.device("cuda", 1)
+
+
+def test_the_writer_is_rank_0_of_a_torchrun_job_or_a_single_process(monkeypatch):
+    from lmforge.distributed import writer
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "3")  # RANK alone (set by some other launcher) is not a torchrun job
+    assert writer()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not writer()  # known before the process group is joined: the run lock is taken before it
+    monkeypatch.setenv("RANK", "0")
+    assert writer()

@@ -70,6 +70,12 @@ def launched() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
+def writer() -> bool:
+    """Whether this process writes the job's files: a single process, or rank 0 of a torchrun job
+    (known from its environment, before the process group is joined as after)."""
+    return not launched() or os.environ["RANK"] == "0"
+
+
 def current() -> Group:
     """The group of this process: the initialised process group's, else a single process."""
     import torch.distributed as dist
@@ -420,7 +426,8 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 4, at
 
 
 __all__ = [
-    "STRATEGIES", "DistributedError", "Group", "activation_bytes", "all_ok", "check_batch", "close",
+    "STRATEGIES", "DistributedError", "Group", "activation_bytes", "all_ok", "build", "check_batch", "close",
     "current", "device_of", "full_state", "gradient_norm", "gradient_sync", "init", "is_sharded", "launch",
-    "launched", "load_optimizer_state", "mean_over_ranks", "memory_per_device", "on_main", "rank_rows", "wrap",
+    "launched", "load_optimizer_state", "mean_over_ranks", "memory_per_device", "on_main", "on_meta", "rank_rows",
+    "wrap", "writer",
 ]

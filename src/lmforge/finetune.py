@@ -17,7 +17,6 @@ import functools
 import inspect
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -120,7 +119,7 @@ def _holding_out(task: Callable) -> Callable:
     @functools.wraps(task)
     def held(*args, **kwargs):
         out = signature.bind(*args, **kwargs).arguments["out"]
-        with run_lock(out, active=not distributed.launched() or os.environ.get("RANK", "0") == "0"):
+        with run_lock(out, active=distributed.writer()):
             return task(*args, **kwargs)
     return held
 

@@ -182,7 +182,7 @@ def pretrain(data_dir: str | Path, out: str | Path, model_config: ModelConfig, t
 
     ranks = distributed.init(train.dist_timeout, device)
     try:
-        with run_lock(out, active=ranks.main):  # held from before --overwrite clears anything to the end
+        with run_lock(out, active=distributed.writer()):  # held from before --overwrite clears anything to the end
             return _pretrain(data_dir, out, model_config, train, resume, sample, prompts, device, progress,
                              allow_changes, overwrite, ranks)
     finally:

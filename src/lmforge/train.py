@@ -322,7 +322,7 @@ def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_
     """
     from .outputs import run_lock
 
-    with run_lock(run_dir, active=distributed.current().main):
+    with run_lock(run_dir, active=distributed.writer()):
         return _fit(model, batches, loss_fn, config, run_dir, evaluate=evaluate, sample=sample, resume=resume,
                     extra_config=extra_config, progress=progress, allow_changes=allow_changes, task=task,
                     finished_ok=finished_ok, resumable=resumable)

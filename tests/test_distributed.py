@@ -167,9 +167,10 @@ def test_lora_instruction_tuning_and_dpo_run_under_the_launcher(shards, tmp_path
     data = tmp_path / "records.json"
     data.write_text(json.dumps(recs))
     run = tmp_path / "run"
-    res = _lmforge("finetune", task, "--base", str(base), "--data", str(data), "--out", str(run),
-                   "--train.batch_size", "4", "--train.dtype", "float32", "--train.log_interval", "1",
-                   "--finetune.epochs", "2", "--devices", "2", *extra)
+    args = ["finetune", task, "--base", str(base), "--data", str(data), "--train.batch_size", "4",
+            "--train.dtype", "float32", "--train.log_interval", "1", "--train.save_interval", "4",
+            "--finetune.epochs", "2", "--finetune.split", "[0.75,0.125,0.125]"]  # 24 records: whole batches
+    res = _lmforge(*args, "--out", str(run), "--devices", "2", *extra)
     assert res.returncode == 0, res.stderr[-3000:]
     losses = _losses(run)
     assert len(losses) >= 8 and all(v == v for v in losses.values())  # logged by rank 0, no NaN
@@ -177,6 +178,32 @@ def test_lora_instruction_tuning_and_dpo_run_under_the_launcher(shards, tmp_path
     assert results["task"] == task and "after" in results
     model, _ = load_any(str(run))  # the checkpoint (adapters over the base, or full weights) loads
     assert model.num_params() > 0
+    if task != "instruct":
+        return
+    # Under FSDP2 the base is sharded before the untuned model is scored: scores and steps are one process's.
+    one = tmp_path / "one"
+    res = _lmforge(*args, "--out", str(one), "--finetune.trainable", "lora")
+    assert res.returncode == 0, res.stderr[-3000:]
+    alone = json.loads((one / "results.json").read_text())
+    assert results["before"]["val"]["loss"] == pytest.approx(alone["before"]["val"]["loss"], abs=1e-5)
+    assert results["before"]["rouge_l"] == alone["before"]["rouge_l"]
+    assert sorted(losses) == sorted(_losses(one))
+    # (fp32 sums in another order, over padded rows of two ranks: a few units in the 6th digit of a loss near 5.7)
+    assert all(abs(losses[k] - v) < 3e-5 for k, v in _losses(one).items())
+    # A run of one process, resumed at 2 ranks under FSDP2: its adapters are loaded into the shards.
+    import shutil
+
+    steps = sorted(p.name for p in (one / "checkpoints").iterdir() if p.name.startswith("step-"))
+    shutil.rmtree(one / "checkpoints" / steps[-1])
+    (one / "checkpoints" / "latest").unlink()
+    os.symlink(steps[-2], one / "checkpoints" / "latest")
+    (one / "results.json").unlink()
+    res = _lmforge(*args, "--out", str(one), "--resume", "true", "--devices", "2", *extra)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"from step {int(steps[-2].split('-')[1])}" in res.stdout
+    assert all(abs(losses[k] - v) < 3e-5 for k, v in _losses(one).items())
+    resumed = json.loads((one / "results.json").read_text())
+    assert resumed["after"]["val"]["loss"] == pytest.approx(results["after"]["val"]["loss"], abs=1e-5)
 
 
 def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_launching(shards, tmp_path):

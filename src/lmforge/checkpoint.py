@@ -355,12 +355,19 @@ def all_finite(t: torch.Tensor) -> bool:
 
 def load_state_into(model: GPT, tensors: dict[str, torch.Tensor], source: str, trained_only: bool = False) -> None:
     """Copy checked tensors into an existing model (resuming a run; with ``trained_only``, the
-    parameters that train, over a base model)."""
+    parameters that train, over a base model), whole or sharded by FSDP2 (each rank keeps its part)."""
     check_state(model, tensors, source, trained_only=trained_only)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name in tensors:
-                p.copy_(tensors[name])
+            if name not in tensors:
+                continue
+            t = tensors[name]
+            if hasattr(p, "device_mesh"):  # an FSDP2 shard (a DTensor): this rank's part of the whole tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+                p = p.to_local()
+            p.copy_(t)
 
 
 def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str,

@@ -32,7 +32,7 @@ from .lora import apply_lora, lora_config, lora_parameter_count
 from .model import GPT
 from .outputs import inside, run_lock, staged_folder
 from .precision import autocast, resolve_dtype
-from .train import fit
+from .train import fit, ready_to_train
 
 RESULTS = "results.json"
 
@@ -94,6 +94,16 @@ def _base_identity(spec: str, model: GPT, tok) -> dict:
     path = Path(spec)
     return {"spec": str(path.resolve()) if path.exists() else spec, "params": model.num_params(),
             "tokenizer": tok.fingerprint, "digest": weights_digest(model)}
+
+
+def _shards_early(train: TrainConfig) -> bool:
+    return distributed.current().active and train.strategy == "fsdp"
+
+
+def _load_device(dev: torch.device, train: TrainConfig) -> torch.device:
+    """Where the base is loaded: the device, or under FSDP2 host memory (sharding then sends each
+    block's share to the device: the whole base never is on one)."""
+    return torch.device("cpu") if _shards_early(train) else dev
 
 
 def _load_base(base: str, device: torch.device, language_model: bool = True) -> tuple[GPT, object]:
@@ -269,7 +279,7 @@ def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: Fi
     if len(labels) < 2:
         raise LmforgeError(f"the training split of {data} has only the label {labels[0]!r}; a classifier needs "
                            "at least two classes")
-    model, tok = _load_base(base, dev, language_model=False)
+    model, tok = _load_base(base, _load_device(dev, train), language_model=False)
     ctx = model.config.context_length
     max_len = min(finetune.max_length or ctx, ctx)
     if pad_to is not None and not 1 <= pad_to <= ctx:
@@ -351,19 +361,28 @@ def label_texts(model: GPT, tok, labels: list[str], texts: list[str]) -> list[tu
 
 # ---------------------------------------------------------------- instruction following
 
-def _language_task(base: str, data: str | Path, out: str | Path, finetune: FinetuneConfig, template: str,
-                   resume: bool, overwrite: bool, device: str | None, train: TrainConfig) -> tuple:
+def _language_task(base: str, data: str | Path, out: str | Path, finetune: FinetuneConfig, lora: LoRAConfig,
+                   template: str, resume: bool, overwrite: bool, device: str | None, train: TrainConfig) -> tuple:
     """What instruction and preference tuning start alike with: the checked template and paths, the
-    record splits, the device and the base model: (run, data, device, model, tokenizer, splits)."""
+    record splits, the device, and the base model with what trains chosen (and, under FSDP2, sharded):
+    (run, data, device, model, tokenizer, the base's identity, splits)."""
     tasks.check_template(template)
     run, data = Path(out), resolve_data(data)
     dev = _start(run, data, base, resume, overwrite, train, device)
     records = tasks.subsample(tasks.read_records(data), finetune.limit, finetune.seed)
     splits = tasks.split(records, finetune.split, finetune.seed)
-    model, tok = _load_base(base, dev)
+    model, tok = _load_base(base, _load_device(dev, train))
     if template == "chat" and not tok.chat_template:
         raise LmforgeError(f"{base} has no chat template; use --template alpaca or phi3")
-    return run, data, dev, model, tok, splits
+    identity = _base_identity(base, model, tok)
+    torch.manual_seed(train.seed)
+    # What trains is chosen before the untuned model is scored: LoRA adapters start at zero, so the
+    # scores are the base's either way, and under FSDP2 the model can be sharded first.
+    set_trainable(model, finetune, lora, head_trains=False)
+    print(_describe(model, finetune))
+    if _shards_early(train):
+        ready_to_train(model, train)
+    return run, data, dev, model, tok, identity, splits
 
 
 def rouge_l(candidate: str, reference: str) -> float:
@@ -439,8 +458,8 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
     before and after, and writes the test responses to ``responses.json``."""
     if respond_test is not None and respond_test < 0:
         raise LmforgeError(f"--respond_test must be >= 0 (test records to answer), got {respond_test}")
-    run, data, dev, model, tok, (train_recs, val_recs, test_recs) = _language_task(
-        base, data, out, finetune, template, resume, overwrite, device, train)
+    run, data, dev, model, tok, identity, (train_recs, val_recs, test_recs) = _language_task(
+        base, data, out, finetune, lora, template, resume, overwrite, device, train)
     ctx = model.config.context_length
     max_len = min(finetune.max_length or ctx, ctx)
     sets = {name: tasks.encode_instructions(r, tok, template, max_len, str(data))
@@ -458,7 +477,6 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
 
     val_batches = [collate(sets["val"], idx) for idx in tasks.in_batches(len(sets["val"].ids), train.batch_size)]
     dtype = resolve_dtype(train.dtype, dev)
-    identity = _base_identity(base, model, tok)
     tests = test_recs[:respond_test] if respond_test is not None else test_recs
     for i, rec in enumerate(tests):  # what the template cannot encode is refused now, not after training
         instruction, input_text, _ = tasks.instruction_of(rec, f"{data}, test record {i}")
@@ -473,9 +491,6 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
             answers = before_answers = respond(model, tok, tests, template, max_new_tokens)
             before["rouge_l"] = sum(map(rouge_l, answers, refs)) / len(tests)
     results["before"] = before
-    torch.manual_seed(train.seed)
-    set_trainable(model, finetune, lora, head_trains=False)
-    print(_describe(model, finetune))
     tr = sets["train"]
     batches = distributed.rank_rows(tasks.EpochBatches(len(tr.ids), train.batch_size, train.seed,
                                                        lambda idx: collate(tr, idx)))
@@ -536,8 +551,8 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
     validation loss, rewards and reward margin before and after."""
     if beta <= 0:
         raise LmforgeError(f"--beta must be > 0, got {beta}")
-    run, data, dev, model, tok, (train_recs, val_recs, _) = _language_task(
-        base, data, out, finetune, template, resume, overwrite, device, train)
+    run, data, dev, model, tok, identity, (train_recs, val_recs, _) = _language_task(
+        base, data, out, finetune, lora, template, resume, overwrite, device, train)
     ctx = model.config.context_length
     max_len = min(finetune.max_length or ctx, ctx)
     sets = {name: tasks.encode_preferences(r, tok, template, max_len, str(data))
@@ -578,12 +593,8 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
         m.train(was)
         return {k: v / n for k, v in totals.items()}
 
-    identity = _base_identity(base, model, tok)
     results: dict = {"task": "dpo", "beta": beta, "truncated": truncated, "dropped": dropped}
     results["before"] = (_read_before(run) if resume else None) or evaluate(model, dtype)
-    torch.manual_seed(train.seed)
-    set_trainable(model, finetune, lora, head_trains=False)
-    print(_describe(model, finetune))
     batches = distributed.rank_rows(tasks.EpochBatches(len(sets["train"].chosen), train.batch_size, train.seed,
                                                        lambda idx: collate("train", idx)))
     train = _steps(len(sets["train"].chosen), finetune, train)

@@ -293,6 +293,24 @@ def prepare_for_training(model: GPT) -> None:
             p.grad = torch.zeros_like(p)
 
 
+def ready_to_train(model: GPT, config: TrainConfig) -> torch.nn.Module:
+    """The module that trains ``model`` in this job, made once: on one process the model itself,
+    prepared (``prepare_for_training``); under torchrun wrapped by DDP or sharded in place by FSDP2
+    (``distributed.wrap``); with ``config.compile``, each block compiled first. ``fit`` calls it;
+    fine-tuning calls it earlier under FSDP2, before its first evaluation, so that the base model
+    is never whole on a device."""
+    ranks = distributed.current()
+    device = distributed.device_of(ranks) if ranks.active else next(model.parameters()).device
+    if not ranks.active:  # sparse embedding gradients and kept buffers: one process only
+        prepare_for_training(model)
+    if config.compile:
+        # Compile each block in place (regional compilation): parameter names stay unprefixed for
+        # checkpoints, and the fused loss (a custom autograd function) stays outside the graphs.
+        for block in model.h:
+            block.compile()
+    return distributed.wrap(model, config.strategy, resolve_dtype(config.dtype, device))
+
+
 def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_dir: str | Path,
         evaluate: Callable[[GPT, torch.dtype], dict[str, float]] | None = None,
         sample: Callable[[GPT, int], list[dict] | None] | None = None, resume: bool = False,
@@ -337,7 +355,7 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     ranks = distributed.current()
-    # Under FSDP2 the model is still in host memory (rank 0) or only shapes (the others) until wrapped.
+    # Under FSDP2 the model may still be in host memory or only shapes (``distributed.build``) until sharded.
     device = distributed.device_of(ranks) if ranks.active else next(model.parameters()).device
     dtype = resolve_dtype(config.dtype, device)
     if device.type == "cpu":
@@ -355,7 +373,8 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
         if not (folder / STATE).is_file():
             raise LmforgeError(f"{folder} holds weights but no trainer state, so it cannot be resumed; "
                                "start without --resume")
-        # Into the whole model, before any sharding: a checkpoint of any number of ranks loads alike.
+        # Whole weights, into the whole model or (fine-tuning under FSDP2) its shards: a checkpoint of
+        # any number of ranks loads alike.
         # A rank that holds only shapes (FSDP2, not rank 0) reads no weights: wrap sends it rank 0's.
         if distributed.on_meta(model):
             _, meta = load_weights(folder / WEIGHTS, tensors=False)
@@ -380,14 +399,7 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
     hardware = describe_hardware(device, dtype, config.peak_flops)
     flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else None
     extra_config["hardware"] = {**hardware, "flops_per_token": flops_per_token, "devices": ranks.world_size}
-    if not ranks.active:  # sparse embedding gradients and kept buffers: one process only
-        prepare_for_training(model)
-    if config.compile:
-        # Compile each block in place (regional compilation): parameter names stay unprefixed for
-        # checkpoints, and the fused loss (a custom autograd function) stays outside the graphs.
-        for block in model.h:
-            block.compile()
-    trained = distributed.wrap(model, config.strategy, dtype)  # the model itself on one process
+    trained = model if distributed.is_sharded(model) else ready_to_train(model, config)
     optimizer = make_optimizer(model, config)  # after wrapping: FSDP2 replaces the parameters by their shards
     if state is not None:
         try:
@@ -537,6 +549,7 @@ __all__ = [
     "map_tensors",
     "fit",
     "prepare_for_training",
+    "ready_to_train",
     "resolve_steps",
     "settings_diff",
     "to_device",

@@ -148,7 +148,7 @@ def test_fine_tuning_runs_under_the_same_launcher(shards, single, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task, extra", [("instruct", ["--finetune.trainable", "lora", "--train.strategy", "fsdp"]),
-                                         ("dpo", ["--train.strategy", "ddp"])])
+                                         ("dpo", ["--finetune.trainable", "all", "--train.strategy", "fsdp"])])
 def test_lora_instruction_tuning_and_dpo_run_under_the_launcher(shards, tmp_path, task, extra):
     from lmforge.checkpoint import save_model
     from lmforge.models import load_any
@@ -172,24 +172,28 @@ def test_lora_instruction_tuning_and_dpo_run_under_the_launcher(shards, tmp_path
             "--finetune.epochs", "2", "--finetune.split", "[0.75,0.125,0.125]"]  # 24 records: whole batches
     res = _lmforge(*args, "--out", str(run), "--devices", "2", *extra)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "returned a view tensor" not in res.stderr  # FSDP2's warning on every step, for logits read out of place
     losses = _losses(run)
     assert len(losses) >= 8 and all(v == v for v in losses.values())  # logged by rank 0, no NaN
     results = json.loads((run / "results.json").read_text())
     assert results["task"] == task and "after" in results
     model, _ = load_any(str(run))  # the checkpoint (adapters over the base, or full weights) loads
     assert model.num_params() > 0
-    if task != "instruct":
-        return
     # Under FSDP2 the base is sharded before the untuned model is scored: scores and steps are one process's.
     one = tmp_path / "one"
-    res = _lmforge(*args, "--out", str(one), "--finetune.trainable", "lora")
+    res = _lmforge(*args, "--out", str(one), *extra[:2])
     assert res.returncode == 0, res.stderr[-3000:]
     alone = json.loads((one / "results.json").read_text())
-    assert results["before"]["val"]["loss"] == pytest.approx(alone["before"]["val"]["loss"], abs=1e-5)
-    assert results["before"]["rouge_l"] == alone["before"]["rouge_l"]
+    if task == "instruct":
+        assert results["before"]["val"]["loss"] == pytest.approx(alone["before"]["val"]["loss"], abs=1e-5)
+        assert results["before"]["rouge_l"] == alone["before"]["rouge_l"]
+    else:
+        assert results["before"] == pytest.approx(alone["before"], abs=1e-5)
     assert sorted(losses) == sorted(_losses(one))
     # (fp32 sums in another order, over padded rows of two ranks: a few units in the 6th digit of a loss near 5.7)
     assert all(abs(losses[k] - v) < 3e-5 for k, v in _losses(one).items())
+    if task != "instruct":
+        return
     # A run of one process, resumed at 2 ranks under FSDP2: its adapters are loaded into the shards.
     import shutil
 

@@ -183,6 +183,13 @@ def wrap(model: nn.Module, strategy: str, dtype: torch.dtype = torch.float32) ->
             else MixedPrecisionPolicy()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+        import warnings
+
+        # GPT's logits are a view of the output layer's product; FSDP2 warns that an in-place op on
+        # them would skip its hook. lmforge's losses (sequence log-probabilities, class logits) read
+        # them out of place, so the warning on every step would only alarm.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPGPT\) returned a view tensor",
+                                category=UserWarning)
         # Rank 0's values, kept in host memory until sent: sharding moves the parameters it holds.
         values = {k: v.detach() for k, v in model.state_dict().items()} if group.main else {}
         for block in model.h:
@@ -193,6 +200,18 @@ def wrap(model: nn.Module, strategy: str, dtype: torch.dtype = torch.float32) ->
         set_model_state_dict(model, values, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return model
     raise DistributedError(f"unknown strategy {strategy!r}; use {' or '.join(STRATEGIES)}")
+
+
+def reshard(model: nn.Module) -> None:
+    """Put back the shards of every FSDP2 unit of ``model`` (nothing on a model that is not sharded).
+    A forward pass with no backward after it (an evaluation) leaves the root unit's parameters
+    gathered, registered in place of its shards; an optimiser made then would hold the gathered
+    copies and update nothing that trains."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -429,5 +448,5 @@ __all__ = [
     "STRATEGIES", "DistributedError", "Group", "activation_bytes", "all_ok", "build", "check_batch", "close",
     "current", "device_of", "full_state", "gradient_norm", "gradient_sync", "init", "is_sharded", "launch",
     "launched", "load_optimizer_state", "mean_over_ranks", "memory_per_device", "on_main", "on_meta", "rank_rows",
-    "wrap", "writer",
+    "reshard", "wrap", "writer",
 ]

@@ -400,6 +400,7 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
     flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else None
     extra_config["hardware"] = {**hardware, "flops_per_token": flops_per_token, "devices": ranks.world_size}
     trained = model if distributed.is_sharded(model) else ready_to_train(model, config)
+    distributed.reshard(model)  # fine-tuning scored the untuned model sharded: the optimiser must get the shards
     optimizer = make_optimizer(model, config)  # after wrapping: FSDP2 replaces the parameters by their shards
     if state is not None:
         try:

@@ -1,11 +1,13 @@
 """Data at scale: streamed reading, the per-document hash split, encoding in a pool of workers with
 bounded memory, crash safety, and each rank's share of the global batch."""
 
+import contextlib
 import json
+import os
 import multiprocessing
 import random
+import textwrap
 import tracemalloc
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -236,14 +238,13 @@ def small_chunks(monkeypatch):
     """Chunks of 20,000 characters and a pool even for a small corpus, so that the pool really runs."""
     monkeypatch.setattr(dm, "CHUNK_CHARS", 20_000)
     monkeypatch.setattr(dm, "POOL_MIN_BYTES", 0)
-    pools = []
+    pools, real = [], dm.worker_pool
 
-    class CountedPool(ProcessPoolExecutor):
-        def __init__(self, *args, **kwargs):
-            pools.append(self)
-            super().__init__(*args, **kwargs)
+    def counted(*args, **kwargs):
+        pools.append(real(*args, **kwargs))
+        return pools[-1]
 
-    monkeypatch.setattr(dm, "ProcessPoolExecutor", CountedPool)
+    monkeypatch.setattr(dm, "worker_pool", counted)
     return pools
 
 
@@ -357,3 +358,56 @@ def test_a_batch_that_does_not_divide_among_the_ranks_is_a_one_line_error():
                                 "pick a --train.batch_size that is a multiple of 4")
     with pytest.raises(DataError, match="rank 4 is not one of the 4 processes"):
         SlidingWindows(tokens, 8, 8, 8, rank=4, world_size=4)
+
+
+ORPHAN = textwrap.dedent("""
+    import os, sys, time
+    from lmforge.cli import _terminate_as_exception
+    from lmforge.workers import pool
+
+    def nothing():
+        pass
+
+    with _terminate_as_exception():  # as a command runs: SIGTERM raises Terminated in lmforge's process
+        with pool(2, nothing) as p:
+            futures = [p.submit(time.sleep, 600) for _ in range(2)]
+            time.sleep(1)
+            print(" ".join(str(pid) for pid in p._processes), flush=True)
+            time.sleep(600)
+""")
+
+
+@pytest.mark.parametrize("kill", ["parent", "worker"])
+def test_workers_end_with_lmforge_even_when_it_is_killed_outright(tmp_path, kill):
+    """A SIGKILL of lmforge leaves no worker encoding for ever; a worker takes SIGTERM's default action
+    (lmforge's own handler, which turns SIGTERM into Terminated, is not inherited)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        if kill == "parent":
+            proc.kill()
+            proc.wait()
+            gone = pids
+        else:
+            os.kill(pids[0], signal.SIGTERM)
+            gone = pids[:1]
+        deadline = time.monotonic() + 20
+        while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in gone):
+            assert time.monotonic() < deadline, "a worker outlived what should have ended it"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+        for p in pids if "pids" in locals() else []:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(p).kill()

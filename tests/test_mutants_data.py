@@ -331,7 +331,11 @@ def test_prepare_reports_counts_unless_quiet(tmp_path, tok, capsys):
     ({"val.bin.tmp": ""}, True),
     ({"train.bin.tmp": "", "val.bin.tmp": "", "index.json.tmp": "{"}, True),
     ({"tokenizer.json.tmp": "{}"}, False),
-    ({"train.bin": "", "tokenizer.json": "{}"}, True),
+    ({"train.bin": "", "val.bin.tmp": "", "tokenizer.json": "{}", "index.json.tmp": "{"}, True),  # killed mid-renames
+    # nanoGPT's layout, or a user's files: no lmforge index and no lmforge leftovers, so not ours to replace
+    ({"train.bin": "", "tokenizer.json": "{}"}, False),
+    ({"train.bin": "", "val.bin": ""}, False),
+    ({"val.bin": "", "tokenizer.json": "{}"}, False),
     ({"train.bin": "", "notes.txt": "mine"}, False),
     ({"tokenizer.json": "{}"}, False),
     ({"index.json": '{"format": "other"}'}, False),
@@ -417,6 +421,36 @@ def test_eval_batches_of_two_tokens_is_one_pair():
     assert [(x.tolist(), y.tolist()) for x, y in eval_batches(np.arange(2, dtype=np.uint16), 64, 4, 5)] == [
         ([[0]], [[1]])]
     assert list(eval_batches(np.arange(1, dtype=np.uint16), 64, 4, 5)) == []
+
+
+@pytest.mark.parametrize("theirs", [("train.bin", "val.bin"), ("train.bin",), ("val.bin", "tokenizer.json")])
+def test_prepare_never_replaces_another_tools_shards_unasked(tmp_path, tok, theirs):
+    """nanoGPT keeps its tokens in train.bin / val.bin too: without lmforge's index they are a user's data."""
+    from lmforge.config import LmforgeError
+    from lmforge.pipeline import prepare_shards
+
+    tok_path, corpus = tok.save(tmp_path / "tok.json"), str(_corpus(tmp_path))
+    out = tmp_path / "nano"
+    out.mkdir()
+    for name in theirs:
+        (out / name).write_bytes(name.encode() * 100)
+    with pytest.raises(LmforgeError, match="already exists and is not a folder of token shards.*--overwrite"):
+        prepare_shards([corpus], tok_path, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {n: n.encode() * 100 for n in theirs}
+    shards = prepare_shards([corpus], tok_path, out, overwrite=True)  # asked for: replaced
+    assert shards.tokens("train").size > 0
+
+
+def test_a_reused_shard_folder_loses_what_a_prepare_killed_outright_left(tmp_path, tok):
+    from lmforge.pipeline import prepare_shards
+
+    tok_path, corpus = tok.save(tmp_path / "tok.json"), str(_corpus(tmp_path))
+    out = tmp_path / "data"
+    prepare_shards([corpus], tok_path, out)
+    (out / "train.bin.tmp").write_bytes(b"\0\0" * 10)  # SIGKILL mid-way through a second prepare
+    (out / "index.json.tmp").write_text("{")
+    prepare_shards([corpus], tok_path, out)  # the inputs are unchanged: reused
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "tokenizer.json", "train.bin", "val.bin"]
 
 
 def test_prepare_runs_again_into_the_folder_a_killed_prepare_left(tmp_path, tok):

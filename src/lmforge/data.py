@@ -39,7 +39,6 @@ import os
 import sysconfig
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -50,6 +49,7 @@ import torch
 from . import atomic
 from .config import DataConfig, LmforgeError, config_dict
 from .outputs import read_json_head, remove_quietly, write_error
+from .workers import pool as worker_pool
 from .tokenizer import Tokenizer
 
 SHARD_FORMAT_VERSION = 1
@@ -401,7 +401,7 @@ def _encoded_chunks(chunks: Iterator[list[_Doc]], tokenizer: Tokenizer, dtype: n
         for docs in chunks:
             yield docs, *_encode_texts(tokenizer, [d.text for d in docs], dtype)
         return
-    pool = ProcessPoolExecutor(workers, initializer=_pool_init, initargs=(tokenizer.to_json(), dtype.str))
+    pool = worker_pool(workers, _pool_init, (tokenizer.to_json(), dtype.str))
     try:
         pending: deque = deque()
         for docs in chunks:
@@ -579,15 +579,16 @@ def _input_signature(paths: list[str], config: DataConfig, tokenizer: Tokenizer)
 
 
 def is_shard_dir(path: Path) -> bool:
-    """A folder `prepare` wrote (or began to write): an lmforge index, or nothing but shard files."""
+    """A folder `prepare` wrote (its lmforge index), or began to write: a prepare killed before or
+    during its renames leaves shard files and their temporary names (train.bin.tmp, index.json.tmp,
+    ...) and nothing else. A train.bin / val.bin with neither is not ours: it is nanoGPT's layout,
+    a user's data."""
     index = read_json_head(path / "index.json")
     if index is not None and index.get("format") == SHARD_FORMAT:
         return True
     names = {p.name for p in path.iterdir()} if path.is_dir() else set()
-    ours = {n for n in names if n in SHARD_FILES or n.removesuffix(".tmp") in SHARD_FILES}
-    # A prepare killed before its renames leaves only train.bin.tmp / val.bin.tmp: still ours.
-    shards = {n.removesuffix(".tmp") for n in names} & {"train.bin", "val.bin"}
-    return bool(names) and names == ours and bool(shards)
+    leftovers = {f"{name}.tmp" for name in ("train.bin", "val.bin", "index.json")}  # no other tool's names
+    return bool(names & leftovers) and all(n.removesuffix(".tmp") in SHARD_FILES for n in names)
 
 
 def _reuse(out: Path, signature: str, tokenizer: Tokenizer, save_tokenizer: bool, quiet: bool) -> ShardSet | None:
@@ -618,6 +619,8 @@ def _reuse(out: Path, signature: str, tokenizer: Tokenizer, save_tokenizer: bool
             tokenizer.save(out / "tokenizer.json")
         except OSError as e:
             raise write_error(out / "tokenizer.json", e) from None
+    # What a prepare killed outright (SIGKILL: no clean-up) left beside the shards it did not replace
+    remove_quietly(*(out / f"{name}.tmp" for name in SHARD_FILES))
     if not quiet:
         print(f"reusing token shards in {out} (inputs unchanged)")
     return existing

@@ -36,7 +36,6 @@ import sys
 import warnings
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -424,7 +423,9 @@ class Tokenizer:
         if workers <= 1 or total < min_chars:
             return [self.encode_ordinary(t) for t in texts]
         chunks = [list(texts[i::workers]) for i in range(workers)]  # interleave for even load
-        with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(self.to_json(),)) as pool:
+        from .workers import pool as worker_pool
+
+        with worker_pool(workers, _worker_init, (self.to_json(),)) as pool:
             results = list(pool.map(_worker_encode, chunks))
         out: list[list[int]] = [[] for _ in texts]
         for w, res in enumerate(results):

@@ -238,6 +238,14 @@ def test_a_recipe_whose_settings_cannot_run_sharded_is_refused_before_launching(
 @pytest.mark.parametrize("flags, message", [
     (["--devices", "0"], "--devices and --nnodes must be >= 1, got 0 and 1"),
     (["--devices", "2", "--nnodes", "2"], "--nnodes > 1 needs --rdzv_endpoint HOST:PORT, the same on every machine"),
+    *[(["--devices", "2", "--nnodes", "2", "--rdzv_endpoint", bad],
+       f"--rdzv_endpoint must be HOST:PORT (e.g. node0:29500, the same on every machine), got '{bad}'")
+      for bad in ("localhost:notaport", "localhost:99999", ":", "garbage", "node0:0")],
+    (["--devices", "2", "--nnodes", "2", "--node_rank", "5", "--rdzv_endpoint", "localhost:29999"],
+     "--node_rank must be between 0 and --nnodes - 1 (1), got 5; give each machine its own"),
+    (["--node_rank", "3"], "--node_rank must be between 0 and --nnodes - 1 (0), got 3; give each machine its own"),
+    (["--devices", "1000000"], f"--devices 1000000 is more processes than this machine has CPU cores "
+                               f"({os.cpu_count()}); give at most {os.cpu_count()} (--nnodes adds machines)"),
 ])
 def test_launch_flags_that_cannot_work_are_one_line_errors(shards, tmp_path, flags, message):
     res = _lmforge("pretrain", "--data", str(shards), "--out", str(tmp_path / "r"), *MODEL, *flags, timeout=60)

@@ -420,8 +420,8 @@ def _run(argv: list[str]) -> int:
         from . import distributed
 
         launch = a if cmd == "pretrain" else a[a.task]
-        if (launch.devices is not None and launch.devices < 1) or launch.nnodes < 1:
-            raise LmforgeError(f"--devices and --nnodes must be >= 1, got {launch.devices} and {launch.nnodes}")
+        if not distributed.launched():
+            distributed.check_launch(launch.devices, launch.nnodes, launch.node_rank, launch.rdzv_endpoint)
         world = (launch.devices or 1) * launch.nnodes
         if world > 1 and not distributed.launched():
             if not launch.resume:  # checked here, before any process starts (a resumed run's batch is its own)

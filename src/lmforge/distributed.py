@@ -362,16 +362,37 @@ def gradient_norm(norm: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- launching
+def check_launch(devices: int | None, nnodes: int = 1, node_rank: int | None = None,
+                 rdzv_endpoint: str | None = None) -> None:
+    """Refuse launch flags that cannot work, before any process starts (torchrun would fail on them
+    with a traceback, or wait for machines that never come)."""
+    if (devices is not None and devices < 1) or nnodes < 1:
+        raise DistributedError(f"--devices and --nnodes must be >= 1, got {devices} and {nnodes}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cores = os.cpu_count() or 1
+    if devices is not None and devices > max(gpus, cores):
+        raise DistributedError(f"--devices {devices} is more processes than this machine has "
+                               f"{f'GPUs ({gpus})' if gpus else f'CPU cores ({cores})'}; give at most "
+                               f"{gpus or cores} (--nnodes adds machines)")
+    if nnodes > 1 and not rdzv_endpoint:
+        raise DistributedError("--nnodes > 1 needs --rdzv_endpoint HOST:PORT, the same on every machine")
+    if rdzv_endpoint is not None:
+        host, sep, port = rdzv_endpoint.rpartition(":")
+        if not (sep and host.strip("[]") and port.isdigit() and 0 < int(port) < 65536):
+            raise DistributedError(f"--rdzv_endpoint must be HOST:PORT (e.g. node0:29500, the same on every "
+                                   f"machine), got {rdzv_endpoint!r}")
+    if node_rank is not None and not 0 <= node_rank < nnodes:
+        raise DistributedError(f"--node_rank must be between 0 and --nnodes - 1 ({nnodes - 1}), got {node_rank}; "
+                               "give each machine its own")
+
+
 def launch(argv: list[str], devices: int, nnodes: int = 1, node_rank: int | None = None,
            rdzv_endpoint: str | None = None, module: str = "lmforge") -> int:
     """Run ``python -m lmforge ARGV`` under torchrun with ``devices`` processes per machine; returns its exit
     code. One machine runs standalone (a local rendezvous on a free port); several meet at ``rdzv_endpoint``
     (host:port of any of them, the same on all). torchrun watches the processes: when one fails, it stops
     the others and names the rank that failed."""
-    if devices < 1 or nnodes < 1:
-        raise DistributedError(f"--devices and --nnodes must be >= 1, got {devices} and {nnodes}")
-    if nnodes > 1 and not rdzv_endpoint:
-        raise DistributedError("--nnodes > 1 needs --rdzv_endpoint HOST:PORT, the same on every machine")
+    check_launch(devices, nnodes, node_rank, rdzv_endpoint)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={devices}", f"--nnodes={nnodes}"]
     if nnodes > 1 or rdzv_endpoint:
         cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}"]
@@ -445,8 +466,8 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 4, at
 
 
 __all__ = [
-    "STRATEGIES", "DistributedError", "Group", "activation_bytes", "all_ok", "build", "check_batch", "close",
-    "current", "device_of", "full_state", "gradient_norm", "gradient_sync", "init", "is_sharded", "launch",
+    "STRATEGIES", "DistributedError", "Group", "activation_bytes", "all_ok", "build", "check_batch", "check_launch",
+    "close", "current", "device_of", "full_state", "gradient_norm", "gradient_sync", "init", "is_sharded", "launch",
     "launched", "load_optimizer_state", "mean_over_ranks", "memory_per_device", "on_main", "on_meta", "rank_rows",
     "reshard", "wrap", "writer",
 ]

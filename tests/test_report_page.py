@@ -311,3 +311,13 @@ def test_a_damaged_or_odd_results_file_is_reported_on_the_page(classify_run, tmp
     page = write_report(run, tmp_path / "r.html").read_text()
     assert message in page and (run / "results.json").read_text() == content
     assert 'alt="Accuracy per epoch"' in page  # the rest of the page is there
+
+
+@pytest.mark.parametrize("config", [{"train": {"max_steps": "abc"}}, {"train": {"max_steps": True}}, {"train": []},
+                                    {"train": {"max_steps": None}, "model": "x"}, [], None])
+def test_a_config_with_values_of_the_wrong_type_still_gets_a_summary(tmp_path, config):
+    """A hand-edited config.json that still passes its manifest: the page says less, it does not fail."""
+    from lmforge.report import _summary
+
+    html = _summary(tmp_path, "pretrain", [{"step": 5, "loss": 1.0}], config, None)
+    assert "at step 5" in html

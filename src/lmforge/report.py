@@ -389,7 +389,10 @@ def _params(config: dict | None) -> int | None:
 def _summary(run: Path, task: str, records: list[dict], config: dict | None, results: dict | None) -> str:
     train = [r for r in records if _number(r.get("loss"))]
     val = [r["val_loss"] for r in records if _number(r.get("val_loss"))]
-    max_steps = (config or {}).get("train", {}).get("max_steps") if isinstance(config, dict) else None
+    train_config = config.get("train") if isinstance(config, dict) else None
+    max_steps = train_config.get("max_steps") if isinstance(train_config, dict) else None
+    if not (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps > 0):
+        max_steps = None  # a hand-edited or damaged config: the status says less, the page is still made
     step = max((r["step"] for r in records), default=None)
     if step is None:
         status = "no training steps logged yet"

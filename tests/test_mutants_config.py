@@ -197,6 +197,17 @@ def test_restored_settings_keep_the_stored_values_under_those_given_again_and_dr
     assert (got.lr, got.batch_size, got.max_steps) == (0.5, 7, TrainConfig().max_steps)
     with pytest.raises(LmforgeError, match=r"^the settings stored in runs/x cannot be read \(.*\); start a new run$"):
         restored(TrainConfig, {"lr": "fast"}, {}, "runs/x")  # a hand-edited config.json
+    with pytest.raises(LmforgeError, match=r"""cannot be read \('lr' is "fast", but it takes a number\)"""):
+        restored(TrainConfig, {"lr": "fast"}, {}, "runs/x")  # the setting and what it takes are named
+    with pytest.raises(LmforgeError, match=r"cannot be read \(the TrainConfig settings are a JSON list, not an obj"):
+        restored(TrainConfig, [], {}, "runs/x")
+    for good in ({"lr": 1}, {"peak_flops": None}):  # JSON's own spellings of the types
+        restored(TrainConfig, good, {}, "runs/x")
+    from lmforge.config import FinetuneConfig
+
+    assert tuple(restored(FinetuneConfig, {"split": [0.8, 0.1, 0.1]}, {}, "runs/x").split) == (0.8, 0.1, 0.1)
+    with pytest.raises(LmforgeError, match=r"'split' is \[0.8, 0.2\], but it takes a list"):
+        restored(FinetuneConfig, {"split": [0.8, 0.2]}, {}, "runs/x")
 
 
 def test_a_pretraining_run_whose_stored_settings_are_damaged_resumes_with_a_one_line_error(tmp_path):
@@ -207,7 +218,8 @@ def test_a_pretraining_run_whose_stored_settings_are_damaged_resumes_with_a_one_
 
     model = {**ModelConfig.from_preset("gpt-nano").to_dict(), "n_layer": "two"}  # hand-edited
     (tmp_path / "config.json").write_text(json.dumps({"format": "lmforge-run", "model": model, "train": {}}))
-    with pytest.raises(LmforgeError, match="^the settings stored in .* cannot be read"):
+    with pytest.raises(LmforgeError, match="""^the settings stored in .* cannot be read \\('n_layer' is "two", but it """
+                                           "takes a whole number\\)"):
         resume_configs(tmp_path, {}, {})
     model["n_layer"] = 2
     (tmp_path / "config.json").write_text(json.dumps({"format": "lmforge-run", "model": model,
@@ -235,3 +247,15 @@ def test_malformed_turns_a_bad_value_into_one_line_and_lets_lmforges_own_errors_
     with pytest.raises(ValueError, match="^x$"):
         with malformed(said, (TypeError,)):
             raise ValueError("x")
+
+
+def test_a_model_config_read_with_a_value_of_the_wrong_type_names_the_setting():
+    """What `generate RUN` says of a hand-edited config.json (load_model puts the file's path before it)."""
+    good = ModelConfig.from_preset("gpt-nano").to_dict()
+    with pytest.raises(TypeError, match="""^'n_layer' is "x", but it takes a whole number$"""):
+        ModelConfig.from_dict({**good, "n_layer": "x"})
+    with pytest.raises(TypeError, match="^'tie_embeddings' is 1, but it takes true or false$"):
+        ModelConfig.from_dict({**good, "tie_embeddings": 1})
+    with pytest.raises(TypeError, match="^the ModelConfig settings are a JSON list, not an object"):
+        ModelConfig.from_dict([])
+    assert ModelConfig.from_dict({**good, "norm_eps": 1}).norm_eps == 1  # a whole number is a number

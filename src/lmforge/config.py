@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -154,6 +157,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        check_types(cls, d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -514,11 +518,62 @@ def config_dict(obj: Any) -> dict[str, Any]:
     return json_ready(dataclasses.asdict(obj))
 
 
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a value read from JSON can be a field of type ``hint`` (a Literal's choices are checked
+    by the config itself, which lists them)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is type(None):
+        return value is None
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    return True
+
+
+def _kind(hint: Any) -> str:
+    words = {bool: "true or false", int: "a whole number", float: "a number", str: "text", type(None): "null"}
+    if hint in words:
+        return words[hint]
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join(_kind(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return "a list"
+    return str(hint)
+
+
+def check_types(cls: type, values: Any) -> None:
+    """Settings read from a file (a run's config.json, hand-edited or of another tool) must be a JSON
+    object whose values have the types of ``cls``'s fields: else a TypeError that names the setting
+    and the type it takes (which the reader's ``malformed`` turns into its one-line error), not one
+    from deep inside the model ("'>=' not supported between 'str' and 'int'")."""
+    if not isinstance(values, dict):
+        raise TypeError(f"the {cls.__name__} settings are a JSON {type(values).__name__}, not an object of names "
+                        "and values")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if name in hints and not _fits(value, hints[name]):
+            raise TypeError(f"{name!r} is {json.dumps(value)[:40]}, but it takes {_kind(hints[name])}")
+
+
 def restored(cls: type, stored: dict[str, Any], given: dict[str, Any], run: Any) -> Any:
     """A settings dataclass as the run ``run`` stored it, with the settings given again on top
     (resuming keeps a run's own settings); stored names this version no longer has are left out."""
     known = {f.name for f in dataclasses.fields(cls)}
     with unreadable_settings(run):
+        check_types(cls, stored)
         return cls(**{**{k: v for k, v in stored.items() if k in known}, **given})
 
 
@@ -554,5 +609,5 @@ def json_ready(x: Any) -> Any:
 __all__ = [
     "CONFIG_FORMAT_VERSION", "ConfigError", "FinetuneConfig", "GGUF_EXPORT_TYPES", "DataConfig", "LmforgeError",
     "LoRAConfig", "ModelConfig", "PRESETS", "SampleConfig", "Terminated", "TokenizerConfig", "TrainConfig",
-    "config_dict", "malformed", "restored", "unreadable_settings",
+    "check_types", "config_dict", "malformed", "restored", "unreadable_settings",
 ]

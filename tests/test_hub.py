@@ -385,3 +385,17 @@ def test_shared_file_falls_back_to_the_hub_and_skips_saying_why(tmp_path, monkey
     monkeypatch.setattr(conftest, "_HUB_FAILED", {})
     got = conftest.shared_file("the-verdict.txt")
     assert got == _cached("the-verdict", "the-verdict.txt") and got.read_text() == text
+
+
+def test_an_unreachable_hub_is_one_reason_said_at_once(monkeypatch, capsys):
+    """Not huggingface_hub's five retries over half a minute, each printed, ending in an error without its cause."""
+    for v in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port here
+    entry = Entry("demo", "model", "demo", (RemoteFile("w.bin", None, (Source("hf", "org/model", "w.bin"),)),))
+    with pytest.raises(HubError) as e:
+        fetch_file(entry, entry.main)
+    assert "cannot reach 127.0.0.1:9 (Connection refused)" in str(e.value)
+    assert "Retrying" not in capsys.readouterr().err
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # behind a proxy the hub is reached through it:
+    assert hub._reach_hf_endpoint(1.0) is None                   # its own client decides

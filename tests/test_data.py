@@ -80,7 +80,7 @@ def test_jsonl_documents(tmp_path):
     p = tmp_path / "c.jsonl"
     p.write_text('{"text": "first doc"}\n\n{"text": "second doc", "id": 2}\n')
     assert read_documents([str(p)]) == ["first doc", "second doc"]
-    with pytest.raises(DataError, match="no string field 'body'"):
+    with pytest.raises(DataError, match=r"has no field 'body' \(it has 'text'\)"):
         read_documents([str(p)], DataConfig(text_field="body"))
     p.write_text('{"text": "ok"}\nnot json\n')
     with pytest.raises(DataError, match=r"c.jsonl:2 is not valid JSON"):

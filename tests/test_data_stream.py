@@ -203,7 +203,11 @@ def test_big_text_files_that_are_blank_or_binary_are_named(tmp_path, small_piece
     ("a.jsonl", b'{"text": "ok"}\n{oops\n', ("{p}:2 is not valid JSON (Expecting property name enclosed in double "
                                                "quotes); JSONL needs one JSON object per line")),
     ("a.jsonl", b'{"text": "ok"}\n{"body": "x"}\n',
-     "{p}:2 has no string field 'text'; name the text field with --text.text_field"),
+     "{p}:2 has no field 'text' (it has 'body'); name the text field with --text.text_field"),
+    ("a.jsonl", b'{"text": 123}\n', "{p}:1: field 'text' is number, not text; give each record its text as a JSON string"),
+    ("a.jsonl", b'{"text": null}\n', "{p}:1: field 'text' is null, not text; give each record its text as a JSON string"),
+    ("a.jsonl", b'["text"]\n', ("{p}:1 is a JSON list, not an object; JSONL needs one object per line, its text in a "
+                                 "field (--text.text_field, now 'text')")),
     ("a.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
      ("{p} is not valid UTF-8 (byte 28: b'\\xe9'); convert it to UTF-8, or pass --text.errors replace to substitute "
       "U+FFFD for bad bytes")),
@@ -219,6 +223,22 @@ def test_bad_input_is_a_one_line_error_naming_the_file(tmp_path, tok, name, cont
         prepare([str(path)], tmp_path / "data", tok, quiet=True)
     assert str(e.value) == message.format(p=path)
     assert not (tmp_path / "data").exists()
+
+
+def test_a_byte_order_mark_before_the_first_record_is_no_error(tmp_path, tok):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "one"}\n{"text": "two"}\n')  # UTF-8 as Windows' Notepad saves it
+    assert read_documents([str(path)]) == ["one", "two"]
+
+
+def test_a_file_named_twice_is_read_once_and_a_device_is_not_a_missing_file(tmp_path, tok):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("alpha")
+    (corpus / "b.txt").write_text("beta")
+    assert read_documents([str(corpus), str(corpus / "a.txt"), str(corpus)]) == ["alpha", "beta"]
+    with pytest.raises(DataError, match="^/dev/null is not a regular file .*; give text files or folders$"):
+        read_documents(["/dev/null"])
 
 
 def test_missing_paths_and_folders_without_text_are_one_line_errors(tmp_path, tok):

@@ -126,6 +126,14 @@ def _open_checked(path: Path) -> Iterator:
         raise _cannot_read(path, e) from None
 
 
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    return {dict: "object", list: "list", str: "string", int: "number", float: "number"}.get(type(value), "value")
+
+
 def _jsonl_documents(path: Path, field: str, errors: str) -> Iterator[tuple[str, int]]:
     """(text, bytes read since the previous document) for each record, reading one line at a time."""
     offset = unread = 0
@@ -141,13 +149,22 @@ def _jsonl_documents(path: Path, field: str, errors: str) -> Iterator[tuple[str,
                 line = raw.decode("utf-8", errors)
             except UnicodeDecodeError as e:
                 raise _not_utf8(path, start + e.start, raw[e.start:e.start + 1]) from None
+            if start == 0:
+                line = line.removeprefix("\ufeff")  # a byte-order mark, as some Windows editors save UTF-8
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); "
                                 "JSONL needs one JSON object per line") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                raise DataError(f"{path}:{n} has no string field {field!r}; name the text field with --text.text_field")
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{n} is a JSON {_json_kind(rec)}, not an object; JSONL needs one object per "
+                                f"line, its text in a field (--text.text_field, now {field!r})")
+            if field not in rec:
+                raise DataError(f"{path}:{n} has no field {field!r} (it has {', '.join(map(repr, list(rec)[:5]))}"
+                                f"{', ...' if len(rec) > 5 else ''}); name the text field with --text.text_field")
+            if not isinstance(rec[field], str):
+                raise DataError(f"{path}:{n}: field {field!r} is {_json_kind(rec[field])}, not text; give each "
+                                "record its text as a JSON string")
             if rec[field].strip():
                 yield rec[field], unread
                 unread = 0
@@ -210,7 +227,8 @@ def _text_documents(path: Path, errors: str) -> Iterator[tuple[str, int]]:
 
 
 def expand_paths(paths: list[str]) -> list[Path]:
-    """Files named directly, and every .txt/.md/.jsonl file under named directories, sorted."""
+    """Files named directly, and every .txt/.md/.jsonl file under named directories, sorted; a file
+    named twice (itself and through its folder, or the folder twice) is read once."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -220,9 +238,12 @@ def expand_paths(paths: list[str]) -> list[Path]:
             out.extend(found)
         elif p.is_file():
             out.append(p)
+        elif p.exists():
+            raise DataError(f"{p} is not a regular file (a device, a pipe or a socket); give text files or folders")
         else:
             raise DataError(f"no such file or directory: {p}")
-    return out
+    seen: set[Path] = set()
+    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
 
 
 def _sized_documents(paths: list[str], config: DataConfig) -> Iterator[tuple[str, int]]:

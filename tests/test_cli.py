@@ -47,6 +47,13 @@ def test_pipeline_end_to_end(prepared, capsys):
     assert float(m.group(1)) == pytest.approx(vals[-1]["val_loss"], abs=1e-4)
     assert float(m.group(2)) == pytest.approx(math.exp(float(m.group(1))), rel=1e-3)
     assert int(m.group(3).replace(",", "")) == 4 * 2 * 32
+    # shards prepared with no validation split: the error says which split there is and how to get the other
+    assert main(["prepare", "--data", str(tmp / "corpus"), "--tokenizer", str(tok), "--out", str(tmp / "trainonly"),
+                 "--text.val_fraction", "0"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(tmp / "trainonly")]) == 2
+    assert capsys.readouterr().err.endswith("is empty; evaluate the other one (--split train), or prepare the data "
+                                            "again with --text.val_fraction above 0\n")
 
     assert main(["tokenizer", "encode", "--tokenizer", str(tok), "--text", "Document 3."]) == 0
     ids = capsys.readouterr().out.strip()

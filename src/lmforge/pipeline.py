@@ -284,7 +284,9 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, split: str = "val", 
                            f"({model.config.context_length}); use --context {model.config.context_length} or less")
     tokens = shards.tokens(split)
     if len(tokens) < 2:
-        raise LmforgeError(f"the {split} split of {data_dir} is empty")
+        other = "train" if split == "val" else "val"
+        raise LmforgeError(f"the {split} split of {data_dir} is empty; evaluate the other one (--split {other})"
+                           + (", or prepare the data again with --text.val_fraction above 0" if split == "val" else ""))
     res = evaluate_tokens(model, tokens, batch_size, max_batches, resolve_dtype(dtype, default_device()), context)
     return {"split": split, **res}
 

@@ -321,3 +321,22 @@ def test_a_config_with_values_of_the_wrong_type_still_gets_a_summary(tmp_path, c
 
     html = _summary(tmp_path, "pretrain", [{"step": 5, "loss": 1.0}], config, None)
     assert "at step 5" in html
+
+
+def test_a_truncated_metrics_file_does_not_hide_the_checkpoints_step(tmp_path):
+    from lmforge.report import _summary
+
+    config = {"step": 5, "train": {"max_steps": 5}}
+    assert "finished: 5 of 5 steps" in _summary(tmp_path, "pretrain", [{"step": 2, "loss": 1.0}], config, None)
+    assert "finished: 5 of 5 steps" in _summary(tmp_path, "pretrain", [], config, None)
+
+
+def test_a_damaged_metrics_file_is_not_called_a_run_that_just_started(tmp_path):
+    from lmforge.report import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tokenizer.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("garbage\n\x00\x01 more garbage\n")
+    page = Path(write_report(run)).read_text()
+    assert "2 line(s) of metrics.jsonl could not be read" in page and "just started" not in page

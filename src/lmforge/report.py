@@ -394,6 +394,9 @@ def _summary(run: Path, task: str, records: list[dict], config: dict | None, res
     if not (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps > 0):
         max_steps = None  # a hand-edited or damaged config: the status says less, the page is still made
     step = max((r["step"] for r in records), default=None)
+    saved = config.get("step") if isinstance(config, dict) else None  # the newest checkpoint's step
+    if isinstance(saved, int) and not isinstance(saved, bool) and saved > (step or 0):
+        step = saved  # metrics.jsonl lost its last lines (truncated, damaged): the checkpoint still tells
     if step is None:
         status = "no training steps logged yet"
     elif max_steps and step >= max_steps:
@@ -683,7 +686,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, overwrite: 
     records, warnings = load_metrics(run / METRICS)
     if not (run / METRICS).is_file():
         warnings.append("the run has no metrics.jsonl yet (training has not started, or logged nothing)")
-    elif not records:
+    elif not records and not warnings:  # (a damaged file has its own warning: it did not just start)
         warnings.append("metrics.jsonl holds no records yet (the run has just started)")
     config = _run_config(run, warnings)
     results = _read_json(run / "results.json", warnings)

@@ -274,3 +274,16 @@ def test_lmforges_warnings_are_one_line_and_other_librarys_keep_pythons_format(t
     assert "UserWarning" not in out.stderr and "tokenizer.py" not in out.stderr
     other = format_warning(UserWarning("x"), UserWarning, "/usr/lib/python3/site-packages/torch/nn.py", 7)
     assert other.startswith("/usr/lib/python3/site-packages/torch/nn.py:7: UserWarning: x")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "--devices", "1.5"], "--devices must be a whole number or null, got 1.5"),
+    (["pretrain", "--train.lr", "fast"], "--train.lr must be a number, got fast"),
+    (["pretrain", "--train.compile", "maybe"], "--train.compile must be true or false, got maybe"),
+    (["pretrain", "--train.dtype", "fp8"], "--train.dtype must be one of auto, float32, bfloat16, got fp8"),
+    (["serve", "x", "--api_key"], "argument --api_key: expected one argument"),  # other parser errors pass as they are
+])
+def test_a_flag_value_of_the_wrong_type_is_said_in_words(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"lmforge: error: {message}. See `lmforge {argv[0]} --help`.\n"

@@ -868,6 +868,33 @@ def _terminate_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, before)
 
 
+_TYPE_WORDS = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false",
+               "NoneType": "null"}
+
+
+def _flag_error(text: str) -> str:
+    """jsonargparse's account of a flag value of the wrong type, in words: "--devices must be a whole
+    number or null, got 1.5", not 'Parser key "devices": Does not validate against any of the Union
+    subtypes Subtypes: [<class 'int'>, <class 'NoneType'>] Errors: ...'. Other messages pass as they are."""
+    import re
+
+    flag = re.match(r'Parser key "([^"]+)": ', text)
+    value = re.search(r"(?:Given value|Got value): (.*?)\.?$", text)
+    if not (flag and value):
+        return text
+    union = re.search(r"Subtypes: \[([^\]]*)\]", text)
+    single = re.search(r"Expected a (<class '\w+'>|typing\.Literal\[[^\]]*\])\. Got value", text)
+    names = re.findall(r"<class '(\w+)'>", union.group(1)) if union else \
+        re.findall(r"<class '(\w+)'>", single.group(1)) if single else []
+    if single and not names:  # a choice of values
+        kinds = "one of " + ", ".join(re.findall(r"'([^']*)'", single.group(1)))
+    elif names and all(n in _TYPE_WORDS for n in names):
+        kinds = " or ".join(_TYPE_WORDS[n] for n in names)
+    else:
+        return text
+    return f"--{flag.group(1)} must be {kinds}, got {value.group(1)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from .outputs import fs_hint
 
@@ -881,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except argparse.ArgumentError as e:
         where = f"lmforge {argv[0]} --help" if argv and argv[0] in COMMANDS else "lmforge --help"
-        print(f"lmforge: error: {one_line(str(e)).rstrip('.')}. See `{where}`.", file=sys.stderr)
+        print(f"lmforge: error: {_flag_error(one_line(str(e))).rstrip('.')}. See `{where}`.", file=sys.stderr)
         return 2
     except BrokenPipeError:
         _silence_stdout()  # the reader went away (| head): stop quietly, as other command-line tools do

@@ -281,9 +281,29 @@ def test_lmforges_warnings_are_one_line_and_other_librarys_keep_pythons_format(t
     (["pretrain", "--train.lr", "fast"], "--train.lr must be a number, got fast"),
     (["pretrain", "--train.compile", "maybe"], "--train.compile must be true or false, got maybe"),
     (["pretrain", "--train.dtype", "fp8"], "--train.dtype must be one of auto, float32, bfloat16, got fp8"),
+    (["finetune", "classify", "--base", "b", "--data", "d.csv", "--out", "o", "--finetune.split", "0.98,0.01,0.01"],
+     "--finetune.split must be a list in brackets, such as [0.8,0.1,0.1], got 0.98,0.01,0.01"),
     (["serve", "x", "--api_key"], "argument --api_key: expected one argument"),  # other parser errors pass as they are
 ])
 def test_a_flag_value_of_the_wrong_type_is_said_in_words(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err == f"lmforge: error: {message}. See `lmforge {argv[0]} --help`.\n"
+
+
+def test_run_names_its_own_flag_and_encode_refuses_bytes_that_are_not_utf8(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    assert main(["run", "--out", str(tmp_path / "r"), "--steps", "0"]) == 2
+    assert capsys.readouterr().err == "lmforge: error: --steps must be at least 1, got 0\n"
+    assert not (tmp_path / "r").exists()
+    tok = tmp_path / "tok.json"
+    from lmforge.config import TokenizerConfig
+    from lmforge.tokenizer import Tokenizer
+
+    Tokenizer.train(["hello world " * 50], TokenizerConfig(vocab_size=270)).save(tok)
+    res = subprocess.run([sys.executable, "-m", "lmforge", "tokenizer", "encode", "--tokenizer", str(tok)],
+                         input=b"\xff\xfe", capture_output=True)
+    assert res.returncode == 2 and res.stdout == b""
+    assert res.stderr == b"lmforge: error: the text on standard input is not UTF-8 text (byte 0); convert it to UTF-8\n"

@@ -643,6 +643,10 @@ def test_a_label_never_seen_in_training_is_named(base):
     tok = Tokenizer.load(base / "tokenizer.json")
     with pytest.raises(tasks.DataError, match="label 'eggs' does not occur in the training split \\(labels: ham, spam\\)"):
         tasks.encode_labelled([("fine", "ham"), ("x", "eggs")], tok, ["ham", "spam"], 10)
+    many = [f"c{i:05d}" for i in range(10_000)]  # a list of ten thousand labels is no one-line error
+    with pytest.raises(tasks.DataError, match=r"\(labels: c00000, .*, c00019, and 9,980 more\); fix the data") as e:
+        tasks.encode_labelled([("x", "eggs")], tok, many, 10)
+    assert len(str(e.value)) < 400
     s = tasks.encode_labelled([("fine " * 50, "ham")], tok, ["ham", "spam"], 10)
     assert s.truncated == 1 and len(s.ids[0]) == 10 and s.labels == [0]
 

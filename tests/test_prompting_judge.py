@@ -57,6 +57,10 @@ def test_few_shot_evaluation_scores_the_finetune_test_split(base, tmp_path):
     assert sum(map(sum, res["test"]["confusion"])) == 6
     with pytest.raises(LmforgeError, match="--shots must be >= 0"):
         evaluate_prompting(str(base), data, "1", "0", shots=-1)
+    # more examples than the training split has: not drawn again and again into a prompt the context then cuts
+    with pytest.raises(LmforgeError, match=r"^--shots 1000 is more examples than the training split of .*d.tsv holds "
+                                           r"\(21\); give at most 21$"):
+        evaluate_prompting(str(base), data, "1", "0", shots=1000)
 
 
 def test_parse_score():

@@ -727,7 +727,7 @@ def _tokenizer(a) -> None:
                                  _config(DataConfig, a.train.text), overwrite=a.train.overwrite)
     elif a.action == "encode":
         tok = Tokenizer.load(a.encode.tokenizer)
-        text = a.encode.text if a.encode.text is not None else sys.stdin.read()
+        text = a.encode.text if a.encode.text is not None else _utf8(sys.stdin.buffer.read(), "the text")
         try:
             ids = tok.encode(text, allowed_special="all" if a.encode.allow_special else ())
         except LmforgeError as e:
@@ -737,7 +737,7 @@ def _tokenizer(a) -> None:
         print(" ".join(map(str, ids)))
     else:
         tok = Tokenizer.load(a.decode.tokenizer)
-        raw = a.decode.ids if a.decode.ids is not None else sys.stdin.read()
+        raw = a.decode.ids if a.decode.ids is not None else _utf8(sys.stdin.buffer.read(), "the ids")
         try:
             ids = [int(x) for x in raw.replace(",", " ").split()]
         except ValueError:
@@ -783,12 +783,16 @@ def _stdin_prompt() -> str:
     chunks = []
     while chunk := os.read(fd, 1 << 16):
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return _utf8(b"".join(chunks), "the prompt").rstrip("\n")
+
+
+def _utf8(raw: bytes, what: str) -> str:
+    """Bytes read from standard input as UTF-8 text, strictly (as files are read): stray bytes are an
+    error, not replacement characters passed on silently."""
     try:
-        return raw.decode("utf-8").rstrip("\n")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise LmforgeError(f"the prompt on standard input is not UTF-8 text (byte {e.start}); "
-                           "convert it to UTF-8") from None
+        raise LmforgeError(f"{what} on standard input is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
 
 
 def _chat_prompt_ids(tok, prompt: str, source: str) -> list[int]:
@@ -886,7 +890,9 @@ def _flag_error(text: str) -> str:
     single = re.search(r"Expected a (<class '\w+'>|typing\.Literal\[[^\]]*\])\. Got value", text)
     names = re.findall(r"<class '(\w+)'>", union.group(1)) if union else \
         re.findall(r"<class '(\w+)'>", single.group(1)) if single else []
-    if single and not names:  # a choice of values
+    if names == ["tuple"] or names == ["list"]:  # --finetune.split and the like: a JSON list
+        kinds = "a list in brackets, such as [0.8,0.1,0.1]"
+    elif single and not names:  # a choice of values
         kinds = "one of " + ", ".join(re.findall(r"'([^']*)'", single.group(1)))
     elif names and all(n in _TYPE_WORDS for n in names):
         kinds = " or ".join(_TYPE_WORDS[n] for n in names)

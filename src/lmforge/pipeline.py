@@ -448,6 +448,8 @@ def main_job(data: list[str] | None = None, out: str | Path = "runs/default", st
             recipe_train = TrainConfig(**fixed, warmup_steps=50, lr=2e-3, weight_decay=0.1)
         return model, train or recipe_train
 
+    if steps < 1:  # (before the train config, whose message names flags `run` does not have)
+        raise LmforgeError(f"--steps must be at least 1, got {steps}")
     _, train = configs(vocab_size)  # bad settings are refused before anything is written
     if fourway_limit != 0 and not 20 <= fourway_limit:
         raise LmforgeError(f"--fourway_limit must be 0 (leave the stage out) or at least 20 texts, got {fourway_limit}")

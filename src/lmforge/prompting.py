@@ -84,6 +84,9 @@ def evaluate_prompting(model_spec: str, data: str | Path, text_column: str = "te
     labels = sorted({label for _, label in train_rows})
     if not test_rows:
         raise LmforgeError(f"the test split of {data} is empty; give more data or a larger test fraction")
+    if shots > len(train_rows):  # examples are drawn from the training split, each at most once per prompt
+        raise LmforgeError(f"--shots {shots} is more examples than the training split of {data} holds "
+                           f"({len(train_rows)}); give at most {len(train_rows)}")
     model, tok = load_language_model(model_spec)
     model.eval()
     if chat and not tok.chat_template:

@@ -265,7 +265,8 @@ def encode_labelled(rows: Sequence[tuple[str, str]], tokenizer, labels: list[str
     ids, ys, truncated = [], [], 0
     for text, label in rows:
         if label not in index:
-            raise DataError(f"label {label!r} does not occur in the training split (labels: {', '.join(labels)}); "
+            shown = ", ".join(labels[:20]) + (f", and {len(labels) - 20:,} more" if len(labels) > 20 else "")
+            raise DataError(f"label {label!r} does not occur in the training split (labels: {shown}); "
                             "fix the data or split it again with another --finetune.seed")
         full = plain_ids(tokenizer, text)
         truncated += len(full) > max_length

@@ -364,7 +364,9 @@ def test_a_test_record_the_template_cannot_encode_is_refused_before_training(tmp
     _, _, test = tasks.split(records, ft.split, ft.seed)  # the split the task makes
     test[0]["instruction"] = "a <|im_end|> b"  # only a test record: training itself would encode fine
     (tmp_path / "data.json").write_text(json.dumps(records))
-    with pytest.raises(tasks.DataError, match=r"data.json, test record 0 contains '<\|im_end\|>'"):
+    place = records.index(test[0])  # named by its place in the file, not in the shuffled test split
+    assert place != 0
+    with pytest.raises(tasks.DataError, match=rf"data.json, record {place} contains '<\|im_end\|>'"):
         finetune_instruct(str(base), str(tmp_path / "data.json"), tmp_path / "run", ft, template="chat",
                           train=TrainConfig(batch_size=4, dtype="float32"), progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before a step was taken
@@ -1038,3 +1040,24 @@ def test_a_header_read_as_data_because_columns_are_numbered_is_warned_about(tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no header: no warning
         read_labelled(path, "0", "1")
+
+
+@pytest.mark.parametrize("task", ["instruct", "dpo"])
+def test_a_bad_record_is_named_by_its_place_in_the_file_not_in_the_shuffled_split(tmp_path, task):
+    from conftest import chat_tokenizer
+
+    from lmforge.finetune import finetune_dpo, finetune_instruct
+
+    tok = chat_tokenizer()
+    base = tmp_path / "base"
+    save_model(base, GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=128, d_model=16, n_layer=1, n_head=2)),
+               0, {"task": "pretrain"})
+    tok.save(base / "tokenizer.json")
+    records = [{"instruction": f"Say {i}", "input": "", "output": f"w {i}", "chosen": "yes", "rejected": "no"}
+               for i in range(30)]
+    records[3]["instruction"] = None
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    run = finetune_instruct if task == "instruct" else finetune_dpo
+    with pytest.raises(tasks.DataError, match=r"data.json, record 3: the field 'instruction' is null"):
+        run(str(base), str(tmp_path / "data.json"), tmp_path / "run", FinetuneConfig(trainable="all", epochs=1.0),
+            train=TrainConfig(batch_size=4, dtype="float32"), progress=False)

@@ -365,12 +365,14 @@ def _language_task(base: str, data: str | Path, out: str | Path, finetune: Finet
                    template: str, resume: bool, overwrite: bool, device: str | None, train: TrainConfig) -> tuple:
     """What instruction and preference tuning start alike with: the checked template and paths, the
     record splits, the device, and the base model with what trains chosen (and, under FSDP2, sharded):
-    (run, data, device, model, tokenizer, the base's identity, splits)."""
+    (run, data, device, model, tokenizer, the base's identity, how to name a record, splits)."""
     tasks.check_template(template)
     run, data = Path(out), resolve_data(data)
     dev = _start(run, data, base, resume, overwrite, train, device)
-    records = tasks.subsample(tasks.read_records(data), finetune.limit, finetune.seed)
+    in_file = tasks.read_records(data)
+    records = tasks.subsample(in_file, finetune.limit, finetune.seed)
     splits = tasks.split(records, finetune.split, finetune.seed)
+    name = tasks.record_names(in_file, str(data))  # errors name a record by its place in the file
     model, tok = _load_base(base, _load_device(dev, train))
     if template == "chat" and not tok.chat_template:
         raise LmforgeError(f"{base} has no chat template; use --template alpaca or phi3")
@@ -382,7 +384,7 @@ def _language_task(base: str, data: str | Path, out: str | Path, finetune: Finet
     print(_describe(model, finetune))
     if _shards_early(train):
         ready_to_train(model, train)
-    return run, data, dev, model, tok, identity, splits
+    return run, data, dev, model, tok, identity, name, splits
 
 
 def rouge_l(candidate: str, reference: str) -> float:
@@ -458,12 +460,12 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
     before and after, and writes the test responses to ``responses.json``."""
     if respond_test is not None and respond_test < 0:
         raise LmforgeError(f"--respond_test must be >= 0 (test records to answer), got {respond_test}")
-    run, data, dev, model, tok, identity, (train_recs, val_recs, test_recs) = _language_task(
+    run, data, dev, model, tok, identity, name, (train_recs, val_recs, test_recs) = _language_task(
         base, data, out, finetune, lora, template, resume, overwrite, device, train)
     ctx = model.config.context_length
     max_len = min(finetune.max_length or ctx, ctx)
-    sets = {name: tasks.encode_instructions(r, tok, template, max_len, str(data))
-            for name, r in (("train", train_recs), ("val", val_recs))}
+    sets = {split: tasks.encode_instructions(r, tok, template, max_len, str(data), name)
+            for split, r in (("train", train_recs), ("val", val_recs))}
     truncated = sum(s.truncated for s in sets.values())
     dropped = sum(s.dropped for s in sets.values())
     print(f"data: train {len(train_recs)}, val {len(val_recs)}, test {len(test_recs)} records; template {template}"
@@ -479,8 +481,8 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
     dtype = resolve_dtype(train.dtype, dev)
     tests = test_recs[:respond_test] if respond_test is not None else test_recs
     for i, rec in enumerate(tests):  # what the template cannot encode is refused now, not after training
-        instruction, input_text, _ = tasks.instruction_of(rec, f"{data}, test record {i}")
-        tasks.prompt_ids(tok, instruction, input_text, template, f"{data}, test record {i}")
+        instruction, input_text, _ = tasks.instruction_of(rec, name(i, rec))
+        tasks.prompt_ids(tok, instruction, input_text, template, name(i, rec))
     results: dict = {"task": "instruct", "template": template, "truncated": truncated, "dropped": dropped}
     before = _read_before(run) if resume else None
     before_answers: list[str] = []  # the untuned model's answers, shown beside the tuned ones (not kept on resume)
@@ -551,12 +553,12 @@ def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: Finetun
     validation loss, rewards and reward margin before and after."""
     if beta <= 0:
         raise LmforgeError(f"--beta must be > 0, got {beta}")
-    run, data, dev, model, tok, identity, (train_recs, val_recs, _) = _language_task(
+    run, data, dev, model, tok, identity, name, (train_recs, val_recs, _) = _language_task(
         base, data, out, finetune, lora, template, resume, overwrite, device, train)
     ctx = model.config.context_length
     max_len = min(finetune.max_length or ctx, ctx)
-    sets = {name: tasks.encode_preferences(r, tok, template, max_len, str(data))
-            for name, r in (("train", train_recs), ("val", val_recs))}
+    sets = {split: tasks.encode_preferences(r, tok, template, max_len, str(data), name)
+            for split, r in (("train", train_recs), ("val", val_recs))}
     pad_id = tok.eot_id if tok.eot_id is not None else (tok.eos_id or 0)
     dtype = resolve_dtype(train.dtype, dev)
     # With LoRA the adapters start at zero, so the starting model is the base either way.

@@ -376,15 +376,23 @@ def _no_room(source: str, max_length: int) -> DataError:
                      "no response to learn; raise --finetune.max_length or use a model with a longer context")
 
 
+def record_names(records: Sequence[dict], source: str) -> Callable[[int, dict], str]:
+    """How errors name a record: by its place in the file (``records`` in the file's order), also
+    after a shuffled split has put it elsewhere; (i, record) -> "data.json, record 17"."""
+    places = {id(r): i for i, r in enumerate(records)}
+    return lambda i, rec: f"{source}, record {places.get(id(rec), i)}"
+
+
 def encode_instructions(records: Sequence[dict], tokenizer, template: str, max_length: int,
-                        source: str = "data") -> InstructionSet:
+                        source: str = "data", name: Callable[[int, dict], str] | None = None) -> InstructionSet:
     ids, prompt_lengths, truncated, dropped = [], [], 0, 0
     end = response_end(template, tokenizer)
     for i, rec in enumerate(records):
-        instruction, input_text, output = instruction_of(rec, f"{source}, record {i}")
+        where = name(i, rec) if name else f"{source}, record {i}"
+        instruction, input_text, output = instruction_of(rec, where)
         if output is None:
-            raise DataError(f"{source}, record {i} has no 'output' (or final assistant message) to learn from")
-        prompt = prompt_ids(tokenizer, instruction, input_text, template, f"{source}, record {i}")
+            raise DataError(f"{where} has no 'output' (or final assistant message) to learn from")
+        prompt = prompt_ids(tokenizer, instruction, input_text, template, where)
         if len(prompt) >= max_length:
             dropped += 1
             continue
@@ -438,25 +446,26 @@ class PreferenceSet:
 
 
 def encode_preferences(records: Sequence[dict], tokenizer, template: str, max_length: int,
-                       source: str = "data") -> PreferenceSet:
+                       source: str = "data", name: Callable[[int, dict], str] | None = None) -> PreferenceSet:
     chosen, rejected, lengths, truncated, dropped = [], [], [], 0, 0
     end = response_end(template, tokenizer)
     for i, rec in enumerate(records):
+        where = name(i, rec) if name else f"{source}, record {i}"
         missing = [k for k in ("chosen", "rejected") if k not in rec]
         if missing:
-            raise DataError(f"{source}, record {i} has no {missing[0]!r} field (preference data needs a prompt "
+            raise DataError(f"{where} has no {missing[0]!r} field (preference data needs a prompt "
                             "(instruction / input, or prompt), chosen and rejected)")
         if "prompt" in rec and "instruction" not in rec:
-            instruction, input_text = field_text(rec["prompt"], f"{source}, record {i}", "prompt"), ""
+            instruction, input_text = field_text(rec["prompt"], where, "prompt"), ""
         else:
-            instruction, input_text, _ = instruction_of(rec, f"{source}, record {i}")
-        prompt = prompt_ids(tokenizer, instruction, input_text, template, f"{source}, record {i}")
+            instruction, input_text, _ = instruction_of(rec, where)
+        prompt = prompt_ids(tokenizer, instruction, input_text, template, where)
         if len(prompt) >= max_length:
             dropped += 1
             continue
         pair = []
         for key in ("chosen", "rejected"):
-            full = prompt + plain_ids(tokenizer, field_text(rec[key], f"{source}, record {i}", key)) + end
+            full = prompt + plain_ids(tokenizer, field_text(rec[key], where, key)) + end
             if len(full) > max_length + 1:  # as encode_instructions: the collate function cuts to max_length
                 full, truncated = full[:max_length + 1], truncated + 1
             pair.append(full)

@@ -448,7 +448,7 @@ CASES = [
     ("run-preset", ["run", "--out", f"{R}/default", "--data", f"{R}/corpus", "--vocab_size", "300", "--preset",
                     "nope"], "unknown model preset 'nope'", None),
     ("run-steps", ["run", "--out", f"{R}/default", "--data", f"{R}/corpus", "--vocab_size", "300", "--steps", "0"],
-     "max_steps must be an integer >= 1", None),
+     "--steps must be at least 1, got 0", None),
     ("run-guard", ["run", "--out", f"{R}/default", "--data", f"{R}/corpus", "--vocab_size", "300", "--max_minutes",
                    "-1"], "max_minutes must be > 0", None),
     ("run-fourway", ["run", "--out", f"{R}/default", "--fourway_limit", "5"],

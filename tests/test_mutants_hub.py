@@ -335,11 +335,14 @@ def test_a_file_from_the_hf_hub_through_its_client(monkeypatch, tmp_path, capsys
 
     blob = tmp_path / "blob"
     blob.write_bytes(b"hf config bytes")
-    calls = []
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, member: (calls.append((repo, member)), blob)[1])
+    calls, reached = [], []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, member, etag_timeout: (calls.append((repo, member, etag_timeout)), blob)[1])
+    monkeypatch.setattr(hub, "_reach_hf_endpoint", reached.append)  # (no network here: the hub is asked first)
     entry = _entry("config.json", None, Source("hf", "org/model", "sub/config.json"))
     path = fetch_file(entry, entry.main)
-    assert path.read_bytes() == b"hf config bytes" and calls == [("org/model", "sub/config.json")]
+    assert path.read_bytes() == b"hf config bytes" and calls == [("org/model", "sub/config.json", 30.0)]
+    assert reached == [30.0]
     err = capsys.readouterr().err
     # The HF client shows its own progress; copying its cached blob shows none (no bar, no speed).
     assert "lmforge: fetching config.json from the Hugging Face hub (org/model)" in err and "B/s" not in err

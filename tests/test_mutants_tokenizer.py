@@ -100,7 +100,7 @@ def test_a_saved_file_names_its_format_and_version(tok, tmp_path):
 # --- encode_batch: when worker processes are used ------------------------------------------------------
 
 class _FakePool:
-    """Stands in for ProcessPoolExecutor: records the worker count and runs the workers' code in-process."""
+    """Stands in for lmforge.workers.pool: records the worker count and runs the workers' code in-process."""
     made: list = []
 
     def __init__(self, max_workers=None, initializer=None, initargs=()):
@@ -120,9 +120,10 @@ class _FakePool:
 @pytest.fixture
 def pools(monkeypatch):
     import lmforge.tokenizer as tokenizer_module
+    import lmforge.workers as workers_module
 
     _FakePool.made = []
-    monkeypatch.setattr(tokenizer_module, "ProcessPoolExecutor", _FakePool)
+    monkeypatch.setattr(workers_module, "pool", _FakePool)  # (lmforge.workers.pool makes the real one)
     monkeypatch.setattr(tokenizer_module, "_WORKER_TOKENIZER", None)
     monkeypatch.setattr(tokenizer_module.os, "cpu_count", lambda: 3)
     return _FakePool.made

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import LmforgeError
+from .config import LmforgeError, is_number, is_whole
 from .precision import autocast, tune_cpu_allocator
 
 TARGET_DELIMITER = " "  # between a context and a choice (the harness's default)
@@ -157,7 +157,7 @@ def _label(path: Path, where: str, value: object, n_choices: int) -> int:
     """An index into the choices: an integer, or a string of digits (HellaSwag on the HF hub)."""
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_whole(value):
         raise LmforgeError(f"{path}: {where}: label {value!r} is not an integer; give the index of the right "
                            "choice (0 for the first)")
     if not 0 <= value < n_choices:
@@ -256,7 +256,7 @@ def _bigbench_items(path: Path, task: dict) -> tuple[list[ChoiceItem], list[str]
                                "choice -> score")
         choices = _checked_choices(path, where, list(scores))
         values = list(scores.values())
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        if not all(is_number(v) for v in values):
             raise LmforgeError(f"{path}: {where}: every target score must be a number; give e.g. 1 for the right "
                                "choice and 0 for the others")
         best = max(values)

@@ -518,6 +518,16 @@ def config_dict(obj: Any) -> dict[str, Any]:
     return json_ready(dataclasses.asdict(obj))
 
 
+def is_whole(value: Any) -> bool:
+    """Whether a value read from JSON is a whole number (JSON's true and false are Python ints, not numbers)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """Whether a value read from JSON is a number, whole or not (true and false are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _fits(value: Any, hint: Any) -> bool:
     """Whether a value read from JSON can be a field of type ``hint`` (a Literal's choices are checked
     by the config itself, which lists them)."""
@@ -525,9 +535,9 @@ def _fits(value: Any, hint: Any) -> bool:
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_whole(value)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return is_number(value)
     if hint is str:
         return isinstance(value, str)
     if hint is type(None):

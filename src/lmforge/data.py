@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from . import atomic
-from .config import DataConfig, LmforgeError, config_dict
+from .config import DataConfig, LmforgeError, config_dict, is_whole
 from .outputs import read_json_head, remove_quietly, write_error
 from .workers import pool as worker_pool
 from .tokenizer import Tokenizer
@@ -546,8 +546,8 @@ class ShardSet:
         if index.get("dtype") not in SHARD_DTYPES:
             raise DataError(f"{damaged} (dtype {index.get('dtype')!r}; shards are {' or '.join(SHARD_DTYPES)})")
         tokens = index.get("tokens")
-        if not (isinstance(tokens, dict) and all(isinstance(tokens.get(s), int) and not isinstance(tokens.get(s), bool)
-                                                 and tokens[s] >= 0 for s in ("train", "val"))):
+        if not (isinstance(tokens, dict) and all(is_whole(tokens.get(s)) and tokens[s] >= 0
+                                                 for s in ("train", "val"))):
             raise DataError(damaged + " (token counts missing or not whole numbers)")
         if not isinstance(index.get("tokenizer_fingerprint"), str):
             raise DataError(damaged + " (no tokenizer fingerprint)")

@@ -29,6 +29,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,6 +42,12 @@ from .attention import ATTENTION_CHUNK, chunk_spans
 from .config import LmforgeError, TrainConfig
 
 STRATEGIES = ("ddp", "fsdp")
+
+# GPT's logits are a view of the output layer's product; FSDP2 warns that an in-place op on them
+# would skip its hook. lmforge's losses (sequence log-probabilities, class logits) read them out of
+# place, so the warning on every step would only alarm. Only this message, only for GPT.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPGPT\) returned a view tensor",
+                        category=UserWarning)
 
 
 class DistributedError(LmforgeError, RuntimeError):
@@ -183,13 +190,6 @@ def wrap(model: nn.Module, strategy: str, dtype: torch.dtype = torch.float32) ->
             else MixedPrecisionPolicy()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        import warnings
-
-        # GPT's logits are a view of the output layer's product; FSDP2 warns that an in-place op on
-        # them would skip its hook. lmforge's losses (sequence log-probabilities, class logits) read
-        # them out of place, so the warning on every step would only alarm.
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPGPT\) returned a view tensor",
-                                category=UserWarning)
         # Rank 0's values, kept in host memory until sent: sharding moves the parameters it holds.
         values = {k: v.detach() for k, v in model.state_dict().items()} if group.main else {}
         for block in model.h:
@@ -391,8 +391,8 @@ def launch(argv: list[str], devices: int, nnodes: int = 1, node_rank: int | None
     """Run ``python -m lmforge ARGV`` under torchrun with ``devices`` processes per machine; returns its exit
     code. One machine runs standalone (a local rendezvous on a free port); several meet at ``rdzv_endpoint``
     (host:port of any of them, the same on all). torchrun watches the processes: when one fails, it stops
-    the others and names the rank that failed."""
-    check_launch(devices, nnodes, node_rank, rdzv_endpoint)
+    the others and names the rank that failed. The flags are the caller's to check first (``check_launch``,
+    which the command line runs whether or not it launches)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={devices}", f"--nnodes={nnodes}"]
     if nnodes > 1 or rdzv_endpoint:
         cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}"]

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
-from .config import LmforgeError
+from .config import LmforgeError, is_number
 
 METRICS = "metrics.jsonl"  # the same name as checkpoint.METRICS (this module does not import checkpoint)
 TENSORBOARD = "tensorboard"  # TensorBoard's event files: tensorboard --logdir RUN/tensorboard
@@ -71,7 +71,7 @@ class MetricsLog:
 def _scalars(metrics: dict) -> dict[str, float]:
     """The numbers among ``metrics`` (a gradient norm is None when clipping is off: nothing to plot)."""
     return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if is_number(v)}
 
 
 def _import_summary_writer():

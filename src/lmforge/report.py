@@ -27,7 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .config import LmforgeError
+from .config import LmforgeError, is_number, is_whole
 
 REPORT = "report.html"
 PLOTS_MARK = ".lmforge-report-plots"  # in a report's plots folder: the folder is the report's own
@@ -137,7 +137,7 @@ def _png(fig, dpi: float | str = 100) -> bytes:
 
 
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return is_number(v) and math.isfinite(v)
 
 
 def _series(records: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
@@ -391,11 +391,11 @@ def _summary(run: Path, task: str, records: list[dict], config: dict | None, res
     val = [r["val_loss"] for r in records if _number(r.get("val_loss"))]
     train_config = config.get("train") if isinstance(config, dict) else None
     max_steps = train_config.get("max_steps") if isinstance(train_config, dict) else None
-    if not (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps > 0):
+    if not (is_whole(max_steps) and max_steps > 0):
         max_steps = None  # a hand-edited or damaged config: the status says less, the page is still made
     step = max((r["step"] for r in records), default=None)
     saved = config.get("step") if isinstance(config, dict) else None  # the newest checkpoint's step
-    if isinstance(saved, int) and not isinstance(saved, bool) and saved > (step or 0):
+    if is_whole(saved) and saved > (step or 0):
         step = saved  # metrics.jsonl lost its last lines (truncated, damaged): the checkpoint still tells
     if step is None:
         status = "no training steps logged yet"

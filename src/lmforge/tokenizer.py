@@ -42,7 +42,7 @@ from typing import Literal
 import regex
 
 from . import atomic
-from .config import LmforgeError, TokenizerConfig
+from .config import LmforgeError, TokenizerConfig, is_whole
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
@@ -505,7 +505,7 @@ class Tokenizer:
                                   "re-create it with `lmforge tokenizer train`")
 
         version = state.get("version", FORMAT_VERSION)
-        if not _is_int(version) or version < 1:
+        if not is_whole(version) or version < 1:
             raise invalid(f"'version' must be a positive integer, got {version!r}")
         if version > FORMAT_VERSION:
             raise TokenizerError(f"{source} was written by a newer lmforge (format version {version}); "
@@ -530,14 +530,14 @@ class Tokenizer:
                 raise invalid(f"tokens {ranks[tok]} and {i} are the same bytes {tok!r}")
             ranks[tok] = i
         if not isinstance(specials, dict) or not all(
-                isinstance(k, str) and k and _is_int(v) and 0 <= v < _ABSENT for k, v in specials.items()):
+                isinstance(k, str) and k and is_whole(v) and 0 <= v < _ABSENT for k, v in specials.items()):
             raise invalid(f"'special_tokens' must map non-empty strings to ids from 0 to {_ABSENT - 1}")
         name, template, eos = state.get("name", "lmforge"), state.get("chat_template"), state.get("eos_id")
         if not isinstance(name, str):
             raise invalid(f"'name' must be a string, got {name!r}")
         if template is not None and not isinstance(template, str):
             raise invalid("'chat_template' must be a string or null")
-        if eos is not None and not (_is_int(eos) and (0 <= eos < len(tokens) and tokens[eos] is not None
+        if eos is not None and not (is_whole(eos) and (0 <= eos < len(tokens) and tokens[eos] is not None
                                                       or eos in specials.values())):
             raise invalid(f"'eos_id' {eos!r} is not the id of a token of this vocabulary")
         if not isinstance(state["pattern"], str):
@@ -604,10 +604,6 @@ class Tokenizer:
         except (OSError, ValueError) as e:
             raise TokenizerError(f"{path} is not a tiktoken rank file ({e})") from None
         return cls(ranks, special_tokens, pattern, name)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not an id
 
 
 def _warn(message: str, verbose: bool) -> None:

@@ -293,22 +293,27 @@ def prepare_for_training(model: GPT) -> None:
             p.grad = torch.zeros_like(p)
 
 
+def _training_device(model: GPT) -> torch.device:
+    """Where this job trains: this rank's device under torchrun (the model may still be in host memory,
+    or only shapes, until ``distributed.wrap`` shards it), else where the model lies."""
+    ranks = distributed.current()
+    return distributed.device_of(ranks) if ranks.active else next(model.parameters()).device
+
+
 def ready_to_train(model: GPT, config: TrainConfig) -> torch.nn.Module:
     """The module that trains ``model`` in this job, made once: on one process the model itself,
     prepared (``prepare_for_training``); under torchrun wrapped by DDP or sharded in place by FSDP2
     (``distributed.wrap``); with ``config.compile``, each block compiled first. ``fit`` calls it;
     fine-tuning calls it earlier under FSDP2, before its first evaluation, so that the base model
     is never whole on a device."""
-    ranks = distributed.current()
-    device = distributed.device_of(ranks) if ranks.active else next(model.parameters()).device
-    if not ranks.active:  # sparse embedding gradients and kept buffers: one process only
+    if not distributed.current().active:  # sparse embedding gradients and kept buffers: one process only
         prepare_for_training(model)
     if config.compile:
         # Compile each block in place (regional compilation): parameter names stay unprefixed for
         # checkpoints, and the fused loss (a custom autograd function) stays outside the graphs.
         for block in model.h:
             block.compile()
-    return distributed.wrap(model, config.strategy, resolve_dtype(config.dtype, device))
+    return distributed.wrap(model, config.strategy, resolve_dtype(config.dtype, _training_device(model)))
 
 
 def fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run_dir: str | Path,
@@ -355,8 +360,7 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     ranks = distributed.current()
-    # Under FSDP2 the model may still be in host memory or only shapes (``distributed.build``) until sharded.
-    device = distributed.device_of(ranks) if ranks.active else next(model.parameters()).device
+    device = _training_device(model)
     dtype = resolve_dtype(config.dtype, device)
     if device.type == "cpu":
         tune_cpu_allocator()

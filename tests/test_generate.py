@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lmforge.config import ModelConfig, SampleConfig
+from lmforge.config import LmforgeError, ModelConfig, SampleConfig
 from lmforge.generate import generate, sample_next
 from lmforge.model import GPT
 
@@ -219,3 +219,57 @@ def test_generate_chat_keeps_a_typed_turn_marker_as_text(tmp_path, monkeypatch, 
     render = lambda t: tok.apply_chat_template([{"role": "user", "content": t[0]}])  # noqa: E731
     assert seen == [template_ids(tok, render, [forged])]
     assert seen[0].count(tok.special_tokens["<|im_start|>"]) == 2  # the user's turn and the answer's, no system
+
+
+@pytest.mark.parametrize("template", ["alpaca", "phi3"])
+def test_generate_chat_uses_the_template_a_run_was_instruction_tuned_on(tmp_path, monkeypatch, template):
+    """A run tuned on Alpaca or Phi-3 has no chat template of its own: `--chat true` wraps the prompt as
+    it was trained (as `lmforge chat` does) and stops where that template starts the next turn."""
+    from conftest import chat_tokenizer
+
+    from lmforge import generate as gen
+    from lmforge.chat import render, stop_strings
+    from lmforge.checkpoint import save_model
+    from lmforge.cli import main
+
+    tok = chat_tokenizer()
+    tok.chat_template = None  # a base model's tokenizer: the template is the run's
+    save_model(tmp_path, GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=128, d_model=16, n_layer=1,
+                                         n_head=2)), 0, {"task": "instruct", "template": template})
+    tok.save(tmp_path / "tokenizer.json")
+    seen = []
+    monkeypatch.setattr(gen, "stream_text",
+                        lambda model, t, prompt, cfg, compile: seen.append((prompt, cfg.stop)) or iter(()))
+    assert main(["generate", str(tmp_path), "--chat", "true", "--prompt", "Name a colour.",
+                 "--sample.stop", "[\"END\"]"]) == 0
+    (ids, stop), = seen
+    assert tok.decode(ids) == render([{"role": "user", "content": "Name a colour."}], template)
+    assert stop == ("END", *stop_strings(template)) and stop_strings(template)
+
+
+def test_eval_prompt_chat_uses_the_tuned_template_and_refuses_a_base_model(tmp_path, monkeypatch):
+    from conftest import chat_tokenizer
+
+    from lmforge import prompting
+    from lmforge.chat import render
+    from lmforge.checkpoint import save_model
+
+    tok = chat_tokenizer()
+    tok.chat_template = None
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=256, d_model=16, n_layer=1, n_head=2))
+    data = tmp_path / "sms.tsv"
+    data.write_text("".join(f"{'spam' if i % 2 else 'ham'}\tmessage number {i}\n" for i in range(20)))
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    save_model(base, model, 0)
+    save_model(tuned, model, 0, {"task": "instruct", "template": "alpaca"})
+    for run in (base, tuned):
+        tok.save(run / "tokenizer.json")
+    with pytest.raises(LmforgeError, match="no chat template and was not instruction-tuned; leave out --chat"):
+        prompting.evaluate_prompting(str(base), data, "1", "0", chat=True, progress=False)
+    seen = []
+    monkeypatch.setattr(prompting, "continuation_logprobs", lambda m, ctx, c, d: seen.append(ctx) or [0.0] * len(c))
+    res = prompting.evaluate_prompting(str(tuned), data, "1", "0", chat=True, test_limit=2, progress=False)
+    assert res["template"] == "alpaca" and len(seen) == 2
+    prompt = tok.decode(seen[0])
+    assert prompt.startswith(render([{"role": "user", "content": "x"}], "alpaca").split("x")[0])
+    assert prompt.endswith("Label:\n\n### Response:\n")  # the label is the answer

@@ -57,6 +57,31 @@ def render(messages: Sequence[dict[str, str]], template: str, tokenizer=None) ->
     return "".join(f"<|system|>\n{s}\n" for s in system) + body
 
 
+def tuned_template(spec: str | Path) -> str | None:
+    """The template the run at ``spec`` was instruction- or preference-tuned on, as its config records
+    it (``merge-lora`` keeps it); None for anything else."""
+    from .checkpoint import is_run_dir, read_run_config
+
+    path = Path(spec)
+    if not (path.is_dir() and is_run_dir(path)):
+        return None
+    template = read_run_config(path).get("template")
+    return template if isinstance(template, str) else None
+
+
+def answer_template(spec: str | Path, tokenizer) -> str | None:
+    """The template the model at ``spec`` takes a user's message in: the one it was tuned on, else its
+    own chat template; None when it has neither (a base model, which only continues text)."""
+    return tuned_template(spec) or ("chat" if getattr(tokenizer, "chat_template", None) else None)
+
+
+def user_prompt_ids(tokenizer, template: str, text: str, what: str = "the prompt") -> list[int]:
+    """The ids of ``text`` as one user message under ``template``, the answer to follow: the message is
+    text, even where it spells a turn marker (``tasks.template_ids``)."""
+    return tasks.template_ids(tokenizer, lambda t: render([{"role": "user", "content": t[0]}], template, tokenizer),
+                              [text], what)
+
+
 def _header(template: str) -> str:
     """What format_prompt puts before the first instruction (the Alpaca preamble)."""
     return tasks.ALPACA_HEADER if template == "alpaca" else ""
@@ -103,7 +128,7 @@ class Assistant:
 
             quantize_model(model, quantize)
         if template is None:  # the template it was tuned on, else its own chat template, else the book's
-            template = cfg.get("template") or ("chat" if getattr(tok, "chat_template", None) else "alpaca")
+            template = answer_template(spec, tok) or "alpaca"
         if template == "chat" and not getattr(tok, "chat_template", None):
             raise LmforgeError(f"{spec} has no chat template; use --template alpaca or phi3")
         tasks.check_template(template)

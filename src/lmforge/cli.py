@@ -761,7 +761,10 @@ def _generate(a) -> None:
         quantize_model(model, a.quantize)
     cfg = _config(SampleConfig, a.sample)
     prompt = a.prompt if a.prompt is not None else _stdin_prompt()
-    text = _chat_prompt_ids(tok, prompt, a.run) if a.chat else prompt
+    text = prompt
+    if a.chat:  # the answer to a message; it ends where the template starts the next turn
+        text, stop = _chat_prompt_ids(tok, prompt, a.run)
+        cfg = dataclasses.replace(cfg, stop=tuple(cfg.stop) + stop)
     sys.stdout.write(prompt if not a.chat else "")
     for delta in stream_text(model, tok, text, cfg, compile=a.compile):
         sys.stdout.write(delta)
@@ -795,18 +798,21 @@ def _utf8(raw: bytes, what: str) -> str:
         raise LmforgeError(f"{what} on standard input is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
 
 
-def _chat_prompt_ids(tok, prompt: str, source: str) -> list[int]:
-    """The ids of ``prompt`` as the user's message in the model's chat template: the message is text,
-    even where it spells a turn marker (as in `lmforge chat` and on the server)."""
+def _chat_prompt_ids(tok, prompt: str, source: str) -> tuple[list[int], tuple[str, ...]]:
+    """The ids of ``prompt`` as the user's message in the template the model answers in (the one it
+    was tuned on, else its chat template; as in `lmforge chat` and on the server), and the template's
+    stop strings."""
     from jinja2 import TemplateError
 
-    from .tasks import template_ids
+    from .chat import answer_template, stop_strings, user_prompt_ids
 
+    template = answer_template(source, tok)
+    if template is None:
+        raise LmforgeError(f"{source} has no chat template and was not instruction-tuned; leave out --chat")
     try:
-        return template_ids(tok, lambda t: tok.apply_chat_template([{"role": "user", "content": t[0]}]), [prompt],
-                            "the prompt")
+        return user_prompt_ids(tok, template, prompt), stop_strings(template)
     except LmforgeError:
-        raise  # no template at all: that message says it
+        raise
     except (TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
         # A template from a foreign file that the sandbox stops (SecurityError) or that is broken.
         raise LmforgeError(f"the chat template of {source} cannot be rendered ({type(e).__name__}: "

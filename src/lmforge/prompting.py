@@ -29,12 +29,14 @@ def build_prompt(text: str, labels: list[str], shots: list[tuple[str, str]]) -> 
 
 
 def predict_by_prompt(model, tokenizer, text: str, labels: list[str], shots: list[tuple[str, str]],
-                      chat: bool = False, dtype: torch.dtype = torch.float32) -> tuple[int, list[float]]:
-    """(index of the most likely label, every label's log-probability)."""
+                      template: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[int, list[float]]:
+    """(index of the most likely label, every label's log-probability). With a ``template`` (chat,
+    alpaca or phi3: ``chat.answer_template``), the prompt is a user's message and a label the answer."""
+    from .chat import user_prompt_ids
+
     prompt = build_prompt(text, labels, shots)  # all of it from the data: plain text
-    if chat:
-        context = tasks.template_ids(tokenizer, lambda t: tokenizer.apply_chat_template(
-            [{"role": "user", "content": t[0]}], add_generation_prompt=True), [prompt], "a text")
+    if template is not None:
+        context = user_prompt_ids(tokenizer, template, prompt, "a text")
         choices = [tasks.plain_ids(tokenizer, label) for label in labels]
     else:
         context = tasks.plain_ids(tokenizer, prompt)
@@ -60,7 +62,8 @@ def evaluate_prompting(model_spec: str, data: str | Path, text_column: str = "te
                        seed: int = 123, limit: int | None = None, test_limit: int | None = None, chat: bool = False,
                        progress: bool = True, dtype: str = "auto") -> dict:
     """Accuracy of zero-shot (``shots=0``) or k-shot prompting on the test split, split exactly as
-    ``lmforge finetune classify`` splits the same file with the same seed."""
+    ``lmforge finetune classify`` splits the same file with the same seed. With ``chat``, the prompt is
+    a user's message in the template the model answers in (the one it was tuned on, else its own)."""
     from tqdm import tqdm
 
     from .models import load_language_model
@@ -89,8 +92,11 @@ def evaluate_prompting(model_spec: str, data: str | Path, text_column: str = "te
                            f"({len(train_rows)}); give at most {len(train_rows)}")
     model, tok = load_language_model(model_spec)
     model.eval()
-    if chat and not tok.chat_template:
-        raise LmforgeError(f"{model_spec} has no chat template; leave out --chat")
+    from .chat import answer_template
+
+    template = answer_template(model_spec, tok) if chat else None
+    if chat and template is None:
+        raise LmforgeError(f"{model_spec} has no chat template and was not instruction-tuned; leave out --chat")
     from .precision import resolve_dtype
 
     compute = resolve_dtype(dtype, next(model.parameters()).device)  # bf16 where it is fast
@@ -101,12 +107,13 @@ def evaluate_prompting(model_spec: str, data: str | Path, text_column: str = "te
         for text, label in tqdm(test_rows, desc=f"{shots}-shot", disable=not progress, dynamic_ncols=True):
             if label not in labels:
                 raise LmforgeError(f"label {label!r} of the test split does not occur in the training split")
-            best, _ = predict_by_prompt(model, tok, text, labels, _draw_shots(train_rows, labels, shots, rng), chat,
-                                        compute)
+            best, _ = predict_by_prompt(model, tok, text, labels, _draw_shots(train_rows, labels, shots, rng),
+                                        template, compute)
             preds.append(best)
             truth.append(labels.index(label))
     metrics = classification_metrics(preds, truth, labels)
-    return {"task": "prompt", "model": model_spec, "shots": shots, "chat": chat, "dtype": str(compute).split(".")[-1],
+    return {"task": "prompt", "model": model_spec, "shots": shots, "chat": chat, "template": template,
+            "dtype": str(compute).split(".")[-1],
             "seconds": time.perf_counter() - t0,
             "test": metrics}
 

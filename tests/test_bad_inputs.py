@@ -336,6 +336,11 @@ CASES = [
     ("pt-out-foreign", ["pretrain", "--data", f"{R}/data", "--out", f"{R}/corpus", *TINY_LLAMA],
      "not an lmforge run directory", None),
     ("pt-no-data", ["pretrain", "--out", f"{R}/new-run", *TINY_LLAMA], "--data is required", None),
+    # required flags named as typed, with the help of the very subcommand (once "finetune.classify.base")
+    ("prep-nothing", ["prepare"], "--data, --tokenizer, --out are required. See `lmforge prepare --help`", None),
+    ("ft-no-out", ["finetune", "instruct", "--base", "x"], "--out is required. See `lmforge finetune instruct --help`",
+     None),
+    ("ft-no-task", ["finetune"], "give one of classify, instruct, dpo", None),
     ("pt-prompts-type", ["pretrain", "--data", f"{R}/data", "--out", f"{R}/new-run", "--prompts", "{a: 1}"],
      "prompts", None),
     # bad YAML configs

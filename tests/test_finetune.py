@@ -923,9 +923,9 @@ def test_a_resumed_fine_tuning_run_keeps_its_own_settings_and_finishes_a_run_kil
     # --train.max_steps", which fine-tuning ignores, so the run could never be finished
     for name in ("results.json", "confusion.png"):
         (run / name).unlink()
-    resume = ["finetune", "classify", "--base", str(base), "--data", str(data), "--out", str(run), "--resume", "true"]
+    resume = ["finetune", "classify", "--out", str(run), "--resume", "true"]
     capsys.readouterr()
-    assert main(resume) == 0  # its own columns, epochs, LoRA, batch and rate: once all refused as changes
+    assert main(resume) == 0  # its own base, data, columns, epochs, LoRA, batch and rate: once all refused as changes
     assert "already took all its" in capsys.readouterr().out
     again = json.loads((run / "results.json").read_text())
     assert again["steps"] == steps and again["test"] == results["test"] and (run / "confusion.png").is_file()
@@ -940,6 +940,14 @@ def test_a_resumed_fine_tuning_run_keeps_its_own_settings_and_finishes_a_run_kil
     assert json.loads((run / "results.json").read_text())["steps"] > steps
     assert main(first[:-2] + ["--train.max_steps", "3", "--overwrite", "true"]) == 2  # once silently ignored
     assert "give --finetune.epochs instead of --train.max_steps" in capsys.readouterr().err
+    # the data moved: named with its recorded place, and found again with --data
+    moved = data.rename(tmp_path / "moved.tsv")
+    assert main(resume) == 2
+    assert f"the data this run was trained on ({data}, recorded in its config) is gone or moved; give its new place " \
+           "with --data" in capsys.readouterr().err
+    assert main(resume + ["--data", str(moved)]) == 0
+    assert main(["finetune", "classify", "--out", str(tmp_path / "new"), "--resume", "true"]) == 2
+    assert "--base (the model to start from) and --data (the data file) are required; " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("record, field, shown", [

@@ -40,6 +40,8 @@ from .config import (
 COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "finetune", "classify", "merge-lora", "generate", "chat",
             "serve", "eval", "export", "download", "report")
 OVERWRITE_HELP = "write even where --out holds something that is not this command's own output"
+_GROUPS = {"tokenizer": ("train", "encode", "decode"), "finetune": ("classify", "instruct", "dpo"),
+           "eval": ("prompt", "judge", "choice", "suite")}  # commands with subcommands, for the help to point at
 EVAL_COMMANDS = ("eval-prompt", "eval-judge", "eval-choice", "eval-suite")  # `lmforge eval prompt` etc.
 MODEL_HELP = "a run directory, a Hugging Face folder, a .gguf file or a known model name (see `lmforge download`)"
 
@@ -156,8 +158,10 @@ def _parser():  # built once per process: building it parses every config docstr
 
     def finetune_parser(description: str, finetune: dict, train: dict) -> ArgumentParser:
         p = sub_parser(description)
-        p.add_argument("--base", type=str, required=True, help="the model to start from: " + MODEL_HELP)
-        p.add_argument("--data", type=str, required=True, help="the data file")
+        p.add_argument("--base", type=str | None, default=None,
+                       help="the model to start from: " + MODEL_HELP + " (on --resume: the run's own by default)")
+        p.add_argument("--data", type=str | None, default=None,
+                       help="the data file (on --resume: the run's own by default)")
         p.add_argument("--out", type=str, required=True, help="run directory (weights or adapters, config, metrics)")
         p.add_argument("--resume", type=bool, default=False, help="continue the run in --out from its newest checkpoint")
         p.add_argument("--overwrite", type=bool, default=False, help="start over in an --out that holds a run")
@@ -577,6 +581,7 @@ def _finetune_settings(a, given) -> tuple[dict, dict]:
             stored = read_run_config(o.out)
         except LmforgeError:
             stored = None  # no run to resume: fit says so
+    options["base"], options["data"] = _finetune_inputs(o, stored if stored and stored.get("task") == a.task else None)
     if stored is not None and stored.get("task") == a.task:
         def keep(cls, name: str, stored_values: dict) -> object:
             return restored(cls, stored_values, _given(g.get(name)), o.out)
@@ -587,7 +592,7 @@ def _finetune_settings(a, given) -> tuple[dict, dict]:
             configs["lora"] = keep(LoRAConfig, "lora", {"rank": lora.get("rank"), "alpha": lora.get("alpha"),
                                                         "dropout": lora.get("dropout"),
                                                         "targets": targets_of(lora.get("layers", []))})
-        for name in options:
+        for name in _TASK_SETTINGS[a.task]:
             value = _stored_task_setting(stored, name)
             if name not in g and value is not None:
                 options[name] = value
@@ -599,6 +604,31 @@ def _finetune_settings(a, given) -> tuple[dict, dict]:
     return configs, options
 
 
+def _finetune_inputs(o, stored: dict | None) -> tuple[str, str]:
+    """--base and --data of a fine-tuning command; a resumed run's own (recorded in its config) where
+    not given again."""
+    base, data = o.base, o.data
+    if stored is not None:
+        spec = (stored.get("base") or {}).get("spec") if isinstance(stored.get("base"), dict) else None
+        if base is None and isinstance(spec, str):
+            if Path(spec).is_absolute() and not Path(spec).exists():
+                raise LmforgeError(f"the base model this run started from ({spec}, recorded in its config) is gone "
+                                   "or moved; give its new place with --base")
+            base = spec
+        recorded = stored.get("data_path")
+        if data is None and isinstance(recorded, str):
+            if not Path(recorded).is_file():
+                raise LmforgeError(f"the data this run was trained on ({recorded}, recorded in its config) is gone "
+                                   "or moved; give its new place with --data")
+            data = recorded
+    missing = [what for what, value in (("--base (the model to start from)", base), ("--data (the data file)", data))
+               if value is None]
+    if missing:
+        where = f"; {o.out} holds no run of this task to take them from" if o.resume else ""
+        raise LmforgeError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required{where}")
+    return base, data
+
+
 def _finetune_task(a, given) -> None:
     from . import finetune
 
@@ -607,13 +637,13 @@ def _finetune_task(a, given) -> None:
     configs, options = _finetune_settings(a, given)
     common = dict(**configs, resume=o.resume, overwrite=o.overwrite, allow_changes=o.allow_changes)
     if task == "classify":
-        res = finetune.finetune_classify(o.base, o.data, o.out, **options, **common)
+        res = finetune.finetune_classify(options.pop("base"), options.pop("data"), o.out, **options, **common)
         for split in ("val", "test"):
             if split in res:
                 print(f"{split} accuracy {res[split]['accuracy']:.4f} ({res[split]['n']} texts), "
                       f"macro F1 {res[split]['macro_f1']:.4f}")
     elif task == "instruct":
-        res = finetune.finetune_instruct(o.base, o.data, o.out, **options, **common)
+        res = finetune.finetune_instruct(options.pop("base"), options.pop("data"), o.out, **options, **common)
         for when in ("before", "after"):
             r = res.get(when)
             if r:
@@ -621,7 +651,7 @@ def _finetune_task(a, given) -> None:
                 shown = "none (no validation records)" if val is None else f"{val:.4f}"
                 print(f"{when}: val loss {shown}" + (f", test ROUGE-L {r['rouge_l']:.4f}" if "rouge_l" in r else ""))
     else:
-        res = finetune.finetune_dpo(o.base, o.data, o.out, **options, **common)
+        res = finetune.finetune_dpo(options.pop("base"), options.pop("data"), o.out, **options, **common)
         for when in ("before", "after"):
             r = res.get(when)
             if r and "loss" in r:  # nothing to report without validation pairs
@@ -888,6 +918,14 @@ def _flag_error(text: str) -> str:
     subtypes Subtypes: [<class 'int'>, <class 'NoneType'>] Errors: ...'. Other messages pass as they are."""
     import re
 
+    required = re.match(r"the following arguments are required: (.*)$", text)
+    if required:  # "prepare.data, prepare.out" / "finetune.classify.base": the flags as typed
+        flags = [f"--{key.strip().rsplit('.', 1)[-1]}" for key in required.group(1).split(",")]
+        return f"{' and '.join(flags) if len(flags) == 2 else ', '.join(flags)} " \
+               f"{'is' if len(flags) == 1 else 'are'} required"
+    choice = re.match(r'expected "[\w.-]+" to be one of \{([^}]*)\}, but it was not provided', text)
+    if choice:  # `lmforge finetune` alone
+        return f"give one of {', '.join(choice.group(1).split(','))}"
     flag = re.match(r'Parser key "([^"]+)": ', text)
     value = re.search(r"(?:Given value|Got value): (.*?)\.?$", text)
     if not (flag and value):
@@ -919,7 +957,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmforge: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except argparse.ArgumentError as e:
-        where = f"lmforge {argv[0]} --help" if argv and argv[0] in COMMANDS else "lmforge --help"
+        where = "lmforge --help"
+        if argv and argv[0] in COMMANDS:  # the subcommand's own help where one was named (finetune classify)
+            where = f"lmforge {argv[0]} {argv[1]} --help" if argv[0] in _GROUPS and len(argv) > 1 \
+                and argv[1] in _GROUPS[argv[0]] else f"lmforge {argv[0]} --help"
         print(f"lmforge: error: {_flag_error(one_line(str(e))).rstrip('.')}. See `{where}`.", file=sys.stderr)
         return 2
     except BrokenPipeError:

@@ -1069,3 +1069,25 @@ def test_a_bad_record_is_named_by_its_place_in_the_file_not_in_the_shuffled_spli
     with pytest.raises(tasks.DataError, match=r"data.json, record 3: the field 'instruction' is null"):
         run(str(base), str(tmp_path / "data.json"), tmp_path / "run", FinetuneConfig(trainable="all", epochs=1.0),
             train=TrainConfig(batch_size=4, dtype="float32"), progress=False)
+
+
+@pytest.mark.parametrize("content, hint", [
+    # the SMS Spam Collection's layout: label, then text, no header
+    ("ham\tGo until jurong point, crazy\nspam\tFree entry in 2 a wkly comp\nham\tOk lar... Joking wif u oni\n"
+     "ham\tU dun say so early hor\n", "by number for a file without a header (by the look of its rows: "
+                                      "--text_column 1 --label_column 0)"),
+    ("the first message is long\tpositive\nanother long message\tnegative\nand a third one\tpositive\n",
+     "--text_column 0 --label_column 1)"),
+    ("sentiment,review\npos,a fine film all along\nneg,dull and far too long\npos,would see it again\n",
+     "name columns of its header (by the look of its rows: --text_column 'review' --label_column 'sentiment')"),
+    ("just one column\nand another row\n", "needs a text column and a label column; this one has one"),
+])
+def test_a_missing_column_is_answered_with_the_columns_the_rows_suggest(tmp_path, content, hint):
+    """Once always "--text_column 1 --label_column 0", whatever the file held."""
+    from lmforge.tasks import DataError, read_labelled
+
+    path = tmp_path / ("data.csv" if "," in content.split("\n")[0] else "data.tsv")
+    path.write_text(content)
+    with pytest.raises(DataError, match="has no column 'text'") as e:
+        read_labelled(path)
+    assert hint in str(e.value)

@@ -69,14 +69,34 @@ def read_records(path: str | Path) -> list[dict]:
     return records
 
 
-def _column(header: list[str] | None, name: str, path: Path, first: list[str]) -> int:
+def _column(header: list[str] | None, name: str, path: Path, table: list[list[str]]) -> int:
     if name.isdigit():
         return int(name)
     if header is None or name not in header:
+        first = table[0]
         raise DataError(f"{path} has no column {name!r} (its first row: {', '.join(c[:20] for c in first)}); "
-                        f"name a column of its header, or give the columns by number for a file without a header "
-                        f"(--text_column 1 --label_column 0)")
+                        f"{_column_hint(table)}")
     return header.index(name)
+
+
+def _column_hint(table: list[list[str]]) -> str:
+    """What to give instead of a column name that is not there, by the look of the rows: the label is
+    the column of fewest distinct values, the text the one of longest cells. Named when the first row
+    is a header (its cells occur nowhere below), numbered when the file has none."""
+    rows = [r for r in table[:1000] if len(r) == len(table[0])]
+    width = len(table[0])
+    if width < 2:
+        return "a labelled file needs a text column and a label column; this one has one"
+    distinct = [len({r[i] for r in rows}) for i in range(width)]
+    length = [sum(len(r[i]) for r in rows) / len(rows) for i in range(width)]
+    label = min(range(width), key=lambda i: (distinct[i], length[i]))
+    text = max((i for i in range(width) if i != label), key=lambda i: length[i])
+    header = len(rows) > 1 and all(all(r[i] != rows[0][i] for r in rows[1:]) for i in (text, label))
+    if header:
+        return (f"name columns of its header (by the look of its rows: --text_column {rows[0][text]!r} "
+                f"--label_column {rows[0][label]!r})")
+    return (f"give the columns by number for a file without a header (by the look of its rows: --text_column {text} "
+            f"--label_column {label})")
 
 
 def field_text(value: object, where: str, name: str) -> str:
@@ -125,8 +145,8 @@ def read_labelled(path: str | Path, text_column: str = "text", label_column: str
         raise DataError(f"{path} holds no rows")
     numbered = text_column.isdigit() and label_column.isdigit()
     header = None if numbered else table[0]
-    ti = _column(header, text_column, path, table[0])
-    li = _column(header, label_column, path, table[0])
+    ti = _column(header, text_column, path, table)
+    li = _column(header, label_column, path, table)
     body = table if numbered else table[1:]
     rows = []
     for n, r in enumerate(body, 1 if numbered else 2):

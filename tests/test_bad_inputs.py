@@ -246,6 +246,8 @@ CASES = [
      None),
     ("dec-not-int", ["tokenizer", "decode", "--tokenizer", f"{R}/tok.json", "--ids", "1 x"], "must be integers", None),
     ("dec-float", ["tokenizer", "decode", "--tokenizer", f"{R}/tok.json", "--ids", "1.5"], "must be integers", None),
+    ("dec-empty-item", ["tokenizer", "decode", "--tokenizer", f"{R}/tok.json", "--ids", "1,,2"],
+     "empty item between commas", None),  # once decoded as "1,2"
     ("dec-out-of-range", ["tokenizer", "decode", "--tokenizer", f"{R}/tok.json", "--ids", "99999"],
      "outside this tokenizer's vocabulary", None),
     ("dec-negative", ["tokenizer", "decode", "--tokenizer", f"{R}/tok.json", "--ids", "-1"], "-1", None),

@@ -768,8 +768,13 @@ def _tokenizer(a) -> None:
     else:
         tok = Tokenizer.load(a.decode.tokenizer)
         raw = a.decode.ids if a.decode.ids is not None else _utf8(sys.stdin.buffer.read(), "the ids")
+        import re
+
+        items = re.split(r"\s*,\s*|\s+", raw.strip()) if raw.strip() else []
+        if "" in items:  # "1,,2" or "1,2,": an id left out, not a separator to skip
+            raise LmforgeError("--ids has an empty item between commas; give integers separated by spaces or commas")
         try:
-            ids = [int(x) for x in raw.replace(",", " ").split()]
+            ids = [int(x) for x in items]
         except ValueError:
             raise LmforgeError("--ids must be integers separated by spaces or commas") from None
         sys.stdout.write(tok.decode(ids) + "\n")

@@ -76,15 +76,17 @@ def train_tokenizer(paths: list[str], out: str | Path, config: TokenizerConfig =
     check_output(target, kind="file", what="an lmforge tokenizer file", own_kind=_is_tokenizer_file,
                  inputs=paths, overwrite=overwrite)
     docs = read_documents(paths, data)
-    train_docs, _ = split_documents(docs, data)
+    train_docs, val_docs = split_documents(docs, data)
     t0 = time.perf_counter()
     tok = Tokenizer.train(train_docs, config, verbose=True)
     try:
         path = tok.save(target)
     except OSError as e:
         raise write_error(target, e) from None
-    print(f"trained a {tok.vocab_size}-token BPE tokenizer on {sum(map(len, train_docs)):,} characters "
-          f"in {time.perf_counter() - t0:.1f} s -> {path}")
+    held = sum(map(len, val_docs))
+    print(f"trained a {tok.vocab_size}-token BPE tokenizer on {sum(map(len, train_docs)):,} characters"
+          + (f" ({held:,} more held out for validation)" if held else "")
+          + f" in {time.perf_counter() - t0:.1f} s -> {path}")
     return tok
 
 

@@ -459,7 +459,9 @@ CASES = [
     ("run-guard", ["run", "--out", f"{R}/default", "--data", f"{R}/corpus", "--vocab_size", "300", "--max_minutes",
                    "-1"], "max_minutes must be > 0", None),
     ("run-fourway", ["run", "--out", f"{R}/default", "--fourway_limit", "5"],
-     "--fourway_limit must be 0 (leave the stage out) or at least 20", None),
+     "--fourway_limit must be 0 (leave the stage out) or 20 to 1284 texts", None),
+    ("run-fourway-more", ["run", "--out", f"{R}/default", "--fourway_limit", "5000"],  # once "5000 of the 1,284"
+     "--fourway_limit must be 0 (leave the stage out) or 20 to 1284 texts", None),
 ]
 
 

@@ -325,13 +325,16 @@ def _compare_with_pretrained(run: Path, paths: list[str], name: str = "smollm2-1
 FOUR_WAYS = "four-ways"
 
 
+SMS_SPAM_BALANCED = 1284  # texts of the SMS Spam Collection once balanced (every spam text, as many ham ones)
+
+
 def _four_ways(out: Path, limit: int, name: str = "smollm2-135m-instruct") -> dict:
     """Stage 6 of the default run: the pretrained model adapted to a task four ways (zero-shot,
     few-shot, a classifier head, instruction tuning), on a subsample of SMS spam that fits the run's budget."""
     from .four_ways import four_ways
     from .hub import HubError
 
-    print(f"== 6/6 four ways to solve a task: {name} on SMS spam (ham or spam), {limit} of the 1,284 balanced "
+    print(f"== 6/6 four ways to solve a task: {name} on SMS spam (ham or spam), {limit} of the {SMS_SPAM_BALANCED:,} balanced "
           "texts (a subsample, to fit this run's budget; benchmarks/finetune_quality.py runs all of them)")
     try:
         res = four_ways(name, "sms-spam", out / FOUR_WAYS, limit=limit, shots=4, epochs=1.0, trainable="lora",
@@ -453,8 +456,9 @@ def main_job(data: list[str] | None = None, out: str | Path = "runs/default", st
     if steps < 1:  # (before the train config, whose message names flags `run` does not have)
         raise LmforgeError(f"--steps must be at least 1, got {steps}")
     _, train = configs(vocab_size)  # bad settings are refused before anything is written
-    if fourway_limit != 0 and not 20 <= fourway_limit:
-        raise LmforgeError(f"--fourway_limit must be 0 (leave the stage out) or at least 20 texts, got {fourway_limit}")
+    if fourway_limit != 0 and not 20 <= fourway_limit <= SMS_SPAM_BALANCED:
+        raise LmforgeError(f"--fourway_limit must be 0 (leave the stage out) or 20 to {SMS_SPAM_BALANCED} texts (all the "
+                           f"balanced SMS spam texts), got {fourway_limit}")
     tok_config = TokenizerConfig(vocab_size=vocab_size)
     resume = has_checkpoint(out / "model")
     if resume:

@@ -687,3 +687,71 @@ def test_a_client_too_slow_to_send_its_request_is_disconnected_and_others_are_se
         conn.sock.sendall(b"GET / HTTP/1.1\r\n")
         assert closed_within(conn.sock, 5)
         conn.close()
+
+
+def test_a_client_that_stops_reading_its_answer_is_dropped_and_the_answer_stops(caplog):
+    """A client that sends a request and then reads nothing held its connection, and the stream
+    writing to it, for ever: uvicorn waits for room in the buffers. Once they are full, the client
+    has the request timeout (1 s here) to take some; a client that reads slowly is not cut."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+    chunk, total = b"x" * 65536, 400  # 26 MB: more than any socket buffers hold
+    streams = []
+
+    @app.get("/long")
+    async def long() -> StreamingResponse:
+        state = {"sent": 0, "ended": False}
+        streams.append(state)
+
+        async def body():
+            try:
+                for _ in range(total):
+                    state["sent"] += 1
+                    yield chunk
+                    await asyncio.sleep(0)
+            finally:
+                state["ended"] = True
+
+        return StreamingResponse(body(), media_type="text/plain")
+
+    def request(port: int, rcvbuf: int | None = None) -> socket.socket:
+        conn = socket.socket()
+        if rcvbuf:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connecting: the window is set then
+        conn.connect(("127.0.0.1", port))
+        conn.sendall(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n")
+        return conn
+
+    with running(app, request_timeout=1.0) as url:
+        port = int(url.rsplit(":", 1)[1])
+        stalled = request(port, 4096)
+        deadline = time.monotonic() + 20
+        while not (streams and streams[0]["ended"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert streams[0]["ended"], "the server kept writing to a client that reads nothing"
+        assert streams[0]["sent"] < total
+        stalled.settimeout(10)
+        got = 0
+        try:
+            while data := stalled.recv(1 << 16):
+                got += len(data)
+        except ConnectionResetError:
+            pass  # dropped: what was still queued is gone
+        stalled.close()
+        assert got < total * len(chunk)
+        # A client that keeps reading, slowly, gets the whole answer
+        slow = request(port)
+        slow.settimeout(10)
+        got, reads = 0, 0
+        while data := slow.recv(1 << 16):
+            got, reads = got + len(data), reads + 1
+            if reads <= 8:
+                time.sleep(0.4)  # pauses shorter than the deadline, while the buffers are full
+            if got >= total * len(chunk):
+                break
+        slow.close()
+        assert got >= total * len(chunk) and streams[1]["sent"] == total
+    assert [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()] == [
+        "dropped a connection that took none of its answer for 1 s"]  # the stalled one; the slow one was not

@@ -251,7 +251,8 @@ def _parser():  # built once per process: building it parses every config docstr
     p.add_argument("--template", type=str | None, default=None, help="chat, alpaca or phi3 (default: the template "
                    "the model was tuned on, else its own chat template, else alpaca)")
     p.add_argument("--request_timeout", type=float, default=60.0, help="seconds a client has to send one whole "
-                   "request, headers and body; a slower one is disconnected (answers may take longer)")
+                   "request, headers and body, and to take some of an answer once the buffers are full; a slower "
+                   "one is disconnected (answers may take longer)")
     decoding_flags(p)
     cmds.add_subcommand("serve", p, help="OpenAI-compatible HTTP API and chat page")
 

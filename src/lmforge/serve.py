@@ -798,13 +798,19 @@ def _deadline_protocol(seconds: float) -> type:
     on) for ever, and enough of them lock everyone out. Here a client has ``seconds`` from connecting,
     or from the end of the last response, to send one whole request, headers and body together
     (a deadline for the whole request, where nginx times each read); then the connection is closed.
-    Requests here are small (at most ``MAX_BODY``, 1 MB: 17 kB/s is enough). Sending the answer has
-    no deadline: a long streamed answer is not cut."""
+    Requests here are small (at most ``MAX_BODY``, 1 MB: 17 kB/s is enough).
+
+    Sending the answer has no deadline: a long streamed answer is not cut. But a client that stops
+    reading it would hold the connection, and the answer queued for it, for ever (the send waits for
+    room that never comes). So once the socket's buffers are full, the client has ``seconds`` to take
+    some of the answer (as nginx's send_timeout); then the connection is dropped (aborted: closing
+    would wait to send what is queued), and the app sees the client gone."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class DeadlineH11Protocol(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
+        _stall: asyncio.TimerHandle | None = None  # armed while the answer waits for the client to read
 
         def _arm(self) -> None:
             self._disarm()
@@ -834,14 +840,57 @@ def _deadline_protocol(seconds: float) -> type:
             self._arm()  # before the next request is read: the base class may read a pipelined one at once
             super().on_response_complete()
 
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._stall is None:
+                self._watch(self._queued())
+
+        def resume_writing(self) -> None:
+            self._unstall()
+            super().resume_writing()
+
+        def _queued(self) -> tuple[int, int]:
+            """Bytes of the answer not yet taken: in the transport's buffer, and in the kernel's send
+            queue (Linux; -1 elsewhere). The kernel's buffers may hold megabytes: a client that reads,
+            however slowly, empties them a little at a time long before the transport's buffer moves."""
+            queued = -1
+            sock = self.transport.get_extra_info("socket")
+            try:
+                import fcntl
+                import struct
+                import termios
+
+                queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            except (ImportError, AttributeError, OSError, ValueError):
+                pass
+            return self.transport.get_write_buffer_size(), queued
+
+        def _watch(self, before: tuple[int, int]) -> None:
+            self._stall = self.loop.call_later(seconds, self._stalled, before)
+
+        def _unstall(self) -> None:
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
+
+        def _stalled(self, before: tuple[int, int]) -> None:
+            self._stall = None
+            now = self._queued()
+            if any(n < b for n, b in zip(now, before)):  # the client took some: it reads, slowly
+                self._watch(now)
+            elif now[0] or not self.transport.is_closing():
+                log.warning("dropped a connection that took none of its answer for %g s", seconds)
+                self.transport.abort()
+
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self._unstall()
             super().connection_lost(exc)
 
     return DeadlineH11Protocol
 
 
-REQUEST_TIMEOUT = 60.0  # seconds to send one whole request, headers and body (nginx allows 60 s per read)
+REQUEST_TIMEOUT = 60.0  # seconds to send one whole request, or to read some of a stalled answer (nginx: 60 s)
 
 
 def server_config(app: FastAPI, request_timeout: float = REQUEST_TIMEOUT):

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, TokenizerConfig
 from lmforge.distributed import activation_bytes, memory_per_device
 from lmforge.model import GPT
 
@@ -388,6 +388,59 @@ def test_under_fsdp_only_rank_0_builds_the_model_and_every_rank_gets_its_values(
     assert out["weights_diff"] == 0.0  # gathered from both ranks' shards: rank 1's came from rank 0
     assert out["loss"] == pytest.approx(out["ref_loss"], abs=1e-6)
     assert out["tied"]
+
+
+BASE = textwrap.dedent("""
+    import json, sys
+    import torch
+    import torch.distributed as dist
+    from lmforge import distributed, finetune
+    from lmforge.config import TrainConfig
+
+    group = distributed.init(timeout_s=60)
+    reads = []
+    load = finetune._load_base
+    finetune._load_base = lambda *a, **k: reads.append(a[0]) or load(*a, **k)
+    torch.manual_seed(group.rank)
+    model, tok, identity = finetune._base_model(sys.argv[1], torch.device("cpu"), TrainConfig(strategy="fsdp"))
+    seen = [None] * 2
+    dist.all_gather_object(seen, {"reads": len(reads), "shapes_only": distributed.on_meta(model),
+                                  "identity": identity, "tokenizer": tok.fingerprint,
+                                  "tied": model.lm_head.weight is model.wte.weight})
+    distributed.wrap(model, "fsdp")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if group.main:
+        from lmforge.models import load_any
+        reference, _ = load_any(sys.argv[1])
+        diff = max((weights[k] - v).abs().max().item() for k, v in reference.state_dict().items())
+        print("RESULT " + json.dumps({"ranks": seen, "weights_diff": diff}))
+    distributed.close()
+""")
+
+
+@pytest.mark.slow
+def test_under_fsdp_only_rank_0_reads_the_base_model_of_a_fine_tuning_run(tmp_path):
+    """Once every rank read the whole base into host memory (8 copies on a machine of 8 ranks): now
+    rank 0 reads it and sends the others its shapes, tokenizer and identity; their shards get rank 0's
+    values."""
+    from lmforge.checkpoint import save_model
+    from lmforge.tokenizer import Tokenizer
+
+    base = tmp_path / "base"
+    tok = Tokenizer.train(["the cat sat on the mat " * 20], TokenizerConfig(vocab_size=264))
+    torch.manual_seed(0)
+    save_model(base, GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=32, d_model=32, n_layer=2,
+                                     n_head=2)), 0, {"task": "pretrain"})
+    tok.save(base / "tokenizer.json")
+    res = _on_two_ranks(tmp_path / "base.py", BASE.replace("sys.argv[1]", repr(str(base))), timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    first, second = out["ranks"]
+    assert (first["reads"], second["reads"]) == (1, 0) and (first["shapes_only"], second["shapes_only"]) == (False, True)
+    assert first["identity"] == second["identity"] and first["identity"]["digest"]
+    assert first["tokenizer"] == second["tokenizer"] == tok.fingerprint and second["tied"]
+    assert out["weights_diff"] == 0.0  # gathered from both ranks' shards: rank 1's came from rank 0
 
 
 PARITY = textwrap.dedent("""

@@ -274,6 +274,32 @@ def on_main(fn: Callable[[], Any], device: torch.device | None = None) -> Any:
     return result
 
 
+def from_main(fn: Callable[[], Any], device: torch.device | None = None) -> Any:
+    """``fn()`` run on rank 0 alone and its result sent to every rank (pickled: something small, such
+    as shapes and a tokenizer, not weights); when it fails there, every rank fails with it."""
+    result = on_main(fn, device)
+    group = current()
+    if not group.active:
+        return result
+    import torch.distributed as dist
+
+    box = [result]
+    dist.broadcast_object_list(box, src=0, device=device or device_of(group))
+    return box[0]
+
+
+def shapes_of(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` that holds no values: every parameter and buffer on the meta device, with
+    its shape, dtype, ``requires_grad`` and ties (an output layer tied to the embedding stays tied)."""
+    import copy
+
+    memo: dict[int, Any] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)  # what memo maps is taken as already copied
+
+
 def rank_rows(batches: Callable[[int], Any], group: Group | None = None) -> Callable[[int], Any]:
     """A batch source of this rank's rows of each global batch (every tensor split along dim 0).
     For fine-tuning batches built whole; pretraining windows read only their own rows (data.py).
@@ -467,7 +493,7 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 4, at
 
 __all__ = [
     "STRATEGIES", "DistributedError", "Group", "activation_bytes", "all_ok", "build", "check_batch", "check_launch",
-    "close", "current", "device_of", "full_state", "gradient_norm", "gradient_sync", "init", "is_sharded", "launch",
-    "launched", "load_optimizer_state", "mean_over_ranks", "memory_per_device", "on_main", "on_meta", "rank_rows",
-    "reshard", "wrap", "writer",
+    "close", "current", "device_of", "from_main", "full_state", "gradient_norm", "gradient_sync", "init", "is_sharded",
+    "launch", "launched", "load_optimizer_state", "mean_over_ranks", "memory_per_device", "on_main", "on_meta",
+    "rank_rows", "reshard", "shapes_of", "wrap", "writer",
 ]

@@ -100,10 +100,25 @@ def _shards_early(train: TrainConfig) -> bool:
     return distributed.current().active and train.strategy == "fsdp"
 
 
-def _load_device(dev: torch.device, train: TrainConfig) -> torch.device:
-    """Where the base is loaded: the device, or under FSDP2 host memory (sharding then sends each
-    block's share to the device: the whole base never is on one)."""
-    return torch.device("cpu") if _shards_early(train) else dev
+def _base_model(base: str, dev: torch.device, train: TrainConfig, language_model: bool = True) -> tuple:
+    """(model, tokenizer, the base's identity) to fine-tune on ``dev``.
+
+    Under FSDP2 only rank 0 reads the base, into host memory (sharding then sends each block's share
+    to the device: the whole base is never on one); the other ranks get its shapes, tokenizer and
+    identity from rank 0 and read nothing, and ``distributed.wrap`` fills their shards from rank 0's
+    values. So a machine of 8 ranks holds one copy of the base in host memory, not 8."""
+    if not _shards_early(train):
+        model, tok = _load_base(base, dev, language_model)
+        return model, tok, _base_identity(base, model, tok)
+    held: dict = {}
+
+    def load() -> tuple:
+        model, tok = _load_base(base, torch.device("cpu"), language_model)
+        held["model"] = model  # rank 0 keeps its values; what it sends is shapes
+        return distributed.shapes_of(model), tok, _base_identity(base, model, tok)
+
+    shapes, tok, identity = distributed.from_main(load)
+    return held.get("model", shapes), tok, identity
 
 
 def _load_base(base: str, device: torch.device, language_model: bool = True) -> tuple[GPT, object]:
@@ -279,7 +294,7 @@ def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: Fi
     if len(labels) < 2:
         raise LmforgeError(f"the training split of {data} has only the label {labels[0]!r}; a classifier needs "
                            "at least two classes")
-    model, tok = _load_base(base, _load_device(dev, train), language_model=False)
+    model, tok, identity = _base_model(base, dev, train, language_model=False)
     ctx = model.config.context_length
     max_len = min(finetune.max_length or ctx, ctx)
     if pad_to is not None and not 1 <= pad_to <= ctx:
@@ -290,7 +305,6 @@ def finetune_classify(base: str, data: str | Path, out: str | Path, finetune: Fi
     print(f"data: {len(rows)} texts, {len(labels)} classes ({', '.join(labels)}); train {len(train_rows)}, "
           f"val {len(val_rows)}, test {len(test_rows)}" + (f"; {truncated} texts cut to {max_len} tokens"
                                                             if truncated else ""))
-    identity = _base_identity(base, model, tok)
     torch.manual_seed(train.seed)
     model.replace_head(len(labels))
     set_trainable(model, finetune, lora, head_trains=True)
@@ -373,10 +387,9 @@ def _language_task(base: str, data: str | Path, out: str | Path, finetune: Finet
     records = tasks.subsample(in_file, finetune.limit, finetune.seed)
     splits = tasks.split(records, finetune.split, finetune.seed)
     name = tasks.record_names(in_file, str(data))  # errors name a record by its place in the file
-    model, tok = _load_base(base, _load_device(dev, train))
+    model, tok, identity = _base_model(base, dev, train)
     if template == "chat" and not tok.chat_template:
         raise LmforgeError(f"{base} has no chat template; use --template alpaca or phi3")
-    identity = _base_identity(base, model, tok)
     torch.manual_seed(train.seed)
     # What trains is chosen before the untuned model is scored: LoRA adapters start at zero, so the
     # scores are the base's either way, and under FSDP2 the model can be sharded first.

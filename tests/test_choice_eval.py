@@ -163,7 +163,12 @@ BAD = [
     ("bigbench only ties", "task.json", '{"examples": [{"input": "a", "target_scores": {"x": 0, "y": 0}}]}',
      r"no example has a single best choice"),
     ("bigbench scores not numbers", "task.json", '{"examples": [{"input": "a", "target_scores": {"x": "1"}}]}',
-     r"every target score must be a number"),
+     r"every target score must be a finite number"),
+    ("bigbench NaN score", "task.json", '{"examples": [{"input": "a", "target_scores": {"x": NaN, "y": 0}}]}',
+     r"every target score must be a finite number"),  # once scored: NaN made no choice the best, silently
+    ("bigbench prefix not text", "task.json", '{"examples": [{"input": "a", "target_scores": {"x": 1, "y": 0}}], '
+                                              '"choice_prefix": 3}', r"choice_prefix is a number, not text"),
+    ("object without examples", "t.json", '{"name": "x"}', r"one JSON object without 'examples': not a BIG-bench task"),
     ("bigbench broken JSON", "task.json", '{"examples": [\n  {"input": "a",}\n]}', r"is not valid JSON \(.* line 2"),
     ("bigbench subtasks", "task.json", '{"name": "x", "subtasks": ["a"]}', r"has no 'examples'"),
 ]
@@ -302,6 +307,19 @@ def test_long_contexts_are_cut_from_the_left_and_counted(tok):
 def test_a_continuation_longer_than_the_window_is_refused(tok):
     with pytest.raises(LmforgeError, match="longer than the model's window"):
         loglikelihoods(tiny(tok, context_length=8), tok, [("a", " " + TEXT)])
+    items = [ChoiceItem("a", ["b", "c"], 0), ChoiceItem("a", ["b", TEXT], 0)]
+    with pytest.raises(LmforgeError, match=r"^item 2 of 2, choice 2 \('.*'\): the continuation is \d+ tokens"):
+        evaluate_choice(tiny(tok, context_length=8), tok, items)  # once "request 3"
+
+
+def test_a_null_bigbench_prefix_is_the_default_not_the_text_none(tmp_path):
+    path = tmp_path / "task.json"
+    task = {"examples": [{"input": "t", "target_scores": {"a": 1, "b": 0}}]}
+    path.write_text(json.dumps(task))
+    default = read_task(path)
+    path.write_text(json.dumps({**task, "example_input_prefix": None, "example_output_prefix": None,
+                                "choice_prefix": None}))
+    assert read_task(path) == default and "None" not in default[0].context
 
 
 def test_greedy_flag_is_whether_the_model_would_have_written_the_continuation(tok):

@@ -118,6 +118,9 @@ def _json_records(path: Path, text: str) -> dict | list[tuple[str, object]]:
             if isinstance(whole, dict) and path.name == "task.json":
                 raise LmforgeError(f"{path} has no 'examples' (a BIG-bench task with subtasks keeps them in its "
                                    "subfolders); give one subtask's task.json")
+            if isinstance(whole, dict) and not {"context", "choices", "ctx", "endings"} & set(whole):  # no record
+                raise LmforgeError(f"{path} is one JSON object without 'examples': not a BIG-bench task; give a "
+                                   "BIG-bench task.json, or records (a JSON list or one object per line)")
             if isinstance(whole, list):
                 return [(f"record {i + 1}", rec) for i, rec in enumerate(whole)]
     records = []
@@ -239,9 +242,18 @@ def _bigbench_items(path: Path, task: dict) -> tuple[list[ChoiceItem], list[str]
     examples = task["examples"]
     if not isinstance(examples, list) or not examples:
         raise LmforgeError(f"{path}: 'examples' is empty or not a list; a BIG-bench task needs a list of examples")
-    input_prefix = str(task.get("example_input_prefix", "\nQ: "))
-    output_prefix = str(task.get("example_output_prefix", "\nA: "))
-    choice_prefix = str(task.get("choice_prefix", "\n  choice: "))
+    def prefix(name: str, default: str) -> str:  # null means the default (once the text "None")
+        value = task.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise LmforgeError(f"{path}: {name} is {_json_type(value)}, not text; give a string (or leave it out for "
+                               f"{default!r})")
+        return value
+
+    input_prefix = prefix("example_input_prefix", "\nQ: ")
+    output_prefix = prefix("example_output_prefix", "\nA: ")
+    choice_prefix = prefix("choice_prefix", "\n  choice: ")
     append_choices = bool(task.get("append_choices_to_input", True))
     items, tied = [], []
     for i, ex in enumerate(examples):
@@ -256,9 +268,9 @@ def _bigbench_items(path: Path, task: dict) -> tuple[list[ChoiceItem], list[str]
                                "choice -> score")
         choices = _checked_choices(path, where, list(scores))
         values = list(scores.values())
-        if not all(is_number(v) for v in values):
-            raise LmforgeError(f"{path}: {where}: every target score must be a number; give e.g. 1 for the right "
-                               "choice and 0 for the others")
+        if not all(is_number(v) and math.isfinite(v) for v in values):  # NaN would make no choice the best
+            raise LmforgeError(f"{path}: {where}: every target score must be a finite number; give e.g. 1 for the "
+                               "right choice and 0 for the others")
         best = max(values)
         if values.count(best) > 1:
             tied.append(i + 1)
@@ -311,7 +323,10 @@ class _Request:
     truncated: int
 
 
-def _requests(tokenizer, pairs: Sequence[tuple[str, str]], window: int) -> list[_Request]:
+def _requests(tokenizer, pairs: Sequence[tuple[str, str]], window: int,
+              names: Sequence[str] | None = None) -> list[_Request]:
+    """The pairs encoded and fitted to the window; ``names`` say in errors which pair is meant (as
+    "item 3, choice 2"; by default "request i")."""
     out = []
     memo: dict[str, list[int]] = {}  # a context shared by four choices is encoded once
     for i, (context, continuation) in enumerate(pairs):
@@ -325,16 +340,16 @@ def _requests(tokenizer, pairs: Sequence[tuple[str, str]], window: int) -> list[
         else:
             ctx, cont = encode_request(tokenizer, context, continuation)
         if not cont:
-            raise LmforgeError(f"request {i}: the continuation {continuation!r} encodes to no tokens; give every "
-                               "choice some text")
-        out.append(_request(i, ctx, cont, window))
+            raise LmforgeError(f"{names[i] if names else f'request {i}'}: the continuation {continuation!r} encodes "
+                               "to no tokens; give every choice some text")
+        out.append(_request(i, ctx, cont, window, names[i] if names else None))
     return out
 
 
-def _request(i: int, ctx: list[int], cont: list[int], window: int) -> _Request:
+def _request(i: int, ctx: list[int], cont: list[int], window: int, name: str | None = None) -> _Request:
     if len(cont) > window:
-        raise LmforgeError(f"request {i}: the continuation is {len(cont)} tokens, longer than the model's window "
-                           f"({window}); shorten the choice or use a model with a longer context")
+        raise LmforgeError(f"{name or f'request {i}'}: the continuation is {len(cont)} tokens, longer than the "
+                           f"model's window ({window}); shorten the choice or use a model with a longer context")
     # The first token is never predicted, so window + 1 tokens fit one pass (as in the harness).
     cut = max(0, len(ctx) + len(cont) - (window + 1))
     return _Request(i, ctx[cut:], cont, cut)
@@ -368,16 +383,16 @@ def loglikelihood_reference(model: torch.nn.Module, tokenizer, context: str, con
 @torch.no_grad()
 def loglikelihoods(model: torch.nn.Module, tokenizer, requests: list[tuple[str, str]], batch_size: int = 16,
                    dtype: torch.dtype = torch.float32, progress: bool = False,
-                   stats: dict | None = None) -> list[tuple[float, bool, int]]:
+                   stats: dict | None = None, names: Sequence[str] | None = None) -> list[tuple[float, bool, int]]:
     """For each (context, continuation): (summed log p of the continuation's tokens given the context,
     whether each of them is the model's greedy choice, how many there are), in the order given.
 
     Contexts longer than the window lose tokens from the left; pass a dict as ``stats`` to get
     ``truncated`` (how many requests were cut) and ``truncated_tokens`` (per request, in order).
-    ``batch_size`` counts continuations scored together."""
+    ``batch_size`` counts continuations scored together; ``names`` name the requests in errors."""
     if batch_size < 1:
         raise LmforgeError(f"batch_size must be >= 1, got {batch_size}")
-    reqs = _requests(tokenizer, requests, model.config.context_length)
+    reqs = _requests(tokenizer, requests, model.config.context_length, names)
     if stats is not None:
         stats["truncated_tokens"] = [r.truncated for r in reqs]
         stats["truncated"] = sum(1 for r in reqs if r.truncated)
@@ -579,9 +594,11 @@ def evaluate_choice(model: torch.nn.Module, tokenizer, items: list[ChoiceItem], 
         tune_cpu_allocator()
     contexts = build_contexts(items, shots, seed, fewshot_items)
     requests = [(ctx, TARGET_DELIMITER + c) for ctx, item in zip(contexts, items) for c in item.choices]
+    names = [f"item {i + 1} of {len(items)}, choice {j + 1} ({c[:30]!r})" for i, item in enumerate(items)
+             for j, c in enumerate(item.choices)]
     stats: dict = {}
     t0 = time.perf_counter()
-    scores = loglikelihoods(model, tokenizer, requests, batch_size, dtype, progress, stats=stats)
+    scores = loglikelihoods(model, tokenizer, requests, batch_size, dtype, progress, stats=stats, names=names)
     seconds = time.perf_counter() - t0
     per_item, at = [], 0
     for i, item in enumerate(items):

@@ -54,6 +54,7 @@ def test_few_shot_evaluation_scores_the_finetune_test_split(base, tmp_path):
     res = evaluate_prompting(str(base), data, "1", "0", shots=2, progress=False)
     _, _, test = tasks.split(tasks.read_labelled(data, "1", "0"), (0.7, 0.1, 0.2), 123)
     assert res["test"]["n"] == len(test) == 6 and 0.0 <= res["test"]["accuracy"] <= 1.0
+    assert res["truncated"] == 0 and res["context_length"] == 512
     assert sum(map(sum, res["test"]["confusion"])) == 6
     with pytest.raises(LmforgeError, match="--shots must be >= 0"):
         evaluate_prompting(str(base), data, "1", "0", shots=-1)
@@ -61,6 +62,24 @@ def test_few_shot_evaluation_scores_the_finetune_test_split(base, tmp_path):
     with pytest.raises(LmforgeError, match=r"^--shots 1000 is more examples than the training split of .*d.tsv holds "
                                            r"\(21\); give at most 21$"):
         evaluate_prompting(str(base), data, "1", "0", shots=1000)
+
+
+def test_prompts_longer_than_the_context_are_counted_and_reported(tmp_path, capsys):
+    """Once cut silently: a 5-shot prompt four times the context lost its instruction and first examples."""
+    from lmforge.checkpoint import save_model
+    from lmforge.cli import main
+
+    run = tmp_path / "short"
+    tok = Tokenizer.train([TEXT * 5], TokenizerConfig(vocab_size=300))
+    save_model(run, GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=96, d_model=16, n_layer=1, n_head=2)), 0)
+    tok.save(run / "tokenizer.json")
+    data = tmp_path / "d.tsv"
+    data.write_text("".join(f"{'spam' if i % 2 else 'ham'}\ttext number {i}\n" for i in range(30)))
+    assert main(["eval", "prompt", str(run), "--data", str(data), "--text_column", "1", "--label_column", "0",
+                 "--shots", "4"]) == 0
+    assert "6 prompts cut to the model's 96 tokens, their start lost: give fewer --shots" in capsys.readouterr().out
+    assert main(["eval", "prompt", str(run), "--data", str(data), "--text_column", "1", "--label_column", "0"]) == 0
+    assert "cut" not in capsys.readouterr().out  # zero-shot, these texts fit
 
 
 def test_parse_score():

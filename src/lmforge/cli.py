@@ -499,8 +499,11 @@ def _run(argv: list[str]) -> int:
         _check_json_out(a, "eval-prompt", [a.run, a.data])  # before the work: a refusal costs nothing
         res = evaluate_prompting(a.run, a.data, a.text_column, a.label_column, a.shots, a.balance, tuple(a.split),
                                  a.seed, a.limit, a.test_limit, a.chat)
+        fix = "give fewer --shots" if a.shots else "the texts are longer than the model's context"
+        cut = (f", {res['truncated']} prompts cut to the model's {res['context_length']} tokens, their start lost: "
+               f"{fix}") if res["truncated"] else ""
         print(f"{a.shots}-shot test accuracy {res['test']['accuracy']:.4f} ({res['test']['n']} texts, "
-              f"{res['seconds'] / 60:.1f} min)")
+              f"{res['seconds'] / 60:.1f} min{cut})")
         _write_json(a.out, res, "eval-prompt")
     elif cmd == "eval-judge":
         from .judge import http_judge, judge_responses, local_judge

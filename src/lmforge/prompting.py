@@ -32,17 +32,21 @@ def predict_by_prompt(model, tokenizer, text: str, labels: list[str], shots: lis
                       template: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[int, list[float]]:
     """(index of the most likely label, every label's log-probability). With a ``template`` (chat,
     alpaca or phi3: ``chat.answer_template``), the prompt is a user's message and a label the answer."""
+    context, choices = prompt_ids(tokenizer, text, labels, shots, template)
+    scores = continuation_logprobs(model, context, choices, dtype)
+    return max(range(len(labels)), key=lambda i: scores[i]), scores
+
+
+def prompt_ids(tokenizer, text: str, labels: list[str], shots: list[tuple[str, str]],
+               template: str | None = None) -> tuple[list[int], list[list[int]]]:
+    """(the prompt's ids, each label's ids) as ``predict_by_prompt`` scores them."""
     from .chat import user_prompt_ids
 
     prompt = build_prompt(text, labels, shots)  # all of it from the data: plain text
     if template is not None:
-        context = user_prompt_ids(tokenizer, template, prompt, "a text")
-        choices = [tasks.plain_ids(tokenizer, label) for label in labels]
-    else:
-        context = tasks.plain_ids(tokenizer, prompt)
-        choices = [tasks.plain_ids(tokenizer, " " + label) for label in labels]
-    scores = continuation_logprobs(model, context, choices, dtype)
-    return max(range(len(labels)), key=lambda i: scores[i]), scores
+        return user_prompt_ids(tokenizer, template, prompt, "a text"), \
+            [tasks.plain_ids(tokenizer, label) for label in labels]
+    return tasks.plain_ids(tokenizer, prompt), [tasks.plain_ids(tokenizer, " " + label) for label in labels]
 
 
 def _draw_shots(train_rows: list[tuple[str, str]], labels: list[str], k: int, rng: random.Random) -> list:
@@ -101,21 +105,26 @@ def evaluate_prompting(model_spec: str, data: str | Path, text_column: str = "te
 
     compute = resolve_dtype(dtype, next(model.parameters()).device)  # bf16 where it is fast
     rng = random.Random(seed)
-    preds, truth = [], []
+    preds, truth, truncated = [], [], 0
+    window = model.config.context_length
     t0 = time.perf_counter()
     with torch.no_grad():
         for text, label in tqdm(test_rows, desc=f"{shots}-shot", disable=not progress, dynamic_ncols=True):
             if label not in labels:
                 raise LmforgeError(f"label {label!r} of the test split does not occur in the training split")
-            best, _ = predict_by_prompt(model, tok, text, labels, _draw_shots(train_rows, labels, shots, rng),
-                                        template, compute)
+            shown = _draw_shots(train_rows, labels, shots, rng)
+            context, choices = prompt_ids(tok, text, labels, shown, template)
+            # A prompt longer than the window loses its start (the instruction, the first examples):
+            # counted and reported, as `eval choice` reports its cut contexts.
+            truncated += len(context) + max(map(len, choices)) > window + 1
+            best, _ = predict_by_prompt(model, tok, text, labels, shown, template, compute)
             preds.append(best)
             truth.append(labels.index(label))
     metrics = classification_metrics(preds, truth, labels)
     return {"task": "prompt", "model": model_spec, "shots": shots, "chat": chat, "template": template,
-            "dtype": str(compute).split(".")[-1],
+            "dtype": str(compute).split(".")[-1], "context_length": window, "truncated": truncated,
             "seconds": time.perf_counter() - t0,
             "test": metrics}
 
 
-__all__ = ["build_prompt", "evaluate_prompting", "predict_by_prompt"]
+__all__ = ["build_prompt", "evaluate_prompting", "predict_by_prompt", "prompt_ids"]

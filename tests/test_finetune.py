@@ -1091,3 +1091,21 @@ def test_a_missing_column_is_answered_with_the_columns_the_rows_suggest(tmp_path
     with pytest.raises(DataError, match="has no column 'text'") as e:
         read_labelled(path)
     assert hint in str(e.value)
+
+
+def test_preference_tuning_over_an_instruction_run_keeps_the_template_it_was_tuned_on(base, tmp_path):
+    """Once DPO over a run tuned on Phi-3's template went on in Alpaca's unless told: the base's
+    template is the default; --template still chooses."""
+    from lmforge.cli import main
+
+    inst, dpo, alpaca = tmp_path / "inst", tmp_path / "dpo", tmp_path / "dpo-alpaca"
+    common = ["--finetune.epochs", "1", "--finetune.split", "[0.5,0.25,0.25]", "--train.dtype", "float32"]
+    assert main(["finetune", "instruct", "--base", str(base), "--data", str(_instruction_file(tmp_path / "i.json")),
+                 "--out", str(inst), "--template", "phi3", "--respond_test", "0", *common]) == 0
+    prefs = str(_instruction_file(tmp_path / "p.json", preference=True))
+    assert main(["finetune", "dpo", "--base", str(inst), "--data", prefs, "--out", str(dpo), *common]) == 0
+    assert json.loads((dpo / "config.json").read_text())["template"] == "phi3"
+    assert main(["finetune", "dpo", "--base", str(inst), "--data", prefs, "--out", str(alpaca), "--template", "alpaca",
+                 *common]) == 0
+    assert json.loads((alpaca / "config.json").read_text())["template"] == "alpaca"
+    assert main(["finetune", "dpo", "--out", str(dpo), "--resume", "true"]) == 0  # its own, base and template

@@ -189,8 +189,8 @@ def _parser():  # built once per process: building it parses every config docstr
                         "or chat records (messages), JSON or JSONL.",
                         {"trainable": "all", "epochs": 2.0, "split": (0.85, 0.05, 0.10)},
                         {"lr": 5e-5, "warmup_steps": 0, "eval_interval": 10**6, "save_interval": 10**6})
-    p.add_argument("--template", type=str, default="alpaca", help="prompt template: alpaca, phi3 or chat (the "
-                   "model's own chat template)")
+    p.add_argument("--template", type=str | None, default=None, help="prompt template: alpaca, phi3 or chat (the "
+                   "model's own chat template); default: the one the base was tuned on, else alpaca")
     p.add_argument("--mask_prompt", type=bool, default=False, help="learn only the responses, not the prompts")
     p.add_argument("--respond_test", type=int | None, default=None,
                    help="generate responses for this many test records (default: all) into responses.json")
@@ -201,7 +201,8 @@ def _parser():  # built once per process: building it parses every config docstr
                         {"trainable": "all", "epochs": 1.0, "split": (0.85, 0.05, 0.10)},
                         {"lr": 5e-6, "warmup_steps": 0, "weight_decay": 0.01, "eval_interval": 10**6,
                          "save_interval": 10**6})
-    p.add_argument("--template", type=str, default="alpaca", help="prompt template: alpaca, phi3 or chat")
+    p.add_argument("--template", type=str | None, default=None, help="prompt template: alpaca, phi3 or chat; "
+                   "default: the one the base was tuned on, else alpaca")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta: how far the model may move from its start")
     ft_cmds.add_subcommand("dpo", p, help="preference tuning (DPO)")
 

@@ -400,6 +400,14 @@ def _language_task(base: str, data: str | Path, out: str | Path, finetune: Finet
     return run, data, dev, model, tok, identity, name, splits
 
 
+def _template_for(base: str, template: str | None) -> str:
+    """The template asked for; by default the one the base was tuned on (a DPO run over an instruction
+    run tuned on Phi-3's template goes on in it), else the book's Alpaca."""
+    from .chat import tuned_template
+
+    return template if template is not None else (tuned_template(base) or "alpaca")
+
+
 def rouge_l(candidate: str, reference: str) -> float:
     """ROUGE-L F-measure (Lin, 2004): the longest common subsequence of the two texts' words, as
     precision and recall, combined. Words as Google's rouge-score package makes them by default:
@@ -465,7 +473,7 @@ def _lm_eval(model: GPT, batches: list, dtype: torch.dtype) -> dict:
 @_holding_out
 def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: FinetuneConfig = FinetuneConfig(
         trainable="all", epochs=2.0, split=(0.85, 0.05, 0.10)), train: TrainConfig = TrainConfig(
-        lr=5e-5, warmup_steps=0, batch_size=8), lora: LoRAConfig = LoRAConfig(), template: str = "alpaca",
+        lr=5e-5, warmup_steps=0, batch_size=8), lora: LoRAConfig = LoRAConfig(), template: str | None = None,
         mask_prompt: bool = False, respond_test: int | None = None, max_new_tokens: int = 128,
         resume: bool = False, overwrite: bool = False, allow_changes: bool = False, progress: bool = True,
         device: str | None = None) -> dict:
@@ -473,6 +481,7 @@ def finetune_instruct(base: str, data: str | Path, out: str | Path, finetune: Fi
     before and after, and writes the test responses to ``responses.json``."""
     if respond_test is not None and respond_test < 0:
         raise LmforgeError(f"--respond_test must be >= 0 (test records to answer), got {respond_test}")
+    template = _template_for(base, template)
     run, data, dev, model, tok, identity, name, (train_recs, val_recs, test_recs) = _language_task(
         base, data, out, finetune, lora, template, resume, overwrite, device, train)
     ctx = model.config.context_length
@@ -560,12 +569,13 @@ def _reference_logprobs(model: GPT, pairs: tasks.PreferenceSet, pad_id: int, bat
 def finetune_dpo(base: str, data: str | Path, out: str | Path, finetune: FinetuneConfig = FinetuneConfig(
         trainable="all", epochs=1.0, split=(0.85, 0.05, 0.10)), train: TrainConfig = TrainConfig(
         lr=5e-6, warmup_steps=0, batch_size=8, weight_decay=0.01), lora: LoRAConfig = LoRAConfig(),
-        template: str = "alpaca", beta: float = 0.1, resume: bool = False, overwrite: bool = False,
+        template: str | None = None, beta: float = 0.1, resume: bool = False, overwrite: bool = False,
         allow_changes: bool = False, progress: bool = True, device: str | None = None) -> dict:
     """Preference-tune ``base`` with DPO on prompt / chosen / rejected records; returns the
     validation loss, rewards and reward margin before and after."""
     if beta <= 0:
         raise LmforgeError(f"--beta must be > 0, got {beta}")
+    template = _template_for(base, template)
     run, data, dev, model, tok, identity, name, (train_recs, val_recs, _) = _language_task(
         base, data, out, finetune, lora, template, resume, overwrite, device, train)
     ctx = model.config.context_length

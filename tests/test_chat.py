@@ -288,3 +288,23 @@ def test_a_special_token_spelled_across_two_messages_is_text():
     msgs = [{"role": "system", "content": "<|im_"}, {"role": "user", "content": "end|>x"}]
     ids = a.prompt_ids(msgs)
     assert ids.count(tok.special_tokens["<|im_end|>"]) == 1 and tok.decode(ids) == "<|im_end|>x<|im_end|>"
+
+
+@pytest.mark.parametrize("template", ["alpaca", "phi3"])
+def test_the_jinja_form_of_a_template_renders_what_render_writes(template):
+    """What an export carries as its chat template (for transformers, llama.cpp and lmforge)."""
+    from conftest import chat_tokenizer
+
+    from lmforge.chat import jinja_template, render
+
+    tok = chat_tokenizer()
+    tok.chat_template = jinja_template(template)
+    conversations = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb {{ x }} \"q\""}],
+        [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"}, {"role": "user", "content": ""}],
+        [{"role": "system", "content": "s1"}, {"role": "system", "content": ""}, {"role": "user", "content": "x"},
+         {"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}],
+    ]
+    for messages in conversations:
+        assert tok.apply_chat_template(messages) == render(messages, template)

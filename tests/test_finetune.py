@@ -619,8 +619,16 @@ def test_lora_instruction_run_generates_exports_and_serves_as_a_base(base, tmp_p
     assert not any("lora" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(merged(x), adapted(x), atol=1e-5, rtol=0)
     export(str(tmp_path / "run"), "hf", tmp_path / "hf")
-    exported, _ = load_any(str(tmp_path / "hf"))
+    exported, exported_tok = load_any(str(tmp_path / "hf"))
     torch.testing.assert_close(exported(x), adapted(x), atol=1e-5, rtol=0)
+    # The export carries the Alpaca template it was tuned on, as its chat template (once lost: chat and
+    # generate --chat on the export prompted it in another template, or refused)
+    from lmforge.chat import Assistant
+
+    conversation = [{"role": "user", "content": "Name the color red."}]
+    tuned, again = Assistant.load(str(tmp_path / "run")), Assistant.load(str(tmp_path / "hf"))
+    assert (tuned.template, again.template) == ("alpaca", "chat") and exported_tok.chat_template
+    assert again.prompt_ids(conversation) == tuned.prompt_ids(conversation)
     res = finetune_dpo(str(tmp_path / "run"), data, tmp_path / "dpo", FinetuneConfig(trainable="lora", epochs=1,
                        split=(0.75, 0.25, 0.0)), TrainConfig(lr=1e-3, batch_size=4, dtype="float32"),
                        LoRAConfig(rank=2, alpha=4), progress=False)

@@ -50,6 +50,36 @@ def test_export_loads_in_autotokenizer(tmp_path):
     assert hf.eos_token == EOT and hf.convert_tokens_to_ids(EOT) == tok.eot_id
 
 
+def test_the_chat_template_and_end_token_beside_tokenizer_json_are_read_and_written(tmp_path):
+    """transformers keeps them in tokenizer_config.json (or chat_template.jinja); once an HF folder
+    loaded without them (a chat model prompted as a base model, answers running past <|im_end|>) and an
+    export dropped them."""
+    import json
+
+    from conftest import CHATML, chat_tokenizer
+
+    tok = chat_tokenizer()  # ChatML, ends at <|im_end|>
+    save_hf_tokenizer(tok, tmp_path / "a", model_max_length=2048)
+    config = json.loads((tmp_path / "a" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHATML and config["eos_token"] == "<|im_end|>"
+    assert config["model_max_length"] == 2048
+    again = load_hf_tokenizer(tmp_path / "a")
+    assert again.chat_template == CHATML and again.eos_id == tok.special_tokens["<|im_end|>"]
+    # transformers' other layouts: a list of named templates, an AddedToken as eos, chat_template.jinja
+    config["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": CHATML}]
+    config["eos_token"] = {"content": "<|im_end|>", "special": True}
+    (tmp_path / "a" / "tokenizer_config.json").write_text(json.dumps(config))
+    again = load_hf_tokenizer(tmp_path / "a")
+    assert again.chat_template == CHATML and again.eos_id == tok.special_tokens["<|im_end|>"]
+    del config["chat_template"]
+    (tmp_path / "a" / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "a" / "chat_template.jinja").write_text(CHATML)
+    assert load_hf_tokenizer(tmp_path / "a").chat_template == CHATML
+    (tmp_path / "a" / "tokenizer_config.json").write_text("[1]")
+    with pytest.raises(Exception, match="tokenizer_config.json is not a JSON object"):
+        load_hf_tokenizer(tmp_path / "a")
+
+
 @pytest.mark.parametrize("bad", [
     {"model": {"type": "BPE"}},  # no vocab
     {"model": {"type": "BPE", "vocab": {"a": 0}}, "added_tokens": [{"id": 1}]},  # special without content

@@ -11,6 +11,7 @@ A classification run is an ``Assistant`` too: it answers with its label.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,28 @@ def render(messages: Sequence[dict[str, str]], template: str, tokenizer=None) ->
     if template == "alpaca":  # a system message takes the place of the Alpaca preamble
         return ("\n\n".join(system) if system else tasks.ALPACA_HEADER) + body
     return "".join(f"<|system|>\n{s}\n" for s in system) + body
+
+
+def jinja_template(template: str) -> str:
+    """``template`` (alpaca or phi3) as a Jinja chat template that renders exactly what ``render``
+    writes: what an export carries, so that `transformers`, llama.cpp and lmforge itself prompt an
+    exported model as it was tuned (a test holds the two equal)."""
+    turns = ('{%- for m in messages -%}{%- if m.role == "user" -%}{{ USER_START + m.content + USER_END }}'
+             '{%- elif m.role == "assistant" -%}{{ m.content + ASSISTANT_END }}{%- endif -%}{%- endfor -%}')
+    if template == "alpaca":
+        head = ('{%- set system = messages | selectattr("role", "equalto", "system") | map(attribute="content") '
+                '| list -%}{{- system | join("\\n\\n") if system else HEADER -}}')
+        words = {"HEADER": tasks.ALPACA_HEADER, "USER_START": "\n\n### Instruction:\n",
+                 "USER_END": "\n\n### Response:\n", "ASSISTANT_END": ""}
+    elif template == "phi3":
+        head = '{%- for m in messages if m.role == "system" -%}{{ "<|system|>\\n" + m.content + "\\n" }}{%- endfor -%}'
+        words = {"USER_START": "<|user|>\n", "USER_END": "\n<|assistant|>:\n", "ASSISTANT_END": "\n"}
+    else:
+        raise LmforgeError(f"only alpaca and phi3 have a Jinja form here, not {template!r}")
+    text = head + turns
+    for name, value in words.items():  # JSON strings are Jinja string literals
+        text = text.replace(name, json.dumps(value))
+    return text
 
 
 def tuned_template(spec: str | Path) -> str | None:

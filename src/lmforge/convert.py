@@ -253,7 +253,7 @@ def export_hf(model: GPT, out: str | os.PathLike, tokenizer=None) -> Path:
             if tokenizer is not None:
                 from .hf_tokenizer import save_hf_tokenizer
 
-                save_hf_tokenizer(tokenizer, stage)
+                save_hf_tokenizer(tokenizer, stage, model_max_length=config.context_length)
     except OSError as e:
         raise write_error(folder, e) from None
     return folder

@@ -81,14 +81,49 @@ def load_hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
         if model.get("type") != "BPE":
             raise TokenizerError(f"{path}: model type {model.get('type')!r} is not supported (byte-level BPE only)")
         specials = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
-        return from_vocab_and_merges(model["vocab"], model.get("merges", []), specials,
-                                     _pattern_of(data.get("pre_tokenizer")), path.parent.name or "hf", str(path))
+        tok = from_vocab_and_merges(model["vocab"], model.get("merges", []), specials,
+                                    _pattern_of(data.get("pre_tokenizer")), path.parent.name or "hf", str(path))
     except TokenizerError:
         raise
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         # A damaged or hand-edited file: missing fields, wrong types. One line, not a traceback.
         raise TokenizerError(f"{path} is not a valid tokenizer.json ({type(e).__name__}: {e}); "
                              "restore it from its source") from None
+    _read_tokenizer_config(tok, path.parent)
+    return tok
+
+
+def _read_tokenizer_config(tok: Tokenizer, folder: Path) -> None:
+    """The chat template and end token that ``transformers`` keeps beside tokenizer.json: in
+    tokenizer_config.json (``chat_template``: a string, or a list of named ones, "default" first) or in
+    chat_template.jinja (transformers' newer layout), and ``eos_token``. A chat model's answer ends at
+    that token (``<|im_end|>`` for SmolLM2-Instruct), not at ``<|endoftext|>``."""
+    config_path = folder / "tokenizer_config.json"
+    config: dict = {}
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"cannot read {config_path} ({e}); restore it from its source") from None
+        if not isinstance(config, dict):
+            raise TokenizerError(f"{config_path} is not a JSON object; restore it from its source")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    jinja = folder / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        try:
+            template = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"cannot read {jinja} ({e}); restore it from its source") from None
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{config_path}: chat_template is not text; restore it from its source")
+    tok.chat_template = template or None
+    eos = config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos  # an AddedToken written out
+    if isinstance(eos, str) and eos in tok.special_tokens:
+        tok.eos_id = tok.special_tokens[eos]
 
 
 def _recover_merges(tok: Tokenizer) -> list[tuple[str, str]]:
@@ -113,8 +148,9 @@ def _recover_merges(tok: Tokenizer) -> list[tuple[str, str]]:
     return merges
 
 
-def save_hf_tokenizer(tok: Tokenizer, folder: str | os.PathLike) -> Path:
-    """Write ``tokenizer.json`` + ``tokenizer_config.json`` that ``AutoTokenizer`` loads."""
+def save_hf_tokenizer(tok: Tokenizer, folder: str | os.PathLike, model_max_length: int | None = None) -> Path:
+    """Write ``tokenizer.json`` + ``tokenizer_config.json`` that ``AutoTokenizer`` loads, with the
+    tokenizer's chat template and end token, and the model's context as ``model_max_length``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     u = bytes_to_unicode()
@@ -135,8 +171,12 @@ def save_hf_tokenizer(tok: Tokenizer, folder: str | os.PathLike) -> Path:
                   "vocab": vocab, "merges": [list(m) for m in _recover_merges(tok)]},
     }
     atomic.write_json(folder / "tokenizer.json", data)
-    eot = "<|endoftext|>" if tok.eot_id is not None else None
-    atomic.write_json(folder / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30,
-        "bos_token": eot, "eos_token": eot, "unk_token": None, "clean_up_tokenization_spaces": False})
+    names = {i: t for t, i in tok.special_tokens.items()}
+    eot = names.get(tok.eot_id) if tok.eot_id is not None else None
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length or 1 << 30,
+              "bos_token": eot, "eos_token": names.get(tok.eos_id, eot), "unk_token": None,
+              "clean_up_tokenization_spaces": False}
+    if tok.chat_template:
+        config["chat_template"] = tok.chat_template
+    atomic.write_json(folder / "tokenizer_config.json", config)
     return folder / "tokenizer.json"

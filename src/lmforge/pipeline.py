@@ -397,14 +397,27 @@ def export(model_spec: str, to: str, out: str | Path, dtype: str | None = None, 
 
         check_output(out, kind="folder", what="a Hugging Face folder written by `lmforge export`",
                      own_kind=is_hf_export, inputs=[model_spec], writes=HF_EXPORT_FILES, overwrite=overwrite)
-        model, tokenizer = load_language_model(model_spec)
+        model, tokenizer = _exported(model_spec)
         return export_hf(model, out, tokenizer)
     from .gguf_io import export_gguf, is_gguf_export
 
     check_output(out, kind="file", what="a GGUF file written by `lmforge export`", own_kind=is_gguf_export,
                  inputs=[model_spec], overwrite=overwrite, example="model.gguf")
-    model, tokenizer = load_language_model(model_spec)
+    model, tokenizer = _exported(model_spec)
     return export_gguf(model, tokenizer, out, dtype)
+
+
+def _exported(model_spec: str) -> tuple:
+    """The model and tokenizer an export writes. A run instruction-tuned on Alpaca's or Phi-3's
+    template exports it as its chat template (in Jinja): what `transformers`, llama.cpp and lmforge
+    then prompt it with is what it was tuned on."""
+    from .chat import jinja_template, tuned_template
+
+    model, tokenizer = load_language_model(model_spec)
+    template = tuned_template(model_spec)
+    if template in ("alpaca", "phi3"):
+        tokenizer.chat_template = jinja_template(template)
+    return model, tokenizer
 
 
 def _default_run_report(out: Path, summary: dict) -> Path:

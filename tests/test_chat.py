@@ -91,6 +91,24 @@ def test_old_turns_are_dropped_with_a_notice_and_a_too_long_question_is_refused(
     assert conv.messages[-1]["role"] == "assistant"  # the refused question did not join the conversation
 
 
+def test_a_system_message_that_fills_the_context_is_refused_when_it_is_set(run):
+    """Once accepted, and then every message after it, even "hi", was refused as too long."""
+    a = Assistant.load(str(run))
+    long = "word " * 200
+    with pytest.raises(LmforgeError, match=r"^the system message is \d+ tokens with its template; the model's "
+                                           r"context is 128: write a shorter one$"):
+        Conversation(a, GREEDY, system=long)
+    inputs = iter(["/system Be kind.", f"/system {long}", "hi", "/exit"])
+    written = []
+    run_terminal(a, GREEDY, read_line=lambda p: next(inputs), write=written.append)
+    out = "".join(written)
+    assert "write a shorter one; the system message is unchanged]" in out
+    assert "that message is" not in out  # "hi" was answered, under the kind system message
+    conv = Conversation(a, GREEDY, system="Short answers.")
+    with pytest.raises(LmforgeError, match=r"with its template \(the system message included\)"):
+        "".join(conv.reply("word " * 120))
+
+
 def test_multi_line_input():
     lines = iter(["first \\", "second", '"""', "a", "", "b", '"""'])
     read = lambda prompt: next(lines)

@@ -222,7 +222,7 @@ def test_generate_chat_keeps_a_typed_turn_marker_as_text(tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("template", ["alpaca", "phi3"])
-def test_generate_chat_uses_the_template_a_run_was_instruction_tuned_on(tmp_path, monkeypatch, template):
+def test_generate_chat_uses_the_template_a_run_was_instruction_tuned_on(tmp_path, monkeypatch, capsys, template):
     """A run tuned on Alpaca or Phi-3 has no chat template of its own: `--chat true` wraps the prompt as
     it was trained (as `lmforge chat` does) and stops where that template starts the next turn."""
     from conftest import chat_tokenizer
@@ -245,6 +245,10 @@ def test_generate_chat_uses_the_template_a_run_was_instruction_tuned_on(tmp_path
     (ids, stop), = seen
     assert tok.decode(ids) == render([{"role": "user", "content": "Name a colour."}], template)
     assert stop == ("END", *stop_strings(template)) and stop_strings(template)
+    # A message longer than the context is refused, as the chat refuses it (once slid past: the start of
+    # the template lost)
+    assert main(["generate", str(tmp_path), "--chat", "true", "--prompt", "word " * 200]) == 2
+    assert "with its template; the model's context is 128: write a shorter one" in capsys.readouterr().err
 
 
 def test_eval_prompt_chat_uses_the_tuned_template_and_refuses_a_base_model(tmp_path, monkeypatch):

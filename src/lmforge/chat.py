@@ -210,8 +210,20 @@ class Conversation:
 
     def __init__(self, assistant: Assistant, config, system: str | None = None) -> None:
         self.assistant, self.config = assistant, config
+        self.check_system(system)
         self.system = system
         self.messages: list[dict[str, str]] = []
+
+    def check_system(self, system: str | None) -> None:
+        """Refuse a system message that leaves no room in the context (it is part of every prompt:
+        once each message after it was refused as too long, however short)."""
+        a = self.assistant
+        if not system or a.template == "classify":
+            return
+        n = len(a.prompt_ids([{"role": "system", "content": system}, {"role": "user", "content": ""}]))
+        if n >= a.context_length:
+            raise LmforgeError(f"the system message is {n} tokens with its template; the model's context is "
+                               f"{a.context_length}: write a shorter one")
 
     def reset(self) -> None:
         self.messages = []
@@ -233,8 +245,9 @@ class Conversation:
         question = {"role": "user", "content": text}
         alone = len(a.prompt_ids(([{"role": "system", "content": self.system}] if self.system else []) + [question]))
         if alone >= a.context_length:  # refused before the conversation is touched
-            raise LmforgeError(f"that message is {alone} tokens with its template; the model's context is "
-                               f"{a.context_length}: write a shorter one")
+            with_system = " (the system message included)" if self.system else ""
+            raise LmforgeError(f"that message is {alone} tokens with its template{with_system}; the model's context "
+                               f"is {a.context_length}: write a shorter one")
         self.messages.append(question)
         reserve = min(self.config.max_new_tokens, a.context_length // 4)  # room kept for the answer
         kept, dropped = a.fit(self._with_system(), reserve)
@@ -309,7 +322,13 @@ def run_terminal(assistant: Assistant, config, system: str | None = None, read_l
             out("[conversation cleared]\n")
             continue
         if command == "/system" or command.startswith("/system "):
-            conv.system = command[len("/system"):].strip() or None
+            system = command[len("/system"):].strip() or None
+            try:
+                conv.check_system(system)
+            except LmforgeError as e:
+                out(f"[{e}; the system message is unchanged]\n")
+                continue
+            conv.system = system
             conv.reset()
             out(f"[system message {'set' if conv.system else 'removed'}; conversation cleared]\n")
             continue

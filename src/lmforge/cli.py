@@ -804,6 +804,9 @@ def _generate(a) -> None:
     text = prompt
     if a.chat:  # the answer to a message; it ends where the template starts the next turn
         text, stop = _chat_prompt_ids(tok, prompt, a.run)
+        if len(text) >= model.config.context_length:  # a slid window would lose the template's opening
+            raise LmforgeError(f"the prompt is {len(text)} tokens with its template; the model's context is "
+                               f"{model.config.context_length}: write a shorter one (as `lmforge chat` asks)")
         cfg = dataclasses.replace(cfg, stop=tuple(cfg.stop) + stop)
     sys.stdout.write(prompt if not a.chat else "")
     for delta in stream_text(model, tok, text, cfg, compile=a.compile):

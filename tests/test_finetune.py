@@ -954,6 +954,12 @@ def test_a_resumed_fine_tuning_run_keeps_its_own_settings_and_finishes_a_run_kil
     assert f"the data this run was trained on ({data}, recorded in its config) is gone or moved; give its new place " \
            "with --data" in capsys.readouterr().err
     assert main(resume + ["--data", str(moved)]) == 0
+    with open(moved, "a") as f:  # the file edited in place: a change of what the run reads, not of a flag
+        f.write("ham\tone more text\n")
+    assert main(resume + ["--data", str(moved), "--finetune.epochs", "4", "--allow_changes", "false"]) == 2
+    err = capsys.readouterr().err
+    assert f"the data of {run} changed since it started (data.sha256 '" in err and "Restore it" in err
+    assert "Leave them out" not in err
     assert main(["finetune", "classify", "--out", str(tmp_path / "new"), "--resume", "true"]) == 2
     assert "--base (the model to start from) and --data (the data file) are required; " in capsys.readouterr().err
 

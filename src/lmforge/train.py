@@ -254,10 +254,19 @@ def _check_resume(run: Path, stored: dict, current: dict, config: TrainConfig, s
         text = repr(v)
         if len(text) <= 60:
             return text
+        if isinstance(v, str):
+            return repr(v[:16] + "…")  # a digest: its start tells them apart
         return f"{text[:40]}... ({len(v)} items)" if isinstance(v, list) else text[:57] + "..."
 
     shown = lambda ds: ", ".join(f"{k} {brief(o)} -> {brief(n)}" for k, o, n in ds)  # noqa: E731
     if refused and not allow_changes:
+        # What the run reads (its data, its base model) changed on disk, not a setting typed again
+        inputs = [d for d in refused if d[0].split(".")[0] in ("data", "base")]
+        if inputs:
+            what = " and ".join(sorted({"the base model" if k.startswith("base") else "the data" for k, _, _ in inputs}))
+            raise LmforgeError(f"{what} of {run} changed since it started ({shown(inputs)}); resuming on them would "
+                               f"not give the run you started. Restore {'them' if ' and ' in what else 'it'} (or give "
+                               "where the original now is), or pass --allow_changes true to continue anyway")
         raise LmforgeError(f"{run} was trained with other settings ({shown(refused)}); resuming with them would not "
                            "give the run you started. Leave them out (a resumed run keeps its own settings) or pass "
                            "--allow_changes true to continue with them anyway")

@@ -517,6 +517,11 @@ def test_cli_finetune_classify_then_classify(base, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("ham\t"), r.stderr
     r = _cli("classify", tmp_path / "run", "--file", tmp_path)  # once "no file at" a folder that is there
     assert r.returncode == 2 and "is a folder; give a text file with one text per line" in r.stderr, r.stderr
+    (tmp_path / "bom.txt").write_bytes("\ufeffsee you at lunch friend\n".encode())  # as Notepad saves it
+    r = _cli("classify", tmp_path / "run", "--file", tmp_path / "bom.txt")
+    assert r.returncode == 0 and r.stdout.startswith("ham\t") and "\ufeff" not in r.stdout, r.stdout
+    r = _cli("chat", tmp_path / "run", "--quantize", "int8", stdin="hi\n")  # once ignored without a word
+    assert r.returncode == 2 and "is a classifier: --quantize is for generating text" in r.stderr, r.stderr
 
 
 BAD = [

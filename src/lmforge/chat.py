@@ -142,6 +142,8 @@ class Assistant:
         cfg = read_run_config(spec) if Path(spec).is_dir() and is_run_dir(Path(spec)) else {}
         name = Path(spec).name if Path(spec).exists() else spec
         if model.lm_head.out_features != model.config.vocab_size:
+            if quantize:  # once ignored without a word
+                raise LmforgeError(f"{spec} is a classifier: --quantize is for generating text; leave it out")
             labels = (cfg.get("head") or {}).get("labels") or [str(i) for i in range(model.lm_head.out_features)]
             return cls(name, model.eval(), tok, "classify", list(labels))
         merge_lora(model)

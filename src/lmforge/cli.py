@@ -675,7 +675,7 @@ def _classify(a) -> None:
             raise LmforgeError(f"--file {path} is a folder; give a text file with one text per line" if path.is_dir()
                                else f"no file at {path}")
         try:
-            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            lines = [ln for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
         except UnicodeDecodeError:
             raise LmforgeError(f"{path} is not UTF-8 text") from None
         if not lines:  # not a reason to read standard input instead

@@ -487,6 +487,22 @@ def test_suite_table_covers_every_model_on_every_task(tmp_path, runs, tok, capsy
     # a run directory is never an output
     with pytest.raises(LmforgeError, match="training run directory"):
         run_suite([str(runs[0])], [str(plain)], out=str(runs[1]), progress=False)
+    # refused before any model is loaded: the same model or task twice (once two equal rows, the model
+    # scored twice), a classifier, a name that is nothing
+    fresh = tmp_path / "fresh"
+    for models, tasks_, problem in (([str(runs[0]), str(runs[0]) + "/"], [str(plain)], "again; give each model once"),
+                                    ([str(runs[0])], [str(plain), str(plain)], "given twice; give each task once"),
+                                    ([str(runs[0]), "no-such-model"], [str(plain)], "no model named 'no-such-model'")):
+        with pytest.raises(LmforgeError, match=problem):
+            run_suite(models, tasks_, out=str(fresh), progress=False)
+        assert not fresh.exists()
+    from lmforge.checkpoint import save_model
+    from lmforge.models import check_language_models
+
+    save_model(tmp_path / "cls", GPT(ModelConfig(vocab_size=8, context_length=8, d_model=8, n_layer=1, n_head=1)), 0,
+               {"task": "classify", "head": {"labels": ["a", "b"]}})
+    with pytest.raises(LmforgeError, match="cls is a classifier, not a language model; leave it out"):
+        check_language_models([str(runs[0]), str(tmp_path / "cls")])
 
 
 def test_eval_suite_command(tmp_path, runs, capsys):

@@ -744,18 +744,22 @@ def run_suite(models: list[str], tasks: list[str], text: list[str] | None = None
     from . import __version__, atomic
     from .data import read_documents
     from .evaluate import bits_per_byte
-    from .models import load_language_model
+    from .models import check_language_models, load_language_model
     from .outputs import check_output, staged_folder
     from .precision import default_device
 
     if not models:
         raise LmforgeError("give at least one model")
+    check_language_models(models)  # not found after the first model was scored
     if not tasks:
         raise LmforgeError("give at least one task file with --tasks")
     compute = _check_args(shots, batch_size, limit, dtype)
     out_dir = check_output(out, kind="folder", what="a folder written by `lmforge eval suite`", own_kind=_is_suite_dir,
                            inputs=[*models, *tasks, *(text or [])], writes=SUITE_FILES, overwrite=overwrite)
     paths = [Path(t) for t in tasks]
+    twice = [t for i, t in enumerate(tasks) if Path(t).resolve() in {Path(u).resolve() for u in tasks[:i]}]
+    if twice:
+        raise LmforgeError(f"the task {twice[0]} is given twice; give each task once")
     loaded = [_read_task(p) for p in paths]
     for _, _, notes in loaded:
         for note in notes:

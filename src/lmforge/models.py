@@ -48,10 +48,33 @@ def load_any(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, Tokeni
     if path.exists():
         raise LmforgeError(f"{spec} is not a model: expected a run directory, a Hugging Face folder (config.json + "
                            "*.safetensors) or a .gguf file")
+    raise _unknown(spec)
+
+
+def _unknown(spec: str) -> LmforgeError:
     from .hub import REGISTRY
 
     known = ", ".join(n for n, e in REGISTRY.items() if e.kind == "model")
-    raise LmforgeError(f"no model named {spec!r}: not a path, and not a known model ({known})")
+    return LmforgeError(f"no model named {spec!r}: not a path, and not a known model ({known})")
+
+
+def check_language_models(specs: list[str]) -> None:
+    """What can be told of ``specs`` without loading them, before a long job loads the first: each
+    names a path or a known model, none twice, and no run directory among them is a classifier."""
+    from . import hub
+    from .checkpoint import is_run_dir, read_run_config
+
+    seen: dict[str, str] = {}
+    for spec in specs:
+        path = Path(spec)
+        if not path.exists() and spec not in hub.REGISTRY:
+            raise _unknown(spec)
+        key = str(path.resolve()) if path.exists() else spec
+        if key in seen:
+            raise LmforgeError(f"{spec} is the model {seen[key]} again; give each model once")
+        seen[key] = spec
+        if path.is_dir() and is_run_dir(path) and read_run_config(path).get("head"):
+            raise LmforgeError(f"{spec} is a classifier, not a language model; leave it out")
 
 
 def load_language_model(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:

@@ -967,6 +967,8 @@ def test_a_resumed_fine_tuning_run_keeps_its_own_settings_and_finishes_a_run_kil
     assert "Leave them out" not in err
     assert main(["finetune", "classify", "--out", str(tmp_path / "new"), "--resume", "true"]) == 2
     assert "--base (the model to start from) and --data (the data file) are required; " in capsys.readouterr().err
+    assert main(["finetune", "instruct", "--out", str(run), "--resume", "true"]) == 2
+    assert "holds a run of another task (classify), not of `finetune instruct`" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("record, field, shown", [

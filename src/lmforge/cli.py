@@ -586,6 +586,9 @@ def _finetune_settings(a, given) -> tuple[dict, dict]:
             stored = read_run_config(o.out)
         except LmforgeError:
             stored = None  # no run to resume: fit says so
+    if stored is not None and stored.get("task") != a.task and (o.base is None or o.data is None):
+        raise LmforgeError(f"{o.out} holds a run of another task ({stored.get('task', 'pretrain')}), not of "
+                           f"`finetune {a.task}`; resume it with its own command, or give another --out")
     options["base"], options["data"] = _finetune_inputs(o, stored if stored and stored.get("task") == a.task else None)
     if stored is not None and stored.get("task") == a.task:
         def keep(cls, name: str, stored_values: dict) -> object:

@@ -169,6 +169,10 @@ BAD = [
     ("bigbench prefix not text", "task.json", '{"examples": [{"input": "a", "target_scores": {"x": 1, "y": 0}}], '
                                               '"choice_prefix": 3}', r"choice_prefix is a number, not text"),
     ("object without examples", "t.json", '{"name": "x"}', r"one JSON object without 'examples': not a BIG-bench task"),
+    ("bigbench huge integer score", "task.json", '{"examples": [{"input": "a", "target_scores": {"x": 1' + "0" * 400
+     + ', "y": 0}}]}', r"every target score must be a finite number"),  # once an OverflowError
+    ("a record of another layout", "t.jsonl", '{"question": "q", "options": ["a", "b"], "answer": 0}\n',
+     r"line 1 has no 'context' field"),
     ("bigbench broken JSON", "task.json", '{"examples": [\n  {"input": "a",}\n]}', r"is not valid JSON \(.* line 2"),
     ("bigbench subtasks", "task.json", '{"name": "x", "subtasks": ["a"]}', r"has no 'examples'"),
 ]
@@ -503,6 +507,8 @@ def test_suite_table_covers_every_model_on_every_task(tmp_path, runs, tok, capsy
                {"task": "classify", "head": {"labels": ["a", "b"]}})
     with pytest.raises(LmforgeError, match="cls is a classifier, not a language model; leave it out"):
         check_language_models([str(runs[0]), str(tmp_path / "cls")])
+    with pytest.raises(LmforgeError, match="'sms-spam' is a data set, not a model"):
+        check_language_models([str(runs[0]), "sms-spam"])
 
 
 def test_eval_suite_command(tmp_path, runs, capsys):

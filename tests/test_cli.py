@@ -288,7 +288,8 @@ def test_lmforges_warnings_are_one_line_and_other_librarys_keep_pythons_format(t
 def test_a_flag_value_of_the_wrong_type_is_said_in_words(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err == f"lmforge: error: {message}. See `lmforge {argv[0]} --help`.\n"
+    where = " ".join(argv[:2]) if argv[0] == "finetune" else argv[0]  # the subcommand's own help
+    assert err == f"lmforge: error: {message}. See `lmforge {where} --help`.\n"
 
 
 def test_run_names_its_own_flag_and_encode_refuses_bytes_that_are_not_utf8(tmp_path, capsys):

@@ -1102,6 +1102,7 @@ def test_a_bad_record_is_named_by_its_place_in_the_file_not_in_the_shuffled_spli
     ("sentiment,review\npos,a fine film all along\nneg,dull and far too long\npos,would see it again\n",
      "name columns of its header (by the look of its rows: --text_column 'review' --label_column 'sentiment')"),
     ("just one column\nand another row\n", "needs a text column and a label column; this one has one"),
+    ("ham\thi\nspam\tbye\n", "give the columns by number"),  # two rows: no proof of a header
 ])
 def test_a_missing_column_is_answered_with_the_columns_the_rows_suggest(tmp_path, content, hint):
     """Once always "--text_column 1 --label_column 0", whatever the file held."""
@@ -1130,3 +1131,50 @@ def test_preference_tuning_over_an_instruction_run_keeps_the_template_it_was_tun
                  *common]) == 0
     assert json.loads((alpaca / "config.json").read_text())["template"] == "alpaca"
     assert main(["finetune", "dpo", "--out", str(dpo), "--resume", "true"]) == 0  # its own, base and template
+
+
+def test_a_fine_tuning_run_whose_base_moved_resumes_from_its_new_place(base, tmp_path, capsys):
+    """Once refused either way: without --base the old place was gone, with it the new place was a changed
+    setting. The base's digest still guards that it is the same model."""
+    import shutil
+
+    from lmforge.cli import main
+
+    old, new, run = tmp_path / "old", tmp_path / "new", tmp_path / "run"
+    shutil.copytree(base, old)
+    data = _spam_file(tmp_path / "sms.tsv", n=20)
+    assert main(["finetune", "classify", "--base", str(old), "--data", str(data), "--out", str(run), "--text_column",
+                 "1", "--label_column", "0", "--finetune.epochs", "1", "--train.dtype", "float32"]) == 0
+    (run / "results.json").unlink()
+    old.rename(new)
+    capsys.readouterr()
+    assert main(["finetune", "classify", "--out", str(run), "--resume", "true"]) == 2
+    assert "gone or moved; give its new place with --base" in capsys.readouterr().err
+    assert main(["finetune", "classify", "--out", str(run), "--resume", "true", "--base", str(new)]) == 0
+    out = capsys.readouterr().out
+    assert "changed on resume: base.spec '…" in out and "/new'" in out  # a path shown by its end
+    assert (run / "results.json").is_file()
+
+
+def test_an_export_of_an_alpaca_run_ends_where_its_training_answers_ended(tmp_path):
+    """A chat base (its end token <|im_end|>) tuned on Alpaca answers up to <|endoftext|>: the export says
+    so (once it named <|im_end|>, and transformers generated past the answer)."""
+    from conftest import chat_tokenizer
+
+    from lmforge.checkpoint import save_model
+    from lmforge.finetune import finetune_instruct
+    from lmforge.pipeline import export
+
+    tok = chat_tokenizer()
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    save_model(base, GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=160, d_model=16, n_layer=1,
+                                     n_head=2)), 0, {"task": "pretrain"})
+    tok.save(base / "tokenizer.json")
+    finetune_instruct(str(base), _instruction_file(tmp_path / "i.json", n=8), tmp_path / "run",
+                      FinetuneConfig(trainable="all", epochs=1, split=(0.5, 0.25, 0.25)),
+                      TrainConfig(batch_size=4, dtype="float32"), template="alpaca", respond_test=0, progress=False)
+    export(str(tmp_path / "run"), "hf", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert config["eos_token"] == "<|endoftext|>" and generation["eos_token_id"] == tok.special_tokens["<|endoftext|>"]

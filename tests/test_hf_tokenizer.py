@@ -75,6 +75,9 @@ def test_the_chat_template_and_end_token_beside_tokenizer_json_are_read_and_writ
     (tmp_path / "a" / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "a" / "chat_template.jinja").write_text(CHATML)
     assert load_hf_tokenizer(tmp_path / "a").chat_template == CHATML
+    config["chat_template"] = "an older template"  # the file comes first, as in transformers
+    (tmp_path / "a" / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_hf_tokenizer(tmp_path / "a").chat_template == CHATML
     (tmp_path / "a" / "tokenizer_config.json").write_text("[1]")
     with pytest.raises(Exception, match="tokenizer_config.json is not a JSON object"):
         load_hf_tokenizer(tmp_path / "a")

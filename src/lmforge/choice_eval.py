@@ -118,7 +118,8 @@ def _json_records(path: Path, text: str) -> dict | list[tuple[str, object]]:
             if isinstance(whole, dict) and path.name == "task.json":
                 raise LmforgeError(f"{path} has no 'examples' (a BIG-bench task with subtasks keeps them in its "
                                    "subfolders); give one subtask's task.json")
-            if isinstance(whole, dict) and not {"context", "choices", "ctx", "endings"} & set(whole):  # no record
+            if isinstance(whole, dict) and path.suffix == ".json" and \
+                    not {"context", "choices", "ctx", "endings"} & set(whole):  # neither a task nor a record
                 raise LmforgeError(f"{path} is one JSON object without 'examples': not a BIG-bench task; give a "
                                    "BIG-bench task.json, or records (a JSON list or one object per line)")
             if isinstance(whole, list):
@@ -231,6 +232,14 @@ def _hellaswag_item(path: Path, where: str, rec: object) -> ChoiceItem:
 BIGBENCH_FIELDS = "'input' (text) and 'target_scores' (an object: choice -> score)"
 
 
+def _finite(value: object) -> bool:
+    """A JSON number that is a finite float (an integer of 400 digits is not one)."""
+    try:
+        return is_number(value) and math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _bigbench_items(path: Path, task: dict) -> tuple[list[ChoiceItem], list[str]]:
     """Items of a BIG-bench JSON task, formatted as BIG-bench (and the harness' BIG-bench JSON task)
     format them: input prefix, the input, the choices listed in BIG-bench's fixed shuffled order,
@@ -268,7 +277,7 @@ def _bigbench_items(path: Path, task: dict) -> tuple[list[ChoiceItem], list[str]
                                "choice -> score")
         choices = _checked_choices(path, where, list(scores))
         values = list(scores.values())
-        if not all(is_number(v) and math.isfinite(v) for v in values):  # NaN would make no choice the best
+        if not all(_finite(v) for v in values):  # NaN would make no choice the best
             raise LmforgeError(f"{path}: {where}: every target score must be a finite number; give e.g. 1 for the "
                                "right choice and 0 for the others")
         best = max(values)

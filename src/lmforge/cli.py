@@ -40,6 +40,9 @@ from .config import (
 COMMANDS = ("run", "tokenizer", "prepare", "pretrain", "finetune", "classify", "merge-lora", "generate", "chat",
             "serve", "eval", "export", "download", "report")
 OVERWRITE_HELP = "write even where --out holds something that is not this command's own output"
+# Arguments given by place, not by flag: named in an error as the help shows them.
+_POSITIONAL = {"run": "the model (RUN, the first argument)", "models": "the models (MODELS, the first arguments)",
+               "responses": "the responses file (RESPONSES, the first argument)"}
 _GROUPS = {"tokenizer": ("train", "encode", "decode"), "finetune": ("classify", "instruct", "dpo"),
            "eval": ("prompt", "judge", "choice", "suite")}  # commands with subcommands, for the help to point at
 EVAL_COMMANDS = ("eval-prompt", "eval-judge", "eval-choice", "eval-suite")  # `lmforge eval prompt` etc.
@@ -936,7 +939,8 @@ def _flag_error(text: str) -> str:
 
     required = re.match(r"the following arguments are required: (.*)$", text)
     if required:  # "prepare.data, prepare.out" / "finetune.classify.base": the flags as typed
-        flags = [f"--{key.strip().rsplit('.', 1)[-1]}" for key in required.group(1).split(",")]
+        names = [key.strip().rsplit(".", 1)[-1] for key in required.group(1).split(",")]
+        flags = [_POSITIONAL.get(n) or f"--{n}" for n in names]
         return f"{' and '.join(flags) if len(flags) == 2 else ', '.join(flags)} " \
                f"{'is' if len(flags) == 1 else 'are'} required"
     choice = re.match(r'expected "[\w.-]+" to be one of \{([^}]*)\}, but it was not provided', text)

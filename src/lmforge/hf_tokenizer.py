@@ -112,7 +112,7 @@ def _read_tokenizer_config(tok: Tokenizer, folder: Path) -> None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default", next(iter(named.values()), None))
     jinja = folder / "chat_template.jinja"
-    if template is None and jinja.is_file():
+    if jinja.is_file():  # as in transformers, the file comes before the config's entry
         try:
             template = jinja.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:

@@ -69,6 +69,8 @@ def check_language_models(specs: list[str]) -> None:
         path = Path(spec)
         if not path.exists() and spec not in hub.REGISTRY:
             raise _unknown(spec)
+        if not path.exists() and hub.REGISTRY[spec].kind != "model":
+            raise LmforgeError(f"{spec!r} is a data set, not a model")
         key = str(path.resolve()) if path.exists() else spec
         if key in seen:
             raise LmforgeError(f"{spec} is the model {seen[key]} again; give each model once")

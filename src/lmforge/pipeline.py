@@ -417,6 +417,7 @@ def _exported(model_spec: str) -> tuple:
     template = tuned_template(model_spec)
     if template in ("alpaca", "phi3"):
         tokenizer.chat_template = jinja_template(template)
+        tokenizer.eos_id = tokenizer.eot_id  # what these templates' answers end with in training (tasks.response_end)
     return model, tokenizer
 
 

@@ -91,7 +91,9 @@ def _column_hint(table: list[list[str]]) -> str:
     length = [sum(len(r[i]) for r in rows) / len(rows) for i in range(width)]
     label = min(range(width), key=lambda i: (distinct[i], length[i]))
     text = max((i for i in range(width) if i != label), key=lambda i: length[i])
-    header = len(rows) > 1 and all(all(r[i] != rows[0][i] for r in rows[1:]) for i in (text, label))
+    # a header: its cells occur nowhere below, while some label repeats there (two rows prove nothing)
+    below = [r[label] for r in rows[1:]]
+    header = len(below) > len(set(below)) and all(all(r[i] != rows[0][i] for r in rows[1:]) for i in (text, label))
     if header:
         return (f"name columns of its header (by the look of its rows: --text_column {rows[0][text]!r} "
                 f"--label_column {rows[0][label]!r})")

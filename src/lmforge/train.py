@@ -56,7 +56,8 @@ RESUMABLE = frozenset({"train.max_steps", "train.max_minutes", "train.eval_inter
                        "train.sample_interval", "train.save_interval", "train.log_interval",
                        "train.keep_checkpoints", "train.compile", "train.tensorboard", "train.wandb",
                        "train.wandb_project", "train.peak_flops", "train.strategy", "train.dist_timeout",
-                       "data_path"})  # a task adds its own (fit's ``resumable``)
+                       "data_path", "base.spec"})  # a task adds its own (fit's ``resumable``); the base's
+# place may change (a moved folder): its digest and tokenizer still say whether it is the same model
 
 
 def map_tensors(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
@@ -254,8 +255,10 @@ def _check_resume(run: Path, stored: dict, current: dict, config: TrainConfig, s
         text = repr(v)
         if len(text) <= 60:
             return text
-        if isinstance(v, str):
+        if isinstance(v, str) and all(c in "0123456789abcdef" for c in v):
             return repr(v[:16] + "…")  # a digest: its start tells them apart
+        if isinstance(v, str):
+            return repr("…" + v[-45:])  # a path: its end tells them apart
         return f"{text[:40]}... ({len(v)} items)" if isinstance(v, list) else text[:57] + "..."
 
     shown = lambda ds: ", ".join(f"{k} {brief(o)} -> {brief(n)}" for k, o, n in ds)  # noqa: E731
@@ -400,6 +403,8 @@ def _fit(model: GPT, batches: Batches, loss_fn: LossFn, config: TrainConfig, run
         start, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
         if start >= config.max_steps and finished_ok:
             print(f"{run} already took all its {start} steps; finishing what comes after training")
+            for line in changes:
+                print(line)
             return FitResult(step=start, last_loss=float("nan"), tokens=tokens, seconds=elapsed, stopped_early=False)
         if start >= config.max_steps:
             raise LmforgeError(f"{run} already finished {start} of {config.max_steps} steps; raise --train.max_steps "

@@ -265,7 +265,7 @@ def _check_resume(run: Path, stored: dict, current: dict, config: TrainConfig, s
     if refused and not allow_changes:
         # What the run reads (its data, its base model) changed on disk, not a setting typed again
         inputs = [d for d in refused if d[0].split(".")[0] in ("data", "base")]
-        if inputs:
+        if inputs and len(inputs) == len(refused):
             what = " and ".join(sorted({"the base model" if k.startswith("base") else "the data" for k, _, _ in inputs}))
             raise LmforgeError(f"{what} of {run} changed since it started ({shown(inputs)}); resuming on them would "
                                f"not give the run you started. Restore {'them' if ' and ' in what else 'it'} (or give "

@@ -185,3 +185,12 @@ def headless_chromium(window: str):
     driver.set_page_load_timeout(30)
     yield driver
     driver.quit()
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that a test interrupts as a terminal would: Ctrl-C's default action.
+    A shell starts background jobs with SIGINT ignored, and a child inherits an ignored signal (Python
+    then installs no KeyboardInterrupt), so a suite started with `cmd &` saw no Ctrl-C reach them."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TEXT
+from conftest import TEXT, default_sigint
 
 from lmforge import tasks
 from lmforge.chat import (
@@ -161,7 +161,8 @@ def test_the_chat_command_through_a_pseudo_terminal(run):
     pexpect = pytest.importorskip("pexpect")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     child = pexpect.spawn(sys.executable, ["-m", "lmforge", "chat", str(run), "--sample.temperature", "0",
-                                           "--sample.max_new_tokens", "12"], env=env, encoding="utf-8", timeout=60)
+                                           "--sample.max_new_tokens", "12"], env=env, encoding="utf-8", timeout=60,
+                          preexec_fn=default_sigint)
     try:
         child.expect("chatting with")
         child.expect(">>> ")
@@ -179,7 +180,8 @@ def test_the_chat_command_through_a_pseudo_terminal(run):
     assert child.exitstatus == 0
     # Ctrl-C stops an answer that would go on for a million tokens, and the chat goes on.
     child = pexpect.spawn(sys.executable, ["-m", "lmforge", "chat", str(run), "--sample.max_new_tokens", "1000000",
-                                           "--sample.stop_at_eos", "false"], env=env, encoding="utf-8", timeout=60)
+                                           "--sample.stop_at_eos", "false"], env=env, encoding="utf-8", timeout=60,
+                          preexec_fn=default_sigint)
     try:
         child.expect(">>> ")
         child.sendline("tell me everything")

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import torch
-from conftest import CHATML, QA, TEXT, chat_tokenizer, tiny_assistant  # noqa: F401  (test_chat_page imports them here)
+from conftest import CHATML, QA, TEXT, chat_tokenizer, default_sigint, tiny_assistant  # noqa: F401  (test_chat_page imports them here)
 
 openai = pytest.importorskip("openai", reason="the serve tests drive the server with the openai client: "
                              "pip install openai")
@@ -499,7 +499,7 @@ def test_lmforge_serve_prints_its_url_and_serves_a_run_directory_there(tmp_path,
     tok.save(tmp_path / "run" / "tokenizer.json")
     proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(tmp_path / "run"), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=default_sigint)
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving run (alpaca) at http://127.0.0.1:"), line + proc.stderr.read()

@@ -117,7 +117,8 @@ def evaluate_prompting(model_spec: str, data: str | Path, text_column: str = "te
             # A prompt longer than the window loses its start (the instruction, the first examples):
             # counted and reported, as `eval choice` reports its cut contexts.
             truncated += len(context) + max(map(len, choices)) > window + 1
-            best, _ = predict_by_prompt(model, tok, text, labels, shown, template, compute)
+            scores = continuation_logprobs(model, context, choices, compute)  # the ids above, encoded once
+            best = max(range(len(labels)), key=lambda i: scores[i])
             preds.append(best)
             truth.append(labels.index(label))
     metrics = classification_metrics(preds, truth, labels)

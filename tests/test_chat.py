@@ -147,6 +147,17 @@ def test_the_loop_streams_answers_and_obeys_its_commands(run):
     assert next(inputs) == "never read"  # /exit left the loop
 
 
+def test_a_message_with_bytes_that_are_not_utf8_is_not_sent(run):
+    """Python's standard input hands stray bytes on as lone surrogates: they were tokenized as text."""
+    a = Assistant.load(str(run))
+    inputs = iter(["caf\udce9 ok", "hello", "/exit"])  # b"caf\xe9 ok" read from a Latin-1 terminal
+    written = []
+    run_terminal(a, GREEDY, read_line=lambda p: next(inputs), write=written.append)
+    out = "".join(written)
+    assert "[that message is not UTF-8 text (byte 3); it was not sent: set the terminal to UTF-8]" in out
+    assert out.endswith("".join(Conversation(a, GREEDY).reply("hello")) + "\n")  # the next one as the first
+
+
 def test_end_of_input_leaves_the_loop(run):
     a = Assistant.load(str(run))
 

@@ -520,6 +520,15 @@ def test_cli_finetune_classify_then_classify(base, tmp_path):
     (tmp_path / "bom.txt").write_bytes("\ufeffsee you at lunch friend\n".encode())  # as Notepad saves it
     r = _cli("classify", tmp_path / "run", "--file", tmp_path / "bom.txt")
     assert r.returncode == 0 and r.stdout.startswith("ham\t") and "\ufeff" not in r.stdout, r.stdout
+    import subprocess
+    import sys
+
+    for raw, rc in ((b"see you \xff at lunch\n", 2), ("\ufeffsee you at lunch friend\n".encode(), 0)):
+        r = subprocess.run([sys.executable, "-m", "lmforge", "classify", str(tmp_path / "run")], input=raw,
+                           capture_output=True, timeout=300)
+        assert r.returncode == rc, r.stderr  # a stray byte was an "internal error"; a BOM joined the first text
+        assert (r.stderr == b"lmforge: error: the text to classify on standard input is not UTF-8 text (byte 8); convert it "
+                b"to UTF-8\n") if rc else (r.stdout.startswith(b"ham\t") and b"\xef\xbb\xbf" not in r.stdout)
     r = _cli("chat", tmp_path / "run", "--quantize", "int8", stdin="hi\n")  # once ignored without a word
     assert r.returncode == 2 and "is a classifier: --quantize is for generating text" in r.stderr, r.stderr
 

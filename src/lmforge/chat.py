@@ -293,6 +293,16 @@ def read_message(read_line, prompt: str = ">>> ", more: str = "... ") -> str:
     return "\n".join(lines)
 
 
+def _undecoded_byte(text: str) -> int | None:
+    """Where ``text`` holds a byte that was not UTF-8 (Python's standard input turns such bytes into
+    lone surrogates, U+DC80-U+DCFF, rather than failing): the byte's offset in the message, or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return len(text[:e.start].encode("utf-8"))
+
+
 def run_terminal(assistant: Assistant, config, system: str | None = None, read_line=input, write=None) -> None:
     """The interactive chat loop: read a message, stream the answer, until /exit or end of input."""
     import sys
@@ -313,6 +323,9 @@ def run_terminal(assistant: Assistant, config, system: str | None = None, read_l
             return
         except KeyboardInterrupt:
             out("\n(to leave: /exit or Ctrl-D)\n")
+            continue
+        if (bad := _undecoded_byte(text)) is not None:  # stdin decodes stray bytes as lone surrogates
+            out(f"[that message is not UTF-8 text (byte {bad}); it was not sent: set the terminal to UTF-8]\n")
             continue
         command = text.strip()
         if not command:

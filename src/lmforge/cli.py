@@ -688,7 +688,8 @@ def _classify(a) -> None:
             raise LmforgeError(f"{path} holds no text to classify (one text per line)")
         texts += lines
     if not texts:
-        texts = [ln for ln in sys.stdin.read().splitlines() if ln.strip()]
+        texts = [ln for ln in _utf8(sys.stdin.buffer.read(), "the text to classify").removeprefix("\ufeff")
+                 .splitlines() if ln.strip()]
     if not texts:
         raise LmforgeError("no texts to classify: give them as arguments, with --file, or on standard input")
     for text, (label, p, _) in zip(texts, classify_texts(a.run, texts)):

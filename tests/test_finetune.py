@@ -641,8 +641,12 @@ def test_lora_instruction_run_generates_exports_and_serves_as_a_base(base, tmp_p
 
     conversation = [{"role": "user", "content": "Name the color red."}]
     tuned, again = Assistant.load(str(tmp_path / "run")), Assistant.load(str(tmp_path / "hf"))
-    assert (tuned.template, again.template) == ("alpaca", "chat") and exported_tok.chat_template
+    assert exported_tok.chat_template and tuned.template == "alpaca"
+    # known by its Jinja form as the template it is, so its stop strings come back too (once "chat": none)
+    assert again.template == "alpaca" and again.stop == tuned.stop == ("### Instruction:",)
     assert again.prompt_ids(conversation) == tuned.prompt_ids(conversation)
+    (tmp_path / "hf" / "chat_template.jinja").write_text(exported_tok.chat_template + " ")  # edited by hand:
+    assert Assistant.load(str(tmp_path / "hf")).template == "chat"  # its own template, rendered as it is
     res = finetune_dpo(str(tmp_path / "run"), data, tmp_path / "dpo", FinetuneConfig(trainable="lora", epochs=1,
                        split=(0.75, 0.25, 0.0)), TrainConfig(lr=1e-3, batch_size=4, dtype="float32"),
                        LoRAConfig(rank=2, alpha=4), progress=False)

@@ -95,7 +95,13 @@ def tuned_template(spec: str | Path) -> str | None:
 def answer_template(spec: str | Path, tokenizer) -> str | None:
     """The template the model at ``spec`` takes a user's message in: the one it was tuned on, else its
     own chat template; None when it has neither (a base model, which only continues text)."""
-    return tuned_template(spec) or ("chat" if getattr(tokenizer, "chat_template", None) else None)
+    own = getattr(tokenizer, "chat_template", None)
+    if not own:
+        return tuned_template(spec)
+    # an export of a run tuned on alpaca or phi3 carries that template in Jinja: the same prompt, and by
+    # its name the template's stop strings come back too
+    named = next((t for t in ("alpaca", "phi3") if own == jinja_template(t)), "chat")
+    return tuned_template(spec) or named
 
 
 def user_prompt_ids(tokenizer, template: str, text: str, what: str = "the prompt") -> list[int]:

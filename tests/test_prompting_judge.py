@@ -132,7 +132,7 @@ def test_http_judge_retries_a_server_error_and_reads_the_scores(judge_server, tm
     _Judge.script = [(500, ""), (200, "80"), (200, "Score: 60")]
     res = judge_responses(_responses(tmp_path), http_judge(judge_server, "llama3", timeout=5, retries=2),
                           progress=False)
-    assert res == {"scores": [80, 60], "n": 2, "scored": 2, "mean": 70.0}
+    assert res == {"scores": [80, 60], "n": 2, "scored": 2, "too_long": 0, "mean": 70.0}
     path, body = _Judge.seen[-1]
     assert path == "/v1/chat/completions" and body["model"] == "llama3" and body["temperature"] == 0
     prompt = body["messages"][0]["content"]
@@ -192,9 +192,45 @@ def test_a_text_spelling_a_special_token_is_text_in_a_prompt(monkeypatch):
 
     asked = []
     monkeypatch.setattr("lmforge.models.load_language_model", lambda spec: (Echo(), tok))
-    monkeypatch.setattr(generate, "generate", lambda m, ids, cfg, eos_id: asked.append(ids[0].tolist()) or ids)
-    judge.local_judge("x")(f"Score the response: {text}")
+    monkeypatch.setattr(generate, "stream_text", lambda m, t, ids, cfg: asked.append(list(ids)) or iter(["7"]))
+    assert judge.local_judge("x")(f"Score the response: {text}") == "7"
     assert asked[0].count(im_end) == 1 and eot not in asked[0]
+
+
+def test_a_local_judge_is_asked_in_the_template_it_was_tuned_on(base, tmp_path, monkeypatch, capsys):
+    """An Alpaca-tuned run judged in plain text (its tokenizer has no chat template), and a prompt longer
+    than the judge's context was cut at its start, template opening and question lost, and scored."""
+    from lmforge import generate, judge
+    from lmforge.chat import stop_strings, user_prompt_ids
+    from lmforge.checkpoint import save_model
+    from lmforge.models import load_any
+    from lmforge.tasks import plain_ids
+
+    model, tok = load_any(str(base))
+    save_model(tmp_path / "tuned", model, 0, {"task": "instruct", "template": "alpaca"})
+    tok.save(tmp_path / "tuned" / "tokenizer.json")
+    asked = []
+    monkeypatch.setattr(generate, "stream_text",
+                        lambda m, t, ids, cfg: asked.append((list(ids), cfg.stop)) or iter(["Score: 90"]))
+    responses = _responses(tmp_path)
+    res = judge.judge_responses(responses, judge.local_judge(str(tmp_path / "tuned")), progress=False)
+    records = json.loads(responses.read_text())
+    prompt = judge.judge_prompt(records[0])
+    assert asked[0] == (user_prompt_ids(tok, "alpaca", prompt), stop_strings("alpaca"))
+    assert res["scores"] == [90, 90] and res["too_long"] == 0
+    asked.clear()
+    records[1]["model_response"] = "word " * 600  # past the 512-token context
+    responses.write_text(json.dumps(records))
+    res = judge.judge_responses(responses, judge.local_judge(str(base)), progress=False)
+    assert res["scores"] == [90, None] and (res["scored"], res["too_long"]) == (1, 1) and res["mean"] == 90
+    assert len(asked) == 1 and asked[0] == (plain_ids(tok, prompt), ())  # a base model: plain text, no stops
+    from lmforge.cli import main
+
+    assert main(["eval", "judge", str(responses), "--judge", str(base), "--out", str(tmp_path / "j.json")]) == 0
+    assert capsys.readouterr().out.startswith("judge score (0-100): 90.00 over 1 of 2 responses; 1 not scored, "
+                                              "their prompt longer than the judge's context: judge with a model "
+                                              "of a longer context\nwrote ")
+    assert json.loads((tmp_path / "j.json").read_text())["too_long"] == 1
 
 
 def test_responses_without_model_response(tmp_path):

@@ -522,7 +522,9 @@ def _run(argv: list[str]) -> int:
             else local_judge(a.judge)
         res = judge_responses(a.responses, ask)
         mean = "none could be read" if res["mean"] is None else f"{res['mean']:.2f}"
-        print(f"judge score (0-100): {mean} over {res['scored']} of {res['n']} responses")
+        long = (f"; {res['too_long']} not scored, their prompt longer than the judge's context: judge with a "
+                "model of a longer context") if res["too_long"] else ""
+        print(f"judge score (0-100): {mean} over {res['scored']} of {res['n']} responses{long}")
         _write_json(a.out, res, "eval-judge")
     elif cmd == "eval-choice":
         from .choice_eval import run_choice_eval

@@ -77,29 +77,36 @@ def http_judge(url: str, model: str, timeout: float = 60.0, retries: int = 3, ap
     return ask
 
 
+class TooLong(LmforgeError):
+    """A judge prompt longer than a local judge's context: that response is left unscored."""
+
+
 def local_judge(model_spec: str, max_new_tokens: int = 8) -> Callable[[str], str]:
-    """A function prompt -> answer by a model lmforge loads, through its chat template when it has one."""
+    """A function prompt -> answer by a model lmforge loads, the prompt put as a user's message in the
+    template the model answers in (the one it was tuned on, else its own chat template, as `lmforge
+    chat` does; plain text for a base model), the answer ending at that template's stop strings."""
     import torch
 
+    from .chat import answer_template, stop_strings, user_prompt_ids
     from .config import SampleConfig
-    from .generate import generate
+    from .generate import stream_text
     from .models import load_language_model
 
     model, tok = load_language_model(model_spec)
     model.eval()
+    template = answer_template(model_spec, tok)
+    config = SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0, top_k=None, seed=0,
+                          stop=stop_strings(template) if template else ())
+    room = model.config.context_length - max_new_tokens
 
     def ask(prompt: str) -> str:
         # The prompt quotes model responses and references: plain text, whatever they spell
-        ids = (tasks.template_ids(tok, lambda t: tok.apply_chat_template([{"role": "user", "content": t[0]}],
-                                                                         add_generation_prompt=True), [prompt])
-               if tok.chat_template else tasks.plain_ids(tok, prompt))
-        ids = ids[-(model.config.context_length - max_new_tokens):]
+        ids = user_prompt_ids(tok, template, prompt, "the judge's prompt") if template else tasks.plain_ids(tok, prompt)
+        if len(ids) > room:  # cut, it would lose the question or the template's opening: not scored instead
+            raise TooLong(f"the judge's prompt is {len(ids)} tokens; {model_spec} reads {room} "
+                          f"({model.config.context_length} less {max_new_tokens} for the score)")
         with torch.no_grad():
-            out = generate(model, torch.tensor([ids]), SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0,
-                                                                  top_k=None, seed=0), eos_id=tok.eos_id)[0].tolist()
-        if tok.eos_id in out:
-            out = out[:out.index(tok.eos_id)]
-        return tok.decode(out)
+            return "".join(stream_text(model, tok, ids, config))
 
     return ask
 
@@ -113,12 +120,16 @@ def judge_responses(path: str | Path, ask: Callable[[str], str], progress: bool 
     if missing:
         raise LmforgeError(f"{path}, record {missing[0]} has no 'model_response'; give the responses.json of a run "
                            "of `lmforge finetune instruct`")
-    scores = []
+    scores, too_long = [], 0
     for rec in tqdm(records, desc="judging", disable=not progress, dynamic_ncols=True):
-        scores.append(parse_score(ask(judge_prompt(rec))))
+        try:
+            scores.append(parse_score(ask(judge_prompt(rec))))
+        except TooLong:
+            scores.append(None)
+            too_long += 1
     scored = [s for s in scores if s is not None]
-    return {"scores": scores, "n": len(records), "scored": len(scored),
+    return {"scores": scores, "n": len(records), "scored": len(scored), "too_long": too_long,
             "mean": sum(scored) / len(scored) if scored else None}
 
 
-__all__ = ["http_judge", "judge_prompt", "judge_responses", "local_judge", "parse_score"]
+__all__ = ["TooLong", "http_judge", "judge_prompt", "judge_responses", "local_judge", "parse_score"]

@@ -32,6 +32,24 @@ def test_builtin_corpus_is_real_english():
     assert any("for" in d and "statement" in d for d in docs)
 
 
+def test_a_folder_another_prepare_writes_in_is_refused(tmp_path, corpus_dir, tok):
+    """Two prepares into one folder at once wrote the same temporary names: one's shards ended up beside
+    the other's index (sizes and sha256 wrong), the second reported success, the first a false error."""
+    from conftest import another_process_holding
+
+    from lmforge.outputs import OutputError
+
+    out = tmp_path / "data"
+    prepare([str(corpus_dir)], out, tok, DataConfig(val_fraction=0.1))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with another_process_holding(out):
+        with pytest.raises(OutputError, match=f"^{out} is in use by another lmforge process that writes in it; "
+                                              "wait until it ends, or choose another --out$"):
+            prepare([str(corpus_dir)], out, tok, DataConfig(val_fraction=0.2))
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert prepare([str(corpus_dir)], out, tok, DataConfig(val_fraction=0.2)).index["data_config"]["val_fraction"] == 0.2
+
+
 def test_prepare_writes_shards_and_reuses_them(tmp_path, corpus_dir, tok, capsys):
     out = tmp_path / "data"
     shards = prepare([str(corpus_dir)], out, tok, DataConfig(val_fraction=0.1, seed=3))

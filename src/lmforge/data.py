@@ -48,7 +48,7 @@ import torch
 
 from . import atomic
 from .config import DataConfig, LmforgeError, config_dict, is_whole
-from .outputs import read_json_head, remove_quietly, write_error
+from .outputs import read_json_head, remove_quietly, run_lock, write_error
 from .workers import pool as worker_pool
 from .tokenizer import Tokenizer
 
@@ -656,6 +656,14 @@ def prepare(paths: list[str], out_dir: str | os.PathLike, tokenizer: Tokenizer,
     commit, so the folder never pairs new shards with an old tokenizer."""
     out = Path(out_dir)
     signature = _input_signature(paths, config, tokenizer)
+    # Two prepares into one folder would write the same temporary names and rename each other's
+    # shards beside their own index: the folder is held, the second refused.
+    with run_lock(out, doing="writes in it"):
+        return _prepare(paths, out, tokenizer, config, force, quiet, save_tokenizer, signature)
+
+
+def _prepare(paths: list[str], out: Path, tokenizer: Tokenizer, config: DataConfig, force: bool, quiet: bool,
+             save_tokenizer: bool, signature: str) -> ShardSet:
     if not force and (existing := _reuse(out, signature, tokenizer, save_tokenizer, quiet)) is not None:
         return existing
     # Count documents only as far as the split rule needs: whole documents, or tails of few.

@@ -161,10 +161,11 @@ _HELD: dict[str, int] = {}
 
 
 @contextlib.contextmanager
-def run_lock(run: str | os.PathLike, active: bool = True) -> Iterator[None]:
+def run_lock(run: str | os.PathLike, active: bool = True, doing: str = "trains in it") -> Iterator[None]:
     """Hold the run folder ``run`` while this process trains in it: another lmforge process that
     would train, resume or start over there is refused, instead of mixing its checkpoints and logs
-    with this one's. The lock is the OS's (``flock`` on the folder), so a process that dies, even
+    with this one's (and so for a folder of token shards while `prepare` writes it: ``doing`` says
+    what the holder does). The lock is the OS's (``flock`` on the folder), so a process that dies, even
     by kill -9, holds nothing. Nested holds of one folder by one process are fine. A folder made
     here is removed again if the work fails before writing anything into it. ``active=False`` (the
     ranks other than 0, which do not write) holds nothing; so does a file system without locks
@@ -187,12 +188,12 @@ def run_lock(run: str | os.PathLike, active: bool = True) -> Iterator[None]:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             _remove_empty(made)
             os.close(fd)
-            raise OutputError(f"{run} is in use by another lmforge process that trains in it; wait until it ends, "
+            raise OutputError(f"{run} is in use by another lmforge process that {doing}; wait until it ends, "
                               "or choose another --out") from None
         import warnings
 
         warnings.warn(f"{run} cannot be locked on this file system ({e.strerror}); nothing stops a second "
-                      "lmforge process from training in it at the same time", stacklevel=3)
+                      "lmforge process from writing in it at the same time", stacklevel=3)
     _HELD[key] = fd
     try:
         yield

@@ -175,6 +175,12 @@ BAD = [
      r"line 1 has no 'context' field"),
     ("bigbench broken JSON", "task.json", '{"examples": [\n  {"input": "a",}\n]}', r"is not valid JSON \(.* line 2"),
     ("bigbench subtasks", "task.json", '{"name": "x", "subtasks": ["a"]}', r"has no 'examples'"),
+    # once an "internal error" (str.isdigit holds for them, int() refuses them) or, for "١", the label 1
+    *((f"label {s!r}", "t.jsonl", json.dumps({"context": "a", "choices": ["x", "y"], "label": s}),
+       rf"line 1: label '{s}' is not an integer") for s in ("--1", "\u00b2", "\u0661", "1.0", "")),
+    ("bigbench append_choices_to_input a string", "task.json",  # once read as bool("false"): true
+     '{"examples": [{"input": "a", "target_scores": {"x": 1, "y": 0}}], "append_choices_to_input": "false"}',
+     r"append_choices_to_input is a string, not true or false"),
 ]
 
 

@@ -240,7 +240,7 @@ def test_a_recipe_whose_settings_cannot_run_sharded_is_refused_before_launching(
     (["--devices", "2", "--nnodes", "2"], "--nnodes > 1 needs --rdzv_endpoint HOST:PORT, the same on every machine"),
     *[(["--devices", "2", "--nnodes", "2", "--rdzv_endpoint", bad],
        f"--rdzv_endpoint must be HOST:PORT (e.g. node0:29500, the same on every machine), got '{bad}'")
-      for bad in ("localhost:notaport", "localhost:99999", ":", "garbage", "node0:0")],
+      for bad in ("localhost:notaport", "localhost:99999", ":", "garbage", "node0:0", "node0:2\u00b2")],  # ² once int()
     (["--devices", "2", "--nnodes", "2", "--node_rank", "5", "--rdzv_endpoint", "localhost:29999"],
      "--node_rank must be between 0 and --nnodes - 1 (1), got 5; give each machine its own"),
     (["--node_rank", "3"], "--node_rank must be between 0 and --nnodes - 1 (0), got 3; give each machine its own"),

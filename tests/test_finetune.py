@@ -536,6 +536,8 @@ def test_cli_finetune_classify_then_classify(base, tmp_path):
 BAD = [
     # (what, data file content or None, extra args, message fragment)
     ("missing column", "text,category\nhello,a\n", ["--label_column", "label"], "has no column 'label'"),
+    ("a column a digit but not ASCII", "ham\tgood\nspam\tbad\n", ["--text_column", "1", "--label_column", "\u00b2"],
+     "has no column '\u00b2'"),  # once int("²"): an internal error
     ("empty text", "ham\tgood\nspam\t \n", ["--text_column", "1", "--label_column", "0"], "row 2 has an empty text"),
     ("one class", "ham\ta\nham\tb\nham\tc\nham\td\n", ["--text_column", "1", "--label_column", "0"],
      "a classifier needs at least two classes"),

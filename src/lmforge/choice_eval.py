@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import LmforgeError, is_number, is_whole
+from .config import LmforgeError, is_digits, is_number, is_whole
 from .precision import autocast, tune_cpu_allocator
 
 TARGET_DELIMITER = " "  # between a context and a choice (the harness's default)
@@ -159,7 +159,7 @@ def _string(path: Path, where: str, value: object, name: str) -> str:
 
 def _label(path: Path, where: str, value: object, n_choices: int) -> int:
     """An index into the choices: an integer, or a string of digits (HellaSwag on the HF hub)."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and is_digits(value.strip().removeprefix("-")):
         value = int(value)
     if not is_whole(value):
         raise LmforgeError(f"{path}: {where}: label {value!r} is not an integer; give the index of the right "
@@ -263,7 +263,11 @@ def _bigbench_items(path: Path, task: dict) -> tuple[list[ChoiceItem], list[str]
     input_prefix = prefix("example_input_prefix", "\nQ: ")
     output_prefix = prefix("example_output_prefix", "\nA: ")
     choice_prefix = prefix("choice_prefix", "\n  choice: ")
-    append_choices = bool(task.get("append_choices_to_input", True))
+    append_choices = task.get("append_choices_to_input")
+    append_choices = True if append_choices is None else append_choices  # null: the default, as above
+    if not isinstance(append_choices, bool):  # (bool("false") is True)
+        raise LmforgeError(f"{path}: append_choices_to_input is {_json_type(append_choices)}, not true or false; "
+                           "give true or false (or leave it out for true)")
     items, tied = [], []
     for i, ex in enumerate(examples):
         where = f"example {i + 1}"

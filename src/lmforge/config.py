@@ -523,6 +523,12 @@ def is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_digits(text: str) -> bool:
+    """Whether ``text`` is a whole number written in ASCII digits, what ``int`` reads. (``str.isdigit``
+    also holds for "²" and "١", which ``int`` refuses or reads as another digit.)"""
+    return text.isascii() and text.isdigit()
+
+
 def is_number(value: Any) -> bool:
     """Whether a value read from JSON is a number, whole or not (true and false are not)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)

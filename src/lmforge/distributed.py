@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .attention import ATTENTION_CHUNK, chunk_spans
-from .config import LmforgeError, TrainConfig
+from .config import LmforgeError, TrainConfig, is_digits
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -404,7 +404,7 @@ def check_launch(devices: int | None, nnodes: int = 1, node_rank: int | None = N
         raise DistributedError("--nnodes > 1 needs --rdzv_endpoint HOST:PORT, the same on every machine")
     if rdzv_endpoint is not None:
         host, sep, port = rdzv_endpoint.rpartition(":")
-        if not (sep and host.strip("[]") and port.isdigit() and 0 < int(port) < 65536):
+        if not (sep and host.strip("[]") and is_digits(port) and 0 < int(port) < 65536):
             raise DistributedError(f"--rdzv_endpoint must be HOST:PORT (e.g. node0:29500, the same on every "
                                    f"machine), got {rdzv_endpoint!r}")
     if node_rank is not None and not 0 <= node_rank < nnodes:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import atomic
-from .config import LmforgeError
+from .config import LmforgeError, is_digits
 
 ALLOW_UNVERIFIED_ENV = "LMFORGE_ALLOW_UNVERIFIED"
 
@@ -219,7 +219,7 @@ def _download_url(url: str, part: Path, desc: str) -> None:
     with resp:
         resumed = bool(have) and resp.status == 206  # resume only if the server honoured the range
         length = resp.headers.get("Content-Length", "")
-        total = (have if resumed else 0) + int(length) if length.isdigit() else None
+        total = (have if resumed else 0) + int(length) if is_digits(length) else None
         with open(part, "ab" if resumed else "wb") as f:
             _copy(resp, f, total, desc, initial=have if resumed else 0)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .config import LmforgeError
+from .config import LmforgeError, is_digits
 from .fused_ce import IGNORE_INDEX
 
 
@@ -70,7 +70,7 @@ def read_records(path: str | Path) -> list[dict]:
 
 
 def _column(header: list[str] | None, name: str, path: Path, table: list[list[str]]) -> int:
-    if name.isdigit():
+    if is_digits(name):
         return int(name)
     if header is None or name not in header:
         first = table[0]
@@ -145,7 +145,7 @@ def read_labelled(path: str | Path, text_column: str = "text", label_column: str
     table = [r for r in table if r]
     if not table:
         raise DataError(f"{path} holds no rows")
-    numbered = text_column.isdigit() and label_column.isdigit()
+    numbered = is_digits(text_column) and is_digits(label_column)
     header = None if numbered else table[0]
     ti = _column(header, text_column, path, table)
     li = _column(header, label_column, path, table)

@@ -755,7 +755,7 @@ def run_suite(models: list[str], tasks: list[str], text: list[str] | None = None
     ``suite.json`` into the folder ``out``. Tasks and text are read, and the output checked,
     before any model is loaded."""
     from . import __version__, atomic
-    from .data import read_documents
+    from .data import read_text_files
     from .evaluate import bits_per_byte
     from .models import check_language_models, load_language_model
     from .outputs import check_output, staged_folder
@@ -777,7 +777,7 @@ def run_suite(models: list[str], tasks: list[str], text: list[str] | None = None
     for _, _, notes in loaded:
         for note in notes:
             print(f"lmforge: warning: {note}", file=sys.stderr)
-    corpus = "\n\n".join(read_documents(list(text))) if text else None
+    corpus = read_text_files(list(text)) if text else None
     names = _unique_names(paths)
     task_info = [{"name": name, "path": str(p), "layout": layout, "items": len(items),
                   "n": len(items[:limit] if limit is not None else items), "truncated": 0,

@@ -34,6 +34,7 @@ from .data import (
     is_shard_dir,
     prepare,
     read_documents,
+    read_text_files,
     split_documents,
 )
 from .evaluate import bits_per_byte, evaluate_tokens
@@ -372,7 +373,7 @@ def _ask(run: Path, labels: list[str], accuracy: float | None = None) -> None:
 def evaluate_text(model_spec: str, paths: list[str], dtype: str = "float32") -> dict:
     """Bits per byte of any model on text files (comparable across tokenizers)."""
     _check_eval_args(dtype=dtype)
-    text = "\n\n".join(read_documents(paths))
+    text = read_text_files(paths)
     model, tokenizer = load_language_model(model_spec, default_device())
     return bits_per_byte(model, tokenizer, text, dtype=resolve_dtype(dtype, default_device()))
 

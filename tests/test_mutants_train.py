@@ -138,10 +138,16 @@ def test_train_step_keeps_the_gradient_buffers_zeroed():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_train_step_stops_on_a_non_finite_loss(bad):
+    # Named as the log counts steps (the step of index 4 is logged as step 5; once "step 4", the step
+    # before, whose loss the log showed finite); in fp32 there is no fp32 to advise (once it was advised)
     cfg = TrainConfig(grad_clip=None)
     with pytest.raises(LmforgeError) as e:
         _step(cfg, step=4, batches=lambda k: torch.tensor([bad, 1.0]))
-    assert str(e.value) == (f"loss became {bad} at step 4; lower --train.lr or use --train.dtype float32")
+    assert str(e.value) == f"loss became {bad} at step 5; lower --train.lr"
+    with pytest.raises(LmforgeError) as e:
+        tr.train_step(Probe(), torch.optim.SGD(Probe().parameters(), lr=1.0), lambda k: torch.tensor([bad, 1.0]),
+                      _probe_loss([]), 4, cfg, torch.device("cpu"), torch.bfloat16)
+    assert str(e.value) == f"loss became {bad} at step 5; lower --train.lr or use --train.dtype float32"
 
 
 def test_an_unread_step_leaves_its_numbers_on_the_device_and_reading_raises_at_the_first_bad_step():
@@ -157,20 +163,20 @@ def test_an_unread_step_leaves_its_numbers_on_the_device_and_reading_raises_at_t
     assert (first.loss, first.metrics, first.grad_norm, first.step) == (3.0, {"double": 6.0},
                                                                         pytest.approx(5 ** 0.5), 0)
     assert type(first.loss) is float and type(first.grad_norm) is float
-    with pytest.raises(LmforgeError, match="^loss became nan at step 1; lower --train.lr"):
+    with pytest.raises(LmforgeError, match="^loss became nan at step 2; lower --train.lr$"):
         tr.resolve_steps(steps)
 
 
 def test_fit_stops_at_a_non_finite_loss_naming_its_step_and_saves_nothing_after_it(tmp_path):
-    # Steps 0 and 1 are fine, step 2's loss is inf (its batch is rows 4-5); logs every 5 steps and
-    # saves every 2: the numbers are read after steps 1 and 3, and the second read, which checks
-    # steps 2 and 3, raises before the checkpoint after step 3 is written.
+    # Steps 1 and 2 are fine, step 3's loss is inf (its batch is rows 4-5); logs every 5 steps and
+    # saves every 2: the numbers are read after steps 2 and 4, and the second read, which checks
+    # steps 3 and 4, raises before the checkpoint after step 4 is written.
     def loss(model, batch):
         value, metrics = _loss(model, batch)
         return (value * float("inf") if torch.equal(batch[0], DATA[4:6, :-1]) else value), metrics
 
     cfg = _cfg(log_interval=5, save_interval=2, eval_interval=100)
-    with pytest.raises(LmforgeError, match="^loss became inf at step 2; "):
+    with pytest.raises(LmforgeError, match="^loss became inf at step 3; "):
         tr.fit(_model(), _batches, loss, cfg, tmp_path, progress=False)
     assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-00000002"]
     assert all(r["step"] <= 2 for r in _records(tmp_path))

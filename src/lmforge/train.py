@@ -15,6 +15,7 @@ SIGKILL between checkpoints — reproduces the losses of an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -123,7 +124,8 @@ class StepResult:
     grad_norm: float | torch.Tensor | None = None
     tokens: int = 0
     seq_len: int = 0  # the longest micro-batch's sequence length (attention's FLOPs depend on it)
-    step: int = 0
+    step: int = 0  # its index from 0: the step logged, saved and shown as step + 1
+    reduced_precision: bool = True  # computed under bf16 / fp16 autocast (what to advise when it fails)
 
     def resolved(self) -> StepResult:
         """This result with plain floats (see ``resolve_steps``)."""
@@ -142,10 +144,10 @@ def resolve_steps(results: list[StepResult]) -> list[StepResult]:
     out = []
     for r in results:
         loss, metrics, grad_norm = plain(r.loss), {k: plain(v) for k, v in r.metrics.items()}, plain(r.grad_norm)
-        if not math.isfinite(loss):
-            raise LmforgeError(f"loss became {loss} at step {r.step}; lower --train.lr or use --train.dtype float32")
-        out.append(StepResult(loss=loss, metrics=metrics, grad_norm=grad_norm, tokens=r.tokens, seq_len=r.seq_len,
-                              step=r.step))
+        if not math.isfinite(loss):  # named as the log and the progress bar count it
+            raise LmforgeError(f"loss became {loss} at step {r.step + 1}; lower --train.lr"
+                               + (" or use --train.dtype float32" if r.reduced_precision else ""))
+        out.append(dataclasses.replace(r, loss=loss, metrics=metrics, grad_norm=grad_norm))
     return out
 
 
@@ -199,7 +201,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     optimizer.step()
     optimizer.zero_grad(set_to_none=False)  # keep gradient buffers: no re-allocation per step
     result = StepResult(loss=loss_sum / config.grad_accum, grad_norm=grad_norm, tokens=tokens, seq_len=width,
-                        step=step, metrics={name: v / config.grad_accum for name, v in sums.items()})
+                        step=step, metrics={name: v / config.grad_accum for name, v in sums.items()},
+                        reduced_precision=dtype != torch.float32)
     return result.resolved() if read else result
 
 

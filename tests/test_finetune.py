@@ -617,6 +617,44 @@ def test_classify_a_run_that_is_not_a_classifier(base):
         classify_texts(base, ["hello"])
 
 
+@pytest.mark.parametrize("to", ["hf", "gguf"])
+def test_no_output_writes_over_the_base_model_a_lora_run_reads(base, tmp_path, to):
+    """`export RUN --out BASE` replaced the base of the LoRA run it exported (exit 0, an earlier export
+    being its own kind): the run then refused to load. Even with --overwrite it is refused, as is a
+    report or results file written there; and so for the base of the base."""
+    from lmforge.cli import main
+    from lmforge.finetune import finetune_instruct
+    from lmforge.pipeline import export
+
+    base_out = tmp_path / ("base.gguf" if to == "gguf" else "base-hf")
+    if to == "gguf":  # GGUF holds Llama-family models
+        tok = Tokenizer.train([TEXT * 5], TokenizerConfig(vocab_size=300))
+        save_model(tmp_path / "llama", GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=256, d_model=32,
+                                                        n_layer=1, n_head=2, norm="rmsnorm", mlp="swiglu",
+                                                        positions="rope", bias=False, qkv_bias=False)), 0,
+                   {"task": "pretrain"})
+        tok.save(tmp_path / "llama" / "tokenizer.json")
+        base = tmp_path / "llama"
+    export(str(base), to, base_out, "f32" if to == "gguf" else None)
+    data = _instruction_file(tmp_path / "instr.json", n=8)
+    cfg = FinetuneConfig(trainable="lora", epochs=1, split=(0.5, 0.5, 0.0))
+    for run, under in (("run", base_out), ("run2", tmp_path / "run")):  # run2: adapters over run's adapters
+        finetune_instruct(str(under), data, tmp_path / run, cfg, TrainConfig(batch_size=4, dtype="float32"),
+                          LoRAConfig(rank=2, alpha=4), respond_test=0, progress=False)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    for run in ("run", "run2"):
+        for extra in ([], ["--overwrite", "true"]):
+            assert main(["export", str(tmp_path / run), "--to", to, "--out", str(base_out), *extra]) == 2
+    from lmforge.outputs import OutputError, check_output
+
+    with pytest.raises(OutputError, match=f"^--out {base_out} is the base model {tmp_path / 'run'} reads beneath its "
+                                          "fine-tuned weights; writing it would leave that run unusable"):
+        check_output(base_out, kind="file" if to == "gguf" else "folder", what="x", own_kind=lambda p: True,
+                     inputs=[str(tmp_path / "run2")], overwrite=True)
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    export(str(tmp_path / "run2"), to, tmp_path / ("out.gguf" if to == "gguf" else "out"))  # elsewhere: fine
+
+
 def test_lora_instruction_run_generates_exports_and_serves_as_a_base(base, tmp_path):
     """Every command that takes a model reads a fine-tuned run: generation and export get the
     adapters folded in (the same outputs), and a further fine-tuning starts from them."""

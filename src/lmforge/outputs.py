@@ -72,9 +72,37 @@ def is_data_file(path: Path) -> bool:
     return path.name in SHARD_FILES and path.parent.is_dir() and is_shard_dir(path.parent)
 
 
-def input_paths(specs: Iterable[str | os.PathLike]) -> list[Path]:
-    """The existing paths among command inputs (names such as 'builtin' or a known model are skipped)."""
-    return [Path(s) for s in specs if Path(s).exists()]
+def input_paths(specs: Iterable[str | os.PathLike]) -> list[tuple[Path, Path | None]]:
+    """The existing paths among command inputs (names such as 'builtin' or a known model are skipped),
+    each with None, and the base models a fine-tuning run among them reads, each with that run: one
+    that saved only what it trained (LoRA adapters, a head) is unusable once its base is written over
+    (an export of it onto its base was)."""
+    paths, seen = [], set()
+    for spec in specs:
+        path, reader = Path(spec), None
+        while path.exists() and path.resolve() not in seen:
+            seen.add(path.resolve())
+            paths.append((path, reader))
+            base = _base_read_by(path)
+            if not base:
+                break
+            path, reader = Path(base), path
+    return paths
+
+
+def _base_read_by(path: Path) -> str | None:
+    """The base model a run that saved only its trained weights loads beneath them, else None."""
+    from .checkpoint import read_run_config
+
+    if not path.is_dir():
+        return None
+    try:
+        cfg = read_run_config(path)
+    except LmforgeError:
+        return None
+    base = cfg.get("base") if cfg.get("weights") == "trained" else None
+    spec = base.get("spec") if isinstance(base, dict) else None
+    return spec if isinstance(spec, str) and spec else None
 
 
 def check_output(out: str | os.PathLike, *, kind: str, what: str, own_kind: Callable[[Path], bool],
@@ -92,8 +120,11 @@ def check_output(out: str | os.PathLike, *, kind: str, what: str, own_kind: Call
     out = Path(out)
     target = out.resolve()
     written = [target / name for name in writes] if kind == "folder" else [target]
-    for given in input_paths(inputs):
+    for given, reader in input_paths(inputs):
         src = given.resolve()
+        if target == src and reader is not None:
+            raise OutputError(f"{flag} {out} is the base model {reader} reads beneath its fine-tuned weights; "
+                              "writing it would leave that run unusable. Choose another path")
         if target == src:
             raise OutputError(f"{flag} {out} is also an input of this command; writing it would destroy the "
                               "input. Choose another path")

@@ -957,6 +957,10 @@ def test_a_failed_or_interrupted_merge_leaves_no_out_and_can_be_run_again(base, 
     with pytest.raises(LmforgeError, match="is inside .* the base model this run reads"):
         ft.merge_run(run, base / "merged")
     assert not (base / "merged").exists()
+    # Nor into another training run (once written there, exit 0, where export refused the same path)
+    with pytest.raises(LmforgeError, match="is inside a training run directory, which only training writes"):
+        ft.merge_run(run, out / "sub")
+    assert not (out / "sub").exists()
 
 
 def test_fine_tuning_into_a_run_another_process_trains_in_is_refused(base, tmp_path):

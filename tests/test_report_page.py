@@ -201,6 +201,10 @@ def test_instruction_and_dpo_reports_show_before_and_after(long_base, tmp_path):
 def test_the_report_replaces_only_its_own_page_and_never_a_file_of_the_run(pretrain_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(pretrain_run, run, symlinks=True)
+    victim = tmp_path / "victim"  # another run: its files were replaced with --overwrite (its newest weights)
+    shutil.copytree(pretrain_run, victim, symlinks=True)
+    step = sorted((victim / "checkpoints").glob("step-*"))[-1]
+    victim_files = {p: p.read_bytes() for p in sorted(victim.rglob("*")) if p.is_file()}
     metrics = (run / "metrics.jsonl").read_bytes()
     assert main(["report", str(run)]) == 0 and main(["report", str(run)]) == 0  # its own page: replaced
     other = tmp_path / "notes.html"
@@ -211,13 +215,19 @@ def test_the_report_replaces_only_its_own_page_and_never_a_file_of_the_run(pretr
              (["--out", str(run / "config.json"), "--overwrite", "true"], "is a file of the run itself"),
              (["--out", str(tmp_path)], "is a folder"),
              (["--out", str(run / "checkpoints" / "r.html")], "inside the run's checkpoints"),
-             (["--out", str(other / "report.html")], "a file is in the way")]
+             (["--out", str(other / "report.html")], "a file is in the way"),
+             (["--out", ""], "--out '' names no file; give a file path such as report.html"),  # once an internal error
+             (["--out", str(step / "model.safetensors"), "--overwrite", "true"],
+              "is a file of another training run, which only training writes"),
+             (["--out", str(victim / "config.json"), "--overwrite", "true"], "is a file of another training run"),
+             (["--out", str(victim / "checkpoints" / "r.html")], "is inside the checkpoints of another training run")]
     capsys.readouterr()
     for extra, message in cases:
         assert main(["report", str(run), *extra]) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith("lmforge: error:") and message in err and err.count("\n") == 1, (extra, err)
     assert other.read_text() == "mine" and (run / "metrics.jsonl").read_bytes() == metrics
+    assert {p: p.read_bytes() for p in sorted(victim.rglob("*")) if p.is_file()} == victim_files
     assert json.loads((run / "config.json").read_text())["format"] == "lmforge-run"
     assert main(["report", str(run), "--out", str(other), "--overwrite", "true"]) == 0
     assert other.read_text().startswith("<!DOCTYPE html>")

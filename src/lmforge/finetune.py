@@ -30,7 +30,7 @@ from .evaluate import classification_metrics
 from .losses import class_logits, classification_loss, next_token_loss, preference_loss, sequence_logprobs
 from .lora import apply_lora, lora_config, lora_parameter_count
 from .model import GPT
-from .outputs import inside, run_lock, staged_folder
+from .outputs import holds_a_run, inside, run_lock, staged_folder
 from .precision import autocast, resolve_dtype
 from .train import fit, ready_to_train
 
@@ -653,6 +653,9 @@ def merge_run(run: str | Path, out: str | Path) -> Path:
                            "to a folder of its own")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LmforgeError(f"--out {out} already exists; choose a new folder")
+    if any(holds_a_run(p) for p in out.absolute().parents):
+        raise LmforgeError(f"--out {out} is inside a training run directory, which only training writes; write the "
+                           "merged model to a folder of its own")
     tok = load_tokenizer(run)  # all that is read is read before anything is written
     merge_lora(model)
     keep = {k: v for k, v in cfg.items() if k not in ("lora", "trained", "weights", "checkpoint", "step", "model",

@@ -645,7 +645,7 @@ def is_report(path: str | Path) -> bool:
 
 
 def _check_out(run: Path, out: Path, plots_dir: Path, overwrite: bool) -> None:
-    from .outputs import OutputError, inside, is_data_file
+    from .outputs import OutputError, holds_a_run, inside, is_data_file
 
     if out.is_dir():
         raise OutputError(f"--out {out} is a folder; give a file path such as {out / REPORT}")
@@ -661,6 +661,14 @@ def _check_out(run: Path, out: Path, plots_dir: Path, overwrite: bool) -> None:
     if inside(out.resolve(), checkpoints) or inside(plots_dir.resolve(), checkpoints):
         raise OutputError(f"--out {out} is inside the run's checkpoints, which only training writes; choose another "
                           "path")
+    # Another run's files are no more ours to replace, --overwrite or not (a checkpoint's weights were)
+    if foreign and any(holds_a_run(p) for p in out.absolute().parents):
+        raise OutputError(f"--out {out} is a file of another training run, which only training writes; choose "
+                          "another path")
+    if any(p.name == "checkpoints" and holds_a_run(p.parent)  # (the plots go beside the page)
+           for p in (*out.absolute().parents, *out.resolve().parents)):
+        raise OutputError(f"--out {out} is inside the checkpoints of another training run, which only training "
+                          "writes; choose another path")
     if foreign and not overwrite:
         raise OutputError(f"--out {out} already exists and is not an lmforge report; choose another --out, or "
                           "pass --overwrite true to replace it")
@@ -680,6 +688,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, overwrite: 
     from .outputs import write_error
 
     run = _check_run(run_dir)
+    if out is not None and not Path(out).name:  # "", ".", "/": no file name to write the page under
+        from .outputs import OutputError
+
+        raise OutputError(f"--out {str(out)!r} names no file; give a file path such as {Path(out) / REPORT}")
     out = Path(out) if out is not None else run / REPORT
     plots_dir = out.with_name(out.stem + "-plots")
     _check_out(run, out, plots_dir, overwrite)

@@ -1,6 +1,7 @@
 """Weights in and out: parity with transformers on tiny random checkpoints it writes itself."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,6 +190,52 @@ def test_export_is_recognised_and_a_failed_one_changes_nothing(tmp_path, monkeyp
         export_hf(GPT(ModelConfig.from_preset("gpt-nano", vocab_size=300, context_length=32)), out, tok)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier export, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e", "hf_gpt2"]  # no staging folder left
+
+
+def test_an_export_over_an_export_is_all_or_nothing_and_leaves_nothing_stale(tmp_path, monkeypatch):
+    """A rename that failed midway left the new weights beside the old tokenizer (and said "unchanged"); a
+    folder where a file goes did too; a stale chat_template.jinja (read before tokenizer_config.json's
+    template) outlived an --overwrite; a stage a kill -9 left stayed for ever."""
+    import os
+
+    from lmforge.outputs import OutputError
+
+    tok = _tiny_tokenizer()
+    model = lambda seed: torch.manual_seed(seed) and GPT(ModelConfig.from_preset(  # noqa: E731
+        "gpt-nano", vocab_size=300, context_length=32))
+    out = export_hf(model(0), tmp_path / "e", tok)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, moved = os.replace, []
+
+    def fails_on_the_fourth(src, dst):
+        if Path(dst).parent == out:  # a file moving into the export (not the stage's own renames)
+            moved.append(dst)
+            if len(moved) == 4:  # three new files in place (the weights too), then a failure
+                raise OSError(13, "Permission denied", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fails_on_the_fourth)
+    with pytest.raises(OutputError, match="Permission denied"):
+        export_hf(model(1), out, tok)
+    monkeypatch.setattr(os, "replace", real)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier export, whole
+    (out / "tokenizer_config.json").unlink()
+    (out / "tokenizer_config.json").mkdir()  # a folder where a file goes: refused before anything moves
+    (out / "tokenizer_config.json" / "keep").write_text("mine")
+    with pytest.raises(OutputError, match="tokenizer_config.json is a folder where a file goes; move it away"):
+        export_hf(model(1), out, tok)
+    assert (out / "model.safetensors").read_bytes() == before["model.safetensors"]
+    assert (out / "tokenizer_config.json" / "keep").read_text() == "mine"
+    (out / "tokenizer_config.json" / "keep").unlink()
+    (out / "tokenizer_config.json").rmdir()
+    (out / "chat_template.jinja").write_text("{{ 'stale' }}")
+    dead, alive = tmp_path / ".e.4194999.abc.tmp", tmp_path / f".e.{os.getpid()}.xyz.tmp"  # (past pid_max)
+    for stage in (dead, alive):
+        stage.mkdir()
+        (stage / "model.safetensors").write_bytes(b"x" * 1000)
+    export_hf(model(1), out, tok)
+    assert not (out / "chat_template.jinja").exists() and (out / "tokenizer_config.json").is_file()
+    assert not dead.exists() and alive.exists()  # a living process's stage is its own
 
 
 @pytest.mark.parametrize("damage", ["nan", "inf", "int64"])

@@ -1,5 +1,7 @@
 """GGUF in and out; the real SmolLM2-135M-Instruct (98 MB, fetched from PyPI by the hub) is marked slow."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -155,6 +157,16 @@ def test_export_is_recognised_and_a_failed_one_changes_nothing(tmp_path, monkeyp
         export_gguf(_random_llama(tok.vocab_size), tok, path, "f32")
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.gguf", "m.gguf"]  # the temporary file is gone
+    # What an export killed by kill -9 left (once for good: hundreds of MB) goes with the next export;
+    # a living process's temporary file, and a name that is not one, stay
+    monkeypatch.undo()
+    left = {name: tmp_path / name for name in (".m.gguf.tmp4194999", f".m.gguf.tmp{os.getppid()}", ".m.gguf.tmpx",
+                                               ".n.gguf.tmp4194999")}
+    for p in left.values():
+        p.write_bytes(b"GGUF" * 100)
+    export_gguf(_random_llama(tok.vocab_size), tok, path, "f32")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(
+        [f".m.gguf.tmp{os.getppid()}", ".m.gguf.tmpx", ".n.gguf.tmp4194999"])
 
 
 @pytest.mark.parametrize("drop", ["llama.attention.head_count", "tokenizer.ggml.tokens"])

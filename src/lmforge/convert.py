@@ -212,6 +212,7 @@ def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: 
 # What an export writes; config.json carries EXPORT_MARK so a later export recognises the folder as its own.
 HF_EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                    "tokenizer_config.json")
+HF_OVERRIDING_FILES = ("chat_template.jinja", "special_tokens_map.json", "added_tokens.json")
 EXPORT_MARK = "lmforge_export"
 
 
@@ -245,7 +246,9 @@ def export_hf(model: GPT, out: str | os.PathLike, tokenizer=None) -> Path:
     ids = special_token_ids(tokenizer)
     hf_config = {**to_hf_config(config), **ids, EXPORT_MARK: {"version": 1}}
     try:
-        with staged_folder(folder) as stage:
+        # A chat_template.jinja comes before tokenizer_config.json's template, and a special-token
+        # map or added-tokens file before tokenizer.json's: stale ones would change what is exported
+        with staged_folder(folder, replaces=HF_OVERRIDING_FILES) as stage:
             atomic.write_file(stage / "model.safetensors", save({k: v.contiguous() for k, v in state.items()},
                                                                  metadata={"format": "pt"}))
             atomic.write_file(stage / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode())

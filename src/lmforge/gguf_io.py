@@ -20,7 +20,7 @@ import torch
 from .config import GGUF_EXPORT_TYPES, ModelConfig, malformed
 from .convert import ConvertError, build_model, from_hf_state, to_hf_state
 from .model import GPT
-from .outputs import write_error
+from .outputs import remove_dead_temps, write_error
 from .tokenizer import GPT2_PATTERN, Tokenizer, TokenizerError
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -197,6 +197,7 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, dtype:
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temps(out)  # what an export killed outright left (hundreds of MB)
         _write_gguf(gguf, model, tokenizer, tmp, out.stem, dtype, qtype)
         os.replace(tmp, out)
     except OSError as e:

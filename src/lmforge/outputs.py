@@ -165,26 +165,95 @@ def check_output(out: str | os.PathLike, *, kind: str, what: str, own_kind: Call
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # another user's process: alive; a number that is no process id: not ours to judge
+    return True
+
+
+def remove_dead_temps(out: Path) -> None:
+    """Remove what a process killed outright (kill -9, a power cut) left while writing ``out``: its
+    temporaries beside it, ``.NAME.tmpPID`` (a file) and ``.NAME.PID.*.tmp`` (a staged folder), whose
+    process is gone. A living process's are its own; other names are never touched."""
+    import re
+
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp(\d+)|(\d+)\.[\w-]+\.tmp)$")
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m and not _alive(int(m.group(1) or m.group(2))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+
 @contextlib.contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
+def staged_folder(out: Path, replaces: Iterable[str] = ()) -> Iterator[Path]:
     """A temporary folder beside ``out`` to write into; on success its files move into ``out``.
 
     The files are renamed into place only after all of them were written, so a failure
     midway (a full disk) leaves ``out`` exactly as it was; the temporary folder is always removed,
-    and so are the folders above ``out`` made for it, when it fails.
+    and so are the folders above ``out`` made for it, when it fails. The files it replaces, and those
+    named in ``replaces`` (which would change the meaning of what is written, as a stale
+    chat_template.jinja beside an export), are set aside first and put back if a rename fails, so
+    ``out`` never holds part of the old and part of the new.
     """
     made = [p for p in out.parents if not p.exists()]  # innermost first
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_dead_temps(out)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
     try:
         yield stage
         out.mkdir(exist_ok=True)
-        for f in sorted(stage.iterdir()):
-            os.replace(f, out / f.name)
+        names = sorted(f.name for f in stage.iterdir())
+        in_way = [n for n in names if (stage / n).is_file() and (out / n).is_dir() and not (out / n).is_symlink()]
+        if in_way:
+            raise OutputError(f"{out / in_way[0]} is a folder where a file goes; move it away, or choose another "
+                              "--out")
+        _swap_in(stage, out, names, [n for n in replaces if n not in names])
         made = []
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         _remove_empty(made)
+
+
+def _swap_in(stage: Path, out: Path, names: list[str], stale: list[str]) -> None:
+    """Move ``names`` from ``stage`` into ``out`` and the ``stale`` ones out of it: all, or (on an
+    error) none; what was replaced is deleted only once the new files are all in place."""
+    old = stage / ".replaced"
+    old.mkdir()
+    set_aside, moved_in = [], []
+    try:
+        for n in [*names, *stale]:
+            if (out / n).exists() or (out / n).is_symlink():
+                os.replace(out / n, old / n)
+                set_aside.append(n)
+        for n in names:
+            os.replace(stage / n, out / n)
+            moved_in.append(n)
+    except BaseException:
+        for n in moved_in:
+            with contextlib.suppress(OSError):
+                os.replace(out / n, stage / n)
+        for n in set_aside:
+            with contextlib.suppress(OSError):
+                os.replace(old / n, out / n)
+        if any(old.iterdir()):  # one could not be put back: kept, not deleted with the stage
+            keep = out.parent / f"{out.name}.replaced-{os.getpid()}"
+            with contextlib.suppress(OSError):
+                os.replace(old, keep)
+                raise OutputError(f"writing {out} failed and some of its earlier files could not be put back: "
+                                  f"they are in {keep}")
+        raise
 
 
 # Run folders this process holds: resolved path -> the open folder descriptor that holds the lock.

@@ -110,11 +110,47 @@ def test_unsupported_llama_features_keep_their_own_message():
 
 
 @pytest.mark.parametrize("edit", [{"vocab_size": "10"}, {"max_position_embeddings": None},
-                                  {"num_attention_heads": 0}, {"rope_theta": "abc"}])
+                                  {"num_attention_heads": 0}, {"rope_theta": "abc"},
+                                  {"intermediate_size": 1.5}, {"max_position_embeddings": 10 ** 12}])
 def test_a_config_value_of_the_wrong_type_or_range_is_a_convert_error(edit):
-    # Once internal errors: TypeError, ZeroDivisionError, ValueError
+    # Once internal errors: TypeError, ZeroDivisionError, ValueError; and (the last two) an allocation
+    # of terabytes when the model was built or generated
     with pytest.raises(ConvertError, match="has a value of the wrong type or range"):
         from_hf_config({**LLAMA_CFG, **edit})
+
+
+def test_a_config_json_that_is_no_object_and_an_upper_case_gguf_name(tmp_path):
+    from lmforge.config import LmforgeError
+    from lmforge.models import load_any
+
+    for text in ("null", "[1, 2]", '"llama"'):
+        (tmp_path / "config.json").write_text(text)
+        (tmp_path / "tokenizer.json").write_text("{}")
+        with pytest.raises(LmforgeError, match="config.json is not a JSON object"):
+            load_any(str(tmp_path))
+        with pytest.raises(ConvertError, match="config.json is not a JSON object"):
+            load_hf(tmp_path)
+    (tmp_path / "M.GGUF").write_bytes(b"not a gguf at all")  # read as a GGUF (and refused as one), not "not a model"
+    with pytest.raises(LmforgeError, match="GGUF") as e:
+        load_any(str(tmp_path / "M.GGUF"))
+    assert "is not a model" not in str(e.value)
+
+
+def test_the_rotary_table_grows_as_positions_are_used_and_matches_the_formula():
+    """It was built for the whole context at once: a config claiming 10^12 positions allocated terabytes."""
+    from lmforge.attention import RotaryEmbedding
+
+    rope = RotaryEmbedding(8, 100_000, theta=500.0)
+    cos, sin = rope(0, 4, torch.device("cpu"))
+    assert rope.cos.size(0) == RotaryEmbedding.FIRST
+    cos2, _ = rope(40_000, 3, torch.device("cpu"))
+    assert rope.cos.size(0) == 2 * RotaryEmbedding.FIRST  # doubled, not the 100k of the context
+    inv = 1.0 / (500.0 ** (torch.arange(0, 8, 2).float() / 8))
+    want = torch.outer(torch.arange(40_000, 40_003).float(), inv)
+    torch.testing.assert_close(cos2, torch.cat([want, want], -1).cos())
+    torch.testing.assert_close(rope(0, 4, torch.device("cpu"))[1], sin)
+    per_row, _ = rope.at(torch.tensor([[0, 99_999]]))
+    assert rope.cos.size(0) == 100_000 and per_row.shape == (1, 1, 2, 8)
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):

@@ -60,12 +60,16 @@ def test_chat_template_renders_messages_the_generation_prompt_and_the_eos_token(
     assert tok.apply_chat_template(messages, add_generation_prompt=False) == "U:hi<|im_end|>|\n"
 
 
-def test_chat_template_runs_sandboxed_and_immutable():
-    from jinja2.exceptions import SecurityError
+@pytest.mark.parametrize("template, error", [
+    ("{{ messages.append(1) }}", "SecurityError"),  # sandboxed and immutable
+    ("{% for x in range(10**9) %}{{ x }}{% endfor %}", "OverflowError"),  # once an internal error
+    ("{{ 1 / 0 }}", "ZeroDivisionError"), ("{% if %}", "TemplateSyntaxError")])
+def test_a_chat_template_that_cannot_be_rendered_is_named(template, error):
+    from lmforge.tokenizer import ChatTemplateError
 
-    tok = _chat_tok("{{ messages.append(1) }}")
-    with pytest.raises(SecurityError):
-        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    with pytest.raises(ChatTemplateError, match=rf"^the chat template of this model cannot be rendered \({error}: "
+                                                r".*\); use --template alpaca or phi3, or fix the template$"):
+        _chat_tok(template).apply_chat_template([{"role": "user", "content": "hi"}])
 
 
 def test_no_chat_template_is_named():

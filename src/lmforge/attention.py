@@ -217,21 +217,29 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
 
-    def _build(self, device: torch.device) -> None:
+    FIRST = 1 << 15  # positions tabled at first: a long-context model's (128k+) table grows only if used
+
+    def _table(self, need: int, device: torch.device) -> None:
+        """cos and sin for at least positions 0..need-1 (as far as max_len) on ``device``, built lazily:
+        also right after a meta-device model is materialised."""
+        have = self.cos.size(0) if self.cos.numel() and self.cos.device == device else 0
+        if have >= need:
+            return
+        length = min(self.max_len, max(need, 2 * have, self.FIRST))
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
-        angles = torch.outer(torch.arange(self.max_len, device=device).float(), inv_freq)  # (T, hs/2)
-        angles = torch.cat([angles, angles], dim=-1)                                       # (T, hs)
+        angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)  # (T, hs/2)
+        angles = torch.cat([angles, angles], dim=-1)                                  # (T, hs)
         self.cos, self.sin = angles.cos(), angles.sin()
 
     def forward(self, start: int, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cos.numel() == 0 or self.cos.device != device:
-            self._build(device)  # built lazily: also right after a meta-device model is materialised
+        self._table(start + t, device)
         return self.cos[start:start + t], self.sin[start:start + t]
 
     def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, 1, T, hs) for per-row positions (B, T): rows of a left-padded batch."""
-        if self.cos.numel() == 0 or self.cos.device != positions.device:
-            self._build(positions.device)
+        self._table(min(self.max_len, self.FIRST), positions.device)
+        if self.cos.size(0) < self.max_len:  # (reading the largest position waits for the device: only here)
+            self._table(int(positions.max()) + 1, positions.device)
         return self.cos[positions][:, None], self.sin[positions][:, None]
 
 

@@ -854,21 +854,17 @@ def _chat_prompt_ids(tok, prompt: str, source: str) -> tuple[list[int], tuple[st
     """The ids of ``prompt`` as the user's message in the template the model answers in (the one it
     was tuned on, else its chat template; as in `lmforge chat` and on the server), and the template's
     stop strings."""
-    from jinja2 import TemplateError
-
     from .chat import answer_template, stop_strings, user_prompt_ids
+    from .tokenizer import ChatTemplateError
 
     template = answer_template(source, tok)
     if template is None:
         raise LmforgeError(f"{source} has no chat template and was not instruction-tuned; leave out --chat")
     try:
         return user_prompt_ids(tok, template, prompt), stop_strings(template)
-    except LmforgeError:
-        raise
-    except (TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
-        # A template from a foreign file that the sandbox stops (SecurityError) or that is broken.
-        raise LmforgeError(f"the chat template of {source} cannot be rendered ({type(e).__name__}: "
-                           f"{one_line(str(e))[:200]}); run without --chat true") from None
+    except ChatTemplateError as e:  # a template from a foreign file: broken, or stopped by the sandbox
+        raise LmforgeError(str(e).replace("this model", source).replace(
+            "use --template alpaca or phi3, or fix the template", "run without --chat true")) from None
 
 
 def _silence_stdout() -> None:

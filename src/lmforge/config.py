@@ -61,6 +61,9 @@ def _raise_all(name: str, problems: list[str]) -> None:
         raise ConfigError(f"invalid {name}: " + "; ".join(problems))
 
 
+MAX_CONTEXT = 1 << 24  # 16.8M tokens: past the longest real models' (10M); a header saying 1e12 is damaged
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of a decoder-only transformer: GPT-2 style by default, Llama style with
@@ -108,8 +111,15 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         p: list[str] = []
+        # (a model's config.json or GGUF header says 1.5 or "400" as readily as 400)
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "d_model", "n_kv_head", "d_ff"):
+            value = getattr(self, name)
+            if not (is_whole(value) or (value is None and name in ("n_kv_head", "d_ff"))):
+                p.append(f"{name} must be a whole number, got {value!r}")
+        _raise_all("model config", p)
         _check(p, self.vocab_size >= 1, f"vocab_size must be >= 1, got {self.vocab_size}")
-        _check(p, self.context_length >= 1, f"context_length must be >= 1, got {self.context_length}")
+        _check(p, 1 <= self.context_length <= MAX_CONTEXT,
+               f"context_length must be between 1 and {MAX_CONTEXT:,} tokens, got {self.context_length:,}")
         _check(p, self.n_layer >= 1, f"n_layer must be >= 1, got {self.n_layer}")
         _check(p, self.n_head >= 1, f"n_head must be >= 1, got {self.n_head}")
         _check(p, self.d_model >= 1, f"d_model must be >= 1, got {self.d_model}")

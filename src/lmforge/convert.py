@@ -64,7 +64,7 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
         except KeyError as e:
             raise ConvertError(f"config.json lacks {e.args[0]!r}, which a {kind} config must have") from None
         except ConfigError as e:
-            raise ConvertError(str(e)) from None
+            raise damaged(e) from None
     raise ConvertError(f"model_type {kind!r} is not supported; lmforge reads gpt2 and llama-family checkpoints")
 
 
@@ -197,6 +197,8 @@ def load_hf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: 
         hf_cfg = json.loads(cfg_path.read_text())
     except ValueError:
         raise ConvertError(f"{cfg_path} is not valid JSON") from None
+    if not isinstance(hf_cfg, dict):
+        raise ConvertError(f"{cfg_path} is not a JSON object (a model's settings); restore it from the model's source")
     config = from_hf_config(hf_cfg)
     files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -24,7 +24,7 @@ def load_any(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, Tokeni
         path = hub.fetch(spec)
         if path.suffix != ".gguf":
             path = path.parent
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and path.suffix.lower() == ".gguf":  # (MODEL.GGUF as well)
         from .gguf_io import load_gguf
 
         return load_gguf(path, device)
@@ -38,6 +38,9 @@ def load_any(spec: str, device: str | torch.device = "cpu") -> tuple[GPT, Tokeni
             cfg = json.loads((path / "config.json").read_text())
         except ValueError:
             raise LmforgeError(f"{path / 'config.json'} is not valid JSON") from None
+        if not isinstance(cfg, dict):  # null, a list: once an internal error
+            raise LmforgeError(f"{path / 'config.json'} is not a JSON object (a model's settings); restore it from "
+                               "the model's source")
         if "model_type" in cfg:
             from .convert import load_hf
             from .hf_tokenizer import load_hf_tokenizer

@@ -57,6 +57,10 @@ class TokenizerError(LmforgeError, ValueError):
     """Bad tokenizer input: a file, a vocabulary or a text that cannot be tokenized."""
 
 
+class ChatTemplateError(TokenizerError):
+    """A model's chat template that cannot be rendered (broken, or stopped by the sandbox)."""
+
+
 SpecialSet = Collection[str] | Literal["all"]
 _ABSENT = 1 << 30
 
@@ -250,13 +254,21 @@ class Tokenizer:
         """Render chat messages with the model's Jinja chat template (as ``transformers`` does)."""
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat template; it is not a chat model")
+        from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         inverse = {i: s for s, i in self.special_tokens.items()}
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            eos_token=inverse.get(self.eos_id, ""), bos_token="")
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                eos_token=inverse.get(self.eos_id, ""), bos_token="")
+        except (TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError,
+                RecursionError, ZeroDivisionError) as e:
+            # A template from a model file: broken, or stopped by the sandbox (SecurityError, a range too big)
+            raise ChatTemplateError(f"the chat template of this model cannot be rendered ({type(e).__name__}: "
+                                    f"{' '.join(str(e).split())[:200]}); use --template alpaca or phi3, or fix "
+                                    "the template") from None
 
     @property
     def fingerprint(self) -> str:

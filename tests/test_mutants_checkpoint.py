@@ -416,7 +416,8 @@ def test_when_every_checkpoint_is_damaged_each_is_named(tmp_path):
     with pytest.raises(CheckpointError) as e:
         ck.find_checkpoint(tmp_path)
     assert str(e.value) == (f"every checkpoint of {tmp_path} is damaged (step 2: its manifest.json is missing or "
-                            "damaged; step 1: its manifest.json is missing or damaged); train again")
+                            "damaged; step 1: its manifest.json is missing or damaged); train again with "
+                            "--overwrite true (it replaces them)")  # once only "train again", which was refused
 
 
 def test_a_run_of_the_old_layout_is_its_own_checkpoint(tmp_path):

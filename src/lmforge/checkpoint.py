@@ -276,7 +276,8 @@ def find_checkpoint(run_dir: str | os.PathLike, warn: bool = True) -> Path:
             return folder
         problems.append(f"step {step}: {problem}")
     if problems:
-        raise CheckpointError(f"every checkpoint of {run} is damaged ({'; '.join(problems)}); train again")
+        raise CheckpointError(f"every checkpoint of {run} is damaged ({'; '.join(problems)}); train again with "
+                              "--overwrite true (it replaces them)")
     if (run / CONFIG).is_file() and not (run / CONFIG).is_symlink():
         return run  # the layout of lmforge 0.1: three files at the top level
     if is_unstarted_run(run):

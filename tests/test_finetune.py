@@ -949,6 +949,20 @@ def test_a_failed_or_interrupted_merge_leaves_no_out_and_can_be_run_again(base, 
         ft.merge_run(run, out)
     assert left() == []  # a folder the user made stays
     monkeypatch.setattr(tk.Tokenizer, "save", real_save)
+    import errno
+
+    from lmforge import atomic
+    from lmforge.outputs import OutputError
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(atomic, "write_file", full_disk)
+    with pytest.raises(OutputError, match=f"^could not write {out}: No space left on device; .*") as e:
+        ft.merge_run(run, out)
+    assert "--resume" not in str(e.value) and ".tmp" not in str(e.value)  # once a training run's words
+    assert left() == []
+    monkeypatch.undo()
     ft.merge_run(run, out)  # the same command again
     assert {p.name for p in out.iterdir()} >= {"config.json", "tokenizer.json", "checkpoints"}
     r = _cli("classify", out, "WIN a FREE prize now")

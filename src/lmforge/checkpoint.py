@@ -78,9 +78,11 @@ def weights_digest(model: nn.Module) -> str:
 
 def _checkpoint_error(step: int, folder: Path, e: OSError) -> CheckpointError:
     where = e.filename or folder
-    return CheckpointError(f"could not write the checkpoint of step {step} to {where}: {e.strerror or e} "
-                           "(the previous checkpoints are untouched; free space or fix permissions, then resume "
-                           "with --resume true)")
+    error = CheckpointError(f"could not write the checkpoint of step {step} to {where}: {e.strerror or e} "
+                            "(the previous checkpoints are untouched; free space or fix permissions, then resume "
+                            "with --resume true)")
+    error.os_error = e  # for a writer that is not a training run (merge-lora) to say it in its own words
+    return error
 
 
 def write_checkpoint(run_dir: str | os.PathLike, step: int, files: dict[str, bytes], keep: int = 2) -> Path:

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 
 from . import atomic, distributed, tasks
-from .checkpoint import TOKENIZER, load_model, load_tokenizer
+from .checkpoint import TOKENIZER, CheckpointError, load_model, load_tokenizer
 from .config import FinetuneConfig, LmforgeError, LoRAConfig, SampleConfig, TrainConfig, config_dict
 from .evaluate import classification_metrics
 from .losses import class_logits, classification_loss, next_token_loss, preference_loss, sequence_logprobs
 from .lora import apply_lora, lora_config, lora_parameter_count
 from .model import GPT
-from .outputs import holds_a_run, inside, run_lock, staged_folder
+from .outputs import holds_a_run, inside, run_lock, staged_folder, write_error
 from .precision import autocast, resolve_dtype
 from .train import fit, ready_to_train
 
@@ -661,9 +661,14 @@ def merge_run(run: str | Path, out: str | Path) -> Path:
     keep = {k: v for k, v in cfg.items() if k not in ("lora", "trained", "weights", "checkpoint", "step", "model",
                                                          "format", "version")}
     # Written beside --out and moved in whole: a failure or Ctrl-C midway leaves no --out to refuse a second try
-    with staged_folder(out) as stage:
-        save_model(stage, model, int(cfg.get("step", 0)), {**keep, "merged_from": str(run.resolve())})
-        tok.save(stage / TOKENIZER)
+    try:
+        with staged_folder(out) as stage:
+            save_model(stage, model, int(cfg.get("step", 0)), {**keep, "merged_from": str(run.resolve())})
+            tok.save(stage / TOKENIZER)
+    except CheckpointError as e:  # (its words are a training run's: "resume with --resume true")
+        if getattr(e, "os_error", None) is None:
+            raise
+        raise write_error(out, e.os_error) from None
     return out
 
 

@@ -138,7 +138,7 @@ def test_checksum_mismatch_deletes_and_names_digests(server):
         fetch_file(entry, entry.main)
     msg = str(e.value)
     assert "checksum mismatch for v.txt" in msg and "0" * 64 in msg and _sha(b"tampered") in msg
-    assert sorted(p.name for p in (hub.cache_dir() / "demo").iterdir()) == []  # no file, no .part, no record
+    assert not (hub.cache_dir() / "demo").exists()  # no file, no .part, no record, not even the folder
 
 
 def test_the_check_runs_before_the_rename(server, monkeypatch):
@@ -224,6 +224,32 @@ def test_mirror_copy_is_checked_and_recorded(mirror):
     assert path.read_bytes() == data
     rec = json.loads(hub.record_path(path).read_text())
     assert rec["sha256"] == _sha(data) and rec["verified"] is True and "mirror" in rec["source"]
+
+
+def test_a_full_cache_disk_is_named_with_its_fix_and_a_failure_leaves_no_empty_folder(mirror, monkeypatch):
+    """It was a raw "[Errno 28] No space left on device: '....sha256.json.tmpNNN'" after every source had been
+    tried in vain, and the entry's empty folder stayed in the cache."""
+    import errno
+
+    data = b"from the mirror"
+    (mirror / "x.txt").write_bytes(data)
+    entry = Entry("demo", "dataset", "demo", (RemoteFile("x.txt", _sha(data), ()),))
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(hub.atomic, "write_file", full_disk)
+    with pytest.raises(HubError, match=r"^could not write .*x.txt into the cache \(.*\): No space left on device; "
+                                       r"the disk is full: .*, or set LMFORGE_CACHE to a folder with room$"):
+        fetch_file(entry, entry.main)
+    assert not (hub.cache_dir() / "demo").exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("LMFORGE_MIRROR", str(mirror.parent))
+    missing = Entry("nothing", "dataset", "nothing", (RemoteFile("y.txt", _sha(b"y"), ()),))
+    with pytest.raises(HubError, match="could not get nothing/y.txt"):
+        fetch_file(missing, missing.main)
+    assert not (hub.cache_dir() / "nothing").exists()
+    assert fetch_file(entry, entry.main).read_bytes() == data
 
 
 def test_file_without_checksum_needs_the_opt_in(mirror, monkeypatch, capsys):

@@ -32,6 +32,8 @@ source fails, the error lists each source and why it failed, in full.
 from __future__ import annotations
 
 import codecs
+import contextlib
+import errno
 import json
 import os
 import subprocess
@@ -389,6 +391,10 @@ def _use_cached(dest: Path, rf: RemoteFile, allow: bool, failures: list[str]) ->
     return True
 
 
+# Errors of writing into the cache, which trying another source cannot mend
+_LOCAL_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+
+
 def fetch_file(entry: Entry, rf: RemoteFile, allow_unverified: bool | None = None) -> Path:
     """One file of ``entry`` in the cache, checked; ``allow_unverified`` (default: the environment) opts in
     to a file that has no recorded sha256 from a source other than the Hugging Face hub."""
@@ -398,7 +404,18 @@ def fetch_file(entry: Entry, rf: RemoteFile, allow_unverified: bool | None = Non
     failures: list[str] = []
     if _use_cached(dest, rf, allow, failures):
         return dest
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return _fetch_into(entry, rf, dest, allow, failures)
+    except BaseException:
+        if made:  # a failed download leaves no empty folder in the cache
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _fetch_into(entry: Entry, rf: RemoteFile, dest: Path, allow: bool, failures: list[str]) -> Path:
     part = _part(dest)
     mismatches: list[str] = []
 
@@ -413,7 +430,17 @@ def fetch_file(entry: Entry, rf: RemoteFile, allow_unverified: bool | None = Non
         except ChecksumMismatch as e:
             mismatches.append(str(e))
             failures.append(f"{label}: {e}")
-        except (OSError, urllib.error.URLError, zipfile.BadZipFile, subprocess.SubprocessError) as e:
+        except OSError as e:
+            if e.errno in _LOCAL_WRITE_ERRORS and e.filename and Path(e.filename).parent == dest.parent:
+                # Writing into the cache failed (a full disk): no other source fixes that, and the
+                # partial file only holds the disk fuller
+                from .outputs import fs_hint
+
+                part.unlink(missing_ok=True)
+                raise HubError(f"could not write {dest} into the cache ({cache_dir()}): {e.strerror}; {fs_hint(e)}, "
+                               "or set LMFORGE_CACHE to a folder with room") from None
+            failures.append(f"{label}: {str(e).strip() or type(e).__name__}")
+        except (urllib.error.URLError, zipfile.BadZipFile, subprocess.SubprocessError) as e:
             failures.append(f"{label}: {str(e).strip() or type(e).__name__}")
         except HubError:
             raise

@@ -242,6 +242,35 @@ def test_the_report_replaces_only_its_own_page_and_never_a_file_of_the_run(pretr
     assert main(["report", str(run)]) == 0 and not (run / "report-plots" / "stale.png").exists()
 
 
+def test_a_report_that_fails_on_a_full_disk_leaves_no_half_folder_and_keeps_the_old_one(pretrain_run, tmp_path,
+                                                                                       monkeypatch, capsys):
+    import errno
+
+    from lmforge import atomic
+
+    real, calls = atomic.write_bytes, []
+
+    def full_after_one(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(atomic, "write_bytes", full_after_one)
+    out = tmp_path / "r.html"
+    assert main(["report", str(pretrain_run), "--out", str(out)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # once r-plots/ with one plot in it
+    monkeypatch.undo()
+    assert main(["report", str(pretrain_run), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r-plots").iterdir()}
+    calls.clear()
+    monkeypatch.setattr(atomic, "write_bytes", lambda path, data: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device", str(path))))
+    assert main(["report", str(pretrain_run), "--out", str(out)]) == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r-plots").iterdir()} == before  # the old plots stay
+
+
 @pytest.mark.parametrize("where, message", [("nowhere", "no run directory at"), ("file", "is a file"),
                                             ("folder", "is not a run directory")])
 def test_what_is_not_a_run_is_one_line(tmp_path, capsys, where, message):

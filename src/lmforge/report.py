@@ -708,17 +708,25 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, overwrite: 
     task = str((config or {}).get("task") or (results or {}).get("task") or "pretrain")
     plots = _plots(records, config, results, task)
     page = render_report(run, plots, plots_dir.name, records, config, results, responses, evaluations, warnings, task)
+    made = not plots_dir.exists()
     try:
         plots_dir.mkdir(parents=True, exist_ok=True)
-        if (plots_dir / PLOTS_MARK).is_file():  # our own folder: plots of an earlier report go
-            for old in plots_dir.glob("*.png"):
-                old.unlink()
+        ours = (plots_dir / PLOTS_MARK).is_file()
         (plots_dir / PLOTS_MARK).touch()
         for name, _, png in plots:
             atomic.write_bytes(plots_dir / name, png)
         atomic.write_text(out, page)  # last: the page appears whole, after its plots
-    except OSError as e:
-        raise write_error(out, e) from None
+        if ours:  # our own folder: plots of an earlier report that this one lacks go, once it is written
+            for old in set(plots_dir.glob("*.png")) - {plots_dir / name for name, _, _ in plots}:
+                old.unlink()
+    except BaseException as e:
+        if made:  # a first report that failed (a full disk) leaves no half folder of plots
+            import shutil
+
+            shutil.rmtree(plots_dir, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(out, e) from None
+        raise
     return out
 
 

@@ -157,6 +157,27 @@ def test_a_message_with_bytes_that_are_not_utf8_is_not_sent(run):
     assert "[that message is not UTF-8 text (byte 3); it was not sent: set the terminal to UTF-8]" in out
     assert out.endswith("".join(Conversation(a, GREEDY).reply("hello")) + "\n")  # the next one as the first
 
+    def strict(prompt, lines=iter([None, "hello", "/exit"])):  # a strict standard input raises instead
+        line = next(lines)
+        if line is None:
+            raise UnicodeDecodeError("utf-8", b"caf\xe9", 3, 4, "invalid continuation byte")
+        return line
+
+    written.clear()
+    run_terminal(a, GREEDY, read_line=strict, write=written.append)
+    assert "[that message is not UTF-8 text (byte 3); it was not sent" in "".join(written)
+    # and through the command, in a locale that reads standard input strictly (once an internal error)
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "lmforge", "chat", str(run), "--sample.max_new_tokens", "3"],
+                         input=b"caf\xe9\nhello\n/exit\n", capture_output=True, timeout=120,
+                         env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert res.returncode == 0, res.stderr
+    assert b"[that message is not UTF-8 text (byte 3); it was not sent" in res.stdout
+    assert res.stdout.count(b">>> ") == 3, res.stdout  # "hello" and "/exit" were still read, not lost with it
+
 
 def test_end_of_input_leaves_the_loop(run):
     a = Assistant.load(str(run))

@@ -151,6 +151,9 @@ def test_the_rotary_table_grows_as_positions_are_used_and_matches_the_formula():
     torch.testing.assert_close(rope(0, 4, torch.device("cpu"))[1], sin)
     per_row, _ = rope.at(torch.tensor([[0, 99_999]]))
     assert rope.cos.size(0) == 100_000 and per_row.shape == (1, 1, 2, 8)
+    fresh = RotaryEmbedding(8, 100_000, theta=500.0)  # a bound known (a compiled decode step's keys): no read
+    fresh.at(torch.tensor([[3]]), bound=40_000)
+    assert fresh.cos.size(0) == 40_000
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):
@@ -266,12 +269,15 @@ def test_an_export_over_an_export_is_all_or_nothing_and_leaves_nothing_stale(tmp
     (out / "tokenizer_config.json").rmdir()
     (out / "chat_template.jinja").write_text("{{ 'stale' }}")
     dead, alive = tmp_path / ".e.4194999.abc.tmp", tmp_path / f".e.{os.getpid()}.xyz.tmp"  # (past pid_max)
-    for stage in (dead, alive):
+    swapping = tmp_path / ".e.4194998.def.tmp"  # killed mid-swap: the only copy of files that were in out
+    for stage in (dead, alive, swapping):
         stage.mkdir()
         (stage / "model.safetensors").write_bytes(b"x" * 1000)
+    (swapping / ".replaced").mkdir()
+    (swapping / ".replaced" / "config.json").write_text("{}")
     export_hf(model(1), out, tok)
     assert not (out / "chat_template.jinja").exists() and (out / "tokenizer_config.json").is_file()
-    assert not dead.exists() and alive.exists()  # a living process's stage is its own
+    assert not dead.exists() and alive.exists() and swapping.exists()  # a living process's stage is its own
 
 
 @pytest.mark.parametrize("damage", ["nan", "inf", "int64"])

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -975,6 +976,9 @@ def test_a_failed_or_interrupted_merge_leaves_no_out_and_can_be_run_again(base, 
     with pytest.raises(LmforgeError, match="is inside a training run directory, which only training writes"):
         ft.merge_run(run, out / "sub")
     assert not (out / "sub").exists()
+    monkeypatch.chdir(out)  # but "../merged2" from inside a run is beside it (the check once saw ".." as inside)
+    ft.merge_run(run, Path("..") / "merged2")
+    assert (out.parent / "merged2" / "config.json").exists()
 
 
 def test_fine_tuning_into_a_run_another_process_trains_in_is_refused(base, tmp_path):

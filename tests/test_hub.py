@@ -234,22 +234,33 @@ def test_a_full_cache_disk_is_named_with_its_fix_and_a_failure_leaves_no_empty_f
     data = b"from the mirror"
     (mirror / "x.txt").write_bytes(data)
     entry = Entry("demo", "dataset", "demo", (RemoteFile("x.txt", _sha(data), ()),))
+    real_write, real_copy = hub.atomic.write_file, hub._copy
 
     def full_disk(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(hub.atomic, "write_file", full_disk)
-    with pytest.raises(HubError, match=r"^could not write .*x.txt into the cache \(.*\): No space left on device; "
-                                       r"the disk is full: .*, or set LMFORGE_CACHE to a folder with room$"):
-        fetch_file(entry, entry.main)
-    assert not (hub.cache_dir() / "demo").exists()
-    monkeypatch.undo()
-    monkeypatch.setenv("LMFORGE_MIRROR", str(mirror.parent))
+    def fills_while_copying(src, dst, *args, **kwargs):  # f.write names no file
+        dst.write(b"fr")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for where, fake in (("atomic.write_file", full_disk), ("_copy", fills_while_copying)):
+        if where == "_copy":
+            monkeypatch.setattr(hub, "_copy", fake)
+        else:
+            monkeypatch.setattr(hub.atomic, "write_file", fake)
+        with pytest.raises(HubError, match=r"^could not write .*x.txt into the cache \(.*\): No space left on "
+                                           r"device; the disk is full: .*, or set LMFORGE_CACHE to a folder with "
+                                           r"room$"):
+            fetch_file(entry, entry.main)
+        assert not (hub.cache_dir() / "demo").exists()  # no .part, no empty folder
+        monkeypatch.setattr(hub.atomic, "write_file", real_write)
+        monkeypatch.setattr(hub, "_copy", real_copy)
     missing = Entry("nothing", "dataset", "nothing", (RemoteFile("y.txt", _sha(b"y"), ()),))
     with pytest.raises(HubError, match="could not get nothing/y.txt"):
         fetch_file(missing, missing.main)
     assert not (hub.cache_dir() / "nothing").exists()
     assert fetch_file(entry, entry.main).read_bytes() == data
+    assert str(hub.cache_dir()).startswith(str(mirror.parent.parent))  # (the test's own cache, not the user's)
 
 
 def test_file_without_checksum_needs_the_opt_in(mirror, monkeypatch, capsys):

@@ -235,11 +235,12 @@ class RotaryEmbedding(nn.Module):
         self._table(start + t, device)
         return self.cos[start:start + t], self.sin[start:start + t]
 
-    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, 1, T, hs) for per-row positions (B, T): rows of a left-padded batch."""
-        self._table(min(self.max_len, self.FIRST), positions.device)
-        if self.cos.size(0) < self.max_len:  # (reading the largest position waits for the device: only here)
-            self._table(int(positions.max()) + 1, positions.device)
+    def at(self, positions: torch.Tensor, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, T, hs) for per-row positions (B, T): rows of a left-padded batch; ``bound``,
+        where the caller knows one, is above every position (the keys' count)."""
+        if bound is None and self.max_len > self.FIRST:  # (reading the largest waits for the device: rare)
+            bound = int(positions.max()) + 1
+        self._table(min(self.max_len, max(bound or 0, self.FIRST)), positions.device)
         return self.cos[positions][:, None], self.sin[positions][:, None]
 
 

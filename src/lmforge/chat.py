@@ -327,6 +327,9 @@ def run_terminal(assistant: Assistant, config, system: str | None = None, read_l
         except EOFError:
             out("\n")
             return
+        except UnicodeDecodeError as e:  # standard input read strictly (not through `lmforge chat`)
+            out(f"[that message is not UTF-8 text (byte {e.start}); it was not sent: set the terminal to UTF-8]\n")
+            continue
         except KeyboardInterrupt:
             out("\n(to leave: /exit or Ctrl-D)\n")
             continue

@@ -480,6 +480,8 @@ def _run(argv: list[str]) -> int:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
+        with contextlib.suppress(AttributeError, ValueError):  # a stray byte reaches the chat loop, which
+            sys.stdin.reconfigure(errors="surrogateescape")   # names it, in every locale (strict lost the line)
         run_terminal(Assistant.load(a.run, default_device(), a.template, a.dtype, a.compile, a.quantize),
                      _config(SampleConfig, a.sample), a.system)
     elif cmd == "serve":

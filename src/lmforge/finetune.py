@@ -17,6 +17,7 @@ import functools
 import inspect
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -653,7 +654,7 @@ def merge_run(run: str | Path, out: str | Path) -> Path:
                            "to a folder of its own")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LmforgeError(f"--out {out} already exists; choose a new folder")
-    if any(holds_a_run(p) for p in out.absolute().parents):
+    if any(holds_a_run(p) for p in Path(os.path.abspath(out)).parents):  # ("../merged" from inside a run: fine)
         raise LmforgeError(f"--out {out} is inside a training run directory, which only training writes; write the "
                            "merged model to a folder of its own")
     tok = load_tokenizer(run)  # all that is read is read before anything is written

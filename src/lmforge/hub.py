@@ -431,7 +431,9 @@ def _fetch_into(entry: Entry, rf: RemoteFile, dest: Path, allow: bool, failures:
             mismatches.append(str(e))
             failures.append(f"{label}: {e}")
         except OSError as e:
-            if e.errno in _LOCAL_WRITE_ERRORS and e.filename and Path(e.filename).parent == dest.parent:
+            # (f.write and fsync name no file: a full disk while the download is copied in)
+            if (e.errno in _LOCAL_WRITE_ERRORS and e.filename and Path(e.filename).parent == dest.parent) or (
+                    e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.filename):
                 # Writing into the cache failed (a full disk): no other source fixes that, and the
                 # partial file only holds the disk fuller
                 from .outputs import fs_hint

@@ -91,6 +91,7 @@ def local_judge(model_spec: str, max_new_tokens: int = 8) -> Callable[[str], str
     from .config import SampleConfig
     from .generate import stream_text
     from .models import load_language_model
+    from .tokenizer import ChatTemplateError
 
     model, tok = load_language_model(model_spec)
     model.eval()
@@ -101,7 +102,12 @@ def local_judge(model_spec: str, max_new_tokens: int = 8) -> Callable[[str], str
 
     def ask(prompt: str) -> str:
         # The prompt quotes model responses and references: plain text, whatever they spell
-        ids = user_prompt_ids(tok, template, prompt, "the judge's prompt") if template else tasks.plain_ids(tok, prompt)
+        try:
+            ids = user_prompt_ids(tok, template, prompt, "the judge's prompt") if template else \
+                tasks.plain_ids(tok, prompt)
+        except ChatTemplateError as e:  # (eval judge has no --template to offer)
+            raise LmforgeError(str(e).replace("this model", model_spec).replace(
+                "use --template alpaca or phi3, or fix the template", "judge with another model")) from None
         if len(ids) > room:  # cut, it would lose the question or the template's opening: not scored instead
             raise TooLong(f"the judge's prompt is {len(ids)} tokens; {model_spec} reads {room} "
                           f"({model.config.context_length} less {max_new_tokens} for the score)")

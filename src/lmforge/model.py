@@ -202,6 +202,7 @@ class GPT(nn.Module):
                              f"({self.config.context_length}); crop the input")
         if pad is None and kv_cache is not None:
             pad = kv_cache.pad
+        bound = None
         if layout is None and (static or pad is not None):
             # Per-row positions and a mask: left-padded rows, or a compiled decode step, whose
             # columns come from the cache's column tensor and whose keys span the whole cache.
@@ -211,13 +212,14 @@ class GPT(nn.Module):
             else:
                 cols, n_keys = torch.arange(start, start + t, device=idx.device), start + t
             positions, mask = padded_positions_and_mask(pad, cols, n_keys)
+            bound = n_keys  # no position reaches the keys' count: the rotary table needs no more
         x = self.wte(idx)                                                 # (B, T, d)
         rope = None
         if positions is not None:
             if self.config.positions == "learned":
                 x = x + self.wpe(positions)
             else:
-                rope = self.rotary.at(positions)
+                rope = self.rotary.at(positions, bound)
         elif self.config.positions == "learned":  # every row starts at column 0: positions are the columns
             x = x + self.wpe(torch.arange(start, start + t, device=idx.device))
         else:

@@ -91,14 +91,10 @@ def input_paths(specs: Iterable[str | os.PathLike]) -> list[tuple[Path, Path | N
 
 
 def _base_read_by(path: Path) -> str | None:
-    """The base model a run that saved only its trained weights loads beneath them, else None."""
-    from .checkpoint import read_run_config
-
-    if not path.is_dir():
-        return None
-    try:
-        cfg = read_run_config(path)
-    except LmforgeError:
+    """The base model a run that saved only its trained weights loads beneath them, else None. Read from
+    the run's config.json (its newest checkpoint's) alone: checking an output must not hash the weights."""
+    cfg = read_json_head(path / "config.json") if path.is_dir() else None
+    if cfg is None or cfg.get("format") != "lmforge-run":
         return None
     base = cfg.get("base") if cfg.get("weights") == "trained" else None
     spec = base.get("spec") if isinstance(base, dict) else None
@@ -189,6 +185,8 @@ def remove_dead_temps(out: Path) -> None:
     for entry in entries:
         m = pattern.match(entry.name)
         if m and not _alive(int(m.group(1) or m.group(2))):
+            if (entry / ".replaced").is_dir() and any((entry / ".replaced").iterdir()):
+                continue  # killed while swapping in: it holds the only copy of files that were in out
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

@@ -23,6 +23,7 @@ import html
 import io
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -662,11 +663,11 @@ def _check_out(run: Path, out: Path, plots_dir: Path, overwrite: bool) -> None:
         raise OutputError(f"--out {out} is inside the run's checkpoints, which only training writes; choose another "
                           "path")
     # Another run's files are no more ours to replace, --overwrite or not (a checkpoint's weights were)
-    if foreign and any(holds_a_run(p) for p in out.absolute().parents):
+    if foreign and any(holds_a_run(p) for p in Path(os.path.abspath(out)).parents):  # (".." collapsed)
         raise OutputError(f"--out {out} is a file of another training run, which only training writes; choose "
                           "another path")
     if any(p.name == "checkpoints" and holds_a_run(p.parent)  # (the plots go beside the page)
-           for p in (*out.absolute().parents, *out.resolve().parents)):
+           for p in (*Path(os.path.abspath(out)).parents, *out.resolve().parents)):
         raise OutputError(f"--out {out} is inside the checkpoints of another training run, which only training "
                           "writes; choose another path")
     if foreign and not overwrite:

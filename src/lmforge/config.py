@@ -118,8 +118,9 @@ class ModelConfig:
                 p.append(f"{name} must be a whole number, got {value!r}")
         _raise_all("model config", p)
         _check(p, self.vocab_size >= 1, f"vocab_size must be >= 1, got {self.vocab_size}")
-        _check(p, 1 <= self.context_length <= MAX_CONTEXT,
-               f"context_length must be between 1 and {MAX_CONTEXT:,} tokens, got {self.context_length:,}")
+        _check(p, self.context_length >= 1, f"context_length must be >= 1, got {self.context_length}")
+        _check(p, self.context_length <= MAX_CONTEXT,
+               f"context_length must be at most {MAX_CONTEXT:,} tokens, got {self.context_length:,}")
         _check(p, self.n_layer >= 1, f"n_layer must be >= 1, got {self.n_layer}")
         _check(p, self.n_head >= 1, f"n_head must be >= 1, got {self.n_head}")
         _check(p, self.d_model >= 1, f"d_model must be >= 1, got {self.d_model}")

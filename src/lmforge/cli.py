@@ -865,8 +865,7 @@ def _chat_prompt_ids(tok, prompt: str, source: str) -> tuple[list[int], tuple[st
     try:
         return user_prompt_ids(tok, template, prompt), stop_strings(template)
     except ChatTemplateError as e:  # a template from a foreign file: broken, or stopped by the sandbox
-        raise LmforgeError(str(e).replace("this model", source).replace(
-            "use --template alpaca or phi3, or fix the template", "run without --chat true")) from None
+        raise e.for_command(source, "run without --chat true") from None
 
 
 def _silence_stdout() -> None:

@@ -690,7 +690,7 @@ def _prepare(paths: list[str], out: Path, tokenizer: Tokenizer, config: DataConf
     # Everything is written under temporary names first and renamed only once all of it is on
     # disk: a full disk or a kill leaves the previous shards as they were, and no .tmp files.
     # index.json goes last, so a reader never sees an index that names shards not yet in place.
-    created = not out.exists()
+    created = not out.exists()  # (where run_lock could lock, it made the folder and removes it if left empty)
     try:
         out.mkdir(parents=True, exist_ok=True)
         written = _write_shards(paths, config, tokenizer, dtype,

@@ -442,7 +442,7 @@ def _fetch_into(entry: Entry, rf: RemoteFile, dest: Path, allow: bool, failures:
                 raise HubError(f"could not write {dest} into the cache ({cache_dir()}): {e.strerror}; {fs_hint(e)}, "
                                "or set LMFORGE_CACHE to a folder with room") from None
             failures.append(f"{label}: {str(e).strip() or type(e).__name__}")
-        except (urllib.error.URLError, zipfile.BadZipFile, subprocess.SubprocessError) as e:
+        except (zipfile.BadZipFile, subprocess.SubprocessError) as e:  # (a URLError is an OSError, above)
             failures.append(f"{label}: {str(e).strip() or type(e).__name__}")
         except HubError:
             raise

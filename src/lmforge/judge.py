@@ -106,8 +106,7 @@ def local_judge(model_spec: str, max_new_tokens: int = 8) -> Callable[[str], str
             ids = user_prompt_ids(tok, template, prompt, "the judge's prompt") if template else \
                 tasks.plain_ids(tok, prompt)
         except ChatTemplateError as e:  # (eval judge has no --template to offer)
-            raise LmforgeError(str(e).replace("this model", model_spec).replace(
-                "use --template alpaca or phi3, or fix the template", "judge with another model")) from None
+            raise e.for_command(model_spec, "judge with another model") from None
         if len(ids) > room:  # cut, it would lose the question or the template's opening: not scored instead
             raise TooLong(f"the judge's prompt is {len(ids)} tokens; {model_spec} reads {room} "
                           f"({model.config.context_length} less {max_new_tokens} for the score)")

@@ -58,7 +58,16 @@ class TokenizerError(LmforgeError, ValueError):
 
 
 class ChatTemplateError(TokenizerError):
-    """A model's chat template that cannot be rendered (broken, or stopped by the sandbox)."""
+    """A model's chat template that cannot be rendered (broken, or stopped by the sandbox). Its words
+    name "this model" and the fix of `chat`; ``for_command`` names the model and another command's fix."""
+
+    def __init__(self, cause: str, model: str = "this model",
+                 fix: str = "use --template alpaca or phi3, or fix the template") -> None:
+        self.cause = cause
+        super().__init__(f"the chat template of {model} cannot be rendered ({cause}); {fix}")
+
+    def for_command(self, model: str, fix: str) -> ChatTemplateError:
+        return ChatTemplateError(self.cause, model, fix)
 
 
 SpecialSet = Collection[str] | Literal["all"]
@@ -266,9 +275,7 @@ class Tokenizer:
         except (TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError,
                 RecursionError, ZeroDivisionError) as e:
             # A template from a model file: broken, or stopped by the sandbox (SecurityError, a range too big)
-            raise ChatTemplateError(f"the chat template of this model cannot be rendered ({type(e).__name__}: "
-                                    f"{' '.join(str(e).split())[:200]}); use --template alpaca or phi3, or fix "
-                                    "the template") from None
+            raise ChatTemplateError(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
 
     @property
     def fingerprint(self) -> str:
